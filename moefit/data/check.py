@@ -1,0 +1,142 @@
+"""`moefit data check`: validate a data file and summarise what training on it would see."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .dataset import Encoded, encode_samples
+from .formats import BadLine, read_data
+from .render import IGNORE
+
+
+@dataclass
+class CheckReport:
+    path: str
+    max_length: int
+    loss_on: str
+    files: list[dict[str, Any]] = field(default_factory=list)
+    bad: list[BadLine] = field(default_factory=list)
+    encoded: list[Encoded] = field(default_factory=list, repr=False)
+
+    @property
+    def valid(self) -> bool:
+        return not self.bad
+
+    @property
+    def formats(self) -> list[str]:
+        return sorted({f["format"] for f in self.files if f["format"]})
+
+    def lengths(self) -> list[int]:
+        return sorted(e.full_length for e in self.encoded)
+
+    def percentile(self, q: float) -> int:
+        """Nearest-rank percentile of the sample lengths in tokens (before truncation)."""
+        xs = self.lengths()
+        if not xs:
+            return 0
+        return xs[max(0, math.ceil(q / 100 * len(xs)) - 1)]
+
+    def to_dict(self) -> dict[str, Any]:
+        enc = self.encoded
+        truncated = [e for e in enc if e.full_length > self.max_length]
+        dropped = [e for e in enc if e.loss_tokens == 0]
+        return {
+            "path": self.path,
+            "valid": self.valid,
+            "formats": self.formats,
+            "files": self.files,
+            "samples": len(enc),
+            "turns": sum(e.sample.turns for e in enc),
+            "tokens": sum(e.full_length for e in enc),
+            "loss_tokens": sum(e.full_loss_tokens for e in enc),
+            "length": {"p50": self.percentile(50), "p90": self.percentile(90), "p99": self.percentile(99),
+                       "max": max((e.full_length for e in enc), default=0)},
+            "max_length": self.max_length,
+            "loss_on": self.loss_on,
+            "truncated": len(truncated),
+            "truncated_tokens": sum(e.full_length - self.max_length for e in truncated),
+            "truncated_loss_tokens": sum(e.full_loss_tokens - e.loss_tokens for e in truncated),
+            "would_drop": [{"file": e.sample.source, "line": e.sample.line} for e in dropped],
+            "bad_lines": [b.to_dict() for b in self.bad],
+            "bad_count": len(self.bad),
+        }
+
+
+def check_data(path: str | Path, tok: Any, fmt: str = "auto", max_length: int = 2048, loss_on: str = "assistant",
+               system_prompt: str | None = None) -> CheckReport:
+    """Read every record, render the valid ones; never stops on a bad record (they are all listed)."""
+    report = CheckReport(path=str(path), max_length=max_length, loss_on=loss_on)
+    for f in read_data(path, fmt):
+        report.files.append({"path": f.path, "format": f.format, "samples": len(f.samples), "bad": len(f.errors),
+                             "blank_lines": f.blank_lines})
+        encoded, render_bad = encode_samples(f.samples, tok, max_length, loss_on, system_prompt)
+        report.encoded += encoded
+        report.bad += sorted(f.errors + render_bad, key=lambda b: b.line)
+        report.files[-1]["bad"] += len(render_bad)
+        report.files[-1]["samples"] -= len(render_bad)
+    return report
+
+
+def summary_lines(report: CheckReport, max_listed: int = 50) -> list[str]:
+    d = report.to_dict()
+    lines = [f"{report.path}: {'valid' if report.valid else f'{len(report.bad)} bad record(s)'}"]
+    for f in report.files:
+        if len(report.files) > 1 or f["path"] != report.path:
+            lines.append(f"  {f['path']}: {f['format'] or 'unknown format'}, {f['samples']} samples, {f['bad']} bad")
+    lines.append(f"format: {', '.join(report.formats) or 'unknown'}")
+    lines.append(f"samples: {d['samples']}   turns: {d['turns']}   tokens: {d['tokens']} "
+                 f"({d['loss_tokens']} trained, loss on {report.loss_on})")
+    ln = d["length"]
+    lines.append(f"length in tokens: p50 {ln['p50']}  p90 {ln['p90']}  p99 {ln['p99']}  max {ln['max']}")
+    if d["truncated"]:
+        lines.append(f"truncation at max length {report.max_length}: {d['truncated']} samples cut, "
+                     f"{d['truncated_tokens']} tokens lost ({d['truncated_loss_tokens']} of them trained)")
+    else:
+        lines.append(f"truncation at max length {report.max_length}: none")
+    if d["would_drop"]:
+        where = ", ".join(f"line {w['line']}" for w in d["would_drop"][:max_listed])
+        lines.append(f"would drop {len(d['would_drop'])} samples with no trained token left: {where}")
+    if report.bad:
+        lines.append(f"bad records ({len(report.bad)}; skipped only with data.skip_invalid: true):")
+        lines += [f"  {b}" for b in report.bad[:max_listed]]
+        if len(report.bad) > max_listed:
+            lines.append(f"  ... and {len(report.bad) - max_listed} more (use --json for all)")
+    return lines
+
+
+def marked_text(tok: Any, encoded: Encoded, open_mark: str = "[[", close_mark: str = "]]") -> str:
+    """The sample's text as the model sees it, with the trained spans wrapped in markers."""
+    parts: list[str] = []
+    run: list[int] = []
+    trained = None
+    for tid, lab in zip(encoded.input_ids, encoded.labels, strict=True):
+        t = lab != IGNORE
+        if trained is not None and t != trained:
+            parts.append(_piece(tok, run, trained, open_mark, close_mark))
+            run = []
+        run.append(tid)
+        trained = t
+    if run:
+        parts.append(_piece(tok, run, bool(trained), open_mark, close_mark))
+    text = "".join(parts)
+    if encoded.full_length > len(encoded.input_ids):
+        text += f"<<truncated: {encoded.full_length - len(encoded.input_ids)} more tokens>>"
+    return text
+
+
+def _piece(tok: Any, ids: list[int], trained: bool, open_mark: str, close_mark: str) -> str:
+    s = tok.decode(ids, skip_special_tokens=False)
+    return f"{open_mark}{s}{close_mark}" if trained else s
+
+
+def show_lines(report: CheckReport, tok: Any, n: int, color: bool = False) -> list[str]:
+    marks = ("\x1b[32m", "\x1b[0m") if color else ("[[", "]]")
+    lines = []
+    for e in report.encoded[:n]:
+        lines.append(f"--- {e.sample.source} line {e.sample.line} ({e.full_length} tokens, "
+                     f"{e.loss_tokens} trained{' marked in green' if color else ' inside [[ ]]'})")
+        lines.append(marked_text(tok, e, *marks))
+    return lines
