@@ -1,0 +1,224 @@
+"""Streaming loader: safetensors shards -> moefit modules, tensor by tensor, quantized on the target device.
+
+Neither host RAM nor the GPU ever holds the bf16 model: each tensor is read (fused expert tensors one expert at a
+time, through safetensors slices), moved to the device, quantized into its NF4 storage and dropped.
+
+Layouts understood:
+  * `Llama4ForCausalLM` (`model.layers.N...`, `lm_head.weight`) and `Llama4ForConditionalGeneration`
+    (`language_model.model.layers.N...`; the vision tower and projector are skipped and counted);
+  * routed experts fused (`experts.gate_up_proj [E, H, 2I]`, `experts.down_proj [E, I, H]`) or per expert
+    (`experts.E.{gate,up,down}_proj.weight`, as in per-expert checkpoints);
+  * dense Llama (`LlamaForCausalLM`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .errors import MoefitError
+from .models.layers import MoefitExperts, MoefitLinear
+
+SKIP_PREFIXES = ("vision_model.", "multi_modal_projector.", "model.vision_model.", "model.multi_modal_projector.")
+_FUSED = re.compile(r"^(?P<mod>.+\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
+_PER_EXPERT = re.compile(r"^(?P<mod>.+\.experts)\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
+
+
+def resolve_source(source: str) -> Path:
+    """'tiny' -> the embedded model; an existing directory -> itself; otherwise a hub id, downloaded (config,
+    safetensors and tokenizer files only) into the HF cache."""
+    from .config import TINY_MODEL
+
+    if source == TINY_MODEL:
+        from .assets import tiny_model_dir
+
+        return tiny_model_dir()
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise MoefitError(f"{path}: no config.json here. Point `model:` at a Hugging Face model directory "
+                              "(config.json + *.safetensors) or a hub id.")
+        return path
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise MoefitError(f"model {source!r}: not a directory and not a hub id (owner/name). Use 'tiny', a local "
+                          "model directory, or a Hugging Face hub id such as meta-llama/Llama-4-Scout-17B-16E-Instruct.")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"]))
+    except Exception as e:  # network, auth, gated repo: all the user's to fix, so say it plainly
+        raise MoefitError(f"model {source!r}: could not download it from the Hugging Face hub ({type(e).__name__}: "
+                          f"{e}). Check the id, run `huggingface-cli login` for gated models, or pass a local "
+                          "directory.") from None
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_dir / f for f in sorted(set(weight_map.values()))]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise MoefitError(f"{model_dir}: no *.safetensors files. moefit loads safetensors checkpoints only; "
+                          "convert .bin weights with transformers' save_pretrained(safe_serialization=True).")
+    return files
+
+
+def normalize_name(key: str) -> str | None:
+    """Checkpoint key -> name inside the text-only causal LM, or None for tensors text training skips."""
+    if key.startswith(SKIP_PREFIXES):
+        return None
+    if key.startswith("language_model."):
+        return key[len("language_model."):]
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model."):]
+    return key
+
+
+@dataclass
+class LoadReport:
+    tensors_loaded: int = 0
+    tensors_skipped: int = 0  # vision tower / projector: not part of the text model
+    skipped_examples: list[str] = field(default_factory=list)
+    largest_tensor_bytes: int = 0
+
+
+class _Filler:
+    """Knows where each checkpoint tensor goes and which targets are still empty."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.expected: set[str] = set()
+        for name, module in model.named_modules():
+            if isinstance(module, MoefitLinear):
+                self.expected.add(f"{name}.weight")
+                if module.bias is not None:
+                    self.expected.add(f"{name}.bias")
+            elif isinstance(module, MoefitExperts):
+                for proj in ("gate", "up", "down"):
+                    self.expected.update(f"{name}.{e}.{proj}" for e in range(module.num_experts))
+        skip_owners = tuple(n + "." for n, m in model.named_modules() if isinstance(m, (MoefitLinear, MoefitExperts)))
+        for name, _ in model.named_parameters():
+            if not name.startswith(skip_owners):
+                self.expected.add(name)
+        for name, module in model.named_modules():
+            if isinstance(module, (MoefitLinear, MoefitExperts)) or name.startswith(skip_owners):
+                continue
+            for bname, _ in module.named_buffers(recurse=False):
+                if bname not in module._non_persistent_buffers_set:
+                    self.expected.add(f"{name}.{bname}" if name else bname)
+        self.filled: set[str] = set()
+
+    def _module(self, path: str) -> nn.Module | None:
+        try:
+            return self.model.get_submodule(path)
+        except AttributeError:
+            return None
+
+    def fill(self, name: str, read, device: torch.device) -> None:
+        """`read(index=None)` returns the tensor (or one leading-dim slice of it)."""
+        m = _FUSED.match(name)
+        if m:
+            experts = self._module(m["mod"])
+            if isinstance(experts, MoefitExperts):
+                inter = experts.intermediate_size
+                for e in range(experts.num_experts):
+                    w = read(e).to(device)  # [H, 2I] or [I, H]
+                    if m["proj"] == "gate_up_proj":
+                        experts.gate.quantize_(w[:, :inter].t(), expert=e)
+                        experts.up.quantize_(w[:, inter:].t(), expert=e)
+                        self._done(f"{m['mod']}.{e}.gate", f"{m['mod']}.{e}.up")
+                    else:
+                        experts.down.quantize_(w.t(), expert=e)
+                        self._done(f"{m['mod']}.{e}.down")
+                    del w
+                return
+        m = _PER_EXPERT.match(name)
+        if m:
+            experts = self._module(m["mod"])
+            if isinstance(experts, MoefitExperts):
+                e = int(m["e"])
+                getattr(experts, m["proj"]).quantize_(read().to(device), expert=e)
+                self._done(f"{m['mod']}.{e}.{m['proj']}")
+                return
+        path, _, leaf = name.rpartition(".")
+        module = self._module(path)
+        if isinstance(module, MoefitLinear):
+            if leaf == "weight":
+                module.load_weight(read().to(device))
+            elif leaf == "bias" and module.bias is not None:
+                module.bias.copy_(read())
+            else:
+                raise MoefitError(f"checkpoint tensor {name!r} does not fit the model (unexpected {leaf!r}).")
+            self._done(name)
+            return
+        if module is None or not hasattr(module, leaf):
+            raise MoefitError(f"checkpoint tensor {name!r} has no place in the model built from config.json; "
+                              "the checkpoint and its config do not match.")
+        target = getattr(module, leaf)
+        t = read()
+        if tuple(t.shape) != tuple(target.shape):
+            raise MoefitError(f"checkpoint tensor {name!r} has shape {tuple(t.shape)}, config.json implies "
+                              f"{tuple(target.shape)}.")
+        with torch.no_grad():
+            target.copy_(t)
+        self._done(name)
+
+    def _done(self, *names: str) -> None:
+        self.filled.update(names)
+
+    def missing(self) -> list[str]:
+        return sorted(self.expected - self.filled)
+
+
+def _tensor_reader(f, key: str):
+    def read(index: int | None = None) -> torch.Tensor:
+        if index is None:
+            return f.get_tensor(key)
+        return f.get_slice(key)[index]
+    return read
+
+
+def iter_checkpoint(model_dir: Path) -> Iterator[tuple[str, str, object]]:
+    """(checkpoint key, normalized name or None, open safetensors handle), shard by shard."""
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                yield key, normalize_name(key), f
+
+
+@torch.no_grad()
+def stream_weights(model: nn.Module, model_dir: Path, device: torch.device | str) -> LoadReport:
+    device = torch.device(device)
+    filler = _Filler(model)
+    report = LoadReport()
+    for key, name, f in iter_checkpoint(model_dir):
+        if name is None:
+            report.tensors_skipped += 1
+            if len(report.skipped_examples) < 3:
+                report.skipped_examples.append(key)
+            continue
+        sl = f.get_slice(key)
+        shape = sl.get_shape()
+        nbytes = int(torch.tensor(shape).prod().item()) * 2 if shape else 0
+        report.largest_tensor_bytes = max(report.largest_tensor_bytes, nbytes)
+        filler.fill(name, _tensor_reader(f, key), device)
+        report.tensors_loaded += 1
+    missing = [m for m in filler.missing() if not _tied_lm_head(m, model)]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise MoefitError(f"{model_dir}: the checkpoint lacks {len(missing)} tensors the config needs, e.g. "
+                          f"{', '.join(missing[:5])}{more}. Is the download complete?")
+    return report
+
+
+def _tied_lm_head(name: str, model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return name == "lm_head.weight" and bool(getattr(config, "tie_word_embeddings", False))

@@ -1,0 +1,55 @@
+"""Model loading: an HF checkpoint (or the embedded tiny model) -> a moefit model with NF4 weights."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import QuantConfig
+from .causal_lm import CausalLMOutput, MoefitCausalLM
+
+__all__ = ["CausalLMOutput", "MoefitCausalLM", "load", "load_model"]
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "float32": torch.float32, "fp32": torch.float32}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}") from None
+
+
+def load_model(source: str = "tiny", quantization: str = "nf4", dtype: torch.dtype | str = torch.bfloat16,
+               device: torch.device | str = "cpu", quant: QuantConfig | None = None,
+               attn_implementation: str = "sdpa") -> MoefitCausalLM:
+    """Load a causal LM for QLoRA training: `source` is 'tiny', a local directory (config.json + safetensors,
+    no tokenizer needed) or a hub id. Frozen weights are NF4 (`quantization="nf4"`) or plain ("none")."""
+    from transformers import AutoConfig
+
+    from ..loading import resolve_source, stream_weights
+    from .build import build_skeleton, text_config_of, tie_if_needed
+
+    dtype = resolve_dtype(dtype)
+    quant = quant or QuantConfig()
+    if quantization != quant.weights:
+        quant = QuantConfig(**{**quant.__dict__, "weights": quantization})
+    model_dir = resolve_source(source)
+    config = text_config_of(AutoConfig.from_pretrained(model_dir))
+    hf = build_skeleton(config, quant=quant, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    report = stream_weights(hf, model_dir, device)
+    tie_if_needed(hf, hf.config)
+    model = MoefitCausalLM(hf, source=source, source_dir=model_dir, quantization=quant.weights, dtype=dtype)
+    model.load_report = report
+    model.eval()
+    return model
+
+
+def load(source: str = "tiny", quantization: str = "nf4", **kwargs):
+    """(model, tokenizer) for `source`."""
+    from ..data import load_tokenizer
+
+    model = load_model(source, quantization=quantization, **kwargs)
+    return model, load_tokenizer(str(model.source_dir))

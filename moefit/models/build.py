@@ -1,0 +1,102 @@
+"""Build an HF model skeleton with moefit's modules put in, without allocating the bf16 model anywhere.
+
+The HF model class is instantiated on the meta device (no memory); then, by module path, every frozen linear
+becomes a `MoefitLinear` (NF4 storage) and every MoE block a `MoefitMoE` with `MoefitExperts`, created directly
+on the target device. What is left on meta (embeddings, norms, router, lm_head) is allocated empty in the
+compute dtype; the loader (or the synthetic-weight builder) then fills every tensor exactly once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from ..config import QuantConfig
+from ..moe.block import MoefitMoE, RoutingRule
+from .layers import MoefitExperts, MoefitLinear
+
+SUPPORTED_MODEL_TYPES = ("llama4_text", "llama")
+
+
+def text_config_of(config: PretrainedConfig) -> PretrainedConfig:
+    """Llama4Config (multimodal) -> its text config; text configs unchanged."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _keep_unquantized(name: str, keep: list[str]) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return any(leaf == k or name.endswith("." + k) or name == k for k in keep)
+
+
+def build_skeleton(config: PretrainedConfig, *, quant: QuantConfig, dtype: torch.dtype,
+                   device: torch.device | str, attn_implementation: str = "sdpa") -> nn.Module:
+    config = text_config_of(config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        from ..errors import MoefitError
+
+        raise MoefitError(
+            f"model type {model_type!r} is not supported yet by moefit's engine "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}). `moefit plan` still works for it.")
+    config._attn_implementation = attn_implementation
+    config.use_cache = False
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    kw = dict(quantization=quant.weights, dtype=dtype, blocksize=quant.blocksize, double_quant=quant.double_quant,
+              device=device)
+    _replace_moe_blocks(model, config, kw)
+    _replace_linears(model, quant.keep_unquantized, kw)
+    _materialize_meta(model, dtype, device)
+    _reset_rotary(model, config, device)
+    model.requires_grad_(False)
+    return model
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def _replace_moe_blocks(model: nn.Module, config: PretrainedConfig, kw: dict) -> None:
+    if config.model_type != "llama4_text":
+        return
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+    rule = RoutingRule(top_k=config.num_experts_per_tok, score="sigmoid", scale_inputs=True)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Llama4TextMoe):
+            experts = MoefitExperts(config.num_local_experts, config.hidden_size, config.intermediate_size,
+                                    act=config.hidden_act, **kw)
+            _set_module(model, name, MoefitMoE(module.router, experts, module.shared_expert, rule))
+
+
+def _replace_linears(model: nn.Module, keep: list[str], kw: dict) -> None:
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and not _keep_unquantized(name, keep):
+            _set_module(model, name, MoefitLinear(module.in_features, module.out_features,
+                                                  bias=module.bias is not None, **kw))
+
+
+def _materialize_meta(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> None:
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.is_meta:
+                setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device),
+                                                   requires_grad=False))
+        for name, b in list(module.named_buffers(recurse=False)):
+            if b is not None and b.is_meta:
+                module.register_buffer(name, torch.empty(b.shape, dtype=b.dtype, device=device),
+                                       persistent=name not in module._non_persistent_buffers_set)
+
+
+def _reset_rotary(model: nn.Module, config: PretrainedConfig, device: torch.device | str) -> None:
+    """Rotary tables are computed at construction, which happened on meta: compute them again for real."""
+    for name, module in list(model.named_modules()):
+        if name.endswith("rotary_emb"):
+            _set_module(model, name, type(module)(config=config).to(device))
+
+
+def tie_if_needed(model: nn.Module, config: PretrainedConfig) -> None:
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
+        model.lm_head.weight = model.get_input_embeddings().weight

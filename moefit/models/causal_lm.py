@@ -1,0 +1,67 @@
+"""The model object moefit hands out: the HF causal LM (modules replaced) plus a memory-lean loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .loss import DEFAULT_CHUNK, chunked_cross_entropy_sum
+
+
+@dataclass
+class CausalLMOutput:
+    loss: torch.Tensor | None = None  # mean over label tokens (HF's shift: logits at t predict labels[t+1])
+    loss_sum: torch.Tensor | None = None  # fp32 sum, for exact weighting across gradient accumulation
+    num_tokens: int = 0
+    logits: torch.Tensor | None = None
+
+
+class MoefitCausalLM(nn.Module):
+    """`hf` is the transformers model itself (same class, config and module names as the checkpoint), so
+    `generate`, chat templates and exports keep working; `forward` computes the loss without full logits."""
+
+    def __init__(self, hf: nn.Module, *, source: str, source_dir: Path | None, quantization: str,
+                 dtype: torch.dtype, loss_chunk: int = DEFAULT_CHUNK):
+        super().__init__()
+        self.hf = hf
+        self.source = source
+        self.source_dir = source_dir
+        self.quantization = quantization
+        self.dtype = dtype
+        self.loss_chunk = loss_chunk
+
+    @property
+    def config(self):
+        return self.hf.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.hf.get_input_embeddings().weight.device
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                return_logits: bool = False) -> CausalLMOutput:
+        hidden = self.hf.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                               use_cache=False).last_hidden_state
+        out = CausalLMOutput()
+        if labels is not None:
+            targets = labels[:, 1:]
+            mask = targets != -100
+            h = hidden[:, :-1][mask]
+            y = targets[mask]
+            out.num_tokens = int(y.numel())
+            out.loss_sum = chunked_cross_entropy_sum(h, self.hf.lm_head.weight, y, self.loss_chunk)
+            out.loss = out.loss_sum / max(out.num_tokens, 1)
+        if labels is None or return_logits:
+            out.logits = self.hf.lm_head(hidden)
+        return out
+
+    @torch.no_grad()
+    def generate(self, *args, **kwargs):
+        return self.hf.generate(*args, **kwargs)

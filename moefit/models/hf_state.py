@@ -1,0 +1,95 @@
+"""moefit model -> tensors under the base checkpoint's own names and layout (fused experts for Llama 4).
+
+Used by the merged export and by parity tests. It yields one tensor at a time (dequantized NF4, optionally with the
+LoRA delta merged in), so a caller can write shards without the whole bf16 model in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .layers import MoefitExperts, MoefitLinear
+
+
+def _lora_delta_linear(m: MoefitLinear) -> torch.Tensor | None:
+    if m.lora_A is None:
+        return None
+    return (m.lora_B.float() @ m.lora_A.float()) * m.lora_scale  # [out, in]
+
+
+def _lora_delta_expert(m: MoefitExperts, proj: str, e: int) -> torch.Tensor | None:
+    a = getattr(m, f"{proj}_lora_A")
+    if a is None:
+        return None
+    b = getattr(m, f"{proj}_lora_B")
+    return (a[e].float() @ b[e].float()).t() * m.lora_scale  # [out, in]
+
+
+@torch.no_grad()
+def linear_weight(m: MoefitLinear, merge_lora: bool, dtype: torch.dtype) -> torch.Tensor:
+    w = m.qweight.dequantize(dtype=torch.float32)
+    delta = _lora_delta_linear(m) if merge_lora else None
+    if delta is not None:
+        w = w + delta.to(w.device)
+    return w.to(dtype)
+
+
+@torch.no_grad()
+def expert_weight(m: MoefitExperts, proj: str, e: int, merge_lora: bool, dtype: torch.dtype) -> torch.Tensor:
+    """One expert's [out, in] weight for proj in gate/up/down."""
+    w = getattr(m, proj).dequantize(expert=e, dtype=torch.float32)
+    delta = _lora_delta_expert(m, proj, e) if merge_lora else None
+    if delta is not None:
+        w = w + delta.to(w.device)
+    return w.to(dtype)
+
+
+@torch.no_grad()
+def fused_expert_tensors(m: MoefitExperts, merge_lora: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """HF Llama 4 layout: gate_up_proj [E, H, 2I], down_proj [E, I, H]."""
+    gate_up = torch.stack([torch.cat([expert_weight(m, "gate", e, merge_lora, dtype).t(),
+                                      expert_weight(m, "up", e, merge_lora, dtype).t()], dim=1)
+                           for e in range(m.num_experts)])
+    down = torch.stack([expert_weight(m, "down", e, merge_lora, dtype).t() for e in range(m.num_experts)])
+    return {"gate_up_proj": gate_up, "down_proj": down}
+
+
+def iter_hf_tensors(model: nn.Module, *, merge_lora: bool = False, dtype: torch.dtype = torch.bfloat16,
+                    device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) in the causal LM's own naming (`model.layers.N...`, `lm_head.weight`), in module order."""
+    root = getattr(model, "hf", model)
+    owners = {}
+    for name, module in root.named_modules():
+        if isinstance(module, (MoefitLinear, MoefitExperts)):
+            owners[name] = module
+    emitted: set[str] = set()
+    for name, module in root.named_modules():
+        if name in owners:
+            if isinstance(module, MoefitLinear):
+                yield f"{name}.weight", linear_weight(module, merge_lora, dtype).to(device)
+                if module.bias is not None:
+                    yield f"{name}.bias", module.bias.detach().to(device=device, dtype=dtype)
+            else:
+                for leaf, t in fused_expert_tensors(module, merge_lora, dtype).items():
+                    yield f"{name}.{leaf}", t.to(device)
+            continue
+        if any(name.startswith(o + ".") for o in owners if o):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{name}.{pname}" if name else pname
+            if full in emitted or _is_lora_name(pname):
+                continue
+            emitted.add(full)
+            yield full, p.detach().to(device=device, dtype=dtype)
+        for bname, b in module.named_buffers(recurse=False):
+            if bname in module._non_persistent_buffers_set:
+                continue
+            full = f"{name}.{bname}" if name else bname
+            yield full, b.detach().to(device)
+
+
+def _is_lora_name(name: str) -> bool:
+    return name in ("lora_A", "lora_B") or name.endswith(("_lora_A", "_lora_B"))

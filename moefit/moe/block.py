@@ -1,0 +1,69 @@
+"""A routed MoE block: top-k -> permute tokens by expert -> experts on routed rows only -> unpermute -> combine.
+
+It replaces a family's own MoE module inside the HF model and keeps its submodule names (`router`,
+`experts`, `shared_expert`) so checkpoints, adapters and exports map one to one. The routing rule is data,
+not a subclass: Llama 4 takes the sigmoid of the top-k logits and scales the expert *inputs*; softmax families
+(Mixtral, Qwen3-MoE) scale the expert *outputs*.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.layers import MoefitExperts
+
+
+@dataclass(frozen=True)
+class RoutingRule:
+    top_k: int
+    score: str = "sigmoid"  # "sigmoid" of the selected logits, or "softmax" over all logits
+    normalize_topk: bool = False  # renormalise the selected softmax weights to sum to 1
+    scale_inputs: bool = True  # Llama 4 multiplies the token by its score before the expert
+
+
+def route(logits: torch.Tensor, rule: RoutingRule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (expert index [T, k], weight [T, k]) for router logits [T, E]."""
+    if rule.score == "sigmoid":
+        top_v, top_i = torch.topk(logits, rule.top_k, dim=-1)
+        weights = torch.sigmoid(top_v.float())
+    else:
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, top_i = torch.topk(probs, rule.top_k, dim=-1)
+        if rule.normalize_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
+    return top_i, weights
+
+
+class MoefitMoE(nn.Module):
+    def __init__(self, router: nn.Module, experts: MoefitExperts, shared_expert: nn.Module | None, rule: RoutingRule):
+        super().__init__()
+        self.router = router
+        self.experts = experts
+        self.shared_expert = shared_expert
+        self.rule = rule
+        self.num_experts = experts.num_experts
+        self.hidden_dim = experts.hidden_size
+
+    def forward(self, hidden_states: torch.Tensor):
+        x = hidden_states.reshape(-1, self.hidden_dim)
+        logits = F.linear(x, self.router.weight.to(x.dtype))  # [T, E]
+        top_i, weights = route(logits, self.rule)
+        k = self.rule.top_k
+        flat_expert = top_i.reshape(-1)
+        order = torch.argsort(flat_expert, stable=True)
+        token = order // k
+        counts = torch.bincount(flat_expert, minlength=self.num_experts)
+        counts_cpu = None if x.is_cuda else counts.tolist()
+        w = weights.reshape(-1)[order].to(x.dtype).unsqueeze(1)
+        xs = x[token]
+        if self.rule.scale_inputs:
+            ys = self.experts(xs * w, counts, counts_cpu)
+        else:
+            ys = self.experts(xs, counts, counts_cpu) * w
+        out = self.shared_expert(x) if self.shared_expert is not None else torch.zeros_like(x)
+        out = out.index_add(0, token, ys.to(out.dtype))
+        return out.view(hidden_states.shape), logits

@@ -1,0 +1,160 @@
+"""NF4 storage for frozen weights, 2-D (linear) or 3-D (one slice per routed expert).
+
+Quantization and dequantization go through bitsandbytes (`quantize_4bit` / `dequantize_4bit`), which runs on CUDA
+and on CPU, so CPU tests exercise the real format. A 3-D weight [E, out, in] is quantized expert by expert: each
+expert has its own blocks and double-quantization state, so one expert can be dequantized alone and a loader can
+fill experts one at a time without ever holding the bf16 tensor of a whole layer.
+
+Layout: weights are stored as [out, in] (nn.Linear's layout) per expert. The bf16 tensor exists only transiently,
+inside `dequantize()`; callers drop it right after the matmul.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # optional hub kernels: never needed
+import bitsandbytes.functional as bnbF  # noqa: E402
+
+
+def _nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
+    return bnbF.get_4bit_type("nf4", device=device)
+
+
+class NF4Weight(nn.Module):
+    """A frozen weight in NF4 (optionally double-quantized), shape [out, in] or [E, out, in].
+
+    Buffers (all move with `.to()` and are part of `state_dict`):
+      packed   uint8 [E, numel/2]        two 4-bit codes per byte
+      absmax   uint8 [E, nblocks] (double quant) or fp32 [E, nblocks]
+      absmax2  fp32  [E, nblocks2]       second-level scales (double quant only)
+      offset   fp32  [E]                 mean removed before the second level (double quant only)
+    E = 1 for a 2-D weight.
+    """
+
+    def __init__(self, shape: tuple[int, ...], *, blocksize: int = 64, double_quant: bool = True,
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None):
+        super().__init__()
+        if len(shape) not in (2, 3):
+            raise ValueError(f"NF4Weight holds 2-D or 3-D weights, got shape {shape}")
+        self.shape = tuple(int(s) for s in shape)
+        self.experts = self.shape[0] if len(shape) == 3 else 1
+        self.slice_shape = self.shape[-2:]
+        self.slice_numel = self.slice_shape[0] * self.slice_shape[1]
+        if self.slice_numel % 2:
+            raise ValueError(f"NF4 needs an even number of values per slice, got shape {shape}")
+        self.blocksize = blocksize
+        self.double_quant = double_quant
+        self.dtype = dtype
+        nblocks = math.ceil(self.slice_numel / blocksize)
+        nblocks2 = math.ceil(nblocks / 256)
+        e = self.experts
+        self.register_buffer("packed", torch.zeros(e, self.slice_numel // 2, dtype=torch.uint8, device=device))
+        if double_quant:
+            self.register_buffer("absmax", torch.zeros(e, nblocks, dtype=torch.uint8, device=device))
+            self.register_buffer("absmax2", torch.zeros(e, nblocks2, dtype=torch.float32, device=device))
+            self.register_buffer("offset", torch.zeros(e, dtype=torch.float32, device=device))
+        else:
+            self.register_buffer("absmax", torch.zeros(e, nblocks, dtype=torch.float32, device=device))
+        self.register_buffer("code", _nf4_code(device or "cpu"), persistent=False)
+        self.register_buffer("code2", bnbF.create_dynamic_map(signed=True).to(device or "cpu"), persistent=False)
+
+    # ------------------------------------------------------------------ filling
+    @torch.no_grad()
+    def quantize_(self, weight: torch.Tensor, expert: int | None = None) -> NF4Weight:
+        """Quantize `weight` ([out, in] for one slice, or the full shape) into this storage, on its device."""
+        if expert is None and len(self.shape) == 3:
+            if tuple(weight.shape) != self.shape:
+                raise ValueError(f"expected weight of shape {self.shape}, got {tuple(weight.shape)}")
+            for e in range(self.experts):
+                self.quantize_(weight[e], expert=e)
+            return self
+        e = 0 if expert is None else expert
+        if tuple(weight.shape) != self.slice_shape:
+            raise ValueError(f"expected a slice of shape {self.slice_shape}, got {tuple(weight.shape)}")
+        w = weight.to(device=self.packed.device, dtype=self.dtype).contiguous()
+        packed, state = bnbF.quantize_4bit(w, blocksize=self.blocksize, compress_statistics=self.double_quant,
+                                           quant_type="nf4")
+        self.packed[e].copy_(packed.view(-1))
+        self.absmax[e].copy_(state.absmax.view(-1))
+        if self.double_quant:
+            self.absmax2[e].copy_(state.state2.absmax.view(-1))
+            self.offset[e] = state.offset
+        return self
+
+    # ------------------------------------------------------------------ reading
+    def _state(self, e: int) -> bnbF.QuantState:
+        if self.double_quant:
+            state2 = bnbF.QuantState(absmax=self.absmax2[e], code=self.code2, blocksize=256, dtype=torch.float32)
+            return bnbF.QuantState(absmax=self.absmax[e], shape=torch.Size(self.slice_shape), code=self.code,
+                                   blocksize=self.blocksize, quant_type="nf4", dtype=self.dtype,
+                                   offset=self.offset[e], state2=state2)
+        return bnbF.QuantState(absmax=self.absmax[e], shape=torch.Size(self.slice_shape), code=self.code,
+                               blocksize=self.blocksize, quant_type="nf4", dtype=self.dtype)
+
+    def dequantize(self, expert: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight in `dtype` (default: the storage's compute dtype): [out, in], or [E, out, in] when 3-D
+        and `expert` is None. The result is a fresh tensor; nothing is cached."""
+        dtype = dtype or self.dtype
+        if expert is not None or len(self.shape) == 2:
+            e = expert or 0
+            out = bnbF.dequantize_4bit(self.packed[e].view(-1, 1), self._state(e))
+            return out if out.dtype == dtype else out.to(dtype)
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.packed.device)
+        for e in range(self.experts):
+            if out.is_cuda:  # the CUDA kernel writes in place; the CPU backend has no `out=` variant
+                bnbF.dequantize_4bit(self.packed[e].view(-1, 1), self._state(e), out=out[e])
+            else:
+                out[e].copy_(bnbF.dequantize_4bit(self.packed[e].view(-1, 1), self._state(e)))
+        return out if out.dtype == dtype else out.to(dtype)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n not in ("code", "code2"))
+
+    def extra_repr(self) -> str:
+        dq = "double-quant, " if self.double_quant else ""
+        return f"shape={self.shape}, nf4, {dq}blocksize={self.blocksize}, compute={self.dtype}"
+
+
+class FrozenWeight(nn.Module):
+    """The unquantized counterpart of NF4Weight (quantization="none"): same interface, a plain frozen tensor."""
+
+    def __init__(self, shape: tuple[int, ...], *, dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        self.experts = self.shape[0] if len(shape) == 3 else 1
+        self.slice_shape = self.shape[-2:]
+        self.dtype = dtype
+        self.register_buffer("weight", torch.zeros(self.shape, dtype=dtype, device=device))
+
+    @torch.no_grad()
+    def quantize_(self, weight: torch.Tensor, expert: int | None = None) -> FrozenWeight:
+        if expert is None:
+            self.weight.copy_(weight.to(self.weight.dtype))
+        else:
+            self.weight[expert].copy_(weight.to(self.weight.dtype))
+        return self
+
+    def dequantize(self, expert: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        w = self.weight if expert is None or len(self.shape) == 2 else self.weight[expert]
+        return w if dtype is None or w.dtype == dtype else w.to(dtype)
+
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, dtype={self.dtype}, frozen"
+
+
+def make_weight(shape: tuple[int, ...], *, quantization: str, dtype: torch.dtype, blocksize: int = 64,
+                double_quant: bool = True, device: torch.device | str | None = None) -> NF4Weight | FrozenWeight:
+    if quantization == "nf4":
+        return NF4Weight(shape, blocksize=blocksize, double_quant=double_quant, dtype=dtype, device=device)
+    if quantization == "none":
+        return FrozenWeight(shape, dtype=dtype, device=device)
+    raise ValueError(f"unknown quantization {quantization!r}; use 'nf4' or 'none'")
