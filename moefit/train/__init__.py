@@ -1,0 +1,122 @@
+"""Training: `train(config_or_path, **overrides) -> RunResult`, the engine behind `moefit train`.
+
+    moefit.train()                                   # the embedded tiny run (recipes/tiny.yaml), CPU, minutes
+    moefit.train("recipes/llama4-scout-qlora.yaml", lr=1e-4, **{"data.train": "my.jsonl"})
+    moefit.train("run.yaml", smoke=True, steps=20)   # the smoke run; result.smoke.passed
+    moefit.train(resume="runs/scout-20250101-120000")  # continue from its newest complete checkpoint
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from ..config import RunConfig, config_from_dict, load_config
+from ..errors import ConfigError, MoefitError
+from . import checkpoint
+from .loop import RunResult, run
+from .smoke import SmokeResult
+
+__all__ = ["train", "resolve_config", "default_recipe_path", "RunResult", "SmokeResult"]
+
+
+def default_recipe_path() -> Path:
+    """The embedded default run (a copy ships as recipes/tiny.yaml): tiny Llama 4 MoE, shipped chat data, CPU."""
+    return Path(__file__).resolve().parent / "tiny.yaml"
+
+
+def _dotted(key: str) -> str:
+    """`lr` -> `train.lr` (a key that lives in exactly one section), `train__lr` -> `train.lr`, dotted as is."""
+    key = key.replace("__", ".")
+    if "." in key:
+        return key
+    top = {f.name: f for f in dataclasses.fields(RunConfig)}
+    if key in top:
+        return key
+    sections = [name for name, f in top.items() if dataclasses.is_dataclass(f.default_factory)  # type: ignore[arg-type]
+                and key in {g.name for g in dataclasses.fields(f.default_factory)}]  # type: ignore[arg-type]
+    if len(sections) == 1:
+        return f"{sections[0]}.{key}"
+    if not sections:
+        raise ConfigError(f"unknown setting {key!r}: name it as section.key (e.g. train.lr).")
+    raise ConfigError(f"setting {key!r} is ambiguous ({', '.join(f'{s}.{key}' for s in sections)}): "
+                      "name the section.")
+
+
+def resolve_config(config: RunConfig | str | Path | None, overrides: dict[str, Any] | None = None,
+                   saved_run: Path | None = None) -> RunConfig:
+    """A RunConfig from an object, a YAML path, the saved config of a run being resumed, or the tiny default."""
+    dotted = {_dotted(k): v for k, v in (overrides or {}).items()}
+    if isinstance(config, RunConfig):
+        if not dotted:
+            return config
+        values = config.to_dict()
+        for k, v in dotted.items():
+            node = values
+            *parents, last = k.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"cannot set {k}: {part} is not a section.")
+            node[last] = v
+        return config_from_dict(values, "config")
+    if config is None:
+        if saved_run is not None and (saved_run / "config.yaml").is_file():
+            return load_config(saved_run / "config.yaml", dotted)
+        return load_config(default_recipe_path(), dotted)
+    return load_config(config, dotted)
+
+
+def train(
+    config: RunConfig | str | Path | None = None,
+    *,
+    output_dir: str | Path | None = None,
+    resume: bool | str | Path | None = None,
+    smoke: bool = False,
+    steps: int | None = None,
+    force: bool = False,
+    stop_after: int | None = None,
+    echo: bool = True,
+    **overrides: Any,
+) -> RunResult:
+    """Fine-tune as the config says and return what happened (see RunResult).
+
+    config: a RunConfig, a YAML path, or None (the embedded tiny run; when resuming, the run's saved config).
+    output_dir: the run directory (default: config's output_dir, else runs/<model>-<timestamp>).
+    resume: True (newest complete checkpoint in output_dir), or a run dir or checkpoint dir.
+    smoke / steps: the smoke run (`steps` optimizer steps, default smoke.steps); see RunResult.smoke.
+    force: start on CUDA even when the planner says the run does not fit.
+    stop_after: stop after this many optimizer steps as a kill would (for tests of resume).
+    overrides: settings, as `lr=1e-4`, `train__lr=1e-4` or `**{"train.lr": 1e-4}`.
+    """
+    if steps is not None and not smoke:
+        raise MoefitError("steps= (--steps) sets the length of a smoke run; use max_steps= (--max-steps) "
+                          "to shorten a full run.")
+    resume_from = None
+    if resume:
+        base = Path(output_dir) if output_dir is not None else None
+        if resume is True and base is None and isinstance(config, RunConfig | str | Path):
+            cfg0 = resolve_config(config, overrides)
+            base = Path(cfg0.output_dir) if cfg0.output_dir else None
+        if resume is True and base is None:
+            raise MoefitError("--resume needs to know which run to continue: pass --output-dir RUN_DIR or "
+                              f"--resume RUN_DIR{_newest_run_hint()}.")
+        resume_from = checkpoint.resolve_resume(True if resume is True else Path(resume), base)
+        cfg = resolve_config(config, overrides, saved_run=checkpoint.run_dir_of(resume_from))
+        return run(cfg, resume_from=resume_from, smoke=smoke, smoke_steps=steps, force=force,
+                   stop_after=stop_after, echo=echo)
+    cfg = resolve_config(config, overrides)
+    return run(cfg, run_dir=Path(output_dir) if output_dir is not None else None, smoke=smoke, smoke_steps=steps,
+               force=force, stop_after=stop_after, echo=echo)
+
+
+def _newest_run_hint() -> str:
+    runs = Path("runs")
+    if not runs.is_dir():
+        return ""
+    candidates = [p for p in runs.iterdir() if checkpoint.latest_checkpoint(p / "checkpoints") is not None]
+    if not candidates:
+        return ""
+    newest = max(candidates, key=lambda p: p.stat().st_mtime)
+    return f" (the newest run with a checkpoint here is {newest})"

@@ -1,0 +1,182 @@
+"""Checkpoints: written whole into a temporary folder, then renamed into place, so a kill never leaves a
+half-written `step-N/` that `--resume` could pick.
+
+A checkpoint holds everything the next step depends on: the adapter, the optimizer and scheduler state, every
+RNG (python, numpy, torch CPU and CUDA: LoRA dropout draws from torch's), the data position and the counters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import MoefitError
+
+COMPLETE = "complete"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """Counters saved with a checkpoint (JSON)."""
+
+    step: int
+    data_epoch: int
+    data_index: int
+    tokens_seen: int
+    label_tokens_seen: int
+    elapsed_s: float
+    train_time_s: float
+    start_eval_loss: float | None
+
+
+def capture_rng() -> dict[str, Any]:
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    return {
+        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    checkpoints_dir: Path,
+    state: TrainerState,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any | None = None,
+) -> Path:
+    """Write `checkpoints_dir/step-N/` atomically and return its path."""
+    from ..lora import save_adapter
+
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoints_dir / f"step-{state.step}"
+    tmp = checkpoints_dir / f".tmp-step-{state.step}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_adapter(model, tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(capture_rng(), tmp / "rng.pt")
+    if scaler is not None:
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(state.__dict__, indent=2), encoding="utf-8")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    (tmp / COMPLETE).write_text(f"step {state.step}\n", encoding="utf-8")
+    _fsync_dir(tmp)
+    if final.exists():  # re-running a step after resuming from an older checkpoint: the new one replaces it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(checkpoints_dir)
+    return final
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first. Temporary and unmarked folders (a kill mid-write) are ignored."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = []
+    for p in checkpoints_dir.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / COMPLETE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    found = list_checkpoints(checkpoints_dir)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(checkpoints_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints, and leftover temporary folders; return removed."""
+    removed = []
+    for _, path in list_checkpoints(checkpoints_dir)[:-keep]:
+        shutil.rmtree(path)
+        removed.append(path)
+    for p in checkpoints_dir.glob(".tmp-step-*"):
+        shutil.rmtree(p)
+        removed.append(p)
+    return removed
+
+
+def resolve_resume(resume: str | Path | bool, run_dir: Path | None) -> Path:
+    """The checkpoint to continue from: `resume` is True (newest in `run_dir`), a run dir, or a step dir."""
+    if resume is True:
+        if run_dir is None:
+            raise MoefitError("--resume needs to know which run to continue: pass --output-dir RUN_DIR "
+                              "or --resume RUN_DIR.")
+        base = run_dir
+    else:
+        base = Path(resume)
+    if not base.exists():
+        raise MoefitError(f"cannot resume: {base} does not exist.")
+    if (base / COMPLETE).is_file():
+        return base
+    if _STEP_DIR.match(base.name) and base.is_dir():
+        raise MoefitError(f"cannot resume from {base}: the checkpoint is incomplete (no '{COMPLETE}' marker; "
+                          "the run was stopped while writing it). Resume from the run folder to use the newest "
+                          "complete checkpoint.")
+    ckpt = latest_checkpoint(base / "checkpoints")
+    if ckpt is None:
+        raise MoefitError(f"cannot resume: {base} holds no complete checkpoint (looked in {base / 'checkpoints'}). "
+                          "Start the run again without --resume, or lower train.save_every.")
+    return ckpt
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """RUN/checkpoints/step-N -> RUN."""
+    return checkpoint.parent.parent
+
+
+def load_checkpoint(
+    checkpoint: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any | None = None,
+) -> TrainerState:
+    """Load everything back into the live objects; RNG last, so nothing after it draws before training resumes."""
+    from ..lora import load_adapter
+
+    load_adapter(model, checkpoint)
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    if scaler is not None and (checkpoint / "scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(checkpoint / "scaler.pt", weights_only=True))
+    state = TrainerState(**json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")))
+    restore_rng(torch.load(checkpoint / "rng.pt", weights_only=True))
+    return state

@@ -1,0 +1,414 @@
+"""The training loop, written out in one place.
+
+micro-batches -> loss weighted by label tokens -> backward -> (after grad_accum of them) clip -> optimizer step
+-> scheduler step; evaluation at the start, every `train.eval_every` steps and at the end; checkpoints every
+`train.save_every` steps; metrics, report and loss curve in the run directory.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import TINY_MODEL, RunConfig, save_config
+from ..errors import DataError, MoefitError
+from . import checkpoint as ckpt
+from .metrics import MetricsLog, plot_loss, versions, write_report
+from .optim import build_optimizer, build_scheduler, steps_per_epoch, total_optimizer_steps
+from .progress import Console, fmt_bytes, fmt_duration, peak_memory_bytes, progress_line
+from .smoke import SmokeResult, judge_smoke
+
+IGNORE_INDEX = -100
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class RunResult:
+    """What `train()` returns. `completed` is False when the run stopped early (`stop_after`)."""
+
+    run_dir: Path
+    completed: bool
+    step: int
+    total_steps: int
+    start_eval_loss: float | None
+    end_eval_loss: float | None
+    train_losses: list[float] = field(default_factory=list)  # per optimizer step run in this process
+    tokens: int = 0
+    wall_s: float = 0.0
+    tokens_per_s: float = 0.0
+    peak_mem_bytes: int = 0
+    adapter_dir: Path | None = None
+    smoke: SmokeResult | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MoefitError(f"train.device is {name!r} but this machine has no CUDA device (torch "
+                          f"{torch.__version__}). Use train.device: cpu or auto.")
+    dev = torch.device(name)
+    if dev.type == "cuda" and dev.index is not None:
+        if dev.index >= torch.cuda.device_count():
+            raise MoefitError(f"train.device is {name!r} but only {torch.cuda.device_count()} CUDA device(s) exist.")
+        torch.cuda.set_device(dev.index)
+    return dev
+
+
+def model_source(model: str) -> str | Path:
+    if model == TINY_MODEL:
+        from ..assets import tiny_model_dir
+
+        return tiny_model_dir()
+    return model
+
+
+def model_short_name(model: str) -> str:
+    name = Path(model.rstrip("/")).name or "model"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+
+
+def default_run_dir(cfg: RunConfig, smoke: bool) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{model_short_name(cfg.model)}{'-smoke' if smoke else ''}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _label_tokens(labels: torch.Tensor) -> int:
+    """Label tokens under the HF shift convention (position t predicts token t+1)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+@torch.no_grad()
+def evaluate(model: Any, examples: list[dict], batch_size: int, pad_id: int, device: torch.device,
+             max_batches: int | None) -> tuple[float, int]:
+    """Token-weighted mean loss over the held-out examples, in order; returns (loss, label tokens)."""
+    from ..data import collate
+
+    was_training = model.training
+    model.eval()
+    loss_sum, n_tokens = 0.0, 0
+    starts = range(0, len(examples), batch_size)
+    if max_batches is not None:
+        starts = starts[:max_batches]
+    for i in starts:
+        batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id=pad_id).items()}
+        out = model(**batch)
+        loss_sum += float(out.loss_sum)
+        n_tokens += int(out.num_tokens)
+    model.train(was_training)
+    return (loss_sum / n_tokens if n_tokens else float("nan")), n_tokens
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+def run(
+    cfg: RunConfig,
+    *,
+    run_dir: Path | None = None,
+    resume_from: Path | None = None,
+    smoke: bool = False,
+    smoke_steps: int | None = None,
+    force: bool = False,
+    stop_after: int | None = None,
+    echo: bool = True,
+) -> RunResult:
+    """Train as `cfg` says. `resume_from` is a complete checkpoint folder (see checkpoint.resolve_resume).
+
+    `smoke` runs `smoke_steps` optimizer steps (default `smoke.steps`) at the recipe's peak learning rate
+    (warmup shortened to a fifth of the steps, then constant) without checkpoints, then judges the run.
+    `stop_after` ends the run after that many optimizer steps in total, as a kill would (the schedule is the
+    full run's; no final adapter): `resume_from` then continues it.
+    """
+    wall0 = time.perf_counter()
+    if resume_from is not None:
+        run_dir = ckpt.run_dir_of(resume_from)
+    elif run_dir is None:
+        run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg, smoke)
+    run_dir = Path(run_dir)
+    if resume_from is None and run_dir.exists() and (
+        (run_dir / "checkpoints").exists() or (run_dir / "adapter_model.safetensors").exists()
+    ):
+        raise MoefitError(f"{run_dir} already holds a run. Continue it with --resume, or pass another "
+                          "--output-dir (the default is a new folder under runs/).")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.output_dir = str(run_dir)
+    console = Console(run_dir / "train.log", echo=echo)
+    try:
+        return _run(cfg, run_dir, console, wall0, resume_from, smoke, smoke_steps, force, stop_after)
+    finally:
+        console.close()
+
+
+def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_from: Path | None, smoke: bool,
+         smoke_steps: int | None, force: bool, stop_after: int | None) -> RunResult:
+    from ..data import DataPosition, build_datasets, iterate_batches, load_tokenizer
+    from ..lora import add_lora, save_adapter
+    from ..models import load_model
+
+    t = cfg.train
+    say = console.print
+    device = resolve_device(t.device)
+    if device.type == "cpu" and t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    seed_everything(t.seed)
+    mode = "smoke run" if smoke else ("resuming" if resume_from else "training")
+    say(f"moefit {mode}: {cfg.model} -> {run_dir}")
+    say(f"device {device}{f' ({torch.get_num_threads()} threads)' if device.type == 'cpu' else ''}, "
+        f"weights {cfg.quantization.weights}, compute {t.precision}, LoRA r={cfg.lora.r} alpha={cfg.lora.alpha:g} "
+        f"on {','.join(cfg.lora.targets)}{' (routed experts too)' if cfg.lora.routed_experts else ''}")
+
+    # Data first: a broken file should fail in seconds, not after loading a 100B model.
+    source = model_source(cfg.model)
+    tok = load_tokenizer(source)
+    bundle = build_datasets(cfg.data, tok, max_length=t.max_length, seed=t.seed)
+    for line in bundle.report.summary_lines():
+        say(line)
+    if not bundle.train:
+        raise DataError("the training split is empty after tokenization and filtering: nothing to train on. "
+                        "Check data.train and train.max_length (see the data report above).")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    # Fits? (CUDA only: the planner models GPU memory; on CPU there is nothing to refuse.)
+    plan = None
+    if device.type == "cuda":
+        from ..plan import check_fits
+
+        plan = check_fits(cfg, gpu=None)
+        if not plan.fits:
+            advice = " ".join(plan.suggestions) if plan.suggestions else ""
+            msg = (f"the run does not fit on {plan.gpu_name}: predicted peak {fmt_bytes(plan.peak_bytes)}. "
+                   f"{advice} Run `moefit plan` for the breakdown, or pass --force to try anyway.")
+            if not force:
+                raise MoefitError(msg)
+            say(f"warning (--force): {msg}")
+
+    save_config(cfg, run_dir / "config.yaml")
+    total_steps = total_optimizer_steps(t, len(bundle.train))
+    per_epoch = steps_per_epoch(len(bundle.train), t.batch_size, t.grad_accum)
+    if smoke:
+        total_steps = smoke_steps if smoke_steps is not None else cfg.smoke.steps
+        if total_steps < 2:
+            raise MoefitError(f"--steps must be at least 2 for a smoke run (the loss needs a start and an end), "
+                              f"got {total_steps}.")
+    stop_step = total_steps if stop_after is None else min(stop_after, total_steps)
+
+    t_load = time.perf_counter()
+    model = load_model(source, quantization=cfg.quantization.weights, dtype=_DTYPES[t.precision],
+                       device=device.type, quant=cfg.quantization)
+    params = add_lora(model, cfg=cfg.lora)
+    if t.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    n_train = sum(p.numel() for p in params.values())
+    say(f"model loaded in {time.perf_counter() - t_load:.1f}s; {n_train:,} trainable LoRA parameters "
+        f"in {len(params)} tensors")
+
+    optimizer = build_optimizer(params, t, device, note=say)
+    if smoke:
+        scheduler = build_scheduler(optimizer, t, total_steps, warmup_steps=min(t.warmup_steps, total_steps // 5),
+                                    kind="constant")
+    else:
+        scheduler = build_scheduler(optimizer, t, total_steps)
+    scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
+
+    state = ckpt.TrainerState(step=0, data_epoch=0, data_index=0, tokens_seen=0, label_tokens_seen=0,
+                              elapsed_s=0.0, train_time_s=0.0, start_eval_loss=None)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, scaler)
+        say(f"resumed from {resume_from} (step {state.step}/{total_steps}, data epoch {state.data_epoch} "
+            f"item {state.data_index})")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resume_from else None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    trainable = [p for p in params.values() if p.requires_grad]
+    max_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
+    has_eval = bool(bundle.eval) and not smoke
+
+    def run_eval(step: int) -> float:
+        te = time.perf_counter()
+        loss, n = evaluate(model, bundle.eval, t.batch_size, pad_id, device, t.eval_batches)
+        metrics.write({"kind": "eval", "step": step, "eval_loss": loss, "eval_tokens": n,
+                       "eval_s": round(time.perf_counter() - te, 3)})
+        say(f"eval @ step {step}: held-out loss {loss:.4f} ({n:,} label tokens, {time.perf_counter() - te:.1f}s)")
+        return loss
+
+    if not bundle.eval and not smoke:
+        say("no held-out split (data.eval is empty and data.eval_fraction is 0): evaluation is skipped.")
+    model.train()
+    if has_eval and state.step == 0:
+        state.start_eval_loss = run_eval(0)
+    last_eval_step = state.step if resume_from else (0 if has_eval else -1)
+
+    say(f"{total_steps} optimizer steps ({per_epoch} per epoch of {len(bundle.train)} sequences), batch "
+        f"{t.batch_size} x accumulation {t.grad_accum}, lr {t.lr:g} {'constant (smoke)' if smoke else t.scheduler}")
+    batches = iterate_batches(bundle.train, t.batch_size, t.seed,
+                              start=DataPosition(state.data_epoch, state.data_index), pad_id=pad_id)
+    step_losses: list[float] = []
+    session_t0, session_tokens = time.perf_counter(), 0
+    elapsed_base = state.elapsed_s
+    nan_step = None
+    while state.step < stop_step:
+        ts = time.perf_counter()
+        micro = [next(batches) for _ in range(t.grad_accum)]
+        pos = micro[-1][1]
+        counts = [_label_tokens(b["labels"]) for b, _ in micro]
+        step_label_tokens = sum(counts)
+        denom = max(step_label_tokens, 1)
+        loss_acc = torch.zeros((), dtype=torch.float32, device=device)
+        step_tokens = 0
+        for (batch, _), count in zip(micro, counts, strict=True):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            out = model(**batch)
+            if int(out.num_tokens) != count:
+                raise RuntimeError(f"label-token count mismatch: loop counted {count}, model {int(out.num_tokens)}")
+            loss = out.loss_sum / denom  # the gradient of the step = that of the mean over all its label tokens
+            (scaler.scale(loss) if scaler else loss).backward()
+            loss_acc += out.loss_sum.detach().float()
+            step_tokens += int(batch["input_ids"].numel())
+        if scaler:
+            scaler.unscale_(optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+        lr = scheduler.get_last_lr()[0]
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        step_loss = float(loss_acc) / denom
+        state.step += 1
+        state.data_epoch, state.data_index = pos.epoch, pos.index
+        state.tokens_seen += step_tokens
+        state.label_tokens_seen += step_label_tokens
+        state.train_time_s += time.perf_counter() - ts
+        session_tokens += step_tokens
+        step_losses.append(step_loss)
+        state.elapsed_s = elapsed_base + time.perf_counter() - session_t0
+        tok_s = session_tokens / max(time.perf_counter() - session_t0, 1e-9)
+        peak = peak_memory_bytes(device)
+        if state.step % t.log_every == 0 or state.step == stop_step or not math.isfinite(step_loss):
+            metrics.write({"kind": "train", "step": state.step, "loss": step_loss, "lr": lr,
+                           "tokens_per_s": round(tok_s, 2), "peak_mem_bytes": peak, "grad_norm": grad_norm,
+                           "elapsed_s": round(state.elapsed_s, 3), "tokens": state.tokens_seen,
+                           "label_tokens": step_label_tokens, "epoch": state.data_epoch})
+        done_s = time.perf_counter() - session_t0
+        eta = done_s / len(step_losses) * (stop_step - state.step)
+        console.status(progress_line(state.step, total_steps, step_loss, lr, grad_norm, tok_s, peak, eta),
+                       permanent=state.step % t.log_every == 0 or state.step == stop_step)
+        if not math.isfinite(step_loss):
+            nan_step = state.step
+            if smoke:
+                break
+            raise MoefitError(f"the training loss became {step_loss} at step {state.step}. Lower train.lr "
+                              f"(now {t.lr:g}), keep train.max_grad_norm > 0, or use precision bf16 instead of fp16. "
+                              f"The last good checkpoint is in {run_dir / 'checkpoints'}.")
+        if has_eval and state.step % t.eval_every == 0:
+            run_eval(state.step)
+            last_eval_step = state.step
+        if not smoke and state.step % t.save_every == 0 and state.step < total_steps:
+            path = ckpt.save_checkpoint(run_dir / "checkpoints", state, model, optimizer, scheduler, scaler)
+            ckpt.prune_checkpoints(run_dir / "checkpoints", t.keep_checkpoints)
+            say(f"checkpoint: {path}")
+
+    completed = state.step >= total_steps
+    if not completed and nan_step is None:
+        say(f"stopped after step {state.step} of {total_steps} (resume with --resume {run_dir}).")
+        return RunResult(run_dir=run_dir, completed=False, step=state.step, total_steps=total_steps,
+                         start_eval_loss=state.start_eval_loss, end_eval_loss=None, train_losses=step_losses,
+                         tokens=state.tokens_seen, wall_s=time.perf_counter() - wall0)
+
+    end_eval = None
+    if has_eval:
+        end_eval = run_eval(state.step) if last_eval_step != state.step else metrics.eval_records()[-1]["eval_loss"]
+    adapter_dir = None
+    if not smoke:
+        save_adapter(model, run_dir)
+        adapter_dir = run_dir
+    peak = peak_memory_bytes(device)
+    wall = time.perf_counter() - wall0
+    tok_s = state.tokens_seen / state.train_time_s if state.train_time_s else 0.0
+
+    smoke_result = None
+    if smoke:
+        limit, source_note = None, "smoke.max_memory_gib"
+        if cfg.smoke.max_memory_gib is not None:
+            limit = int(cfg.smoke.max_memory_gib * 2**30)
+        elif plan is not None:
+            limit, source_note = int(plan.peak_bytes * 1.05), "the plan's predicted peak + 5 %"
+        smoke_result = judge_smoke(step_losses, peak, limit, cfg.smoke.min_loss_drop, source_note)
+
+    report = {
+        "run_dir": str(run_dir),
+        "mode": "smoke" if smoke else "train",
+        "model": cfg.model,
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+                                 f" ({torch.get_num_threads()} threads)"),
+        "config": {"quantization": cfg.quantization.weights, "double_quant": cfg.quantization.double_quant,
+                   "precision": t.precision, "lora_r": cfg.lora.r, "lora_alpha": cfg.lora.alpha,
+                   "expert_r": cfg.lora.expert_r, "targets": cfg.lora.targets,
+                   "routed_experts": cfg.lora.routed_experts, "optimizer": t.optimizer, "lr": t.lr,
+                   "scheduler": t.scheduler, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
+                   "max_length": t.max_length, "gradient_checkpointing": t.gradient_checkpointing},
+        "trainable_params": n_train,
+        "data": bundle.report.to_dict(),
+        "steps": state.step,
+        "total_steps": total_steps,
+        "start_eval_loss": state.start_eval_loss,
+        "end_eval_loss": end_eval,
+        "final_train_loss": step_losses[-1] if step_losses else None,
+        "tokens": state.tokens_seen,
+        "label_tokens": state.label_tokens_seen,
+        "wall_s": round(elapsed_base + wall, 2),
+        "train_s": round(state.train_time_s, 2),
+        "tokens_per_s": round(tok_s, 2),
+        "peak_mem_bytes": peak,
+        "peak_mem_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+        "plan_peak_bytes": plan.peak_bytes if plan is not None else None,
+        "smoke": smoke_result.to_dict() if smoke_result else None,
+        "versions": versions(),
+    }
+    write_report(run_dir / "report.json", report)
+    plot_loss(run_dir / "loss.png", metrics, f"{model_short_name(cfg.model)}: {run_dir.name}")
+
+    say("")
+    say(f"done: {state.step} steps in {fmt_duration(elapsed_base + wall)}, {state.tokens_seen:,} tokens, "
+        f"{tok_s:,.0f} tokens/s, peak memory {fmt_bytes(peak)}")
+    if state.start_eval_loss is not None and end_eval is not None:
+        say(f"held-out loss {state.start_eval_loss:.4f} -> {end_eval:.4f}")
+    if adapter_dir:
+        say(f"adapter: {run_dir / 'adapter_model.safetensors'}")
+    say(f"report: {run_dir / 'report.json'}, loss curve: {run_dir / 'loss.png'}")
+    if smoke_result:
+        for line in smoke_result.lines():
+            say(line)
+    return RunResult(run_dir=run_dir, completed=completed, step=state.step, total_steps=total_steps,
+                     start_eval_loss=state.start_eval_loss, end_eval_loss=end_eval, train_losses=step_losses,
+                     tokens=state.tokens_seen, wall_s=wall, tokens_per_s=tok_s, peak_mem_bytes=peak,
+                     adapter_dir=adapter_dir, smoke=smoke_result, report=report)
