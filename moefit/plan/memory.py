@@ -1,0 +1,361 @@
+"""Peak GPU memory of one moefit training step, counted tensor by tensor from the model's shapes.
+
+The model mirrors how the engine stores and computes (DESIGN.md, "Engine principles"):
+- frozen weights in NF4 (bitsandbytes `quantize_4bit`, blocksize 64, optional double quantization), routed
+  experts quantized expert by expert; embeddings, lm_head, norms, router (and biases) in bf16;
+- LoRA A/B on the adapted linears; on routed experts A [E, in, r_e], B [E, r_e, out] per projection;
+- gradient checkpointing per decoder layer (one bf16 [B, S, H] saved per layer), the backward recomputing one
+  layer at a time (its working set is `layer_working_set`), a chunked cross-entropy over lm_head.
+The peak is the largest of the loss phase and the backward of each layer, walking the layers from the last to
+the first as the backward does (checkpoints are freed and LoRA gradients appear as it goes).
+Empirical constants (allocator reserve, CUDA context, per-layer overheads) come from calibration.json.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import LoraConfig, QuantConfig, normalize_targets
+from .model_facts import Layer, ModelFacts
+
+BF16 = 2
+FP32 = 4
+ALLOC_ROUND = 512  # the CUDA caching allocator rounds every block to 512 bytes
+LARGE_SEGMENT_ROUND = 2 << 20  # blocks >= 10 MiB get their own segment, rounded up to 2 MiB
+LARGE_BLOCK = 10 << 20
+LOSS_CHUNK_TOKENS = 1024  # the engine's chunked cross-entropy: tokens per lm_head chunk
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps smaller tensors' optimizer state in fp32
+BNB_OPTIM_BLOCK = 256  # 8-bit optimizer state: one fp32 absmax per 256 values
+NF4_CODE_BYTES = 16 * FP32  # per NF4 module: the 16-value NF4 code
+NF4_CODE2_BYTES = 256 * FP32  # per NF4 module with double quant: the 8-bit dynamic map of the absmax
+
+
+def _r(n: int) -> int:
+    """Bytes the caching allocator hands out for an n-byte tensor."""
+    return -(-n // ALLOC_ROUND) * ALLOC_ROUND if n else 0
+
+
+def _segment_waste(n: int) -> int:
+    """Reserved-but-unallocated bytes when an n-byte persistent tensor gets its own segment."""
+    return (-(-n // LARGE_SEGMENT_ROUND) * LARGE_SEGMENT_ROUND - _r(n)) if n >= LARGE_BLOCK else 0
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """The settings of a run that decide its memory and time."""
+
+    seq_len: int
+    batch: int = 1
+    grad_accum: int = 1
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optimizer: str = "adamw_8bit"
+    gradient_checkpointing: bool = True
+
+    @property
+    def tokens(self) -> int:
+        return self.seq_len * self.batch
+
+    @property
+    def targets(self) -> set[str]:
+        return {t.removesuffix("_proj") for t in normalize_targets(self.lora.targets)}
+
+    @property
+    def expert_rank(self) -> int:
+        if not self.lora.routed_experts:
+            return 0
+        return self.lora.r if self.lora.expert_r is None else self.lora.expert_r
+
+
+@dataclass
+class Component:
+    key: str
+    label: str
+    bytes: int
+    kind: str  # "weights" | "trainable" | "activations" | "overhead"
+    detail: str = ""
+
+
+@dataclass
+class MemoryEstimate:
+    components: list[Component]
+    peak_allocated: int  # what torch.cuda.max_memory_allocated() should read
+    peak_reserved: int  # what torch.cuda.max_memory_reserved() should read
+    total: int  # peak_reserved + CUDA context: what the GPU must hold
+    peak_phase: str  # where the peak happens
+    trainable_params: int
+
+    def by_key(self) -> dict[str, int]:
+        return {c.key: c.bytes for c in self.components}
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+def nf4_bytes(slice_numel: int, slices: int, quant: QuantConfig) -> tuple[int, int]:
+    """(packed data, quantization constants) bytes of one NF4 module holding `slices` slices of `slice_numel`."""
+    nblocks = math.ceil(slice_numel / quant.blocksize)
+    packed = _r(slices * slice_numel // 2)
+    if quant.double_quant:
+        consts = (_r(slices * nblocks) + _r(slices * math.ceil(nblocks / 256) * FP32) + _r(slices * FP32)
+                  + _r(NF4_CODE_BYTES) + _r(NF4_CODE2_BYTES))
+    else:
+        consts = _r(slices * nblocks * FP32) + _r(NF4_CODE_BYTES)
+    return packed, consts
+
+
+def _quantized_modules(f: ModelFacts) -> dict[str, list[tuple[int, int]]]:
+    """Per group, the NF4 modules as (slice numel, slices): what the engine quantizes, module by module."""
+    h, mods = f.hidden, {"attention": [], "routed_experts": [], "shared_experts": [], "dense_mlp": []}
+    for la in f.layers:
+        mods["attention"] += [(h * f.q_dim, 1), (h * f.kv_dim, 1), (h * f.kv_dim, 1), (f.q_dim * h, 1)]
+        if la.moe:
+            mods["routed_experts"] += [(h * 2 * f.expert_intermediate, f.num_experts),
+                                       (f.expert_intermediate * h, f.num_experts)]
+            if f.shared_intermediate:
+                mods["shared_experts"] += [(h * f.shared_intermediate, 1)] * 3
+        else:
+            mods["dense_mlp"] += [(h * la.dense_intermediate, 1)] * 3
+    return mods
+
+
+def weight_components(f: ModelFacts, quant: QuantConfig) -> tuple[list[Component], int]:
+    """Frozen weights by group, and the allocator's segment rounding on them (reserved, not allocated)."""
+    comps, waste = [], 0
+    keep = set(quant.keep_unquantized)
+    groups = f.groups()
+    labels = {"attention": "attention q/k/v/o", "routed_experts": "routed experts",
+              "shared_experts": "shared experts", "dense_mlp": "dense MLP"}
+    consts_total = 0
+    fmt = "NF4" if quant.weights == "nf4" else "bf16"
+    for group, modules in _quantized_modules(f).items():
+        if not modules:
+            continue
+        data = 0
+        for numel, slices in modules:
+            if quant.weights == "nf4":
+                packed, consts = nf4_bytes(numel, slices, quant)
+            else:
+                packed, consts = _r(numel * slices * BF16), 0
+            data += packed
+            consts_total += consts
+            waste += _segment_waste(packed)
+        comps.append(Component(f"weights_{group}", f"{fmt} weights: {labels[group]}", data, "weights",
+                               f"{groups[group] / 1e9:.2f} B params"))
+    if consts_total:
+        per = "double-quantized" if quant.double_quant else "fp32"
+        comps.append(Component("quant_constants", "quantization constants", consts_total, "weights",
+                               f"absmax per {quant.blocksize} values, {per}"))
+    # Embeddings and lm_head: bf16 unless the user removed them from keep_unquantized.
+    bf16_total, parts = 0, []
+    for key in ("embed_tokens", "lm_head"):
+        n = groups[key]
+        if not n:
+            continue
+        if key in keep or quant.weights == "none":
+            bf16_total += _r(n * BF16)
+            waste += _segment_waste(n * BF16)
+            parts.append(key)
+        else:
+            packed, consts = nf4_bytes(n, 1, quant)
+            comps.append(Component(f"weights_{key}", f"NF4 weights: {key}", packed + consts, "weights"))
+    small = groups["norms"] + groups["router"] + groups["biases_and_extras"]
+    n_small_tensors = 2 * f.num_layers + 1 + f.moe_layers + (f.num_layers * 4 if small > groups["norms"] else 0)
+    bf16_total += small * BF16 + n_small_tensors * ALLOC_ROUND // 2  # many tiny tensors: half a block each
+    comps.append(Component("weights_bf16", "bf16 embeddings / lm_head / norms / router", bf16_total, "weights",
+                           " + ".join(parts + ["norms", "router"] + (["biases"] if groups["biases_and_extras"]
+                                                                      else []))))
+    return comps, waste
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+
+def lora_tensors(f: ModelFacts, shape: RunShape) -> list[tuple[int, list[int]]]:
+    """Per decoder layer, the element counts of its LoRA tensors (each A and B separately)."""
+    lo, t, h = shape.lora, shape.targets, f.hidden
+    r, re = lo.r, shape.expert_rank
+    out = []
+    for i, la in enumerate(f.layers):
+        ts = []
+        dims = {"q": (h, f.q_dim), "k": (h, f.kv_dim), "v": (h, f.kv_dim), "o": (f.q_dim, h)}
+        for name, (i_dim, o_dim) in dims.items():
+            if name in t:
+                ts += [r * i_dim, o_dim * r]
+        inter = f.shared_intermediate if la.moe else la.dense_intermediate
+        mlp = {"gate": (h, inter), "up": (h, inter), "down": (inter, h)}
+        if inter:
+            for name, (i_dim, o_dim) in mlp.items():
+                if name in t:
+                    ts += [r * i_dim, o_dim * r]
+        if la.moe and re:
+            ei = f.expert_intermediate
+            emlp = {"gate": (h, ei), "up": (h, ei), "down": (ei, h)}
+            for name, (i_dim, o_dim) in emlp.items():
+                if name in t:
+                    ts += [f.num_experts * i_dim * re, f.num_experts * re * o_dim]
+        out.append((i, ts))
+    return out
+
+
+def _optimizer_state_bytes(numel: int, optimizer: str, param_bytes: int) -> int:
+    if optimizer == "adamw":
+        return 2 * _r(numel * param_bytes)
+    if numel < BNB_MIN_8BIT_SIZE:  # bitsandbytes: 32-bit state for small tensors
+        return 2 * _r(numel * FP32)
+    blocks = math.ceil(numel / BNB_OPTIM_BLOCK)
+    return 2 * _r(numel) + 2 * _r(blocks * FP32)
+
+
+# ---------------------------------------------------------------------------------------------- activations
+
+def layer_working_set(f: ModelFacts, la: Layer, shape: RunShape) -> tuple[dict[str, int], dict[str, int]]:
+    """(saved, transient) bytes of ONE layer recomputed in the backward, each tensor named.
+
+    `saved`: what autograd keeps from the recomputed forward until the layer's backward consumes it.
+    `transient`: the largest phase of the backward on top of that (only one phase is live at a time), keyed
+    by phase name.
+    """
+    T, h, B = shape.tokens, f.hidden, shape.batch
+    r, re, t = shape.lora.r, shape.expert_rank, shape.targets
+    n_attn_lora = sum(1 for x in ("q", "k", "v", "o") if x in t)
+    s: dict[str, int] = {
+        "input_norm_out [T,H]": _r(T * h * BF16),
+        "q, k, v [T,q+2kv]": _r(T * f.q_dim * BF16) + 2 * _r(T * f.kv_dim * BF16),
+        "rotated q, k [T,q+kv]": _r(T * f.q_dim * BF16) + _r(T * f.kv_dim * BF16),
+        "sdpa_out [T,q]": _r(T * f.q_dim * BF16),
+        "sdpa_logsumexp [B,heads,S] fp32": _r(B * f.heads * shape.seq_len * FP32),
+        "o_proj_in [T,q] (contiguous copy)": _r(T * f.q_dim * BF16),
+        "residual_mid [T,H]": _r(T * h * BF16),
+        "post_norm_out [T,H]": _r(T * h * BF16),
+        "lora_attention x@A [T,r]": n_attn_lora * _r(T * r * BF16),
+    }
+    tr: dict[str, int] = {}
+    tr["attention_backward"] = (3 * _r(T * (f.q_dim + 2 * f.kv_dim) * BF16) // 2 + _r(T * f.q_dim * FP32)
+                                + _r(T * h * BF16) + _r(max(f.q_dim, f.kv_dim) * h * BF16))
+    inter = f.shared_intermediate if la.moe else la.dense_intermediate
+    n_mlp_lora = sum(1 for x in ("gate", "up", "down") if x in t)
+    if inter:
+        tag = "shared" if la.moe else "mlp"
+        s[f"{tag}_gate_up_out [T,2I]"] = 2 * _r(T * inter * BF16)
+        s[f"{tag}_act_out [T,I]"] = _r(T * inter * BF16)
+        s[f"{tag}_down_out [T,H]"] = _r(T * h * BF16)
+        s[f"lora_{tag} x@A [T,r]"] = n_mlp_lora * _r(T * r * BF16)
+        tr[f"{tag}_backward"] = (_r(inter * h * BF16) + 3 * _r(T * inter * BF16) + 2 * _r(T * h * BF16))
+    if la.moe:
+        E, k, ei = f.num_experts, f.top_k, f.expert_intermediate
+        Tk = T * k
+        s["router_logits [T,E] fp32"] = _r(T * E * FP32)
+        s["router_topk scores+indices"] = _r(T * k * FP32) + _r(T * k * 8)
+        s["permuted_tokens [T*k,H]"] = _r(Tk * h * BF16)
+        s["experts_gate_up_out [T*k,2I]"] = _r(Tk * 2 * ei * BF16)
+        s["experts_act_out [T*k,I]"] = _r(Tk * ei * BF16)
+        s["experts_down_out [T*k,H]"] = _r(Tk * h * BF16)
+        s["experts_combined [T,H]"] = _r(T * h * BF16)
+        if re:
+            s["lora_experts x@A [T*k,r_e]"] = n_mlp_lora * _r(Tk * re * BF16)
+        deq_gate_up = _r(E * h * 2 * ei * BF16)
+        deq_down = _r(E * ei * h * BF16)
+        tr["experts_down_backward"] = deq_down + _r(Tk * h * BF16) + _r(Tk * ei * BF16) + _r(T * h * BF16)
+        tr["experts_gate_up_backward"] = (deq_gate_up + _r(Tk * 2 * ei * BF16) + _r(Tk * h * BF16)
+                                          + _r(T * h * BF16))
+    return s, tr
+
+
+def loss_working_set(f: ModelFacts, shape: RunShape) -> dict[str, int]:
+    """The chunked cross-entropy over lm_head: never the full [T, V] logits, one chunk at a time."""
+    T, h, V = shape.tokens, f.hidden, f.vocab
+    c = min(LOSS_CHUNK_TOKENS, T)
+    return {
+        "final_hidden + final_norm_out [T,H]": 2 * _r(T * h * BF16),
+        "logits chunk bf16 [C,V]": _r(c * V * BF16),
+        "logits chunk fp32 [C,V]": _r(c * V * FP32),
+        "logits grad chunk fp32 [C,V]": _r(c * V * FP32),
+        "grad of final_norm_out [T,H]": _r(T * h * BF16),
+        "labels, ids": 2 * _r(T * 8),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the estimate
+
+def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> MemoryEstimate:
+    cm = calib["memory"]
+    comps, persistent_waste = weight_components(f, shape.quant)
+    param_bytes = FP32 if shape.lora.dtype == "float32" else BF16
+
+    per_layer = lora_tensors(f, shape)
+    trainable = sum(sum(ts) for _, ts in per_layer)
+    lora_b = sum(_r(n * param_bytes) for _, ts in per_layer for n in ts)
+    grad_by_layer = [sum(_r(n * param_bytes) for n in ts) for _, ts in per_layer]
+    optim = sum(_optimizer_state_bytes(n, shape.optimizer, param_bytes) for _, ts in per_layer for n in ts)
+    persistent_waste += sum(_segment_waste(n * param_bytes) for _, ts in per_layer for n in ts)
+    dtype = shape.lora.dtype.replace("float", "fp").replace("bfloat16", "bf16")
+    rank = f"r={shape.lora.r}" + (f", experts r={shape.expert_rank}" if f.num_experts else "")
+    comps.append(Component("lora_params", "LoRA parameters", lora_b, "trainable",
+                           f"{trainable / 1e6:.1f} M params, {dtype}, {rank}"))
+    comps.append(Component("lora_grads", "LoRA gradients", sum(grad_by_layer), "trainable", dtype))
+    opt_label = {"adamw": "AdamW fp32 m, v"}.get(shape.optimizer, "8-bit AdamW (bitsandbytes)")
+    comps.append(Component("optimizer_state", "optimizer state", optim, "trainable", opt_label))
+
+    # Activations: checkpoints (one [B,S,H] per layer) + rotary tables shared by all layers.
+    T, h, L = shape.tokens, f.hidden, f.num_layers
+    ws = [layer_working_set(f, la, shape) for la in f.layers]
+    if shape.gradient_checkpointing:
+        ckpt = [_r(T * h * BF16) + cm["per_layer_saved_overhead_bytes"]] * L
+    else:  # every layer keeps everything it saves
+        ckpt = [_r(T * h * BF16) + sum(s.values()) for s, _ in ws]
+    rotary = 2 * _r(T * f.head_dim * BF16)
+    scale = cm["working_set_scale"]
+
+    def layer_ws(i: int) -> int:
+        s, tr = ws[i]
+        saved = sum(s.values()) if shape.gradient_checkpointing else 0
+        return int(scale * (saved + max(tr.values())))
+
+    loss = loss_working_set(f, shape)
+    loss_b = sum(loss.values())
+    resident_grads = shape.grad_accum > 1 or not cm["grads_freed_each_step"]
+    base = sum(c.bytes for c in comps if c.key != "lora_grads")
+    phases: list[tuple[str, int, int, int, int]] = []  # name, total, grads, ckpts, working set
+    g_all = sum(grad_by_layer)
+    g0 = g_all if resident_grads else 0
+    phases.append(("loss (lm_head chunks)", base + g0 + sum(ckpt) + rotary + loss_b, g0, sum(ckpt), loss_b))
+    grads_so_far = 0
+    for i in range(L - 1, -1, -1):
+        grads_so_far += grad_by_layer[i]
+        g = g_all if resident_grads else grads_so_far
+        c = sum(ckpt[: i + 1])
+        w = layer_ws(i)
+        phases.append((f"backward of layer {i}", base + g + c + rotary + w, g, c, w))
+    name, peak, g_at, c_at, w_at = max(phases, key=lambda p: p[1])
+
+    # The breakdown shows each component as it stands at the peak.
+    for c in comps:
+        if c.key == "lora_grads":
+            c.detail += f"; {g_at / max(g_all, 1):.0%} of them exist at the peak" if g_all else ""
+            c.bytes = g_at
+    comps.append(Component("checkpoints", "saved activations (checkpoints)", c_at + rotary, "activations",
+                           f"one bf16 [{shape.batch}x{shape.seq_len}x{h}] per layer" if shape.gradient_checkpointing
+                           else "no checkpointing: every layer's activations"))
+    if name.startswith("backward"):
+        idx = int(name.rsplit(" ", 1)[1])
+        s, tr = ws[idx]
+        top = max(tr, key=tr.get)
+        comps.append(Component("layer_working_set", "largest layer's recompute working set", w_at, "activations",
+                               f"layer {idx} ({'MoE' if f.layers[idx].moe else 'dense'}), peak in {top}"))
+        comps.append(Component("loss_chunk", "loss / logits chunk", 0, "activations",
+                               f"{loss_b / 2**30:.2f} GiB when live, not at the peak"))
+    else:
+        comps.append(Component("layer_working_set", "largest layer's recompute working set", 0, "activations",
+                               "not live at the peak"))
+        comps.append(Component("loss_chunk", "loss / logits chunk", w_at, "activations",
+                               f"{min(LOSS_CHUNK_TOKENS, T)} tokens x {f.vocab} vocab, fp32 + grad"))
+    peak_alloc = peak
+    transient = c_at + rotary + w_at
+    reserve = int(cm["allocator_dynamic_reserve_fraction"] * transient) + cm["allocator_fixed_reserve_bytes"] \
+        + persistent_waste
+    comps.append(Component("allocator_reserve", "allocator reserve / fragmentation", reserve, "overhead",
+                           f"{cm['allocator_dynamic_reserve_fraction']:.0%} of transient + segment rounding"))
+    ctx = cm["cuda_context_bytes"]
+    comps.append(Component("cuda_context", "CUDA context", ctx, "overhead", "outside the caching allocator"))
+    return MemoryEstimate(comps, peak_alloc, peak_alloc + reserve, peak_alloc + reserve + ctx, name, trainable)

@@ -1,0 +1,135 @@
+"""Render a Plan as a text table or as a dict (JSON). Both print the same rounded numbers (`gib`, `hours`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+GIB = 2**30
+
+
+def gib(n: int | float) -> float:
+    return round(n / GIB, 2)
+
+
+def _hours(h: float | None) -> str:
+    if h is None:
+        return "-"
+    return f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h"
+
+
+def _money(x: float | None) -> str:
+    return "-" if x is None else f"${x:,.2f}"
+
+
+def _targets(shape) -> list[str]:
+    order = ("q", "k", "v", "o", "gate", "up", "down")
+    return [t for t in order if t in shape.targets]
+
+
+def _settings(plan) -> dict[str, Any]:
+    s, lo, q = plan.shape, plan.shape.lora, plan.shape.quant
+    return {
+        "seq_len": s.seq_len, "batch": s.batch, "grad_accum": s.grad_accum,
+        "tokens_per_micro_step": s.tokens, "lora_rank": lo.r, "expert_rank": s.expert_rank,
+        "targets": _targets(s), "lora_dtype": lo.dtype, "optimizer": s.optimizer,
+        "weights": q.weights, "double_quant": q.double_quant, "blocksize": q.blocksize,
+        "gradient_checkpointing": s.gradient_checkpointing, "num_gpus": plan.cfg.plan.num_gpus,
+    }
+
+
+def plan_to_dict(plan) -> dict[str, Any]:
+    m = plan.memory
+    gpus = []
+    for g in plan.gpus:
+        st = g.step
+        gpus.append({
+            "gpu": g.gpu.name, "label": g.gpu.label, "num_gpus": g.num_gpus, "memory_gib": gib(g.gpu.memory_bytes),
+            "fits": g.fits, "margin_bytes": g.margin_bytes, "margin_gib": gib(g.margin_bytes),
+            "max_seq_len": g.max_seq_len, "max_batch": g.max_batch,
+            "step_s": None if st is None else round(st.step_s, 3),
+            "micro_step_s": None if st is None else round(st.micro_step_s, 3),
+            "tokens_per_s": None if st is None else round(st.tokens_per_s),
+            "run_hours": None if g.run_hours is None else round(g.run_hours, 2),
+            "usd_per_gpu_hour": g.gpu.usd_per_hour, "price_source": g.gpu.price_source,
+            "cost_usd": None if g.cost_usd is None else round(g.cost_usd, 2),
+            "time_breakdown_s": None if st is None else {
+                "compute": round(st.compute_s, 4), "dequant_memory": round(st.memory_s, 4),
+                "per_layer_overhead": round(st.overhead_s, 4), "optimizer": round(st.optimizer_s, 4),
+                "allreduce": round(st.allreduce_s, 4), "flops_per_micro_step": st.flops_per_micro_step,
+                "bytes_per_micro_step": st.bytes_per_micro_step},
+        })
+    return {
+        "model": plan.model.summary(),
+        "settings": _settings(plan),
+        "memory": {
+            "components": [{"key": c.key, "label": c.label, "kind": c.kind, "bytes": c.bytes, "gib": gib(c.bytes),
+                            "detail": c.detail} for c in m.components],
+            "peak_phase": m.peak_phase,
+            "peak_allocated_bytes": m.peak_allocated, "peak_allocated_gib": gib(m.peak_allocated),
+            "peak_reserved_bytes": m.peak_reserved, "peak_reserved_gib": gib(m.peak_reserved),
+            "total_bytes": m.total, "total_gib": gib(m.total),
+            "trainable_params": m.trainable_params,
+        },
+        "gpus": gpus,
+        "fits": plan.fits,
+        "suggestion": plan.suggestion,
+        "hardware": [{"tier": h.tier, "gpu": h.gpu, "label": h.label, "num_gpus": h.num_gpus,
+                      "margin_gib": gib(h.margin_bytes),
+                      "run_hours": None if h.run_hours is None else round(h.run_hours, 2),
+                      "cost_usd": None if h.cost_usd is None else round(h.cost_usd, 2), "why": h.why}
+                     for h in plan.hardware],
+        "run": {"steps": plan.steps, "steps_source": plan.steps_source},
+        "calibration": plan.calibration_status,
+    }
+
+
+def render_plan(plan) -> str:
+    f, m, s = plan.model, plan.memory, plan.shape
+    lines: list[str] = []
+    arch = f"{f.family}, {f.num_layers} layers"
+    if f.num_experts:
+        arch += f" ({f.moe_layers} MoE), {f.num_experts} experts top-{f.top_k}"
+    lines.append(f"moefit plan: {f.name} [{arch}; {f.total_params() / 1e9:.2f} B params, "
+                 f"{f.active_params_per_token() / 1e9:.2f} B active per token]")
+    q = s.quant
+    wq = f"NF4{' double-quant' if q.double_quant else ''}" if q.weights == "nf4" else "bf16 (no quantization)"
+    rank = f"r={s.lora.r}" + (f" (routed experts r={s.expert_rank})" if f.num_experts else "")
+    lines.append(f"run: seq {s.seq_len} x batch {s.batch}, grad_accum {s.grad_accum}; LoRA {rank} on "
+                 f"{','.join(_targets(s))}, {s.lora.dtype}; {s.optimizer}; weights {wq}")
+    lines.append("")
+    width = 46
+    lines.append(f"{'peak memory, by component':{width}} {'GiB':>8}   notes")
+    for c in m.components:
+        lines.append(f"  {c.label:{width - 2}} {gib(c.bytes):8.2f}   {c.detail}")
+    lines.append(f"  {'-' * (width - 2)} {'-' * 8}")
+    lines.append(f"  {'peak allocated (torch max_memory_allocated)':{width - 2}} {gib(m.peak_allocated):8.2f}   "
+                 f"at the {m.peak_phase}")
+    lines.append(f"  {'peak reserved (torch max_memory_reserved)':{width - 2}} {gib(m.peak_reserved):8.2f}")
+    lines.append(f"  {'TOTAL on the GPU (reserved + CUDA context)':{width - 2}} {gib(m.total):8.2f}")
+    lines.append("")
+    head = (f"{'GPU':18} {'memory':>8} {'fits':>4} {'margin':>8} {'max seq':>8} {'max batch':>9} "
+            f"{'step':>7} {'tok/s':>7} {'run':>8} {'$/GPU-h':>8} {'cost':>10}")
+    lines.append(head)
+    for g in plan.gpus:
+        st = g.step
+        lines.append(
+            f"{(f'{g.num_gpus}x ' if g.num_gpus > 1 else '') + g.gpu.label:18} {gib(g.gpu.memory_bytes):8.2f} "
+            f"{'yes' if g.fits else 'NO':>4} {gib(g.margin_bytes):+8.2f} {g.max_seq_len or '-':>8} "
+            f"{g.max_batch or '-':>9} {'-' if st is None else f'{st.step_s:.2f}s':>7} "
+            f"{'-' if st is None else f'{st.tokens_per_s:.0f}':>7} {_hours(g.run_hours):>8} "
+            f"{_money(g.gpu.usd_per_hour):>8} {_money(g.cost_usd):>10}")
+    lines.append("  (memory and margin in GiB; margin = GPU memory - TOTAL; max seq at this batch, max batch at this "
+                 "seq; step = one optimizer step; run and cost only where it fits)")
+    lines.append("")
+    lines.append(f"run length: {plan.steps if plan.steps else '?'} steps ({plan.steps_source})")
+    if plan.hardware:
+        lines.append("hardware:")
+        for h in plan.hardware:
+            lines.append(f"  {h.tier + ':':13} {h.num_gpus}x {h.label}, margin {gib(h.margin_bytes):.2f} GiB, "
+                         f"run {_hours(h.run_hours)}, cost {_money(h.cost_usd)} ({h.why})")
+    elif plan.hardware_checked:
+        lines.append("hardware: no catalogue GPU fits this run on its own.")
+    if plan.suggestion:
+        lines.append(f"does not fit: {plan.suggestion}")
+    lines.append(f"calibration: {plan.calibration_status}")
+    return "\n".join(lines)
