@@ -1,0 +1,49 @@
+"""`moefit plan`: memory, fit, time and cost of a run before renting a GPU (no torch imported)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "plan", help="memory by component, fit per GPU, step time, run time and cost of a run",
+        description="Plan a QLoRA run from the model's config.json alone: peak GPU memory by component, whether "
+        "it fits each GPU and with what margin, the largest sequence / batch that fit, step time, run time, cost, "
+        "and the minimum / recommended / ideal hardware. Options override the run config.")
+    p.add_argument("config", nargs="?", help="run config (YAML); default: moefit's defaults")
+    p.add_argument("--model", help="preset (llama4-scout, llama4-maverick, mixtral-8x7b, qwen3-30b-a3b, "
+                   "llama3.1-8b, llama3.1-70b, gpt-oss-20b), a model directory / config.json, or a hub id")
+    p.add_argument("--gpu", nargs="+", action="extend", metavar="NAME",
+                   help="GPU(s) to check (h100-80gb, h100-94gb, h200, a100-80gb, a100-40gb, l40s, rtx4090); "
+                   "default: plan.gpu, else the whole catalogue")
+    p.add_argument("--num-gpus", type=int, help="GPUs in data parallel (plan.num_gpus)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (train.max_length)")
+    p.add_argument("--batch", type=int, help="sequences per micro-batch (train.batch_size)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (train.grad_accum)")
+    p.add_argument("--rank", type=int, help="LoRA rank (lora.r)")
+    p.add_argument("--expert-rank", type=int, help="LoRA rank on routed experts (lora.expert_r; 0 = none)")
+    p.add_argument("--targets", help="comma-separated LoRA targets among q,k,v,o,gate,up,down (lora.targets)")
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--steps", type=int, help="optimizer steps of the run (train.max_steps)")
+    run.add_argument("--epochs", type=float, help="epochs over --tokens (train.epochs)")
+    p.add_argument("--tokens", type=int, help="tokens in the training set (plan.dataset_tokens)")
+    p.add_argument("--price", type=float, help="USD per GPU-hour, overriding the shipped price table")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (the same numbers)")
+    p.set_defaults(func=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..plan import plan
+
+    cfg = load_config(args.config) if args.config else None
+    gpus = [g for item in (args.gpu or []) for g in item.split(",") if g] or None
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
+    result = plan(cfg, gpus=gpus, model=args.model, seq_len=args.seq_len, batch=args.batch,
+                  grad_accum=args.grad_accum, rank=args.rank, expert_rank=args.expert_rank, targets=targets,
+                  steps=args.steps, epochs=args.epochs, tokens=args.tokens, num_gpus=args.num_gpus,
+                  price_per_gpu_hour=args.price)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.render())
+    return 0 if result.fits else 1

@@ -1,0 +1,160 @@
+"""The planner: parameter counts from config.json, byte counts against bitsandbytes, fit / suggestion logic."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from moefit.config import LoraConfig, QuantConfig, RunConfig
+from moefit.errors import ConfigError
+from moefit.plan import check_fits, estimate_memory, get_gpu, load_model_facts, plan
+from moefit.plan.calibration import load_calibration
+from moefit.plan.memory import RunShape, _optimizer_state_bytes, nf4_bytes
+from moefit.plan.model_facts import facts_from_config
+
+GIB = 2**30
+
+# Totals computed with transformers on the meta device (presets/SOURCES.md).
+KNOWN_TOTALS = {
+    "llama4-scout": 107.77e9, "llama4-maverick": 400.71e9, "mixtral-8x7b": 46.70e9, "qwen3-30b-a3b": 30.53e9,
+    "llama3.1-8b": 8.03e9, "llama3.1-70b": 70.55e9, "gpt-oss-20b": 20.91e9,
+}
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_TOTALS))
+def test_parameter_totals_match_transformers(name):
+    total = load_model_facts(name).total_params()
+    assert abs(total - KNOWN_TOTALS[name]) / KNOWN_TOTALS[name] <= 0.001
+
+
+def test_scout_groups_and_active_params():
+    f = load_model_facts("llama4-scout")
+    g = f.groups()
+    assert round(g["routed_experts"] / 1e9, 2) == 96.64
+    assert round(g["shared_experts"] / 1e9, 2) == 6.04
+    assert round(g["attention"] / 1e9, 2) == 3.02
+    assert round((g["embed_tokens"] + g["lm_head"]) / 1e9, 2) == 2.07
+    assert round(f.active_params_per_token() / 1e9, 1) == 16.1
+
+
+def test_maverick_interleaves_moe_and_dense_layers():
+    f = load_model_facts("llama4-maverick")
+    assert f.moe_layers == 24 and f.num_layers == 48
+    assert [la.moe for la in f.layers[:4]] == [False, True, False, True]
+    assert f.layers[0].dense_intermediate == 16384
+
+
+def test_scout_nf4_weight_floor():
+    """DESIGN.md: 50.8 GiB NF4 (attention + experts) + 3.9 GiB bf16 = 54.6 GiB."""
+    m = estimate_memory(load_model_facts("llama4-scout"), RunShape(seq_len=2048), load_calibration())
+    w = {c.key: c.bytes for c in m.components if c.kind == "weights"}
+    nf4 = sum(v for k, v in w.items() if k != "weights_bf16")
+    assert round(nf4 / GIB, 1) == 50.8
+    assert round(w["weights_bf16"] / GIB, 1) == 3.9
+    assert round(sum(w.values()) / GIB, 1) == 54.6
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_bytes_match_bitsandbytes(double_quant):
+    torch = pytest.importorskip("torch")
+    import bitsandbytes.functional as bnbF
+
+    w = torch.randn(256, 512, dtype=torch.bfloat16)
+    packed, state = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+    real_consts = state.absmax.numel() * state.absmax.element_size()
+    if double_quant:
+        real_consts += state.state2.absmax.numel() * 4 + 4  # absmax2 + the offset
+    p, c = nf4_bytes(w.numel(), 1, QuantConfig(double_quant=double_quant))
+    assert p == packed.numel() * packed.element_size()
+    code_bytes = 64 + (1024 if double_quant else 0)  # the NF4 code (+ the 8-bit map) the module keeps
+    # nf4_bytes rounds each buffer to the allocator's 512 B blocks: real bytes <= planned <= real + 512 per buffer
+    assert real_consts + code_bytes <= c <= real_consts + code_bytes + 512 * 5
+
+
+def test_optimizer_state_bytes_match_bitsandbytes_adamw8bit():
+    torch = pytest.importorskip("torch")
+    import bitsandbytes as bnb
+
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (128, 65536)]  # < 4096 stays fp32, else 8-bit
+    opt = bnb.optim.AdamW8bit(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    real = sum(t.numel() * t.element_size() for st in opt.state.values() for k, t in st.items()
+               if torch.is_tensor(t) and k not in ("qmap1", "qmap2"))
+    planned = sum(_optimizer_state_bytes(p.numel(), "adamw_8bit", 4) for p in params)
+    assert planned == real
+
+
+def test_memory_grows_with_sequence_and_expert_rank():
+    f, c = load_model_facts("llama4-scout"), load_calibration()
+    totals = [estimate_memory(f, RunShape(seq_len=s), c).total for s in (1024, 2048, 4096, 8192)]
+    assert totals == sorted(totals) and totals[-1] > totals[0]
+    r0 = estimate_memory(f, RunShape(seq_len=2048, lora=LoraConfig(expert_r=0)), c)
+    r32 = estimate_memory(f, RunShape(seq_len=2048, lora=LoraConfig(expert_r=32)), c)
+    assert r0.trainable_params < r32.trainable_params / 5  # routed experts hold ~90 % of the LoRA parameters
+    assert r0.total < r32.total - 8 * GIB
+
+
+def test_no_logits_tensor_of_the_full_vocabulary():
+    """The loss chunk is bounded by 1024 tokens whatever the sequence length."""
+    from moefit.plan.memory import loss_working_set
+
+    f = load_model_facts("llama4-scout")
+
+    a = loss_working_set(f, RunShape(seq_len=4096))
+    b = loss_working_set(f, RunShape(seq_len=16384))
+    assert a["logits chunk fp32 [C,V]"] == b["logits chunk fp32 [C,V]"] == 1024 * f.vocab * 4
+
+
+def test_plan_api_fits_and_costs():
+    p = plan(model="llama4-scout", gpus=["h100-80gb", "rtx4090"], steps=100)
+    h100, rtx = p.fit_for("h100-80gb"), p.fit_for("rtx4090")
+    assert h100.fits and not rtx.fits and not p.fits
+    assert h100.margin_bytes == get_gpu("h100-80gb").memory_bytes - p.memory.total
+    assert h100.run_hours == pytest.approx(100 * h100.step.step_s / 3600)
+    assert h100.cost_usd == pytest.approx(h100.run_hours * 2.69)
+    assert h100.max_seq_len >= 2048 and h100.max_batch >= 1
+    assert "rtx4090" not in p.suggestion or "RTX" in p.suggestion
+    d = p.to_dict()
+    assert d["memory"]["total_bytes"] == p.memory.total
+    assert sum(c["bytes"] for c in d["memory"]["components"]) == p.memory.total
+
+
+def test_components_sum_to_total():
+    for name in ("llama3.1-8b", "mixtral-8x7b", "qwen3-30b-a3b", "gpt-oss-20b", "llama4-maverick"):
+        p = plan(model=name, gpus=["h200"], search=False)
+        assert sum(c.bytes for c in p.memory.components) == p.memory.total, name
+
+
+def test_max_seq_len_is_the_boundary():
+    p = plan(model="llama4-scout", gpus=["h100-80gb"])
+    m = p.fit_for("h100-80gb").max_seq_len
+    assert plan(model="llama4-scout", gpus=["h100-80gb"], seq_len=m, search=False).fits
+    assert not plan(model="llama4-scout", gpus=["h100-80gb"], seq_len=m + 256, search=False).fits
+
+
+def test_check_fits_refuses_with_a_suggestion():
+    cfg = RunConfig(model="llama4-scout")
+    cfg.train.max_length = 8192
+    p = check_fits(cfg, "h100-80gb", gpu_memory_bytes=70 * GIB)
+    assert not p.fits
+    assert "expert_r" in p.suggestion or "max_length" in p.suggestion
+    assert check_fits(cfg, "h200").fits
+
+
+def test_run_length_from_epochs_and_tokens():
+    p = plan(model="llama3.1-8b", gpus=["h100-80gb"], seq_len=2048, batch=2, grad_accum=4, epochs=2,
+             tokens=10_000_000, search=False)
+    assert p.steps == math.ceil(2 * 10_000_000 / (2048 * 2 * 4))
+    assert plan(model="llama3.1-8b", gpus=["h100-80gb"], search=False).steps is None
+
+
+def test_bad_model_and_gpu_are_named():
+    with pytest.raises(ConfigError, match="h100-80gbx"):
+        plan(model="llama4-scout", gpus=["h100-80gbx"])
+    with pytest.raises(ConfigError, match="model_type"):
+        facts_from_config({"model_type": "bert", "hidden_size": 8}, source="x.json")
+    with pytest.raises(ConfigError, match="num_hidden_layers"):
+        facts_from_config({"model_type": "llama", "hidden_size": 8}, source="x.json")
