@@ -107,6 +107,11 @@ def _string(value: Any, what: str, allow_empty: bool = False) -> str:
         raise RecordError(f"{what} must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise RecordError(f"{what} is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # valid JSON ("\ud800") but not text a tokenizer can take
+        raise RecordError(f"{what} holds an invalid unicode escape (lone surrogate at character {e.start + 1})"
+                          ) from None
     return value
 
 
@@ -133,8 +138,6 @@ def _check_conversation(messages: list[dict[str, str]], key: str) -> list[dict[s
             raise RecordError(f"{key} message {i + 1}: a system message is only allowed first")
         if m["role"] == "assistant" and not m["content"].strip():
             raise RecordError(f"{key} message {i + 1}: empty assistant turn")
-        if m["role"] == "user" and not m["content"].strip():
-            raise RecordError(f"{key} message {i + 1}: empty user turn")
     if not any(m["role"] == "assistant" for m in messages):
         raise RecordError(f"'{key}' has no assistant turn (nothing to learn from)")
     return messages
