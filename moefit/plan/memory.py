@@ -111,8 +111,7 @@ def _quantized_modules(f: ModelFacts) -> dict[str, list[tuple[int, int]]]:
     for la in f.layers:
         mods["attention"] += [(h * f.q_dim, 1), (h * f.kv_dim, 1), (h * f.kv_dim, 1), (f.q_dim * h, 1)]
         if la.moe:
-            mods["routed_experts"] += [(h * 2 * f.expert_intermediate, f.num_experts),
-                                       (f.expert_intermediate * h, f.num_experts)]
+            mods["routed_experts"] += [(f.expert_intermediate * h, f.num_experts)] * 3  # gate, up, down
             if f.shared_intermediate:
                 mods["shared_experts"] += [(h * f.shared_intermediate, 1)] * 3
         else:
@@ -173,29 +172,30 @@ def weight_components(f: ModelFacts, quant: QuantConfig) -> tuple[list[Component
 
 def lora_tensors(f: ModelFacts, shape: RunShape) -> list[tuple[int, list[int]]]:
     """Per decoder layer, the element counts of its LoRA tensors (each A and B separately)."""
+    return [(i, _layer_lora(f, la, shape)) for i, la in enumerate(f.layers)]
+
+
+def _layer_lora(f: ModelFacts, la: Layer, shape: RunShape) -> list[int]:
     lo, t, h = shape.lora, shape.targets, f.hidden
     r, re = lo.r, shape.expert_rank
-    out = []
-    for i, la in enumerate(f.layers):
-        ts = []
-        dims = {"q": (h, f.q_dim), "k": (h, f.kv_dim), "v": (h, f.kv_dim), "o": (f.q_dim, h)}
-        for name, (i_dim, o_dim) in dims.items():
+    ts: list[int] = []
+    dims = {"q": (h, f.q_dim), "k": (h, f.kv_dim), "v": (h, f.kv_dim), "o": (f.q_dim, h)}
+    for name, (i_dim, o_dim) in dims.items():
+        if name in t:
+            ts += [r * i_dim, o_dim * r]
+    inter = f.shared_intermediate if la.moe else la.dense_intermediate
+    mlp = {"gate": (h, inter), "up": (h, inter), "down": (inter, h)}
+    if inter:
+        for name, (i_dim, o_dim) in mlp.items():
             if name in t:
                 ts += [r * i_dim, o_dim * r]
-        inter = f.shared_intermediate if la.moe else la.dense_intermediate
-        mlp = {"gate": (h, inter), "up": (h, inter), "down": (inter, h)}
-        if inter:
-            for name, (i_dim, o_dim) in mlp.items():
-                if name in t:
-                    ts += [r * i_dim, o_dim * r]
-        if la.moe and re:
-            ei = f.expert_intermediate
-            emlp = {"gate": (h, ei), "up": (h, ei), "down": (ei, h)}
-            for name, (i_dim, o_dim) in emlp.items():
-                if name in t:
-                    ts += [f.num_experts * i_dim * re, f.num_experts * re * o_dim]
-        out.append((i, ts))
-    return out
+    if la.moe and re:
+        ei = f.expert_intermediate
+        emlp = {"gate": (h, ei), "up": (h, ei), "down": (ei, h)}
+        for name, (i_dim, o_dim) in emlp.items():
+            if name in t:
+                ts += [f.num_experts * i_dim * re, f.num_experts * re * o_dim]
+    return ts
 
 
 def _optimizer_state_bytes(numel: int, optimizer: str, param_bytes: int) -> int:
@@ -209,70 +209,91 @@ def _optimizer_state_bytes(numel: int, optimizer: str, param_bytes: int) -> int:
 
 # ---------------------------------------------------------------------------------------------- activations
 
-def layer_working_set(f: ModelFacts, la: Layer, shape: RunShape) -> tuple[dict[str, int], dict[str, int]]:
-    """(saved, transient) bytes of ONE layer recomputed in the backward, each tensor named.
+def layer_working_set(f: ModelFacts, la: Layer, shape: RunShape) -> tuple[dict[str, int], dict[str, int], int]:
+    """(saved, transient phases, attention-only saved bytes) of ONE layer recomputed in the backward.
 
-    `saved`: what autograd keeps from the recomputed forward until the layer's backward consumes it.
-    `transient`: the largest phase of the backward on top of that (only one phase is live at a time), keyed
-    by phase name.
+    `saved` names every tensor autograd keeps from the recomputed forward of the layer (moefit.models.layers,
+    moefit.moe: frozen NF4 matmuls save nothing, LoRA saves its input and x@A, norms save an fp32 copy of their
+    input). `transient` holds, per backward phase, what that phase adds on top (gradients, the dequantized
+    weights of ONE projection of the layer); the MLP / experts phase runs with every saved tensor alive, the
+    attention phase after the MLP's saved tensors are freed.
     """
     T, h, B = shape.tokens, f.hidden, shape.batch
     r, re, t = shape.lora.r, shape.expert_rank, shape.targets
-    n_attn_lora = sum(1 for x in ("q", "k", "v", "o") if x in t)
+    drop = shape.lora.dropout > 0  # nn.Dropout before each LoRA A: a bool mask and a bf16 copy per target
+
+    def lora_inputs(n_targets: int, rows: int, width: int) -> int:
+        """LoRA saves its (dropped-out) input; without dropout the targets share the one input tensor."""
+        if not n_targets:
+            return 0
+        return n_targets * (_r(rows * width) + _r(rows * width * BF16)) if drop else _r(rows * width * BF16)
+
+    attn_t = [x for x in ("q", "k", "v") if x in t]
     s: dict[str, int] = {
-        "input_norm_out [T,H]": _r(T * h * BF16),
-        "q, k, v [T,q+2kv]": _r(T * f.q_dim * BF16) + 2 * _r(T * f.kv_dim * BF16),
-        "rotated q, k [T,q+kv]": _r(T * f.q_dim * BF16) + _r(T * f.kv_dim * BF16),
-        "sdpa_out [T,q]": _r(T * f.q_dim * BF16),
-        "sdpa_logsumexp [B,heads,S] fp32": _r(B * f.heads * shape.seq_len * FP32),
-        "o_proj_in [T,q] (contiguous copy)": _r(T * f.q_dim * BF16),
-        "residual_mid [T,H]": _r(T * h * BF16),
-        "post_norm_out [T,H]": _r(T * h * BF16),
-        "lora_attention x@A [T,r]": n_attn_lora * _r(T * r * BF16),
+        "input_norm fp32 copy [T,H]": _r(T * h * FP32) + _r(T * FP32),
+        "lora q/k/v inputs [T,H]": lora_inputs(len(attn_t), T, h),
+        "lora x@A [T,r] (q,k,v,o)": sum(1 for x in ("q", "k", "v", "o") if x in t) * _r(T * r * BF16),
     }
-    tr: dict[str, int] = {}
-    tr["attention_backward"] = (3 * _r(T * (f.q_dim + 2 * f.kv_dim) * BF16) // 2 + _r(T * f.q_dim * FP32)
-                                + _r(T * h * BF16) + _r(max(f.q_dim, f.kv_dim) * h * BF16))
+    if la.rope_fp32:
+        s["rope fp32 q, k [T,q+kv]"] = _r(T * f.q_dim * FP32) + _r(T * f.kv_dim * FP32)
+    if la.qk_norm:
+        s["qk-norm fp32 q, k [T,q+kv]"] = _r(T * f.q_dim * FP32) + _r(T * f.kv_dim * FP32)
+    s["sdpa q, k, v [T,q+2kv]"] = _r(T * f.q_dim * BF16) + 2 * _r(T * f.kv_dim * BF16)
+    s["sdpa out [T,q] + logsumexp"] = _r(T * f.q_dim * BF16) + _r(B * f.heads * shape.seq_len * FP32)
+    s["lora o input [T,q]"] = lora_inputs(1 if "o" in t else 0, T, f.q_dim) if drop or "o" not in t else \
+        _r(T * f.q_dim * BF16)
+    s["post_norm fp32 copy [T,H]"] = _r(T * h * FP32) + _r(T * FP32)
+    attn_saved = sum(s.values())
+
+    mlp_t = [x for x in ("gate", "up") if x in t]
     inter = f.shared_intermediate if la.moe else la.dense_intermediate
-    n_mlp_lora = sum(1 for x in ("gate", "up", "down") if x in t)
+    mlp_phase = 0
     if inter:
-        tag = "shared" if la.moe else "mlp"
-        s[f"{tag}_gate_up_out [T,2I]"] = 2 * _r(T * inter * BF16)
-        s[f"{tag}_act_out [T,I]"] = _r(T * inter * BF16)
-        s[f"{tag}_down_out [T,H]"] = _r(T * h * BF16)
-        s[f"lora_{tag} x@A [T,r]"] = n_mlp_lora * _r(T * r * BF16)
-        tr[f"{tag}_backward"] = (_r(inter * h * BF16) + 3 * _r(T * inter * BF16) + 2 * _r(T * h * BF16))
+        tag = "shared expert" if la.moe else "mlp"
+        s[f"{tag} lora gate/up inputs [T,H]"] = lora_inputs(len(mlp_t), T, h)
+        s[f"{tag} gate, up, act [T,3I]"] = 3 * _r(T * inter * BF16)
+        s[f"{tag} lora down input [T,I]"] = lora_inputs(1 if "down" in t else 0, T, inter)
+        s[f"{tag} lora x@A [T,r]"] = sum(1 for x in ("gate", "up", "down") if x in t) * _r(T * r * BF16)
+        mlp_phase = _r(inter * h * BF16) + 3 * _r(T * inter * BF16) + 2 * _r(T * h * BF16)
+    phases: dict[str, int] = {}
     if la.moe:
         E, k, ei = f.num_experts, f.top_k, f.expert_intermediate
         Tk = T * k
-        s["router_logits [T,E] fp32"] = _r(T * E * FP32)
-        s["router_topk scores+indices"] = _r(T * k * FP32) + _r(T * k * 8)
-        s["permuted_tokens [T*k,H]"] = _r(Tk * h * BF16)
-        s["experts_gate_up_out [T*k,2I]"] = _r(Tk * 2 * ei * BF16)
-        s["experts_act_out [T*k,I]"] = _r(Tk * ei * BF16)
-        s["experts_down_out [T*k,H]"] = _r(Tk * h * BF16)
-        s["experts_combined [T,H]"] = _r(T * h * BF16)
+        s["router logits [T,E] + top-k"] = _r(T * E * BF16) + 2 * _r(T * k * FP32) + 4 * _r(Tk * 8)
+        s["routed tokens [T*k,H] (+ scaled copy)"] = 2 * _r(Tk * h * BF16)
         if re:
-            s["lora_experts x@A [T*k,r_e]"] = n_mlp_lora * _r(Tk * re * BF16)
-        deq_gate_up = _r(E * h * 2 * ei * BF16)
-        deq_down = _r(E * ei * h * BF16)
-        tr["experts_down_backward"] = deq_down + _r(Tk * h * BF16) + _r(Tk * ei * BF16) + _r(T * h * BF16)
-        tr["experts_gate_up_backward"] = (deq_gate_up + _r(Tk * 2 * ei * BF16) + _r(Tk * h * BF16)
-                                          + _r(T * h * BF16))
-    return s, tr
+            s["experts lora gate/up inputs [T*k,H]"] = lora_inputs(len(mlp_t), Tk, h) - \
+                (0 if drop else _r(Tk * h * BF16))  # without dropout: the scaled copy above
+            s["experts lora down input [T*k,I]"] = lora_inputs(1 if "down" in t else 0, Tk, ei) if drop else 0
+            s["experts lora x@A [T*k,r_e]"] = sum(1 for x in ("gate", "up", "down") if x in t) * _r(Tk * re * BF16)
+        s["experts gate, up, act [T*k,3I]"] = 3 * _r(Tk * ei * BF16) + _r(Tk * ei * BF16)
+        phases["routed experts backward"] = (_r(E * ei * h * BF16) + 3 * _r(Tk * ei * BF16)
+                                             + 2 * _r(Tk * h * BF16) + 2 * _r(T * h * BF16))
+    if mlp_phase:
+        phases["shared expert / MLP backward"] = mlp_phase
+    # LoRA weights are cast to the compute dtype for each use; autograd keeps those copies until the backward.
+    if shape.lora.dtype != "bfloat16":
+        s["lora weights, bf16 copies (this layer)"] = sum(_r(n * BF16) for n in _layer_lora(f, la, shape))
+    phases["attention backward"] = (3 * _r(T * (f.q_dim + 2 * f.kv_dim) * BF16) // 2 + _r(T * f.q_dim * FP32)
+                                    + 2 * _r(T * h * BF16) + _r(max(f.q_dim, f.kv_dim) * h * BF16))
+    return s, phases, attn_saved
 
 
 def loss_working_set(f: ModelFacts, shape: RunShape) -> dict[str, int]:
-    """The chunked cross-entropy over lm_head: never the full [T, V] logits, one chunk at a time."""
+    """The chunked cross-entropy over lm_head (moefit.models.loss): never the full [T, V] logits.
+
+    Its forward is the larger of its two phases: per chunk the fp32 logits and logsumexp's fp32 temporary
+    (8 B per logit); the backward holds the fp32 softmax gradient and its bf16 cast (6 B per logit).
+    """
     T, h, V = shape.tokens, f.hidden, f.vocab
     c = min(LOSS_CHUNK_TOKENS, T)
     return {
-        "final_hidden + final_norm_out [T,H]": 2 * _r(T * h * BF16),
-        "logits chunk bf16 [C,V]": _r(c * V * BF16),
+        "final norm fp32 copy [T,H]": _r(T * h * FP32) + _r(T * FP32),
+        "last hidden state [T,H]": _r(T * h * BF16),
+        "shifted, masked hidden [T,H]": _r(T * h * BF16),
+        "per-token logsumexp, labels": _r(T * FP32) + 2 * _r(T * 8),
         "logits chunk fp32 [C,V]": _r(c * V * FP32),
-        "logits grad chunk fp32 [C,V]": _r(c * V * FP32),
-        "grad of final_norm_out [T,H]": _r(T * h * BF16),
-        "labels, ids": 2 * _r(T * 8),
+        "logsumexp temporary fp32 [C,V]": _r(c * V * FP32),
     }
 
 
@@ -303,14 +324,18 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
     if shape.gradient_checkpointing:
         ckpt = [_r(T * h * BF16) + cm["per_layer_saved_overhead_bytes"]] * L
     else:  # every layer keeps everything it saves
-        ckpt = [_r(T * h * BF16) + sum(s.values()) for s, _ in ws]
+        ckpt = [_r(T * h * BF16) + sum(s.values()) for s, _, _ in ws]
     rotary = 2 * _r(T * f.head_dim * BF16)
     scale = cm["working_set_scale"]
 
     def layer_ws(i: int) -> int:
-        s, tr = ws[i]
-        saved = sum(s.values()) if shape.gradient_checkpointing else 0
-        return int(scale * (saved + max(tr.values())))
+        s, phases, attn_saved = ws[i]
+        if not shape.gradient_checkpointing:  # saved tensors are already counted as activations
+            return int(scale * max(phases.values()))
+        # MLP / experts phases run while the whole layer's saved tensors are alive; attention after the MLP's
+        # saved tensors are freed.
+        alive = {k: (attn_saved if k == "attention backward" else sum(s.values())) + v for k, v in phases.items()}
+        return int(scale * max(alive.values()))
 
     loss = loss_working_set(f, shape)
     loss_b = sum(loss.values())
@@ -339,8 +364,8 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
                            else "no checkpointing: every layer's activations"))
     if name.startswith("backward"):
         idx = int(name.rsplit(" ", 1)[1])
-        s, tr = ws[idx]
-        top = max(tr, key=tr.get)
+        sv, ph, att = ws[idx]
+        top = max(ph, key=lambda k: ph[k] + (att if k == "attention backward" else sum(sv.values())))
         comps.append(Component("layer_working_set", "largest layer's recompute working set", w_at, "activations",
                                f"layer {idx} ({'MoE' if f.layers[idx].moe else 'dense'}), peak in {top}"))
         comps.append(Component("loss_chunk", "loss / logits chunk", 0, "activations",

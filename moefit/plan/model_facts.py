@@ -45,6 +45,8 @@ class Layer:
     moe: bool
     dense_intermediate: int  # dense MLP width when not moe
     attention_span: int | None  # None = full causal; else a window / chunk (tokens)
+    rope_fp32: bool = False  # Llama 4: RoPE as a complex fp32 multiply (saves fp32 copies of q and k)
+    qk_norm: bool = False  # Llama 4: parameter-free L2 norm of q and k in fp32 (saves fp32 copies)
 
 
 @dataclass(frozen=True)
@@ -246,8 +248,10 @@ def facts_from_config(raw: dict[str, Any], *, name: str = "model", source: str =
     moe_layers = set(_llama4_moe_layers(cfg, n_layers))
     rope = _llama4_no_rope_layers(cfg, n_layers)
     chunk = cfg.get("attention_chunk_size")
+    qk = bool(cfg.get("use_qk_norm", True))
     layers = tuple(Layer(attn, bias, i in moe_layers, cfg.get("intermediate_size_mlp", 16384),
-                         chunk if (rope[i] and chunk) else None) for i in range(n_layers))
+                         chunk if (rope[i] and chunk) else None, bool(rope[i]), qk and bool(rope[i]))
+                   for i in range(n_layers))
     inter = need("intermediate_size")
     return ModelFacts(layers=layers, num_experts=need("num_local_experts"), top_k=need("num_experts_per_tok"),
                       expert_intermediate=inter, shared_intermediate=inter, **common)
