@@ -75,7 +75,7 @@ def train_step(model, batch: dict) -> float:
                 use_cache=False)
     out.loss.backward()
     opt.step()
-    return float(out.loss)
+    return float(out.loss.detach())
 
 
 def test_template_renders_llama4_layout():

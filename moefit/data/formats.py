@@ -134,10 +134,11 @@ def _check_conversation(messages: list[dict[str, str]], key: str) -> list[dict[s
     if not messages:
         raise RecordError(f"'{key}' is an empty list")
     for i, m in enumerate(messages):
+        where = f"message {i + 1}" if key in ("messages", "record") else f"{key} message {i + 1}"
         if m["role"] == "system" and i != 0:
-            raise RecordError(f"{key} message {i + 1}: a system message is only allowed first")
+            raise RecordError(f"{where}: a system message is only allowed first")
         if m["role"] == "assistant" and not m["content"].strip():
-            raise RecordError(f"{key} message {i + 1}: empty assistant turn")
+            raise RecordError(f"{where}: empty assistant turn")
     if not any(m["role"] == "assistant" for m in messages):
         raise RecordError(f"'{key}' has no assistant turn (nothing to learn from)")
     return messages
@@ -150,7 +151,7 @@ def _messages(value: Any, key: str, role_key: str = "role", content_key: str = "
     out = []
     allowed = role_map if role_map is not None else {r: r for r in ROLES}
     for i, m in enumerate(value):
-        where = f"{key} message {i + 1}"
+        where = f"message {i + 1}" if key == "messages" else f"{key} message {i + 1}"
         if not isinstance(m, dict):
             raise RecordError(f"{where} must be an object, got {type(m).__name__}")
         if role_key not in m:

@@ -1,0 +1,183 @@
+"""build_datasets → packing → batches: every format trains a tiny Llama 4; packing keeps samples apart; resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from moefit.config import DataConfig
+from moefit.data import DataPosition, build_datasets, iterate_batches, load_tokenizer
+from moefit.data.dataset import collate
+from moefit.data.packing import pack
+from moefit.data.render import IGNORE
+from moefit.errors import DataError, MoefitError
+from tests.test_data_formats import RECORDS
+from tests.test_data_support import make_tokenizer, tiny_llama4, train_step, write_jsonl
+
+TOK = make_tokenizer()
+
+
+def _records(fmt: str, n: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        r = json.loads(json.dumps(RECORDS[fmt]))
+        if fmt == "text":
+            r["text"] += f" Number {i}."
+        elif fmt == "instruction":
+            r["output"] += f" {i}"
+        elif fmt == "chat":
+            r["messages"][-1]["content"] += f" {i}"
+        elif fmt == "sharegpt":
+            r["conversations"][-1]["value"] += f" {i}"
+        else:
+            r["completion"] += f" {i}"
+        out.append(r)
+    return out
+
+
+@pytest.mark.parametrize("fmt", list(RECORDS))
+def test_each_format_trains_the_tiny_model(tmp_path, fmt):
+    path = write_jsonl(tmp_path / f"{fmt}.jsonl", _records(fmt, 12))
+    bundle = build_datasets(DataConfig(train=str(path), eval_fraction=0.25), TOK, max_length=256, seed=3)
+    rep = bundle.report
+    assert rep.files[0]["format"] == fmt and rep.samples_read == 12
+    assert (rep.train.samples, rep.eval.samples) == (9, 3)
+    assert rep.train.sequences < rep.train.samples  # short samples were packed
+    for seq in bundle.train + bundle.eval:
+        assert len(seq["input_ids"]) == len(seq["labels"]) == len(seq["position_ids"]) <= 256
+    assert rep.loss_tokens == sum(lab != IGNORE for s in bundle.train + bundle.eval for lab in s["labels"])
+    model = tiny_llama4(len(TOK))
+    before = model.lm_head.weight.detach().clone()
+    batch, _ = next(iterate_batches(bundle.train, 2, seed=3, pad_id=TOK.pad_token_id))
+    loss = train_step(model, batch)
+    assert math.isfinite(loss) and loss > 0
+    assert not torch.equal(before, model.lm_head.weight)
+
+
+def test_packed_logits_equal_alone():
+    """Packed with others, a sample's logits are those it has alone (sdpa and eager; chunked and NoPE layers)."""
+    g = torch.Generator().manual_seed(0)
+    samples = [torch.randint(0, len(TOK), (n,), generator=g).tolist() for n in (13, 1, 5, 21, 9)]
+    rows = pack([(s, [IGNORE] + s[1:]) for s in samples], 64)
+    assert len(rows) == 1 and rows[0]["position_ids"][13:16] == [0, 0, 1]
+    batch = collate(rows, TOK.pad_token_id)
+    for attn in ("sdpa", "eager"):
+        model = tiny_llama4(len(TOK), attn=attn, chunk=8).eval()  # chunk 8 < sample length: chunking is exercised
+        with torch.no_grad():
+            packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+            off = 0
+            for s in samples:
+                alone = model(input_ids=torch.tensor([s]), use_cache=False).logits[0]
+                assert (alone - packed[off:off + len(s)]).abs().max().item() < 1e-5, (attn, len(s))
+                off += len(s)
+
+
+def test_packing_is_tight_and_keeps_every_token():
+    lengths = [30, 50, 20, 64, 10, 33, 31, 1, 7]
+    samples = [([i] * n, [IGNORE] + [i] * (n - 1)) for i, n in enumerate(lengths)]
+    rows = pack(samples, 64)
+    assert sorted(t for r in rows for t in r["input_ids"]) == sorted(t for s, _ in samples for t in s)
+    assert all(len(r["input_ids"]) <= 64 for r in rows)
+    assert len(rows) == math.ceil(sum(lengths) / 64)  # best fit reaches the bound here
+    for r in rows:  # every sample starts at position 0 with no loss on its first token
+        for j, p in enumerate(r["position_ids"]):
+            if p == 0:
+                assert r["labels"][j] == IGNORE
+
+
+def test_truncation_is_counted_and_all_truncated_samples_dropped(tmp_path):
+    long_user = {"messages": [{"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "ok"}]}
+    long_answer = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 80}]}
+    short = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path = write_jsonl(tmp_path / "d.jsonl", [short, long_user, long_answer, short])
+    full = {i: len(TOK.apply_chat_template(r["messages"], tokenize=True)["input_ids"])
+            for i, r in enumerate([short, long_user, long_answer])}
+    b = build_datasets(DataConfig(train=str(path), eval_fraction=0.0), TOK, max_length=48, seed=0)
+    rep = b.report
+    assert rep.truncated == 2
+    assert rep.truncated_tokens == full[1] - 48 + full[2] - 48
+    assert [(d.line, "all trained tokens are past max_length" in d.reason) for d in rep.dropped_all_truncated] == [
+        (2, True)]
+    assert rep.train.samples == 3 and rep.samples_read == 4
+    text = "\n".join(rep.summary_lines())
+    assert "truncated: 2 samples" in text and "line 2" in text
+    assert all(len(s["input_ids"]) <= 48 for s in b.train)
+
+
+def test_bad_lines_stop_or_are_skipped_and_reported(tmp_path):
+    lines = [json.dumps(r) for r in _records("chat", 6)]
+    lines[2] = "{not json"
+    lines[4] = json.dumps({"messages": [{"role": "wizard", "content": "x"}]})
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"(?s)line 3: invalid JSON.*\n.*line 5: message 1: unknown role 'wizard'.*skip_invalid"):
+        build_datasets(DataConfig(train=str(path)), TOK, max_length=128, seed=0)
+    b = build_datasets(DataConfig(train=str(path), skip_invalid=True, eval_fraction=0.0), TOK, max_length=128, seed=0)
+    assert [(s.line, s.source) for s in b.report.skipped] == [(3, str(path)), (5, str(path))]
+    assert b.report.train.samples == 4
+    d = b.report.to_dict()
+    assert d["skipped_count"] == 2 and d["skipped"][0]["line"] == 3
+    assert any("skipped: 2 bad records" in x and "line 5" in x for x in b.report.summary_lines())
+
+
+def test_order_and_split_are_deterministic_and_eval_file(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", _records("text", 40))
+    cfg = DataConfig(train=str(path), eval_fraction=0.2)
+    a = build_datasets(cfg, TOK, max_length=64, seed=7)
+    b = build_datasets(cfg, TOK, max_length=64, seed=7)
+    c = build_datasets(cfg, TOK, max_length=64, seed=8)
+    assert a.train == b.train and a.eval == b.eval
+    assert a.train != c.train
+    assert [e.sample.line for e in a.eval_samples] != [e.sample.line for e in c.eval_samples]
+    assert {e.sample.line for e in a.eval_samples}.isdisjoint(e.sample.line for e in a.train_samples)
+    ev = write_jsonl(tmp_path / "e.jsonl", _records("text", 5))
+    d = build_datasets(DataConfig(train=str(path), eval=str(ev)), TOK, max_length=64, seed=7)
+    assert (d.report.train.samples, d.report.eval.samples) == (40, 5)
+    assert [f["role"] for f in d.report.files] == ["train", "eval"]
+    nopack = build_datasets(DataConfig(train=str(path), eval=str(ev), packing=False), TOK, max_length=64, seed=7)
+    assert nopack.report.train.sequences == 40
+    assert all(s["position_ids"] == list(range(len(s["input_ids"]))) for s in nopack.train)
+
+
+def test_resume_from_a_data_position_sees_exactly_the_rest():
+    seqs = [{"input_ids": [i] * (1 + i % 3), "labels": [IGNORE] + [i] * (i % 3), "position_ids": list(range(1 + i % 3))}
+            for i in range(10)]
+    it = iterate_batches(seqs, 3, seed=5, pad_id=99)
+    run = [next(it) for _ in range(9)]  # 4 batches per epoch (3+3+3+1): crosses two epoch boundaries
+    epoch0 = sorted(int(t) for b, _ in run[:4] for t in b["input_ids"][:, 0])
+    assert epoch0 == list(range(10))
+    assert [p for _, p in run[:5]] == [DataPosition(0, 3), DataPosition(0, 6), DataPosition(0, 9),
+                                       DataPosition(1, 0), DataPosition(1, 3)]
+    first = [b["input_ids"][:, 0].tolist() for b, _ in run]
+    assert first[:4] != first[4:8]  # each epoch has its own permutation
+    for k in (0, 2, 3, 5):
+        pos = DataPosition.from_dict(json.loads(json.dumps(run[k][1].to_dict())))
+        resumed = iterate_batches(seqs, 3, seed=5, start=pos, pad_id=99)
+        for b, p in run[k + 1:]:
+            rb, rp = next(resumed)
+            assert rp == p and all(torch.equal(rb[key], b[key]) for key in b)
+    b, _ = run[0]
+    rows = b["input_ids"].tolist()
+    for row, lab, pos in zip(rows, b["labels"].tolist(), b["position_ids"].tolist(), strict=True):
+        n = 1 + row[0] % 3
+        assert row[n:] == [99] * (len(row) - n) and lab[n:] == [IGNORE] * (len(row) - n)
+        assert pos[n:] == list(range(len(row) - n))
+    with pytest.raises(DataError, match="past the end"):
+        next(iterate_batches(seqs, 3, seed=5, start=DataPosition(0, 11)))
+    with pytest.raises(DataError):
+        DataPosition.from_dict({"epoch": 0})
+
+
+def test_embedded_data_set_and_tiny_tokenizer():
+    tok = load_tokenizer("tiny")
+    b = build_datasets(DataConfig(), tok, max_length=256, seed=0)
+    assert [f["role"] for f in b.report.files] == ["train", "eval"]
+    assert b.report.train.samples > 100 and b.report.eval.samples > 10 and not b.report.skipped
+
+
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(MoefitError, match="cannot load the tokenizer"):
+        load_tokenizer(tmp_path)
