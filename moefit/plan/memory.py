@@ -322,7 +322,7 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
     T, h, L = shape.tokens, f.hidden, f.num_layers
     ws = [layer_working_set(f, la, shape) for la in f.layers]
     if shape.gradient_checkpointing:
-        ckpt = [_r(T * h * BF16) + cm["per_layer_saved_overhead_bytes"]] * L
+        ckpt = [int(cm["activation_scale"] * _r(T * h * BF16))] * L
     else:  # every layer keeps everything it saves
         ckpt = [_r(T * h * BF16) + sum(s.values()) for s, _, _ in ws]
     rotary = 2 * _r(T * f.head_dim * BF16)
@@ -340,7 +340,7 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
     loss = loss_working_set(f, shape)
     loss_b = sum(loss.values())
     resident_grads = shape.grad_accum > 1 or not cm["grads_freed_each_step"]
-    base = sum(c.bytes for c in comps if c.key != "lora_grads")
+    base = sum(c.bytes for c in comps if c.key != "lora_grads") + cm["extra_allocated_bytes"]
     phases: list[tuple[str, int, int, int, int]] = []  # name, total, grads, ckpts, working set
     g_all = sum(grad_by_layer)
     g0 = g_all if resident_grads else 0
@@ -379,6 +379,9 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
     transient = c_at + rotary + w_at
     reserve = int(cm["allocator_dynamic_reserve_fraction"] * transient) + cm["allocator_fixed_reserve_bytes"] \
         + persistent_waste
+    if cm["extra_allocated_bytes"]:
+        comps.append(Component("extra_allocated", "unnamed allocations (fitted)", cm["extra_allocated_bytes"],
+                               "overhead", "calibration.json: extra_allocated_bytes"))
     comps.append(Component("allocator_reserve", "allocator reserve / fragmentation", reserve, "overhead",
                            f"{cm['allocator_dynamic_reserve_fraction']:.0%} of transient + segment rounding"))
     ctx = cm["cuda_context_bytes"]

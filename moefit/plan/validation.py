@@ -1,0 +1,151 @@
+"""Planned vs measured: re-plan a recorded benchmark configuration, and fit calibration.json to measurements.
+
+A record (one line of benchmarks/plan_validation.json "results") holds the configuration that was measured
+(model, seq_len, batch, lora, quant, optimizer, GPU) and what the GPU measured. `planned_for` re-plans it with
+the current code, so a change in either the engine (new measurements) or the planner shows in the CPU test.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from ..config import LoraConfig, QuantConfig
+from .calibration import CALIBRATION_PATH, load_calibration
+from .gpus import get_gpu, gpu_from_memory, match_device_name
+from .memory import RunShape, estimate_memory
+from .model_facts import ModelFacts, load_model_facts
+from .timing import step_time
+
+
+def record_shape(rec: dict[str, Any]) -> RunShape:
+    return RunShape(seq_len=rec["seq_len"], batch=rec["batch"], grad_accum=1,
+                    quant=QuantConfig(**rec.get("quant", {})), lora=LoraConfig(**rec.get("lora", {})),
+                    optimizer=rec.get("optimizer", "adamw_8bit"),
+                    gradient_checkpointing=rec.get("gradient_checkpointing", True))
+
+
+def record_facts(rec: dict[str, Any]) -> ModelFacts:
+    f = load_model_facts(rec["model"])
+    n = rec.get("num_layers")
+    return dataclasses.replace(f, layers=f.layers[:n]) if n else f
+
+
+def _gpu(rec: dict[str, Any]):
+    name = rec.get("gpu") or match_device_name(rec.get("device_name", ""))
+    if rec.get("device_memory_bytes"):
+        return gpu_from_memory(rec["device_memory_bytes"], name)
+    return get_gpu(name) if name else None
+
+
+def planned_for(rec: dict[str, Any], calib: dict[str, Any] | None = None) -> dict[str, Any]:
+    calib = calib or load_calibration()
+    f, shape = record_facts(rec), record_shape(rec)
+    m = estimate_memory(f, shape, calib)
+    by = m.by_key()
+    out = {"peak_allocated_bytes": m.peak_allocated, "peak_reserved_bytes": m.peak_reserved,
+           "total_bytes": m.total, "peak_phase": m.peak_phase,
+           "working_set_bytes": by.get("layer_working_set", 0) + by.get("loss_chunk", 0),
+           "checkpoint_bytes": by.get("checkpoints", 0)}
+    gpu = _gpu(rec)
+    st = step_time(f, shape, gpu, calib, by) if gpu else None
+    if st:
+        ct = calib["time"]
+        out.update(step_s=st.step_s, compute_at_peak_s=st.compute_s * ct["gemm_efficiency"],
+                   memory_at_peak_s=st.memory_s * ct["bandwidth_efficiency"],
+                   layer_passes=3 * f.num_layers, optimizer_s=st.optimizer_s)
+    return out
+
+
+def compare(rec: dict[str, Any], calib: dict[str, Any] | None = None) -> dict[str, float | None]:
+    """Relative errors (planned - measured) / measured for allocated, reserved, total and step time."""
+    p, m = planned_for(rec, calib), rec["measured"]
+
+    def err(pk: str, mk: str) -> float | None:
+        if p.get(pk) is None or not m.get(mk):
+            return None
+        return (p[pk] - m[mk]) / m[mk]
+
+    out = {"allocated": err("peak_allocated_bytes", "peak_allocated_bytes"),
+           "reserved": err("peak_reserved_bytes", "peak_reserved_bytes"),
+           "step_time": err("step_s", "step_s")}
+    if m.get("context_bytes") is not None:
+        measured_total = m["peak_reserved_bytes"] + m["context_bytes"]
+        out["total"] = (p["total_bytes"] - measured_total) / measured_total
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- fitting
+
+def fit_calibration(records: list[dict[str, Any]], measured_on: str) -> dict[str, Any]:
+    """Least-squares fit of the calibration constants to measured records; returns a new calibration dict
+    (comment keys kept). Memory: measured_allocated = fixed part + a*working_set + b*checkpoints + c;
+    reserved - allocated = f*transient + g + segment rounding; context = mean measured. Time:
+    step_s = compute/e_c + dequant_bytes/e_b + passes*o + optimizer."""
+    import numpy as np
+
+    raw = json.loads(CALIBRATION_PATH.read_text(encoding="utf-8"))
+    base = copy.deepcopy(load_calibration())
+    for key in ("working_set_scale", "activation_scale"):
+        base["memory"][key] = 1.0
+    base["memory"]["extra_allocated_bytes"] = 0
+    for _ in range(2):  # the peak phase can move when the scales change: fit, re-plan, fit again
+        rows, y = [], []
+        for rec in records:
+            p = planned_for(rec, base)
+            fixed = p["peak_allocated_bytes"] - p["working_set_bytes"] - p["checkpoint_bytes"] \
+                - base["memory"]["extra_allocated_bytes"]
+            ws = p["working_set_bytes"] / base["memory"]["working_set_scale"]
+            ck = p["checkpoint_bytes"] / base["memory"]["activation_scale"]
+            rows.append([ws, ck, 1.0])
+            y.append(rec["measured"]["peak_allocated_bytes"] - fixed)
+        a, b, c = np.linalg.lstsq(np.array(rows), np.array(y), rcond=None)[0]
+        base["memory"].update(working_set_scale=float(max(a, 0.0)), activation_scale=float(max(b, 0.0)),
+                              extra_allocated_bytes=int(c))
+    # reserve: what is reserved beyond allocated, against the transient memory at the peak
+    rows, y = [], []
+    for rec in records:
+        p = planned_for(rec, base)
+        without = p["peak_reserved_bytes"] - p["peak_allocated_bytes"]
+        frac = base["memory"]["allocator_dynamic_reserve_fraction"]
+        transient = p["working_set_bytes"] + p["checkpoint_bytes"]
+        seg = without - int(frac * transient) - base["memory"]["allocator_fixed_reserve_bytes"]
+        rows.append([transient, 1.0])
+        y.append(rec["measured"]["peak_reserved_bytes"] - rec["measured"]["peak_allocated_bytes"] - seg)
+    f_, g_ = np.linalg.lstsq(np.array(rows), np.array(y), rcond=None)[0]
+    base["memory"].update(allocator_dynamic_reserve_fraction=float(max(f_, 0.0)),
+                          allocator_fixed_reserve_bytes=int(max(g_, 0)))
+    ctx = [r["measured"]["context_bytes"] for r in records if r["measured"].get("context_bytes")]
+    if ctx:
+        base["memory"]["cuda_context_bytes"] = int(max(ctx))
+    # time
+    rows, y = [], []
+    for rec in records:
+        p = planned_for(rec, base)
+        if p.get("step_s") and rec["measured"].get("step_s"):
+            rows.append([p["compute_at_peak_s"], p["memory_at_peak_s"], p["layer_passes"]])
+            y.append(rec["measured"]["step_s"] - p["optimizer_s"])
+    if len(rows) >= 3:
+        inv_c, inv_b, o = np.linalg.lstsq(np.array(rows), np.array(y), rcond=None)[0]
+        if inv_c > 0 and inv_b > 0 and o >= 0:
+            base["time"].update(gemm_efficiency=float(1 / inv_c), bandwidth_efficiency=float(1 / inv_b),
+                                per_layer_pass_overhead_s=float(o))
+        else:  # not identifiable separately: one overall efficiency on compute + dequant time, no fixed part
+            k = float(np.dot(np.array(rows)[:, :2].sum(1), y) / np.dot(np.array(rows)[:, :2].sum(1),
+                                                                            np.array(rows)[:, :2].sum(1)))
+            base["time"].update(gemm_efficiency=1 / k, bandwidth_efficiency=1 / k, per_layer_pass_overhead_s=0.0)
+    for section in ("memory", "time"):
+        for k, v in base[section].items():
+            raw[section][k] = v
+    raw["measured_on"] = measured_on
+    raw["_status"] = (f"fitted by benchmarks/plan_validation.py --fit to {len(records)} measured configurations "
+                      f"({measured_on}); the first-principles values are in git history.")
+    return raw
+
+
+def write_calibration(cal: dict[str, Any], path: Path = CALIBRATION_PATH) -> None:
+    path.write_text(json.dumps(cal, indent=2) + "\n", encoding="utf-8")
+    load_calibration.cache_clear()

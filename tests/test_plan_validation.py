@@ -1,0 +1,74 @@
+"""The planner against the GPU measurements recorded in benchmarks/plan_validation.json (issue 5 acceptance:
+max |planned - measured| / measured <= 3 % for peak memory, <= 15 % for step time), and the calibration fit."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from moefit.plan.calibration import load_calibration
+from moefit.plan.validation import compare, fit_calibration, planned_for
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORDED = ROOT / "benchmarks" / "plan_validation.json"
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("plan_validation", ROOT / "benchmarks" / "plan_validation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_covers_the_required_configurations():
+    recs = _bench_module().configs("all")
+    assert len(recs) >= 10
+    scout = [r for r in recs if r["model"] == "llama4-scout"]
+    assert {r["seq_len"] for r in scout if r["lora"]["r"] == 32 and r["batch"] == 1} >= {1024, 2048, 4096, 8192}
+    assert {r["lora"]["r"] for r in scout} >= {8, 32, 64}
+    assert {r["lora"]["routed_experts"] for r in scout} == {True, False}
+    assert {r["batch"] for r in recs} >= {1, 2}
+    assert any(r["model"] == "llama3.1-8b" for r in recs)
+    assert all(r["num_layers"] is None for r in scout)  # full depth
+
+
+@pytest.mark.skipif(not RECORDED.exists(), reason="benchmarks/plan_validation.json not recorded yet: run "
+                    "`python benchmarks/plan_validation.py --out DIR` on a GPU and copy DIR/plan_validation.json")
+def test_planner_matches_recorded_gpu_measurements():
+    doc = json.loads(RECORDED.read_text(encoding="utf-8"))
+    results = doc["results"]
+    assert len(results) >= 10, f"only {len(results)} configurations recorded"
+    errors = {r["name"]: compare(r) for r in results}
+    bad = {n: e for n, e in errors.items()
+           if abs(e["allocated"]) > 0.03 or abs(e["reserved"]) > 0.03
+           or (e.get("total") is not None and abs(e["total"]) > 0.03)
+           or (e["step_time"] is not None and abs(e["step_time"]) > 0.15)}
+    assert not bad, f"planned vs measured out of bounds (relative errors): {bad}"
+
+
+def test_fit_recovers_known_constants():
+    """Fake 'measurements' made by the planner with known constants: the fit must find them again."""
+    recs = _bench_module().configs("all")
+    truth = copy.deepcopy(load_calibration())
+    truth["memory"].update(working_set_scale=1.3, activation_scale=1.1, extra_allocated_bytes=300 << 20,
+                           allocator_dynamic_reserve_fraction=0.05, allocator_fixed_reserve_bytes=100 << 20,
+                           cuda_context_bytes=600 << 20)
+    truth["time"].update(gemm_efficiency=0.5, bandwidth_efficiency=0.7, per_layer_pass_overhead_s=0.002)
+    for r in recs:
+        r["gpu"] = "h200"
+        p = planned_for(r, truth)
+        r["measured"] = {"peak_allocated_bytes": p["peak_allocated_bytes"],
+                         "peak_reserved_bytes": p["peak_reserved_bytes"], "step_s": p["step_s"],
+                         "context_bytes": 600 << 20}
+    fitted = fit_calibration(recs, "synthetic")
+    cal = {s: {k: v for k, v in fitted[s].items() if not k.startswith("_")} for s in ("memory", "time")}
+    assert cal["memory"]["working_set_scale"] == pytest.approx(1.3, rel=0.02)
+    assert cal["memory"]["activation_scale"] == pytest.approx(1.1, rel=0.05)
+    assert cal["time"]["gemm_efficiency"] == pytest.approx(0.5, rel=0.02)
+    for r in recs:
+        e = compare(r, cal)
+        assert abs(e["allocated"]) < 0.002 and abs(e["reserved"]) < 0.005 and abs(e["step_time"]) < 0.01
