@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moefit.config import DataConfig
-from moefit.data import DataPosition, build_datasets, iterate_batches, load_tokenizer
+from moefit.data import DataPosition, build_datasets, fingerprint, iterate_batches, load_tokenizer
 from moefit.data.dataset import collate
 from moefit.data.packing import pack
 from moefit.data.render import IGNORE
@@ -130,6 +130,7 @@ def test_order_and_split_are_deterministic_and_eval_file(tmp_path):
     b = build_datasets(cfg, TOK, max_length=64, seed=7)
     c = build_datasets(cfg, TOK, max_length=64, seed=8)
     assert a.train == b.train and a.eval == b.eval
+    assert fingerprint(a.train) == fingerprint(b.train) != fingerprint(c.train)
     assert a.train != c.train
     assert [e.sample.line for e in a.eval_samples] != [e.sample.line for e in c.eval_samples]
     assert {e.sample.line for e in a.eval_samples}.isdisjoint(e.sample.line for e in a.train_samples)

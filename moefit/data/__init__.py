@@ -1,7 +1,7 @@
 """Data pipeline: read and validate files, render through the chat template with loss masks, pack, batch."""
 
 from .check import CheckReport, check_data
-from .dataset import DataBundle, DataPosition, build_datasets, collate, iterate_batches
+from .dataset import DataBundle, DataPosition, build_datasets, collate, fingerprint, iterate_batches
 from .formats import FORMATS, BadLine, Sample, read_data
 from .render import IGNORE, render_sample
 from .report import DataReport
@@ -9,5 +9,5 @@ from .tokenizer import load_tokenizer
 
 __all__ = [
     "FORMATS", "IGNORE", "BadLine", "CheckReport", "DataBundle", "DataPosition", "DataReport", "Sample",
-    "build_datasets", "check_data", "collate", "iterate_batches", "load_tokenizer", "read_data", "render_sample",
+    "build_datasets", "check_data", "collate", "fingerprint", "iterate_batches", "load_tokenizer", "read_data", "render_sample",
 ]

@@ -12,7 +12,9 @@ neither an attention mask nor a cache.
 
 from __future__ import annotations
 
+import hashlib
 import random
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,14 +115,15 @@ def build_datasets(data_cfg: Any, tok: Any, max_length: int, seed: int) -> DataB
     if eval_path is not None:
         eval_s, eval_bad = _read(eval_path, data_cfg.format, "eval", report)
         bad += eval_bad
-    report.samples_read = len(train_s) + len(eval_s)
-    enforce_policy(bad, data_cfg.skip_invalid)
-
     train_e, render_bad = encode_samples(train_s, tok, max_length, data_cfg.loss_on, data_cfg.system_prompt)
     eval_e, eval_render_bad = encode_samples(eval_s, tok, max_length, data_cfg.loss_on, data_cfg.system_prompt)
     render_bad += eval_render_bad
-    enforce_policy(render_bad, data_cfg.skip_invalid)
+    for f in report.files:  # records the chat template refused are bad records of their file too
+        f["bad"] += sum(b.source == f["path"] for b in render_bad)
+        f["samples"] -= sum(b.source == f["path"] for b in render_bad)
+    report.samples_read = len(train_e) + len(eval_e)
     report.skipped = sorted(bad + render_bad, key=lambda b: (b.source, b.line))
+    enforce_policy(report.skipped, data_cfg.skip_invalid)
 
     kept_train, kept_eval = [], []
     for group, kept in ((train_e, kept_train), (eval_e, kept_eval)):
@@ -178,6 +181,17 @@ class DataPosition:
         if pos.epoch < 0 or pos.index < 0:
             raise DataError(f"invalid data position {d!r} in the checkpoint (negative).")
         return pos
+
+
+def fingerprint(sequences: list[Sequence]) -> str:
+    """A short hash of the sequences (ids, labels, positions, order): a checkpoint stores it beside its
+    DataPosition so that resuming on data that changed is detected instead of silently skipping other samples."""
+    h = hashlib.sha256()
+    for seq in sequences:
+        for key in ("input_ids", "labels", "position_ids"):
+            h.update(array("q", seq[key]).tobytes())
+            h.update(b"|")
+    return h.hexdigest()[:16]
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
