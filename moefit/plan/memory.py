@@ -13,6 +13,7 @@ Empirical constants (allocator reserve, CUDA context, per-layer overheads) come 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -299,28 +300,49 @@ def loss_working_set(f: ModelFacts, shape: RunShape) -> dict[str, int]:
 
 # ---------------------------------------------------------------------------------------------- the estimate
 
-def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> MemoryEstimate:
-    cm = calib["memory"]
+_STATIC: dict[tuple, tuple] = {}
+
+
+def _static_parts(f: ModelFacts, shape: RunShape) -> tuple:
+    """Weights, LoRA, gradients and optimizer state: independent of sequence length and batch, so computed
+    once per (model, quantization, LoRA, optimizer) while the planner searches shapes."""
+    key = (f, repr(shape.quant), repr(shape.lora), shape.optimizer)
+    if key in _STATIC:
+        return _STATIC[key]
     comps, persistent_waste = weight_components(f, shape.quant)
     param_bytes = FP32 if shape.lora.dtype == "float32" else BF16
+    distinct = {la: _layer_lora(f, la, shape) for la in set(f.layers)}  # layers repeat: count each kind once
 
-    per_layer = lora_tensors(f, shape)
-    trainable = sum(sum(ts) for _, ts in per_layer)
-    lora_b = sum(_r(n * param_bytes) for _, ts in per_layer for n in ts)
-    grad_by_layer = [sum(_r(n * param_bytes) for n in ts) for _, ts in per_layer]
-    optim = sum(_optimizer_state_bytes(n, shape.optimizer, param_bytes) for _, ts in per_layer for n in ts)
-    persistent_waste += sum(_segment_waste(n * param_bytes) for _, ts in per_layer for n in ts)
+    def per_kind(fn) -> dict[Layer, int]:
+        return {la: sum(fn(n) for n in ts) for la, ts in distinct.items()}
+
+    trainable = sum(per_kind(lambda n: n)[la] for la in f.layers)
+    grad_kind = per_kind(lambda n: _r(n * param_bytes))
+    grad_by_layer = [grad_kind[la] for la in f.layers]
+    opt_kind = per_kind(lambda n: _optimizer_state_bytes(n, shape.optimizer, param_bytes))
+    optim = sum(opt_kind[la] for la in f.layers)
+    waste_kind = per_kind(lambda n: _segment_waste(n * param_bytes))
+    persistent_waste += sum(waste_kind[la] for la in f.layers)
     dtype = shape.lora.dtype.replace("float", "fp").replace("bfloat16", "bf16")
     rank = f"r={shape.lora.r}" + (f", experts r={shape.expert_rank}" if f.num_experts else "")
-    comps.append(Component("lora_params", "LoRA parameters", lora_b, "trainable",
+    comps.append(Component("lora_params", "LoRA parameters", sum(grad_by_layer), "trainable",
                            f"{trainable / 1e6:.1f} M params, {dtype}, {rank}"))
     comps.append(Component("lora_grads", "LoRA gradients", sum(grad_by_layer), "trainable", dtype))
     opt_label = {"adamw": "AdamW fp32 m, v"}.get(shape.optimizer, "8-bit AdamW (bitsandbytes)")
     comps.append(Component("optimizer_state", "optimizer state", optim, "trainable", opt_label))
+    _STATIC[key] = (comps, persistent_waste, trainable, grad_by_layer)
+    return _STATIC[key]
+
+
+def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> MemoryEstimate:
+    cm = calib["memory"]
+    static, persistent_waste, trainable, grad_by_layer = _static_parts(f, shape)
+    comps = [dataclasses.replace(c) for c in static]
 
     # Activations: checkpoints (one [B,S,H] per layer) + rotary tables shared by all layers.
     T, h, L = shape.tokens, f.hidden, f.num_layers
-    ws = [layer_working_set(f, la, shape) for la in f.layers]
+    ws_kind = {la: layer_working_set(f, la, shape) for la in set(f.layers)}
+    ws = [ws_kind[la] for la in f.layers]
     if shape.gradient_checkpointing:
         ckpt = [int(cm["activation_scale"] * _r(T * h * BF16))] * L
     else:  # every layer keeps everything it saves
@@ -328,8 +350,16 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
     rotary = 2 * _r(T * f.head_dim * BF16)
     scale = cm["working_set_scale"]
 
+    ws_cache: dict[int, int] = {}
+
     def layer_ws(i: int) -> int:
-        s, phases, attn_saved = ws[i]
+        key = id(ws[i])
+        if key not in ws_cache:
+            ws_cache[key] = _layer_ws(ws[i])
+        return ws_cache[key]
+
+    def _layer_ws(w: tuple) -> int:
+        s, phases, attn_saved = w
         if not shape.gradient_checkpointing:  # saved tensors are already counted as activations
             return int(scale * max(phases.values()))
         # MLP / experts phases run while the whole layer's saved tensors are alive; attention after the MLP's
@@ -346,10 +376,14 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
     g0 = g_all if resident_grads else 0
     phases.append(("loss (lm_head chunks)", base + g0 + sum(ckpt) + rotary + loss_b, g0, sum(ckpt), loss_b))
     grads_so_far = 0
+    ckpt_prefix, acc = [], 0
+    for c_i in ckpt:
+        acc += c_i
+        ckpt_prefix.append(acc)
     for i in range(L - 1, -1, -1):
         grads_so_far += grad_by_layer[i]
         g = g_all if resident_grads else grads_so_far
-        c = sum(ckpt[: i + 1])
+        c = ckpt_prefix[i]
         w = layer_ws(i)
         phases.append((f"backward of layer {i}", base + g + c + rotary + w, g, c, w))
     name, peak, g_at, c_at, w_at = max(phases, key=lambda p: p[1])
