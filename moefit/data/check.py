@@ -97,7 +97,8 @@ def summary_lines(report: CheckReport, max_listed: int = 50) -> list[str]:
     else:
         lines.append(f"truncation at max length {report.max_length}: none")
     if d["would_drop"]:
-        where = ", ".join(f"line {w['line']}" for w in d["would_drop"][:max_listed])
+        many = len(report.files) > 1
+        where = ", ".join((f"{w['file']} " if many else "") + f"line {w['line']}" for w in d["would_drop"][:max_listed])
         lines.append(f"would drop {len(d['would_drop'])} samples with no trained token left: {where}")
     if report.bad:
         lines.append(f"bad records ({len(report.bad)}; skipped only with data.skip_invalid: true):")

@@ -55,13 +55,13 @@ def _apply(tok: Any, messages: list[dict[str, str]], generation_prompt: bool) ->
 def end_of_turn_text(tok: Any) -> str:
     """The text a template writes after an assistant message's content (e.g. '<|eot|>')."""
     cache = getattr(tok, "_moefit_eot_text", None)
-    if cache is not None:
-        return cache
+    if cache is not None and cache[0] == tok.chat_template:
+        return cache[1]
     full = _apply(tok, [{"role": "user", "content": "x"}, {"role": "assistant", "content": _PROBE}], False)
     at = full.rfind(_PROBE)
     eot = full[at + len(_PROBE):] if at >= 0 else ""
     try:
-        tok._moefit_eot_text = eot
+        tok._moefit_eot_text = (tok.chat_template, eot)
     except AttributeError:  # pragma: no cover
         pass
     return eot
