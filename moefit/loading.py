@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from .errors import MoefitError
 from .models.layers import MoefitExperts, MoefitLinear
+from .safetensors_io import SafetensorsFile
 
 SKIP_PREFIXES = ("vision_model.", "multi_modal_projector.", "model.vision_model.", "model.multi_modal_projector.")
 _FUSED = re.compile(r"^(?P<mod>.+\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
@@ -178,20 +178,12 @@ class _Filler:
         return sorted(self.expected - self.filled)
 
 
-def _tensor_reader(f, key: str):
-    def read(index: int | None = None) -> torch.Tensor:
-        if index is None:
-            return f.get_tensor(key)
-        return f.get_slice(key)[index]
-    return read
-
-
-def iter_checkpoint(model_dir: Path) -> Iterator[tuple[str, str, object]]:
-    """(checkpoint key, normalized name or None, open safetensors handle), shard by shard."""
+def iter_checkpoint(model_dir: Path) -> Iterator[tuple[str, str | None, SafetensorsFile]]:
+    """(checkpoint key, normalized name or None, its file), shard by shard."""
     for path in safetensors_files(model_dir):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                yield key, normalize_name(key), f
+        f = SafetensorsFile(path)
+        for key in f.keys():
+            yield key, normalize_name(key), f
 
 
 @torch.no_grad()
@@ -205,11 +197,8 @@ def stream_weights(model: nn.Module, model_dir: Path, device: torch.device | str
             if len(report.skipped_examples) < 3:
                 report.skipped_examples.append(key)
             continue
-        sl = f.get_slice(key)
-        shape = sl.get_shape()
-        nbytes = int(torch.tensor(shape).prod().item()) * 2 if shape else 0
-        report.largest_tensor_bytes = max(report.largest_tensor_bytes, nbytes)
-        filler.fill(name, _tensor_reader(f, key), device)
+        report.largest_tensor_bytes = max(report.largest_tensor_bytes, f.nbytes(key))
+        filler.fill(name, lambda index=None, f=f, key=key: f.read(key, index), device)
         report.tensors_loaded += 1
     missing = [m for m in filler.missing() if not _tied_lm_head(m, model)]
     if missing:
