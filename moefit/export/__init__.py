@@ -1,0 +1,73 @@
+"""Export a trained run: a merged HF checkpoint (plain transformers / vLLM load it) or the adapter in PEFT's format.
+
+    moefit.export("runs/tiny-…", out="merged/")                        # merged, NF4-dequantized base + LoRA
+    moefit.export("runs/scout1", out="merged/", base="/models/Scout")   # merged into the original bf16 weights
+    moefit.export("runs/scout1", out="adapter/", merge=False)          # PEFT adapter
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+from .merge import ExportReport, merged_export
+from .peft_adapter import peft_export
+from .runs import RunInfo, read_run
+
+__all__ = ["ExportReport", "RunInfo", "export", "merged_export", "parse_size", "peft_export", "read_run"]
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB' -> 5e9 bytes, '500MB', '2GiB', or a plain number of bytes."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper().replace(" ", "")
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            try:
+                return int(float(s[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(s)
+    except ValueError:
+        from ..errors import MoefitError
+
+        raise MoefitError(f"size {size!r}: expected a number of bytes or e.g. 5GB, 500MB, 2GiB.") from None
+
+
+def export(run_dir: str | Path, out: str | Path, merge: bool = True, adapter: bool | None = None,
+           base: str | Path | None = None, dtype: torch.dtype | str = "bfloat16", max_shard_size: str | int = "5GB",
+           device: str = "cpu", overwrite: bool = False) -> ExportReport:
+    """Export the run in `run_dir` (or an adapter directory) to `out`.
+
+    merge=True: an HF checkpoint with the base's architecture class, config and tensor names. The base weights
+    are the NF4-dequantized ones the run trained against, or, with `base=` the original (bf16) checkpoint,
+    which avoids NF4 rounding and is the better choice when you have it.
+    merge=False (or adapter=True): the adapter in PEFT's format.
+    `device` is where the NF4 round trip runs (cpu, or cuda for speed on big models).
+    """
+    from ..models import resolve_dtype
+
+    if adapter is not None:
+        merge = not adapter
+    info = read_run(run_dir)
+    if merge:
+        return merged_export(info, Path(out), base=Path(base) if base else None, dtype=resolve_dtype(dtype),
+                             max_shard_bytes=parse_size(max_shard_size), device=device, overwrite=overwrite)
+    return peft_export(info, Path(out), base=Path(base) if base else None, overwrite=overwrite)
+
+
+class _CallableModule(types.ModuleType):
+    """`moefit.export` is both this package and the function: importing the package (or any of its modules) binds
+    the name `moefit.export` to the module, so the module forwards calls to `export`."""
+
+    def __call__(self, *args, **kwargs) -> ExportReport:
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,214 @@
+"""Adapter export in PEFT's format (`peft.PeftModel.from_pretrained(base, DIR)` loads it).
+
+Attention, shared-expert and dense-MLP LoRA are PEFT's own layout (lora_A [r, in], lora_B [out, r]) under the
+base model class's module names. Routed experts of Llama 4 map exactly onto PEFT's `target_parameters` LoRA on the
+fused `experts.gate_up_proj` [E, H, 2I] and `experts.down_proj` [E, I, H] (peft >= 0.17; checked with 0.21):
+
+  PEFT, per expert e:   delta[e] = scaling * lhs_e @ rhs_e  with
+                        rhs_e = lora_A.weight.reshape(E, r', in')[e]          (in' = param.shape[2])
+                        lhs_e = lora_B.weight.reshape(out', r', E)[:, :, e]   (out' = param.shape[1])
+  moefit, per expert e: delta_gate[e]^T = A_gate[e] @ B_gate[e] * s  ([H, I]), same for up and down.
+
+gate_up_proj:  lhs_e = [A_gate[e] | A_up[e]] ([H, 2r]), rhs_e = blockdiag(B_gate[e], B_up[e]) ([2r, 2I]),
+               so rank r' = 2 r_e and lora_alpha' = 2 alpha_e (same alpha/r scaling).
+down_proj:     lhs_e = A_down[e] ([I, r_e]), rhs_e = B_down[e] ([r_e, H]), r' = r_e, alpha' = alpha_e.
+These ranks go in `rank_pattern` / `alpha_pattern`; `r` / `lora_alpha` are the attention ranks.
+PEFT refuses dropout on parameter targets, so such an adapter is written with lora_dropout 0 (inference is the
+same: dropout is off at inference).
+
+Other expert layouts (per-expert checkpoints) get the routed-expert LoRA in `moefit_expert_lora.safetensors` in
+moefit's own layout, described in `moefit_expert_lora.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import MoefitError
+from .merge import ExportReport, LoraSource, copy_side_files
+from .runs import RunInfo
+
+EXPERT_FILE = "moefit_expert_lora.safetensors"
+EXPERT_LAYOUT_FILE = "moefit_expert_lora.json"
+EXPERT_LAYOUT = {
+    "format": "moefit-expert-lora",
+    "tensors": "<experts module>.{gate,up,down}_lora_A [E, in, r] and .{gate,up,down}_lora_B [E, r, out] "
+               "(module names of the text causal LM, e.g. model.layers.0.feed_forward.experts)",
+    "delta": "for expert e and projection p: W_p[e] (nn.Linear layout [out, in]) += (A_p[e] @ B_p[e]).T * scale",
+    "hf_fused": "Llama 4 fused tensors: gate_up_proj[e] = [W_gate[e].T | W_up[e].T] ([H, 2I]); "
+                "down_proj[e] = W_down[e].T ([I, H])",
+}
+
+
+def _meta_model(base_dir: Path):
+    """The base's own architecture class on the meta device (no memory), for module names."""
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_dir)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    with torch.device("meta"):
+        if cls is None:
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        else:
+            model = cls(config)
+    return model, arch
+
+
+def _text_prefix(model) -> str:
+    """Where the text causal LM's `model.` lives in this class: '' (ForCausalLM) or e.g. 'language_model.'."""
+    for name, m in model.named_modules():
+        if hasattr(m, "embed_tokens") and hasattr(m, "layers"):
+            if name == "model" or name.endswith(".model"):
+                return name[: -len("model")]
+            return name + ".__decoder__."
+    raise MoefitError("cannot find the text decoder in the base model class.")
+
+
+def _full(prefix: str, text_name: str) -> str:
+    if prefix.endswith(".__decoder__."):
+        return prefix.removesuffix("__decoder__.") + text_name.removeprefix("model.")
+    return prefix + text_name
+
+
+def _fused_experts_params(model, full_name: str) -> bool:
+    try:
+        m = model.get_submodule(full_name)
+    except AttributeError:
+        return False
+    return all(isinstance(getattr(m, p, None), torch.nn.Parameter) and getattr(m, p).dim() == 3
+               for p in ("gate_up_proj", "down_proj"))
+
+
+def peft_export(info: RunInfo, out: Path, *, base: Path | None = None, overwrite: bool = False) -> ExportReport:
+    from .merge import _check_out_dir
+
+    out = Path(out)
+    base_dir = Path(base).expanduser() if base is not None else info.base_dir
+    lora = LoraSource(info)
+    cfg = info.adapter_config
+    model, arch = _meta_model(base_dir)
+    prefix = _text_prefix(model)
+    report = ExportReport(out_dir=out, kind="adapter", base_dir=base_dir)
+
+    tensors: dict[str, torch.Tensor] = {}
+    target_modules = []
+    for mod in sorted(lora.linears):
+        full = _full(prefix, mod)
+        tensors[f"base_model.model.{full}.lora_A.weight"] = lora.reader.read(f"{mod}.lora_A").contiguous()
+        tensors[f"base_model.model.{full}.lora_B.weight"] = lora.reader.read(f"{mod}.lora_B").contiguous()
+        target_modules.append(full)
+
+    target_parameters, rank_pattern, alpha_pattern = [], {}, {}
+    separate: dict[str, torch.Tensor] = {}
+    r_e, alpha_e = cfg.get("expert_r") or 0, cfg.get("expert_alpha") or 0.0
+    for mod in sorted(lora.experts):
+        full = _full(prefix, mod)
+        projs = lora.experts[mod]
+        if not _fused_experts_params(model, full):
+            for p in sorted(projs):
+                for leaf in (f"{p}_lora_A", f"{p}_lora_B"):
+                    separate[f"{mod}.{leaf}"] = lora.reader.read(f"{mod}.{leaf}").contiguous()
+            continue
+        a = {p: lora.reader.read(f"{mod}.{p}_lora_A").float() for p in projs}  # [E, in, r]
+        b = {p: lora.reader.read(f"{mod}.{p}_lora_B").float() for p in projs}  # [E, r, out]
+        gu = [p for p in ("gate", "up") if p in projs]
+        if gu:
+            lhs = torch.cat([a[p] for p in gu], dim=2)  # [E, H, r*len]
+            inter = b[gu[0]].shape[2]
+            rhs = torch.zeros(lhs.shape[0], lhs.shape[2], 2 * inter)
+            for i, p in enumerate(gu):
+                col = 0 if p == "gate" else inter
+                rhs[:, i * r_e:(i + 1) * r_e, col:col + inter] = b[p]
+            _put(tensors, target_parameters, rank_pattern, alpha_pattern, f"{full}.gate_up_proj", lhs, rhs,
+                 alpha_e * len(gu))
+        if "down" in projs:
+            _put(tensors, target_parameters, rank_pattern, alpha_pattern, f"{full}.down_proj", a["down"],
+                 b["down"], alpha_e)
+    tensors = {k: v.to(_adapter_dtype(cfg)).contiguous() for k, v in tensors.items()}
+
+    wrappers = _param_wrapper_keys(model, target_modules, target_parameters, cfg, rank_pattern, alpha_pattern)
+    renamed = {}
+    for key, t in tensors.items():
+        renamed[wrappers.get(key, key)] = t
+
+    _check_out_dir(out, overwrite)
+    peft_cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(info.source if base is None
+                                                                                       else base_dir),
+        "r": int(cfg["r"]), "lora_alpha": float(cfg["alpha"]),
+        "lora_dropout": 0.0 if target_parameters else float(cfg.get("dropout", 0.0)),
+        "target_modules": target_modules, "target_parameters": target_parameters or None,
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "bias": "none", "fan_in_fan_out": False,
+        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None, "use_rslora": False,
+        "use_dora": False,
+    }
+    save_file(renamed, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2) + "\n")
+    report.tensors_written = len(renamed)
+    report.total_bytes = sum(t.numel() * t.element_size() for t in renamed.values())
+    if separate:
+        save_file(separate, str(out / EXPERT_FILE), metadata={"format": "pt"})
+        layout = {**EXPERT_LAYOUT, "scale": lora.expert_scale, "expert_r": r_e, "expert_alpha": alpha_e}
+        (out / EXPERT_LAYOUT_FILE).write_text(json.dumps(layout, indent=2) + "\n")
+        report.tensors_written += len(separate)
+        report.total_bytes += sum(t.numel() * t.element_size() for t in separate.values())
+        report.notes.append(f"routed-expert LoRA of {len({k.rpartition('.')[0] for k in separate})} modules is "
+                            f"not expressible by PEFT for {arch}: written to {EXPERT_FILE} ({EXPERT_LAYOUT_FILE} "
+                            "describes the layout); PEFT loads the rest.")
+    elif target_parameters:
+        report.notes.append(f"routed experts exported as PEFT target_parameters ({len(target_parameters)} fused "
+                            "expert tensors; rank_pattern/alpha_pattern hold their ranks); lora_dropout set to 0 "
+                            "(PEFT refuses dropout on parameter targets; inference is unchanged).")
+    copy_side_files(base_dir, out, report, tokenizer_only=True)
+    report.notes += info.notes
+    return report
+
+
+def _adapter_dtype(cfg: dict) -> torch.dtype:
+    return torch.bfloat16 if cfg.get("dtype") == "bfloat16" else torch.float32
+
+
+def _put(tensors, target_parameters, rank_pattern, alpha_pattern, full_param: str, lhs: torch.Tensor,
+         rhs: torch.Tensor, alpha: float) -> None:
+    """lhs [E, out', r'], rhs [E, r', in'] -> PEFT's lora_B [out', r'*E] (rank-major, expert-minor) and lora_A
+    [E*r', in'] (expert-major)."""
+    num, out_f, rank = lhs.shape
+    lora_a = rhs.reshape(num * rank, rhs.shape[2])
+    lora_b = lhs.permute(1, 2, 0).reshape(out_f, rank * num)
+    tensors[f"base_model.model.{full_param}.lora_A.weight"] = lora_a
+    tensors[f"base_model.model.{full_param}.lora_B.weight"] = lora_b
+    target_parameters.append(full_param)
+    rank_pattern[full_param] = rank
+    alpha_pattern[full_param] = alpha
+
+
+def _param_wrapper_keys(model, target_modules, target_parameters, cfg, rank_pattern, alpha_pattern
+                        ) -> dict[str, str]:
+    """PEFT nests one wrapper per targeted parameter of a module (`experts`, `experts.base_layer`, ...), in an
+    order of its choosing: ask PEFT itself, on the meta model, which wrapper holds which parameter."""
+    if not target_parameters:
+        return {}
+    from peft import LoraConfig, get_peft_model
+
+    lc = LoraConfig(r=int(cfg["r"]), lora_alpha=float(cfg["alpha"]), lora_dropout=0.0,
+                    target_modules=list(target_modules) or None, target_parameters=list(target_parameters),
+                    rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(model, lc, low_cpu_mem_usage=True)
+    mapping = {}
+    for name, m in peft_model.named_modules():
+        if type(m).__name__ == "ParamWrapper":
+            unwrapped = name.replace(".base_layer", "")
+            src = f"{unwrapped}.{m.parameter_name}".removeprefix("base_model.model.")
+            for leaf in ("lora_A", "lora_B"):
+                mapping[f"base_model.model.{src}.{leaf}.weight"] = f"{name}.{leaf}.weight"
+    return mapping
