@@ -1,8 +1,8 @@
 """Safetensors read and write with bounded memory: one tensor (or one expert slice) in host RAM at a time.
 
-Reading uses plain file reads at the offsets in the header (no mmap: mapped pages would count against the
-process as they are touched). Writing plans every shard's header up front from the tensors' shapes and dtypes,
-then streams each tensor's bytes into place, so a shard is never assembled in memory.
+Reading goes through moefit.safetensors_io (plain file reads, no mmap). Writing plans every shard's header up
+front from the tensors' shapes and dtypes, then streams each tensor's bytes into place, so a shard is never
+assembled in memory.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MoefitError
+from ..safetensors_io import SafetensorsFile
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -31,49 +32,26 @@ def element_size(dtype: str) -> int:
 
 @dataclass(frozen=True)
 class TensorInfo:
-    path: Path
+    file: SafetensorsFile
     dtype: str  # safetensors name, e.g. "BF16"
     shape: tuple[int, ...]
-    start: int  # absolute byte offset in the file
-
-    @property
-    def nbytes(self) -> int:
-        n = element_size(self.dtype)
-        for s in self.shape:
-            n *= s
-        return n
-
-
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """{name: TensorInfo}, metadata of one .safetensors file."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise MoefitError(f"{path}: not a safetensors file (shorter than 8 bytes).")
-        (n,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MoefitError(f"{path}: unreadable safetensors header ({e}).") from None
-    meta = header.pop("__metadata__", {}) or {}
-    infos = {}
-    for name, h in header.items():
-        if h["dtype"] not in DTYPES:
-            raise MoefitError(f"{path}: tensor {name} has dtype {h['dtype']}, which moefit cannot read.")
-        infos[name] = TensorInfo(path, h["dtype"], tuple(h["shape"]), 8 + n + h["data_offsets"][0])
-    return infos, meta
 
 
 class CheckpointReader:
-    """Every tensor of a checkpoint directory (sharded or not), read on demand."""
+    """Every tensor of a checkpoint directory (sharded or not) or of the given files, read on demand with plain
+    file reads (see moefit.safetensors_io)."""
 
     def __init__(self, model_dir: Path | None = None, files: list[Path] | None = None):
         from ..loading import safetensors_files
 
         self.tensors: dict[str, TensorInfo] = {}
         for path in files if files is not None else safetensors_files(Path(model_dir)):
-            infos, _ = read_header(Path(path))
-            self.tensors.update(infos)
+            f = SafetensorsFile(path)
+            for key in f.keys():
+                name = f.header[key]["dtype"]
+                if name not in DTYPES:
+                    raise MoefitError(f"{path}: tensor {key!r} has dtype {name}, which moefit cannot read.")
+                self.tensors[key] = TensorInfo(f, name, f.shape(key))
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -83,22 +61,7 @@ class CheckpointReader:
 
     def read(self, name: str, index: int | None = None) -> torch.Tensor:
         """The tensor, or its `index`-th slice along the first dimension (one expert of a fused tensor)."""
-        info = self.tensors[name]
-        shape, start, nbytes = info.shape, info.start, info.nbytes
-        if index is not None:
-            if not shape or not 0 <= index < shape[0]:
-                raise IndexError(f"{name}: slice {index} out of range for shape {shape}")
-            nbytes //= shape[0]
-            start += index * nbytes
-            shape = shape[1:]
-        buf = bytearray(nbytes)
-        with open(info.path, "rb") as f:
-            f.seek(start)
-            if f.readinto(buf) != nbytes:
-                raise MoefitError(f"{info.path}: truncated file while reading {name}; is the download complete?")
-        if nbytes == 0:
-            return torch.empty(shape, dtype=DTYPES[info.dtype])
-        return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(shape)
+        return self.tensors[name].file.read(name, index)
 
 
 @dataclass(frozen=True)
