@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -155,11 +156,18 @@ def run(
     ):
         raise MoefitError(f"{run_dir} already holds a run. Continue it with --resume, or pass another "
                           "--output-dir (the default is a new folder under runs/).")
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.output_dir = str(run_dir)
     console = Console(run_dir / "train.log", echo=echo)
     try:
         return _run(cfg, run_dir, console, wall0, resume_from, smoke, smoke_steps, force, stop_after)
+    except MoefitError:
+        # A run that could not start (bad data, does not fit) leaves no folder behind; the error says why.
+        console.close()
+        if created and not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     finally:
         console.close()
 
