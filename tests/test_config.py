@@ -108,3 +108,10 @@ def test_cli_bad_config_file(tmp_path, capsys):
     assert "train.lr_rate" in err and str(path) in err and "Traceback" not in err
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    # PyYAML (YAML 1.1) reads `2e-5` as a string; in a run config it can only mean the number.
+    cfg = load_config(write(tmp_path, "train:\n  lr: 2e-5\nsmoke:\n  max_memory_gib: 1e2\n"))
+    assert cfg.train.lr == 2e-5 and cfg.smoke.max_memory_gib == 100.0
+    assert resolve_config(None, {"train.lr": "1e-4"}).train.lr == 1e-4

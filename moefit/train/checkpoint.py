@@ -170,9 +170,11 @@ def load_checkpoint(
     checkpoint: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any | None = None,
 ) -> TrainerState:
     """Load everything back into the live objects; RNG last, so nothing after it draws before training resumes."""
-    from ..lora import load_adapter
+    from safetensors.torch import load_file
 
-    load_adapter(model, checkpoint)
+    from ..lora import ADAPTER_WEIGHTS, load_lora_state_dict
+
+    load_lora_state_dict(model, load_file(str(checkpoint / ADAPTER_WEIGHTS)))  # checks names and shapes
     optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
     if scaler is not None and (checkpoint / "scaler.pt").is_file():

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import TINY_MODEL, RunConfig, save_config
+from ..config import RunConfig, save_config
 from ..errors import DataError, MoefitError
 from . import checkpoint as ckpt
 from .metrics import MetricsLog, plot_loss, versions, write_report
@@ -66,14 +66,6 @@ def resolve_device(name: str) -> torch.device:
             raise MoefitError(f"train.device is {name!r} but only {torch.cuda.device_count()} CUDA device(s) exist.")
         torch.cuda.set_device(dev.index)
     return dev
-
-
-def model_source(model: str) -> str | Path:
-    if model == TINY_MODEL:
-        from ..assets import tiny_model_dir
-
-        return tiny_model_dir()
-    return model
 
 
 def model_short_name(model: str) -> str:
@@ -191,8 +183,7 @@ def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_f
         f"on {','.join(cfg.lora.targets)}{' (routed experts too)' if cfg.lora.routed_experts else ''}")
 
     # Data first: a broken file should fail in seconds, not after loading a 100B model.
-    source = model_source(cfg.model)
-    tok = load_tokenizer(source)
+    tok = load_tokenizer(cfg.model)
     bundle = build_datasets(cfg.data, tok, max_length=t.max_length, seed=t.seed)
     for line in bundle.report.summary_lines():
         say(line)
@@ -226,7 +217,7 @@ def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_f
     stop_step = total_steps if stop_after is None else min(stop_after, total_steps)
 
     t_load = time.perf_counter()
-    model = load_model(source, quantization=cfg.quantization.weights, dtype=_DTYPES[t.precision],
+    model = load_model(cfg.model, quantization=cfg.quantization.weights, dtype=_DTYPES[t.precision],
                        device=device.type, quant=cfg.quantization)
     params = add_lora(model, cfg=cfg.lora)
     if t.gradient_checkpointing:
@@ -340,7 +331,7 @@ def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_f
         if has_eval and state.step % t.eval_every == 0:
             run_eval(state.step)
             last_eval_step = state.step
-        if not smoke and state.step % t.save_every == 0 and state.step < total_steps:
+        if not smoke and state.step % t.save_every == 0:
             path = ckpt.save_checkpoint(run_dir / "checkpoints", state, model, optimizer, scheduler, scaler)
             ckpt.prune_checkpoints(run_dir / "checkpoints", t.keep_checkpoints)
             say(f"checkpoint: {path}")
