@@ -34,7 +34,10 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_att
 
 
 def tokenizer_vocab() -> int:
-    return len(json.loads((tiny_model_dir() / "tokenizer.json").read_text())["model"]["vocab"])
+    """One more than the largest token id of the shipped tiny tokenizer."""
+    tok = json.loads((tiny_model_dir() / "tokenizer.json").read_text())
+    ids = list(tok["model"]["vocab"].values()) + [t["id"] for t in tok.get("added_tokens", [])]
+    return max(ids) + 1
 
 
 def _ids(tok_ids: dict) -> dict:
