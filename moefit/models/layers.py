@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..moe.grouped import frozen_expert_matmul, frozen_linear, grouped_matmul
+from ..moe.grouped import ExpertGroups, frozen_expert_matmul, frozen_linear, grouped_matmul
 from ..quant.nf4 import make_weight
 
 
@@ -72,7 +72,7 @@ EXPERT_PROJECTIONS = ("gate", "up", "down")
 class MoefitExperts(nn.Module):
     """Routed experts of one MoE layer: gate/up/down weights stored frozen per expert as [E, out, in].
 
-    forward(x, counts): x holds the routed tokens sorted by expert (counts[e] rows for expert e), already scaled
+    forward(x, groups): x holds the routed tokens sorted by expert (groups.counts[e] rows for expert e), already scaled
     by the router where the family scales inputs. Only those rows are computed: cost per token is independent of
     the number of experts.
     """
@@ -116,28 +116,27 @@ class MoefitExperts(nn.Module):
         self.lora_scale = alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def _lora(self, proj: str, x: torch.Tensor, counts: torch.Tensor, counts_cpu: list[int] | None
-              ) -> torch.Tensor | None:
+    def _lora(self, proj: str, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor | None:
         a = getattr(self, f"{proj}_lora_A")
         if a is None:
             return None
         b = getattr(self, f"{proj}_lora_B")
         xd = self.lora_dropout(x)
-        h = grouped_matmul(xd, a.to(x.dtype), counts, counts_cpu)
-        return grouped_matmul(h, b.to(x.dtype), counts, counts_cpu) * self.lora_scale
+        h = grouped_matmul(xd, a.to(x.dtype), groups)
+        return grouped_matmul(h, b.to(x.dtype), groups) * self.lora_scale
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor, counts_cpu: list[int] | None = None) -> torch.Tensor:
-        gate = frozen_expert_matmul(x, self.gate, counts, counts_cpu)
-        up = frozen_expert_matmul(x, self.up, counts, counts_cpu)
-        delta = self._lora("gate", x, counts, counts_cpu)
+    def forward(self, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+        gate = frozen_expert_matmul(x, self.gate, groups)
+        up = frozen_expert_matmul(x, self.up, groups)
+        delta = self._lora("gate", x, groups)
         if delta is not None:
             gate = gate + delta
-        delta = self._lora("up", x, counts, counts_cpu)
+        delta = self._lora("up", x, groups)
         if delta is not None:
             up = up + delta
         h = F.silu(gate) * up
-        out = frozen_expert_matmul(h, self.down, counts, counts_cpu)
-        delta = self._lora("down", h, counts, counts_cpu)
+        out = frozen_expert_matmul(h, self.down, groups)
+        delta = self._lora("down", h, groups)
         if delta is not None:
             out = out + delta
         return out

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.layers import MoefitExperts
+from .grouped import ExpertGroups
 
 
 @dataclass(frozen=True)
@@ -57,13 +58,13 @@ class MoefitMoE(nn.Module):
         order = torch.argsort(flat_expert, stable=True)
         token = order // k
         counts = torch.bincount(flat_expert, minlength=self.num_experts)
-        counts_cpu = None if x.is_cuda else counts.tolist()
+        groups = ExpertGroups(counts, None if x.is_cuda else counts.tolist())
         w = weights.reshape(-1)[order].to(x.dtype).unsqueeze(1)
         xs = x[token]
         if self.rule.scale_inputs:
-            ys = self.experts(xs * w, counts, counts_cpu)
+            ys = self.experts(xs * w, groups)
         else:
-            ys = self.experts(xs, counts, counts_cpu) * w
+            ys = self.experts(xs, groups) * w
         out = self.shared_expert(x) if self.shared_expert is not None else torch.zeros_like(x)
         out = out.index_add(0, token, ys.to(out.dtype))
         return out.view(hidden_states.shape), logits

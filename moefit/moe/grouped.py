@@ -29,13 +29,49 @@ def offsets_from_counts(counts: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts, 0).to(torch.int32)
 
 
-def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, counts_cpu: list[int] | None = None
-                   ) -> torch.Tensor:
-    """x: [N, K] rows sorted by expert; w: [E, K, M]; counts: [E] rows per expert. Returns [N, M]. Differentiable
-    in x and w."""
+class ExpertGroups:
+    """How routed rows are grouped: `counts[e]` rows for expert e, their int32 end offsets (for the grouped
+    kernel, computed once per MoE layer) and, lazily, the counts as Python ints (for the per-expert loop)."""
+
+    def __init__(self, counts: torch.Tensor, counts_cpu: list[int] | None = None):
+        self.counts = counts
+        self.offs = offsets_from_counts(counts)
+        self._cpu = counts_cpu
+
+    @property
+    def sizes(self) -> list[int]:
+        if self._cpu is None:
+            self._cpu = self.counts.tolist()
+        return self._cpu
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+    """x: [N, K] rows sorted by expert; w: [E, K, M]. Returns [N, M]. Differentiable in x and w."""
     if grouped_mm_supported(x, w):
-        return _GROUPED_MM(x, w, offs=offsets_from_counts(counts))
-    return loop_grouped_matmul(x, w, counts_cpu if counts_cpu is not None else counts.tolist())
+        return _GroupedMM.apply(x, w, groups.offs)
+    return loop_grouped_matmul(x, w, groups.sizes)
+
+
+class _GroupedMM(torch.autograd.Function):
+    """`torch._grouped_mm` with an explicit backward: the kernel rejects broadcast (zero-stride) gradients, and
+    the weight gradient is itself one grouped GEMM (x_e^T @ dy_e for every expert e)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor):
+        ctx.save_for_backward(x, w, offs)
+        return _GROUPED_MM(x, w, offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, w, offs = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_x = _GROUPED_MM(grad_out, w.transpose(-2, -1), offs=offs) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = _GROUPED_MM(x.t(), grad_out, offs=offs)
+            empty = torch.diff(offs, prepend=offs.new_zeros(1)) == 0  # experts that got no token: exactly zero
+            grad_w.masked_fill_(empty[:, None, None], 0)  # (no host sync, unlike boolean indexing)
+        return grad_x, grad_w, None
 
 
 def loop_grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -54,38 +90,34 @@ class _FrozenExpertMatmul(torch.autograd.Function):
     """y = x @ W_e^T per expert, W stored quantized as [E, out, in]; backward re-dequantizes for dx."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, counts: torch.Tensor, weight: NF4Weight | FrozenWeight,
-                counts_cpu: list[int] | None):
+    def forward(ctx, x: torch.Tensor, weight: NF4Weight | FrozenWeight, groups: ExpertGroups):
         ctx.weight = weight
-        ctx.counts_cpu = counts_cpu
-        ctx.save_for_backward(counts)
-        return _apply(x, weight, counts, counts_cpu, transpose=True)
+        ctx.groups = groups
+        return _apply(x, weight, groups, transpose=True)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        (counts,) = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = _apply(grad_out, ctx.weight, counts, ctx.counts_cpu, transpose=False)
-        return grad_x, None, None, None
+            grad_x = _apply(grad_out, ctx.weight, ctx.groups, transpose=False)
+        return grad_x, None, None
 
 
-def _apply(x: torch.Tensor, weight: NF4Weight | FrozenWeight, counts: torch.Tensor, counts_cpu: list[int] | None,
-           transpose: bool) -> torch.Tensor:
+def _apply(x: torch.Tensor, weight: NF4Weight | FrozenWeight, groups: ExpertGroups, transpose: bool
+           ) -> torch.Tensor:
     """transpose=True: x @ W^T ([N, in] -> [N, out]); False: x @ W ([N, out] -> [N, in])."""
     if x.is_cuda and _GROUPED_MM is not None and x.dtype == torch.bfloat16:
         w = weight.dequantize(dtype=x.dtype)  # [E, out, in]: one layer's experts, transient
         w = w.transpose(1, 2) if transpose else w
         if grouped_mm_supported(x, w):
-            out = _GROUPED_MM(x, w, offs=offsets_from_counts(counts))
+            out = _GROUPED_MM(x.contiguous(), w, offs=groups.offs)
             del w
             return out
-        return loop_grouped_matmul(x, w, counts_cpu if counts_cpu is not None else counts.tolist())
+        return loop_grouped_matmul(x, w, groups.sizes)
     # Per-expert loop: dequantize one expert at a time (lowest memory; CPU and fallback path).
-    sizes = counts_cpu if counts_cpu is not None else counts.tolist()
     outs = []
     start = 0
-    for e, n in enumerate(sizes):
+    for e, n in enumerate(groups.sizes):
         if n:
             w = weight.dequantize(expert=e, dtype=x.dtype)
             outs.append(x[start:start + n] @ (w.t() if transpose else w))
@@ -96,10 +128,9 @@ def _apply(x: torch.Tensor, weight: NF4Weight | FrozenWeight, counts: torch.Tens
     return torch.cat(outs, 0)
 
 
-def frozen_expert_matmul(x: torch.Tensor, weight: NF4Weight | FrozenWeight, counts: torch.Tensor,
-                         counts_cpu: list[int] | None = None) -> torch.Tensor:
+def frozen_expert_matmul(x: torch.Tensor, weight: NF4Weight | FrozenWeight, groups: ExpertGroups) -> torch.Tensor:
     """x: [N, in] sorted by expert -> [N, out], with W frozen and stored as [E, out, in]."""
-    return _FrozenExpertMatmul.apply(x, counts, weight, counts_cpu)
+    return _FrozenExpertMatmul.apply(x, weight, groups)
 
 
 class _FrozenLinear(torch.autograd.Function):

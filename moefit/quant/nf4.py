@@ -100,16 +100,40 @@ class NF4Weight(nn.Module):
         """The weight in `dtype` (default: the storage's compute dtype): [out, in], or [E, out, in] when 3-D
         and `expert` is None. The result is a fresh tensor; nothing is cached."""
         dtype = dtype or self.dtype
+        rows = slice(None) if expert is None else slice(expert, expert + 1)
+        if self.slice_numel % self.blocksize == 0:
+            # Blocks never straddle two experts: one kernel call for every selected expert at once.
+            absmax = self._absmax_fp32(rows)
+            shape = list(self.shape) if expert is None else list(self.slice_shape)
+            if len(self.shape) == 2:
+                shape = list(self.shape)
+            out = torch.ops.bitsandbytes.dequantize_4bit.default(
+                self.packed[rows].reshape(-1, 1), absmax.reshape(-1), self.blocksize, "nf4", shape, self.dtype)
+            return out if out.dtype == dtype else out.to(dtype)
+        return self._dequantize_by_state(expert, dtype)
+
+    def _absmax_fp32(self, rows: slice) -> torch.Tensor:
+        """First-level scales in fp32, [E', nblocks]: undo the double quantization (code2[u8] * absmax2 + offset),
+        the same arithmetic as bitsandbytes' dequantize_blockwise."""
+        if not self.double_quant:
+            return self.absmax[rows]
+        absmax, absmax2, offset = self.absmax[rows], self.absmax2[rows], self.offset[rows, None]
+        nblocks = absmax.shape[1]
+        if nblocks % 256 == 0:  # second-level blocks never straddle experts: one kernel call
+            flat = torch.ops.bitsandbytes.dequantize_blockwise.default(
+                absmax.reshape(-1), absmax2.reshape(-1), self.code2, 256, torch.float32)
+            return flat.view(absmax.shape).add_(offset)
+        scale2 = absmax2.repeat_interleave(256, dim=1)[:, :nblocks]
+        return self.code2[absmax.long()] * scale2 + offset
+
+    def _dequantize_by_state(self, expert: int | None, dtype: torch.dtype) -> torch.Tensor:
         if expert is not None or len(self.shape) == 2:
             e = expert or 0
             out = bnbF.dequantize_4bit(self.packed[e].view(-1, 1), self._state(e))
             return out if out.dtype == dtype else out.to(dtype)
         out = torch.empty(self.shape, dtype=self.dtype, device=self.packed.device)
         for e in range(self.experts):
-            if out.is_cuda:  # the CUDA kernel writes in place; the CPU backend has no `out=` variant
-                bnbF.dequantize_4bit(self.packed[e].view(-1, 1), self._state(e), out=out[e])
-            else:
-                out[e].copy_(bnbF.dequantize_4bit(self.packed[e].view(-1, 1), self._state(e)))
+            out[e].copy_(bnbF.dequantize_4bit(self.packed[e].view(-1, 1), self._state(e)))
         return out if out.dtype == dtype else out.to(dtype)
 
     def nbytes(self) -> int:

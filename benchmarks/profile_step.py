@@ -1,0 +1,83 @@
+"""Where a Scout QLoRA step spends its time: kernel micro-benchmarks at real shapes + a profiled step.
+
+    python benchmarks/profile_step.py --layers 4 --seq-len 2048 --out DIR
+Prints dequantization bandwidth (one expert bank), grouped-GEMM rates, and the top CUDA kernels of one step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def timed(fn, reps=10):
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(reps):
+        fn()
+    e.record()
+    torch.cuda.synchronize()
+    return s.elapsed_time(e) / reps / 1e3
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args()
+    from moefit.bench import build_synthetic_model, measure_training
+    from moefit.config import LoraConfig
+    from moefit.models.layers import MoefitExperts
+    from moefit.moe.grouped import _GROUPED_MM, offsets_from_counts
+
+    m = build_synthetic_model("llama4-scout", num_layers=args.layers, lora=LoraConfig(r=32, alpha=64))
+    ex = next(x for x in m.modules() if isinstance(x, MoefitExperts))
+    bank = ex.gate
+    n = bank.experts * bank.slice_numel
+    t = timed(lambda: bank.dequantize())
+    res = {"dequant_bank_s": t, "dequant_GBps_written_plus_read": (n * 2 + n / 2 + n / 32) / t / 1e9}
+    t2 = timed(lambda: bank._dequantize_by_state(None, torch.bfloat16))
+    res["dequant_bank_by_state_s"] = t2
+    T = args.seq_len
+    counts = torch.full((16,), T // 16, device="cuda")
+    x = torch.randn(T, 5120, device="cuda", dtype=torch.bfloat16)
+    w = bank.dequantize().transpose(1, 2)
+    tg = timed(lambda: _GROUPED_MM(x, w, offs=offsets_from_counts(counts)))
+    res["grouped_gate_s"] = tg
+    res["grouped_gate_tflops"] = 2 * T * 5120 * 8192 / tg / 1e12
+    wc = w.contiguous()
+    res["grouped_gate_rowmajor_s"] = timed(lambda: _GROUPED_MM(x, wc, offs=offsets_from_counts(counts)))
+    res["copy_GBps"] = 2 * w.numel() * 2 / timed(lambda: w.clone()) / 1e9
+    r = measure_training(m, seq_len=T, batch=1, steps=2, warmup=1)
+    res["step"] = r
+    from torch.profiler import ProfilerActivity, profile
+
+    opt_params = [p for p in m.parameters() if p.requires_grad]
+    ids = torch.randint(0, 1000, (1, T), device="cuda")
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        out = m(ids, labels=ids)
+        out.loss.backward()
+        torch.cuda.synchronize()
+    for p in opt_params:
+        p.grad = None
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    Path(args.out, "profile_table.txt").write_text(table)
+    Path(args.out, "profile.json").write_text(json.dumps(res, indent=2, default=str))
+    print(table)
+    print(json.dumps({k: v for k, v in res.items() if k != "step"}, indent=1))
+    print("step", {k: r[k] for k in ("step_s", "tokens_per_s", "peak_allocated_bytes")})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

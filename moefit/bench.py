@@ -1,0 +1,179 @@
+"""Measure training memory and speed at real shapes without downloading anything.
+
+`build_synthetic_model` makes the model from a preset's config.json (or any config) directly in NF4 on the target
+device, tensor by tensor from random numbers: the same modules, layouts and code paths as a loaded checkpoint,
+no disk, no bf16 copy of the model. `measure_training` runs QLoRA steps on random tokens and reports peak
+allocated / reserved memory and tokens/s. `moefit bench` drives both.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import LoraConfig, QuantConfig
+from .errors import MoefitError
+from .models.causal_lm import MoefitCausalLM
+from .models.layers import EXPERT_PROJECTIONS, MoefitExperts, MoefitLinear
+
+PRESETS_DIR = Path(__file__).resolve().parent / "models" / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+
+
+def load_config_json(model: str):
+    """A preset name, a directory with config.json, or a config.json path -> transformers text config."""
+    from transformers import AutoConfig
+
+    from .models.build import text_config_of
+
+    path = PRESETS_DIR / f"{model}.json"
+    if not path.is_file():
+        path = Path(model)
+        if path.is_dir():
+            path = path / "config.json"
+    if not path.is_file():
+        raise MoefitError(f"model {model!r}: not a preset ({', '.join(preset_names())}) and no config.json there.")
+    values = json.loads(path.read_text())
+    model_type = values.pop("model_type")
+    return text_config_of(AutoConfig.for_model(model_type, **values))
+
+
+@torch.no_grad()
+def fill_synthetic(model: nn.Module, *, std: float, seed: int = 0) -> None:
+    """Random weights for every tensor, generated and quantized on the tensors' own devices."""
+    root = getattr(model, "hf", model)
+    device = next(iter(root.buffers())).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(shape, dtype):
+        return torch.randn(shape, generator=gen, device=device, dtype=torch.float32).mul_(std).to(dtype)
+
+    owned = set()
+    for name, module in root.named_modules():
+        if isinstance(module, MoefitLinear):
+            module.load_weight(randn((module.out_features, module.in_features), torch.bfloat16))
+            owned.add(name)
+        elif isinstance(module, MoefitExperts):
+            for proj in EXPERT_PROJECTIONS:
+                store = getattr(module, proj)
+                for e in range(module.num_experts):
+                    store.quantize_(randn(store.slice_shape, torch.bfloat16), expert=e)
+            owned.add(name)
+    for name, p in root.named_parameters():
+        if any(name.startswith(o + ".") for o in owned) or p.requires_grad:
+            continue
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.copy_(randn(p.shape, p.dtype))
+
+
+def build_synthetic_model(model: str, *, num_layers: int | None = None, quant: QuantConfig | None = None,
+                          lora: LoraConfig | None = None, device: str | torch.device = "cuda",
+                          dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> MoefitCausalLM:
+    from .lora import add_lora
+    from .models.build import build_skeleton
+
+    quant = quant or QuantConfig()
+    config = load_config_json(model)
+    if num_layers is not None:
+        config.num_hidden_layers = num_layers
+        for key in ("no_rope_layers", "layer_types", "moe_layers"):
+            value = getattr(config, key, None)
+            if isinstance(value, list) and len(value) > num_layers:
+                setattr(config, key, value[:num_layers])
+    hf = build_skeleton(config, quant=quant, dtype=dtype, device=device)
+    fill_synthetic(hf, std=getattr(config, "initializer_range", 0.02), seed=seed)
+    out = MoefitCausalLM(hf, source=model, source_dir=None, quantization=quant.weights, dtype=dtype)
+    if lora is not None:
+        add_lora(out, cfg=lora)
+    return out
+
+
+def _make_optimizer(params: list[nn.Parameter], name: str, lr: float = 1e-5):
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    import bitsandbytes as bnb
+
+    if name == "adamw_8bit":
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=0.01)
+    if name == "paged_adamw_8bit":
+        return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=0.01)
+    raise MoefitError(f"unknown optimizer {name!r}")
+
+
+def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: int = 3, warmup: int = 1,
+                     optimizer: str = "adamw_8bit", gradient_checkpointing: bool = True, grad_accum: int = 1,
+                     seed: int = 0) -> dict[str, Any]:
+    """QLoRA steps on random tokens. Each step: `grad_accum` micro-batches of [batch, seq_len], one optimizer
+    step, gradients freed. Returns peak allocated/reserved bytes (over warmup + timed steps), mean step time and
+    tokens/s over the timed steps."""
+    device = model.device
+    cuda = device.type == "cuda"
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise MoefitError("measure_training needs a model with LoRA parameters (add_lora).")
+    if gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.train()
+    opt = _make_optimizer(params, optimizer)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    vocab = model.config.vocab_size
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times, losses = [], []
+    for step in range(warmup + steps):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(grad_accum):
+            ids = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
+            out = model(ids, labels=ids)
+            (out.loss / grad_accum).backward()
+            losses.append(out.loss.item())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(device)
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+    step_s = sum(times) / len(times)
+    result = {"seq_len": seq_len, "batch": batch, "grad_accum": grad_accum, "steps": steps,
+              "step_s": step_s, "tokens_per_s": batch * seq_len * grad_accum / step_s,
+              "loss_first": losses[0], "loss_last": losses[-1]}
+    if cuda:
+        result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        result["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    del opt
+    return result
+
+
+def active_params_per_token(config) -> int:
+    """Parameters one token touches (attention, shared expert, top_k routed experts, lm_head), for the
+    6 x active-params FLOP ceiling."""
+    h = config.hidden_size
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    hd = getattr(config, "head_dim", None) or h // heads
+    attn = h * hd * (heads + 2 * kv) + heads * hd * h
+    total = config.vocab_size * h  # lm_head
+    moe_layers = set(getattr(config, "moe_layers", None) or [])
+    for layer in range(config.num_hidden_layers):
+        total += attn
+        if config.model_type == "llama4_text" and layer in moe_layers:
+            i = config.intermediate_size
+            total += 3 * h * i * (1 + config.num_experts_per_tok) + h * config.num_local_experts
+        else:
+            i = getattr(config, "intermediate_size_mlp", None) or config.intermediate_size
+            total += 3 * h * i
+    return total

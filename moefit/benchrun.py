@@ -1,0 +1,71 @@
+"""The `moefit bench` procedure: build synthetic model once, measure each sequence length, compare with the plan."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from .config import LoraConfig, QuantConfig, RunConfig, TrainConfig
+from .errors import MoefitError
+
+
+def matmul_tflops(device: str = "cuda", n: int = 8192, reps: int = 10) -> float:
+    """Measured bf16 GEMM rate, the ceiling used for the FLOP fraction."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: list[int] = (2048,), batch: int = 1,
+          rank: int = 32, expert_rank: int | None = None, targets: list[str] | None = None,
+          optimizer: str = "adamw_8bit", steps: int = 3, warmup: int = 1, device: str = "cuda") -> dict[str, Any]:
+    from .bench import active_params_per_token, build_synthetic_model, measure_training
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MoefitError("moefit bench needs a CUDA GPU (none is visible). Use `moefit plan` to predict memory "
+                          "and time without one.")
+    lora = LoraConfig(r=rank, alpha=2.0 * rank, expert_r=expert_rank,
+                      routed_experts=expert_rank != 0,
+                      targets=targets or ["q", "k", "v", "o", "gate", "up", "down"])
+    t0 = time.perf_counter()
+    m = build_synthetic_model(model, num_layers=layers, quant=QuantConfig(), lora=lora, device=device)
+    build_s = time.perf_counter() - t0
+    ceiling = matmul_tflops(device) if device.startswith("cuda") else None
+    active = active_params_per_token(m.config)
+    runs = []
+    for seq in seq_lens:
+        for p in m.parameters():
+            p.grad = None
+        r = measure_training(m, seq_len=seq, batch=batch, steps=steps, warmup=warmup, optimizer=optimizer)
+        r["flops_per_token"] = 6 * active
+        r["ceiling_fraction"] = (r["tokens_per_s"] * 6 * active / (ceiling * 1e12)) if ceiling else 0.0
+        r["planned_peak_bytes"] = _planned_peak(model, layers, seq, batch, lora, optimizer)
+        runs.append(r)
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+    return {"model": model, "layers": m.config.num_hidden_layers, "build_s": build_s, "device_name": name,
+            "matmul_tflops": ceiling, "active_params_per_token": active, "lora": lora.__dict__, "runs": runs}
+
+
+def _planned_peak(model: str, layers: int | None, seq: int, batch: int, lora: LoraConfig, optimizer: str):
+    if layers is not None:
+        return None  # the plan describes the whole model
+    try:
+        from .plan import plan
+
+        cfg = RunConfig(model=model, lora=lora, train=TrainConfig(max_length=seq, batch_size=batch,
+                                                                  optimizer=optimizer))
+        p = plan(cfg, gpus=["h200"], search=False)
+        return p.to_dict().get("memory", {}).get("peak_allocated_bytes")
+    except Exception:  # noqa: BLE001 - the comparison is informative; a planner problem must not hide a measurement
+        return None

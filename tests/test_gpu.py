@@ -1,0 +1,95 @@
+"""CUDA paths: grouped GEMM vs the per-expert loop, one-call NF4 dequantization, a training step. Skipped without
+a GPU (CI has none; these run on the H200 through benchmarks/gpu_check.sh)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def rel(a, b):
+    a, b = a.float().cpu(), b.float().cpu()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_nf4_one_call_dequant_equals_per_expert_on_cuda():
+    from moefit.quant.nf4 import NF4Weight
+
+    w = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16)
+    q = NF4Weight(tuple(w.shape), dtype=torch.bfloat16, device="cuda").quantize_(w)
+    assert torch.equal(q.dequantize(), q._dequantize_by_state(None, torch.bfloat16))
+    assert torch.equal(q.dequantize(expert=2), q._dequantize_by_state(2, torch.bfloat16))
+
+
+def test_grouped_expert_matmul_matches_loop_forward_and_backward():
+    from moefit.moe.grouped import (
+        ExpertGroups,
+        _apply,
+        frozen_expert_matmul,
+        grouped_matmul,
+        loop_grouped_matmul,
+    )
+    from moefit.quant.nf4 import NF4Weight
+
+    torch.manual_seed(0)
+    e, h, i = 8, 512, 256
+    counts = torch.tensor([5, 0, 17, 64, 1, 30, 0, 11], device="cuda")
+    n = int(counts.sum())
+    groups = ExpertGroups(counts)
+    q = NF4Weight((e, i, h), dtype=torch.bfloat16, device="cuda").quantize_(
+        torch.randn(e, i, h, device="cuda", dtype=torch.bfloat16) * 0.05)
+    x = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = frozen_expert_matmul(x, q, groups)
+    ref = _apply(x.detach().float(), q, groups, transpose=True)  # fp32 per-expert loop
+    assert rel(y, ref) < 1e-2
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref_gx = _apply(g.float(), q, groups, transpose=False)
+    assert rel(x.grad, ref_gx) < 1e-2
+
+    a = torch.randn(e, h, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    xx = x.detach().clone().requires_grad_(True)
+    out = grouped_matmul(xx, a, groups)
+    ref_out = loop_grouped_matmul(xx.detach().float(), a.detach().float(), counts.tolist())
+    assert rel(out, ref_out) < 1e-2
+    out.sum().backward()
+    assert a.grad is not None and torch.isfinite(a.grad).all()
+    assert a.grad[1].abs().sum() == 0 and a.grad[6].abs().sum() == 0  # experts with no tokens get no gradient
+
+
+def test_tiny_model_on_cuda_matches_cpu_and_trains(tmp_path, monkeypatch):
+    import moefit
+    import moefit.moe.grouped as grouped
+    from moefit.lora import add_lora
+    from tests.test_engine_parity import CONFIGS, tiny_config, write_checkpoint
+
+    cfg = tiny_config(**CONFIGS["top2-8e-norope"])
+    write_checkpoint(tmp_path, cfg)
+    ids = torch.randint(3, cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    cpu = moefit.load_model(str(tmp_path), quantization="nf4", dtype=torch.float32)
+    gpu32 = moefit.load_model(str(tmp_path), quantization="nf4", dtype=torch.float32, device="cuda")
+    gpu = moefit.load_model(str(tmp_path), quantization="nf4", dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        assert rel(gpu32(ids.cuda()).logits, cpu(ids).logits) < 2e-3  # same NF4 bytes; GPU fp32 reduction order
+        fast = gpu(ids.cuda()).logits
+        monkeypatch.setattr(grouped, "_GROUPED_MM", None)  # the per-expert loop on the same bf16 model
+        slow = gpu(ids.cuda()).logits
+        monkeypatch.undo()
+    assert rel(fast, slow) < 2e-2
+    params = add_lora(gpu, r=8, alpha=16, dropout=0.0)
+    gpu.enable_gradient_checkpointing()
+    gpu.train()
+    import bitsandbytes as bnb
+
+    opt = bnb.optim.AdamW8bit(list(params.values()), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss = gpu(ids.cuda(), labels=ids.cuda()).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
