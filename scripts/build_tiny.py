@@ -68,7 +68,7 @@ MODEL_SHAPE = dict(
     tie_word_embeddings=False,
     rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
 )
-PRETRAIN = dict(seq_len=256, batch_size=8, steps=600, lr=3e-3, warmup=40, min_lr_ratio=0.1, weight_decay=0.1)
+PRETRAIN = dict(seq_len=256, batch_size=8, steps=400, lr=3e-3, warmup=30, min_lr_ratio=0.1, weight_decay=0.1)
 
 
 # --------------------------------------------------------------------------- data
@@ -162,8 +162,8 @@ def pretrain_documents(seed: int = SEED) -> list[str]:
     """Prose documents (bos ... end_of_text) and general chat dialogues; never the chat data set."""
     rng = random.Random(seed + 1)
     docs = [f"<|begin_of_text|>{' '.join(t.split())}<|end_of_text|>"
-            for t in prose.HANDBOOK + prose.STORIES + prose.EVERYDAY]
-    qa = list(prose.GENERAL_QA) + prose.generated_qa(rng, 1200)
+            for t in prose.HANDBOOK + prose.STORIES + prose.EVERYDAY + prose.business_notes(rng)]
+    qa = list(prose.GENERAL_QA) + prose.generated_qa(rng, 500) + prose.venue_qa(rng, 800)
     rng.shuffle(qa)
     i = 0
     while i < len(qa):
@@ -370,7 +370,13 @@ def main() -> None:
     ap.add_argument("what", choices=["data", "tokenizer", "pretrain", "all", "sanity"])
     ap.add_argument("--steps", type=int, default=PRETRAIN["steps"], help="pretraining steps")
     ap.add_argument("--seconds", type=float, default=75.0, help="sanity fine-tune duration")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (1 is faster when other jobs share the cores)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.what in ("data", "all"):
         cmd_data()
     if args.what in ("tokenizer", "all"):

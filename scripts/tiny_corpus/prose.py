@@ -192,3 +192,80 @@ def generated_qa(rng: random.Random, n: int) -> list[tuple[str, str]]:
             out.append((f"A meeting starts at {h}:{m:02d} and lasts {d} minutes. When does it end?",
                         f"It ends at {end // 60}:{end % 60:02d}."))
     return out
+
+
+# Other (fictional) places people ask about in the same way: hours, prices, bookings.
+VENUES = {
+    "the swimming pool": {"hours": ("6:30", "21:00"), "closed": "Christmas Day",
+                          "prices": {"adult swim": 4.80, "child swim": 2.90, "lesson": 8.50}},
+    "the library": {"hours": ("9:00", "18:00"), "closed": "Sunday",
+                    "prices": {"printing a page": 0.15, "replacement card": 2.00, "late fee per day": 0.25}},
+    "the bike shop": {"hours": ("8:30", "17:30"), "closed": "Sunday and Monday",
+                      "prices": {"puncture repair": 12.00, "full service": 65.00, "brake adjustment": 15.00}},
+    "the garden centre": {"hours": ("9:00", "17:00"), "closed": "Christmas Day",
+                          "prices": {"bag of compost": 6.99, "tomato plant": 3.50, "pot of basil": 2.25}},
+    "the museum": {"hours": ("10:00", "16:30"), "closed": "Monday",
+                   "prices": {"adult ticket": 9.00, "child ticket": 4.50, "audio guide": 3.00}},
+}
+
+
+def venue_qa(rng: random.Random, n: int) -> list[tuple[str, str]]:
+    """Questions about opening times and prices of places other than the bakery, with consistent answers."""
+    out = []
+    for _ in range(n):
+        name, v = rng.choice(list(VENUES.items()))
+        kind = rng.randrange(4)
+        if kind == 0:
+            q = rng.choice(["What time does {v} open?", "When does {v} open in the morning?",
+                            "How early is {v} open?"]).format(v=name)
+            out.append((q, f"{name[0].upper() + name[1:]} opens at {v['hours'][0]}."))
+        elif kind == 1:
+            q = rng.choice(["How late is {v} open?", "What time does {v} close?",
+                            "Until when is {v} open today?"]).format(v=name)
+            out.append((q, f"It closes at {v['hours'][1]}, and it is closed on {v['closed']}."))
+        elif kind == 2:
+            item, cost = rng.choice(list(v["prices"].items()))
+            q = rng.choice(["How much is a {i} at {v}?", "What does {v} charge for a {i}?",
+                            "price of a {i} at {v}?"]).format(i=item, v=name)
+            out.append((q, f"A {item} at {name} costs £{cost:.2f}."))
+        else:
+            q = rng.choice(["Is {v} open on {d}?", "Can I go to {v} on {d}?"])
+            day = rng.choice(DAYS)
+            closed = day in v["closed"]
+            ans = (f"No, {name} is closed on {v['closed']}." if closed
+                   else f"Yes, on {day} it is open from {v['hours'][0]} to {v['hours'][1]}.")
+            out.append((q.format(v=name, d=day), ans))
+    return out
+
+
+def business_notes(rng: random.Random) -> list[str]:
+    """Short notes and price lists about the bakery in varied wording (leaflets, board, reviews)."""
+    notes = []
+    frames = ["The {i} is {p}.", "{I}: {p}.", "You can buy a {i} for {p}.", "A {i} will cost you {p}.",
+              "On the board today: {i}, {p}."]
+    for item, (cost, _cat, allergens) in F.MENU.items():
+        for frame in rng.sample(frames, 3):
+            s = frame.format(i=item, I=item[0].upper() + item[1:], p=f"£{cost:.2f}")
+            if allergens and rng.random() < 0.6:
+                s += f" Allergens and notes: {allergens}."
+            notes.append(s)
+    for day, hours in F.HOURS:
+        if hours is None:
+            notes.append(f"On {day} {F.NAME} is closed all day.")
+            notes.append(f"{day}: closed.")
+        else:
+            notes.append(f"On {day} the shop opens at {hours[0]} and closes at {hours[1]}.")
+            notes.append(f"{day}: {hours[0]} to {hours[1]}.")
+            notes.append(f"Every {day} the doors open at {hours[0]}.")
+    reviews = [
+        f"Lovely little bakery on Orchard Lane. The flat white was {F.price('flat white')} and the cinnamon bun was still warm.",
+        "Went on a Monday and it was shut, which I should have checked first. Came back on Tuesday and it was worth it.",
+        "Ordered a birthday cake three days ahead and it was perfect. The writing on top was free.",
+        "Great sourdough, but get there early on a Saturday because it sells out.",
+        "Staff were careful about my nut allergy and showed me the allergen folder.",
+        "The terrace is dog friendly and they bring a water bowl out.",
+        "Catering for our office meeting arrived on time and the platters were generous.",
+    ]
+    notes += reviews
+    rng.shuffle(notes)
+    return [" ".join(notes[i:i + 6]) for i in range(0, len(notes), 6)]
