@@ -118,9 +118,10 @@ def write_shard(path: Path, tensors: list[PlannedTensor], chunks: Iterable[tuple
             t = tensors[pos]
             if part.dtype != DTYPES[t.dtype]:
                 raise RuntimeError(f"{name}: planned {t.dtype}, got {part.dtype}")
-            data = part.contiguous().view(torch.uint8).numpy().tobytes() if part.numel() else b""
-            f.write(data)
-            written += len(data)
+            if part.numel():  # write from the tensor's own memory: no bytes copy of a large tensor
+                data = part.contiguous().reshape(-1).view(torch.uint8).numpy()
+                f.write(memoryview(data))
+                written += data.nbytes
             if written > t.nbytes:
                 raise RuntimeError(f"{name}: wrote {written} bytes, planned {t.nbytes}")
         if pos != len(tensors) - 1 or (tensors and written != tensors[-1].nbytes):
