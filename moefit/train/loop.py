@@ -160,6 +160,12 @@ def run(
         if created and not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    except KeyboardInterrupt:
+        latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+        if latest is not None:
+            console.print(f"\ninterrupted; the newest checkpoint is {latest}. Continue with: "
+                          f"moefit train --resume {run_dir}")
+        raise
     finally:
         console.close()
 
@@ -222,6 +228,11 @@ def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_f
     params = add_lora(model, cfg=cfg.lora)
     if t.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    rows = model.hf.get_input_embeddings().weight.shape[0]
+    top = max(max(s["input_ids"]) for s in bundle.train + bundle.eval)
+    if top >= rows:
+        raise MoefitError(f"the tokenizer of {cfg.model} produced token id {top}, but the model's embedding has "
+                          f"only {rows} rows: the tokenizer files and the weights do not belong together.")
     n_train = sum(p.numel() for p in params.values())
     say(f"model loaded in {time.perf_counter() - t_load:.1f}s; {n_train:,} trainable LoRA parameters "
         f"in {len(params)} tensors")
@@ -261,14 +272,15 @@ def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_f
     model.train()
     if has_eval and state.step == 0:
         state.start_eval_loss = run_eval(0)
-    last_eval_step = state.step if resume_from else (0 if has_eval else -1)
+    evals_done = metrics.eval_records()
+    last_eval_step = evals_done[-1]["step"] if evals_done else -1
 
     say(f"{total_steps} optimizer steps ({per_epoch} per epoch of {len(bundle.train)} sequences), batch "
         f"{t.batch_size} x accumulation {t.grad_accum}, lr {t.lr:g} {'constant (smoke)' if smoke else t.scheduler}")
     batches = iterate_batches(bundle.train, t.batch_size, t.seed,
                               start=DataPosition(state.data_epoch, state.data_index), pad_id=pad_id)
     step_losses: list[float] = []
-    session_t0, session_tokens = time.perf_counter(), 0
+    session_t0, session_tokens, session_train_s = time.perf_counter(), 0, 0.0
     elapsed_base = state.elapsed_s
     nan_step = None
     while state.step < stop_step:
@@ -307,10 +319,11 @@ def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_f
         state.tokens_seen += step_tokens
         state.label_tokens_seen += step_label_tokens
         state.train_time_s += time.perf_counter() - ts
+        session_train_s += time.perf_counter() - ts
         session_tokens += step_tokens
         step_losses.append(step_loss)
         state.elapsed_s = elapsed_base + time.perf_counter() - session_t0
-        tok_s = session_tokens / max(time.perf_counter() - session_t0, 1e-9)
+        tok_s = session_tokens / max(session_train_s, 1e-9)  # training only: evals are not in it
         peak = peak_memory_bytes(device)
         if state.step % t.log_every == 0 or state.step == stop_step or not math.isfinite(step_loss):
             metrics.write({"kind": "train", "step": state.step, "loss": step_loss, "lr": lr,
