@@ -74,11 +74,15 @@ def test_tiny_model_on_cuda_matches_cpu_and_trains(tmp_path, monkeypatch):
     gpu = moefit.load_model(str(tmp_path), quantization="nf4", dtype=torch.bfloat16, device="cuda")
     with torch.no_grad():
         assert rel(gpu32(ids.cuda()).logits, cpu(ids).logits) < 2e-3  # same NF4 bytes; GPU fp32 reduction order
-        fast = gpu(ids.cuda()).logits
-        monkeypatch.setattr(grouped, "_GROUPED_MM", None)  # the per-expert loop on the same bf16 model
-        slow = gpu(ids.cuda()).logits
+        # One MoE block, same routing: grouped kernel vs the per-expert loop (whole-model logits would also
+        # differ where bf16 rounding flips a near-tied top-k choice in a later layer).
+        block = gpu.hf.model.layers[0].feed_forward
+        hidden = torch.randn(2, 64, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+        fast, _ = block(hidden)
+        monkeypatch.setattr(grouped, "_GROUPED_MM", None)
+        slow, _ = block(hidden)
         monkeypatch.undo()
-    assert rel(fast, slow) < 2e-2
+    assert rel(fast, slow) < 1e-2
     params = add_lora(gpu, r=8, alpha=16, dropout=0.0)
     gpu.enable_gradient_checkpointing()
     gpu.train()
