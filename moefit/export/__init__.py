@@ -71,3 +71,8 @@ class _CallableModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableModule
+
+
+from .._callable import make_module_callable  # noqa: E402
+
+make_module_callable(__name__, export)

@@ -225,7 +225,7 @@ def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: 
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        write_shard(out / fname, shard, ((p.name, part) for p in shard for part in gens[p.name]))
+        write_shard(out / fname, shard, gens)
         for p in shard:
             weight_map[p.name] = fname
             report.total_bytes += p.nbytes

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,11 +92,11 @@ def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list
     return shards if shards[0] else []
 
 
-def write_shard(path: Path, tensors: list[PlannedTensor], chunks: Iterable[tuple[str, torch.Tensor]],
+def write_shard(path: Path, tensors: list[PlannedTensor], parts: Mapping[str, Iterable[torch.Tensor]],
                 metadata: dict[str, str] | None = None) -> None:
-    """Write `tensors` to `path`: the header first, then the bytes that `chunks` yields as (name, part) in order.
-    A tensor may come in several parts (consecutive slices along its first dimension); each name's parts must add
-    up to exactly its planned size."""
+    """Write `tensors` to `path`: the header first, then each tensor's bytes as `parts[name]` yields them, in
+    order. A tensor may come in several parts (consecutive slices along its first dimension, e.g. one expert at a
+    time); they must add up to exactly its planned size. Only the part being written is referenced here."""
     header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for t in tensors:
@@ -104,25 +104,17 @@ def write_shard(path: Path, tensors: list[PlannedTensor], chunks: Iterable[tuple
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    pos, written = -1, 0
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for name, part in chunks:
-            if pos < 0 or name != tensors[pos].name:
-                if pos >= 0 and written != tensors[pos].nbytes:
-                    raise RuntimeError(f"{path}: {tensors[pos].name} got {written} of {tensors[pos].nbytes} bytes")
-                pos, written = pos + 1, 0
-                if pos >= len(tensors) or name != tensors[pos].name:
-                    raise RuntimeError(f"{path}: got tensor {name!r} out of the planned order")
-            t = tensors[pos]
-            if part.dtype != DTYPES[t.dtype]:
-                raise RuntimeError(f"{name}: planned {t.dtype}, got {part.dtype}")
-            if part.numel():  # write from the tensor's own memory: no bytes copy of a large tensor
-                data = part.contiguous().reshape(-1).view(torch.uint8).numpy()
+        for t in tensors:
+            written = 0
+            for part in parts[t.name]:
+                if part.dtype != DTYPES[t.dtype]:
+                    raise RuntimeError(f"{t.name}: planned {t.dtype}, got {part.dtype}")
+                data = part.contiguous().reshape(-1).view(torch.uint8).numpy()  # the tensor's memory, no copy
                 f.write(memoryview(data))
                 written += data.nbytes
-            if written > t.nbytes:
-                raise RuntimeError(f"{name}: wrote {written} bytes, planned {t.nbytes}")
-        if pos != len(tensors) - 1 or (tensors and written != tensors[-1].nbytes):
-            raise RuntimeError(f"{path}: incomplete shard ({pos + 1} of {len(tensors)} tensors written)")
+                del part, data  # before the next part is made: one part alive at a time
+            if written != t.nbytes:
+                raise RuntimeError(f"{path}: {t.name} got {written} of {t.nbytes} planned bytes")
