@@ -217,3 +217,21 @@ def test_export_refuses_non_empty_out_and_wrong_base(run_dir, tmp_path):
         moefit.export(run_dir, tmp_path / "x", base=other)
     with pytest.raises(MoefitError, match="no adapter_config.json"):
         moefit.export(tmp_path, tmp_path / "y")
+
+
+def test_cli_export(run_dir, tmp_path, capsys):
+    from moefit.cli import main
+    from moefit.export import parse_size
+
+    assert main(["export", str(run_dir), "--merge", "--out", str(tmp_path / "m"), "--max-shard-size", "1MB"]) == 0
+    out = capsys.readouterr().out
+    assert "merged checkpoint written" in out and "NF4-dequantized" in out
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["dtype"] == "bfloat16"
+    assert main(["export", str(run_dir), "--adapter", "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+    assert main(["export", str(run_dir), "--merge", "--out", str(tmp_path / "a")]) == 2  # not empty
+    assert "not empty" in capsys.readouterr().err
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("123") == 123
+    with pytest.raises(MoefitError, match="expected a number of bytes"):
+        parse_size("lots")
