@@ -41,5 +41,7 @@ __all__ = ["__version__", *_LAZY]
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         module, attr = _LAZY[name]
+        if module == f"moefit.{name}":  # a subpackage whose module object is itself callable (see _callable)
+            return importlib.import_module(module)
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'moefit' has no attribute {name!r}")

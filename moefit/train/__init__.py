@@ -120,3 +120,8 @@ def _newest_run_hint() -> str:
         return ""
     newest = max(candidates, key=lambda p: p.stat().st_mtime)
     return f" (the newest run with a checkpoint here is {newest})"
+
+
+from .._callable import make_module_callable  # noqa: E402
+
+make_module_callable(__name__, train)
