@@ -13,3 +13,8 @@ from .planner import GpuFit, Plan, check_fits, plan
 
 __all__ = ["plan", "check_fits", "Plan", "GpuFit", "Gpu", "get_gpu", "gpu_names", "ModelFacts",
            "load_model_facts", "MemoryEstimate", "RunShape", "estimate_memory"]
+
+
+from .._callable import make_module_callable  # noqa: E402
+
+make_module_callable(__name__, plan)
