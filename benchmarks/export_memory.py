@@ -176,6 +176,14 @@ def measure(workdir: Path, layers: int, hidden: int, experts: int, vocab: int, b
     }
 
 
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/moefit-export-mem"))
@@ -195,7 +203,7 @@ def main() -> int:
               "command": " ".join([Path(sys.executable).name, *sys.argv]),
               "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
                          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM",
-              "torch": torch.__version__, "results": results}
+              "torch": torch.__version__, "code": _commit(), "results": results}
     if args.record:
         old = json.loads(args.record.read_text()) if args.record.is_file() else []
         args.record.write_text(json.dumps(old + [record], indent=2) + "\n")
