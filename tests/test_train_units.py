@@ -141,3 +141,16 @@ def test_smoke_verdicts():
     assert not nan.passed and "NaN" in nan.failure_message()
     mem = judge_smoke([3.0, 1.0], peak_bytes=3 * 2**30, max_bytes=2 * 2**30, min_loss_drop=0.0)
     assert not mem.passed and "peak memory" in mem.failure_message()
+
+
+def test_fit_check_refuses_a_run_that_does_not_fit_with_numbers_and_a_suggestion():
+    from moefit.config import load_config
+    from moefit.train.loop import fit_check
+
+    cfg = load_config("recipes/llama4-scout-qlora.yaml")
+    plan, msg = fit_check(cfg, "RTX 4090", 24 * 2**30)
+    assert not plan.fits and msg is not None
+    assert "does not fit on this RTX 4090" in msg and "GiB" in msg and "--force" in msg
+    assert plan.suggestion and plan.suggestion in msg
+    plan, msg = fit_check(cfg, "H200", 141 * 10**9)
+    assert plan.fits and msg is None

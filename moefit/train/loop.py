@@ -119,6 +119,18 @@ def evaluate(model: Any, examples: list[dict], batch_size: int, pad_id: int, dev
 
 # ------------------------------------------------------------------------------------------------- run
 
+def fit_check(cfg: RunConfig, gpu_label: str, gpu_memory_bytes: int):
+    """The planner's verdict for this GPU: (plan, None) when the run fits, (plan, message) when it does not."""
+    from ..plan import check_fits
+
+    plan = check_fits(cfg, gpu=cfg.plan.gpu, gpu_memory_bytes=gpu_memory_bytes)
+    if plan.fits:
+        return plan, None
+    return plan, (f"the run does not fit on this {gpu_label} ({fmt_bytes(gpu_memory_bytes)}): predicted "
+                  f"{fmt_bytes(plan.memory.total)} on the GPU (peak allocated {fmt_bytes(plan.memory.peak_allocated)})."
+                  f" {plan.suggestion or ''} Run `moefit plan` for the breakdown, or pass --force to try anyway.")
+
+
 def run(
     cfg: RunConfig,
     *,
@@ -201,13 +213,9 @@ def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_f
     # Fits? (CUDA only: the planner models GPU memory; on CPU there is nothing to refuse.)
     plan = None
     if device.type == "cuda":
-        from ..plan import check_fits
-
-        plan = check_fits(cfg, gpu=None)
-        if not plan.fits:
-            advice = " ".join(plan.suggestions) if plan.suggestions else ""
-            msg = (f"the run does not fit on {plan.gpu_name}: predicted peak {fmt_bytes(plan.peak_bytes)}. "
-                   f"{advice} Run `moefit plan` for the breakdown, or pass --force to try anyway.")
+        props = torch.cuda.get_device_properties(device)
+        plan, msg = fit_check(cfg, props.name, props.total_memory)
+        if msg is not None:
             if not force:
                 raise MoefitError(msg)
             say(f"warning (--force): {msg}")
@@ -373,7 +381,7 @@ def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_f
         if cfg.smoke.max_memory_gib is not None:
             limit = int(cfg.smoke.max_memory_gib * 2**30)
         elif plan is not None:
-            limit, source_note = int(plan.peak_bytes * 1.05), "the plan's predicted peak + 5 %"
+            limit, source_note = int(plan.memory.peak_allocated * 1.05), "the plan's predicted peak + 5 %"
         smoke_result = judge_smoke(step_losses, peak, limit, cfg.smoke.min_loss_drop, source_note)
 
     report = {
@@ -402,7 +410,7 @@ def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_f
         "tokens_per_s": round(tok_s, 2),
         "peak_mem_bytes": peak,
         "peak_mem_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
-        "plan_peak_bytes": plan.peak_bytes if plan is not None else None,
+        "plan_peak_bytes": plan.memory.peak_allocated if plan is not None else None,
         "smoke": smoke_result.to_dict() if smoke_result else None,
         "versions": versions(),
     }
