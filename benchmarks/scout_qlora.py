@@ -73,6 +73,14 @@ def report(moefit: dict, stock: dict, tflops: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def analysis() -> str:
+    """The hand-written analysis of the recorded profile (kept in its own file, appended to the report)."""
+    from pathlib import Path
+
+    path = Path(__file__).with_name("scout_qlora_analysis.md")
+    return "\n" + path.read_text() if path.is_file() else ""
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--report", action="store_true", required=True)
@@ -84,7 +92,7 @@ def main() -> int:
         moefit = json.load(f)
     with open(args.stock) as f:
         stock = json.load(f)
-    sys.stdout.write(report(moefit, stock, args.tflops))
+    sys.stdout.write(report(moefit, stock, args.tflops) + analysis())
     return 0
 
 
