@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import torch
@@ -60,17 +58,6 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = True, adapter: bo
         return merged_export(info, Path(out), base=Path(base) if base else None, dtype=resolve_dtype(dtype),
                              max_shard_bytes=parse_size(max_shard_size), device=device, overwrite=overwrite)
     return peft_export(info, Path(out), base=Path(base) if base else None, overwrite=overwrite)
-
-
-class _CallableModule(types.ModuleType):
-    """`moefit.export` is both this package and the function: importing the package (or any of its modules) binds
-    the name `moefit.export` to the module, so the module forwards calls to `export`."""
-
-    def __call__(self, *args, **kwargs) -> ExportReport:
-        return export(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 
 from .._callable import make_module_callable  # noqa: E402
