@@ -1,14 +1,23 @@
-"""Step time from counted FLOPs and bytes, divided by the GPU's peak rates times the engine's efficiency.
+"""Step time from counted FLOPs, bytes and per-layer host overhead, with constants fitted on the GPU.
 
-Per micro-step (T = batch x seq tokens):
-- matmul FLOPs = 6 x active params x T: forward 2, recompute 2, backward (input gradients only: the base is
-  frozen) 2; LoRA adds 8 x its active params x T (its weight gradients too);
-- attention FLOPs: 4 x head_dim x heads x (query, key) pairs per layer for the forward (QK^T and PV), x 4.5
-  for forward + recompute + the flash-attention backward (2.5 x forward);
-- bytes = the NF4 dequantization traffic: each quantized weight is read (0.5 B + constants), written as bf16
-  and read back by the GEMM (2 x 2 B), `dequant_passes` times per micro-step; bf16 weights read once per pass.
-Per optimizer step: grad_accum micro-steps, the 8-bit AdamW update (read/write of params, grads, states) and,
-on several GPUs, the ring all-reduce of the LoRA gradients.
+The engine's step is modelled as a sum of terms, each with a physical constant (calibration.json "time"):
+
+- matmuls: 6 x active params x T for the frozen base (forward, recompute under gradient checkpointing, backward
+  for input gradients only) incl. the chunked loss's 3 lm_head GEMMs, + 8 x active LoRA params x T, at
+  `gemm_efficiency` x the GPU's dense bf16 peak;
+- attention, causal flash kernel (no explicit mask): 4 x head_dim x heads x causal (query, key) pairs per layer,
+  x 4.5 for forward + recompute + the flash backward, at `attention_efficiency` x peak;
+- attention with an explicit mask (a Llama 4 chunked layer whose chunk is <= the sequence: transformers then builds
+  a mask and SDPA falls back from flash to the memory-efficient kernel, which computes the whole S x S rectangle):
+  the same FLOPs over S^2 pairs, at `masked_attention_efficiency` x peak;
+- NF4 dequantization: every quantized weight read (0.5 B + constants) and written as bf16 (2 B), `dequant_passes`
+  (3) times per micro-step, at `dequant_bandwidth_efficiency` x the GPU's memory bandwidth;
+- host overhead: Python + kernel launches that do not scale with tokens, per decoder layer and pass (forward,
+  recompute, backward): `moe_layer_pass_s` for a MoE layer, `dense_layer_pass_s` for a dense one, plus
+  `expert_lora_layer_pass_s` where the routed experts carry LoRA (their extra grouped kernels). These are seconds of
+  host time measured on the validation machine, not scaled by the GPU.
+Per optimizer step: grad_accum micro-steps, the optimizer update (read/write of params, grads, states at
+`bandwidth_efficiency`) and, on several GPUs, the ring all-reduce of the LoRA gradients.
 """
 
 from __future__ import annotations
@@ -18,9 +27,11 @@ from typing import Any
 
 from .gpus import Gpu
 from .memory import RunShape, lora_tensors
-from .model_facts import ModelFacts
+from .model_facts import Layer, ModelFacts
 
 ATTN_PASSES = 1 + 1 + 2.5  # forward, recompute, flash-attention backward
+TIME_TERMS = ("matmul", "attention", "masked_attention", "dequant", "moe_layer_passes", "dense_layer_passes",
+              "expert_lora_layer_passes")
 
 
 @dataclass
@@ -30,9 +41,9 @@ class StepTime:
     tokens_per_s: float
     flops_per_micro_step: float
     bytes_per_micro_step: float
-    compute_s: float
-    memory_s: float
-    overhead_s: float
+    compute_s: float  # matmuls + attention
+    memory_s: float  # NF4 dequantization
+    overhead_s: float  # host overhead per layer pass
     optimizer_s: float
     allreduce_s: float
 
@@ -43,6 +54,12 @@ def _attention_pairs(seq: int, span: int | None) -> float:
         return seq * (seq + 1) / 2
     full, rest = divmod(seq, span)  # Llama 4 style chunks; a sliding window costs about the same
     return full * span * (span + 1) / 2 + rest * (rest + 1) / 2
+
+
+def masked_attention(la: Layer, seq: int) -> bool:
+    """transformers passes SDPA an explicit mask (no flash kernel) for a local layer once seq >= its span
+    (masking_utils._ignore_causal_mask_sdpa); otherwise is_causal=True and flash runs."""
+    return la.attention_span is not None and seq >= la.attention_span
 
 
 def lora_active_params(f: ModelFacts, shape: RunShape) -> float:
@@ -60,26 +77,53 @@ def lora_active_params(f: ModelFacts, shape: RunShape) -> float:
     return total
 
 
-def micro_step_flops(f: ModelFacts, shape: RunShape) -> float:
+def time_work(f: ModelFacts, shape: RunShape, weight_bytes: dict[str, int], dequant_passes: int = 3
+              ) -> dict[str, float]:
+    """The work of one micro-step, per term of the model (TIME_TERMS): FLOPs, bytes or layer passes."""
     T = shape.tokens
-    dense = 6.0 * f.active_params_per_token() * T + 8.0 * lora_active_params(f, shape) * T
-    attn = sum(4.0 * f.head_dim * f.heads * _attention_pairs(shape.seq_len, la.attention_span) * shape.batch
-               for la in f.layers)
-    return dense + ATTN_PASSES * attn
-
-
-def micro_step_bytes(f: ModelFacts, shape: RunShape, calib: dict[str, Any], weight_bytes: dict[str, int]) -> float:
-    passes = calib["time"]["dequant_passes"]
+    recompute = 1 if shape.gradient_checkpointing else 0  # forward passes repeated in the backward
+    passes = 2 + recompute  # forward, recompute, backward
+    matmul = 2.0 * passes * f.active_params_per_token() * T + (6.0 + 2 * recompute) * lora_active_params(f, shape) * T
+    attn = masked = 0.0
+    for la in f.layers:
+        per_pair = (ATTN_PASSES - 1 + recompute) * 4.0 * f.head_dim * f.heads * shape.batch
+        if masked_attention(la, shape.seq_len):
+            masked += per_pair * shape.seq_len * shape.seq_len
+        else:
+            attn += per_pair * _attention_pairs(shape.seq_len, la.attention_span)
     g = f.groups()
     quantized = sum(g[k] for k in ("attention", "routed_experts", "shared_experts", "dense_mlp"))
-    nf4 = sum(v for k, v in weight_bytes.items() if k.startswith("weights_") and k != "weights_bf16")
-    nf4 += weight_bytes.get("quant_constants", 0)
     if shape.quant.weights == "nf4":
-        per_pass = nf4 + 2 * 2 * quantized
+        stored = sum(v for k, v in weight_bytes.items() if k.startswith("weights_") and k != "weights_bf16")
+        stored += weight_bytes.get("quant_constants", 0)
+        dequant = (dequant_passes - 1 + recompute) * (stored + 2 * quantized)
     else:
-        per_pass = 2 * quantized
-    head = g["lm_head"] or g["embed_tokens"]
-    return passes * (per_pass + 2 * head)
+        dequant = 0.0  # bf16 weights are used as they are
+    expert_lora = f.moe_layers if (shape.expert_rank and f.num_experts and
+                                   {"gate", "up", "down"} & shape.targets) else 0
+    return {"matmul": matmul, "attention": attn, "masked_attention": masked, "dequant": dequant,
+            "moe_layer_passes": passes * f.moe_layers, "dense_layer_passes": passes * (f.num_layers - f.moe_layers),
+            "expert_lora_layer_passes": passes * expert_lora}
+
+
+def seconds_per_unit(gpu: Gpu, ct: dict[str, Any]) -> dict[str, float]:
+    """Seconds per unit of each TIME_TERMS work on this GPU with these constants."""
+    peak = gpu.bf16_tflops * 1e12
+    return {"matmul": 1 / (peak * ct["gemm_efficiency"]),
+            "attention": 1 / (peak * ct["attention_efficiency"]),
+            "masked_attention": 1 / (peak * ct["masked_attention_efficiency"]),
+            "dequant": 1 / (gpu.bandwidth_gbs * 1e9 * ct["dequant_bandwidth_efficiency"]),
+            "moe_layer_passes": ct["moe_layer_pass_s"], "dense_layer_passes": ct["dense_layer_pass_s"],
+            "expert_lora_layer_passes": ct["expert_lora_layer_pass_s"]}
+
+
+def optimizer_seconds(f: ModelFacts, shape: RunShape, gpu: Gpu, ct: dict[str, Any]) -> tuple[float, float]:
+    """(LoRA parameter count, seconds of one optimizer update: a bandwidth-bound read/write of every state)."""
+    param_bytes = 4 if shape.lora.dtype == "float32" else 2
+    n_train = sum(sum(ts) for _, ts in lora_tensors(f, shape))
+    state = 2 if shape.optimizer != "adamw" else 2 * 2 * param_bytes
+    opt_bytes = n_train * (3 * param_bytes + 2 * state)  # read param+grad, write param, read+write states
+    return n_train, opt_bytes / (gpu.bandwidth_gbs * 1e9 * ct["bandwidth_efficiency"])
 
 
 def step_time(f: ModelFacts, shape: RunShape, gpu: Gpu, calib: dict[str, Any], weight_bytes: dict[str, int],
@@ -88,20 +132,19 @@ def step_time(f: ModelFacts, shape: RunShape, gpu: Gpu, calib: dict[str, Any], w
     if not gpu.bf16_tflops or not gpu.bandwidth_gbs:
         return None
     ct = calib["time"]
-    flops = micro_step_flops(f, shape)
-    nbytes = micro_step_bytes(f, shape, calib, weight_bytes)
-    compute = flops / (gpu.bf16_tflops * 1e12 * ct["gemm_efficiency"])
-    memory = nbytes / (gpu.bandwidth_gbs * 1e9 * ct["bandwidth_efficiency"])
-    overhead = 3 * f.num_layers * ct["per_layer_pass_overhead_s"]
-    micro = compute + memory + overhead
+    work = time_work(f, shape, weight_bytes, ct["dequant_passes"])
+    unit = seconds_per_unit(gpu, ct)
+    sec = {k: work[k] * unit[k] for k in TIME_TERMS}
+    compute = sec["matmul"] + sec["attention"] + sec["masked_attention"]
+    overhead = sec["moe_layer_passes"] + sec["dense_layer_passes"] + sec["expert_lora_layer_passes"]
+    micro = compute + sec["dequant"] + overhead
+    n_train, optimizer = optimizer_seconds(f, shape, gpu, ct)
     param_bytes = 4 if shape.lora.dtype == "float32" else 2
-    n_train = sum(sum(ts) for _, ts in lora_tensors(f, shape))
-    state = 2 if shape.optimizer != "adamw" else 2 * 2 * param_bytes
-    opt_bytes = n_train * (3 * param_bytes + 2 * state)  # read param+grad, write param, read+write states
-    optimizer = opt_bytes / (gpu.bandwidth_gbs * 1e9 * ct["bandwidth_efficiency"])
     allreduce = 0.0
     if num_gpus > 1 and gpu.interconnect_gbs:
         allreduce = 2 * (num_gpus - 1) / num_gpus * n_train * param_bytes / (gpu.interconnect_gbs * 1e9)
     step = shape.grad_accum * micro + optimizer + allreduce
     tokens = shape.tokens * shape.grad_accum * num_gpus
-    return StepTime(micro, step, tokens / step, flops, nbytes, compute, memory, overhead, optimizer, allreduce)
+    flops = work["matmul"] + work["attention"] + work["masked_attention"]
+    return StepTime(micro, step, tokens / step, flops, work["dequant"], compute, sec["dequant"], overhead,
+                    optimizer, allreduce)

@@ -18,7 +18,7 @@ from .calibration import CALIBRATION_PATH, load_calibration
 from .gpus import get_gpu, gpu_from_memory, match_device_name
 from .memory import RunShape, estimate_memory
 from .model_facts import ModelFacts, load_model_facts
-from .timing import step_time
+from .timing import seconds_per_unit, step_time, time_work
 
 
 def record_shape(rec: dict[str, Any]) -> RunShape:
@@ -53,10 +53,10 @@ def planned_for(rec: dict[str, Any], calib: dict[str, Any] | None = None) -> dic
     gpu = _gpu(rec)
     st = step_time(f, shape, gpu, calib, by) if gpu else None
     if st:
-        ct = calib["time"]
-        out.update(step_s=st.step_s, compute_at_peak_s=st.compute_s * ct["gemm_efficiency"],
-                   memory_at_peak_s=st.memory_s * ct["bandwidth_efficiency"],
-                   layer_passes=3 * f.num_layers, optimizer_s=st.optimizer_s)
+        out.update(step_s=st.step_s, optimizer_s=st.optimizer_s,
+                   time_work=time_work(f, shape, by, calib["time"]["dequant_passes"]),
+                   time_unit_s=seconds_per_unit(gpu, calib["time"]),
+                   peak_flops=gpu.bf16_tflops * 1e12)
     return out
 
 
@@ -84,7 +84,7 @@ def fit_calibration(records: list[dict[str, Any]], measured_on: str) -> dict[str
     """Least-squares fit of the calibration constants to measured records; returns a new calibration dict
     (comment keys kept). Memory: measured_allocated = fixed part + a*working_set + b*checkpoints + c;
     reserved - allocated = f*transient + g + segment rounding; context = mean measured. Time:
-    step_s = compute/e_c + dequant_bytes/e_b + passes*o + optimizer."""
+    see `fit_time_constants`."""
     import numpy as np
 
     raw = json.loads(CALIBRATION_PATH.read_text(encoding="utf-8"))
@@ -121,22 +121,7 @@ def fit_calibration(records: list[dict[str, Any]], measured_on: str) -> dict[str
     ctx = [r["measured"]["context_bytes"] for r in records if r["measured"].get("context_bytes")]
     if ctx:
         base["memory"]["cuda_context_bytes"] = int(max(ctx))
-    # time
-    rows, y = [], []
-    for rec in records:
-        p = planned_for(rec, base)
-        if p.get("step_s") and rec["measured"].get("step_s"):
-            rows.append([p["compute_at_peak_s"], p["memory_at_peak_s"], p["layer_passes"]])
-            y.append(rec["measured"]["step_s"] - p["optimizer_s"])
-    if len(rows) >= 3:
-        inv_c, inv_b, o = np.linalg.lstsq(np.array(rows), np.array(y), rcond=None)[0]
-        if inv_c > 0 and inv_b > 0 and o >= 0:
-            base["time"].update(gemm_efficiency=float(1 / inv_c), bandwidth_efficiency=float(1 / inv_b),
-                                per_layer_pass_overhead_s=float(o))
-        else:  # not identifiable separately: one overall efficiency on compute + dequant time, no fixed part
-            k = float(np.dot(np.array(rows)[:, :2].sum(1), y) / np.dot(np.array(rows)[:, :2].sum(1),
-                                                                            np.array(rows)[:, :2].sum(1)))
-            base["time"].update(gemm_efficiency=1 / k, bandwidth_efficiency=1 / k, per_layer_pass_overhead_s=0.0)
+    base["time"].update(fit_time_constants(records, base))
     for section in ("memory", "time"):
         for k, v in base[section].items():
             raw[section][k] = v
@@ -144,6 +129,63 @@ def fit_calibration(records: list[dict[str, Any]], measured_on: str) -> dict[str
     raw["_status"] = (f"fitted by benchmarks/plan_validation.py --fit to {len(records)} measured configurations "
                       f"({measured_on}); the first-principles values are in git history.")
     return raw
+
+
+# time: step_s - optimizer - dequant = matmul/(peak e_g) + attn/(peak e_a) + masked/(peak e_m)
+#                                       + moe_passes o_m + dense_passes o_d + expert_lora_passes o_e
+_FIT_TIME = {"matmul": "gemm_efficiency", "attention": "attention_efficiency",
+             "masked_attention": "masked_attention_efficiency", "moe_layer_passes": "moe_layer_pass_s",
+             "dense_layer_passes": "dense_layer_pass_s", "expert_lora_layer_passes": "expert_lora_layer_pass_s"}
+_EFFICIENCIES = ("matmul", "attention", "masked_attention")
+# A constant no training record exercises (only seq >= chunk uses the masked kernel) takes this one's value.
+_FALLBACK = {"masked_attention": "attention"}
+
+
+def fit_time_constants(records: list[dict[str, Any]], calib: dict[str, Any]) -> dict[str, float]:
+    """Least squares on relative error (every record weighs the same) of the measured step time against the
+    terms of `timing.py`; linear in 1/efficiency and in the per-pass seconds. The dequantization bandwidth and
+    the optimizer's bandwidth are measured constants and stay as they are. A term no record exercises keeps the
+    value of its `_FALLBACK` (or the current one). Raises ValueError if a fitted constant comes out <= 0."""
+    import numpy as np
+
+    cols, rows, y = list(_FIT_TIME), [], []
+    for rec in records:
+        p = planned_for(rec, calib)
+        if not p.get("step_s") or not rec["measured"].get("step_s"):
+            continue
+        w, u, meas = p["time_work"], p["time_unit_s"], rec["measured"]["step_s"]
+        rows.append([w[k] / p["peak_flops"] if k in _EFFICIENCIES else w[k] for k in cols])
+        y.append(meas - p["optimizer_s"] - w["dequant"] * u["dequant"])
+        rows[-1] = [v / meas for v in rows[-1]]
+        y[-1] /= meas
+    if len(rows) < 3:
+        return {}
+    a, b = np.array(rows), np.array(y)
+    used = [i for i, k in enumerate(cols) if a[:, i].any()]
+    coef = np.linalg.lstsq(a[:, used], b, rcond=None)[0]
+    got = {cols[i]: float(c) for i, c in zip(used, coef, strict=True)}
+    bad = [k for k, v in got.items() if v <= 0]
+    if bad:
+        raise ValueError(f"time fit: {bad} came out <= 0 ({got}); the records do not separate these terms")
+    for k in cols:
+        if k not in got:
+            fb = _FALLBACK.get(k)
+            got[k] = got[fb] if fb in got else (1 / calib["time"][_FIT_TIME[k]] if k in _EFFICIENCIES
+                                                else calib["time"][_FIT_TIME[k]])
+    return {_FIT_TIME[k]: (1 / v if k in _EFFICIENCIES else v) for k, v in got.items()}
+
+
+def leave_one_out(records: list[dict[str, Any]], calib: dict[str, Any] | None = None) -> dict[str, float]:
+    """Step-time relative error of each record predicted by time constants fitted to all the others."""
+    calib = calib or load_calibration()
+    out = {}
+    for i, rec in enumerate(records):
+        cal = copy.deepcopy(calib)
+        cal["time"].update(fit_time_constants(records[:i] + records[i + 1:], cal))
+        e = compare(rec, cal)["step_time"]
+        if e is not None:
+            out[rec["name"]] = e
+    return out
 
 
 def write_calibration(cal: dict[str, Any], path: Path = CALIBRATION_PATH) -> None:
