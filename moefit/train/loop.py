@@ -100,21 +100,14 @@ def _label_tokens(labels: torch.Tensor) -> int:
 def evaluate(model: Any, examples: list[dict], batch_size: int, pad_id: int, device: torch.device,
              max_batches: int | None) -> tuple[float, int]:
     """Token-weighted mean loss over the held-out examples, in order; returns (loss, label tokens)."""
-    from ..data import collate
+    from ..evaluate import heldout_loss
 
     was_training = model.training
     model.eval()
-    loss_sum, n_tokens = 0.0, 0
-    starts = range(0, len(examples), batch_size)
-    if max_batches is not None:
-        starts = starts[:max_batches]
-    for i in starts:
-        batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id=pad_id).items()}
-        out = model(**batch)
-        loss_sum += float(out.loss_sum)
-        n_tokens += int(out.num_tokens)
-    model.train(was_training)
-    return (loss_sum / n_tokens if n_tokens else float("nan")), n_tokens
+    try:
+        return heldout_loss(model, examples, batch_size, pad_id, device, max_batches)
+    finally:
+        model.train(was_training)
 
 
 # ------------------------------------------------------------------------------------------------- run
