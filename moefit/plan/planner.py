@@ -174,7 +174,7 @@ class _Planner:
                 ideas.append(f"a bigger GPU: {g.label} (--gpu {g.name})")
                 break
         need = -fit.margin_bytes / 2**30
-        head = f"needs {fit.total_bytes / 2**30:.1f} GiB, {need:.1f} GiB more than the {fit.gpu.label} has."
+        head = f"needs {fit.total_bytes / 2**30:.1f} GiB, {need:.1f} GiB more than {fit.gpu.label} has."
         if not ideas:
             return head + " Nothing in reach fits: use more memory per GPU or a smaller model."
         return head + " Options: " + "; ".join(ideas) + "."
