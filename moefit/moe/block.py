@@ -57,7 +57,10 @@ class MoefitMoE(nn.Module):
         flat_expert = top_i.reshape(-1)
         order = torch.argsort(flat_expert, stable=True)
         token = order // k
-        counts = torch.bincount(flat_expert, minlength=self.num_experts)
+        # scatter_add, not bincount: bincount on CUDA reads the max back to the host, a sync per MoE layer that
+        # stops the CPU from queueing the next layer's kernels while the GPU works.
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat_expert, torch.ones_like(flat_expert))
         groups = ExpertGroups(counts, None if x.is_cuda else counts.tolist())
         w = weights.reshape(-1)[order].to(x.dtype).unsqueeze(1)
         xs = x[token]
