@@ -50,22 +50,23 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
         r = measure_training(m, seq_len=seq, batch=batch, steps=steps, warmup=warmup, optimizer=optimizer)
         r["flops_per_token"] = 6 * active
         r["ceiling_fraction"] = (r["tokens_per_s"] * 6 * active / (ceiling * 1e12)) if ceiling else 0.0
-        r["planned_peak_bytes"] = _planned_peak(model, layers, seq, batch, lora, optimizer)
+        r["planned_peak_bytes"], r["plan_note"] = _planned_peak(model, layers, seq, batch, lora, optimizer)
         runs.append(r)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
     return {"model": model, "layers": m.config.num_hidden_layers, "build_s": build_s, "device_name": name,
             "matmul_tflops": ceiling, "active_params_per_token": active, "lora": lora.__dict__, "runs": runs}
 
 
-def _planned_peak(model: str, layers: int | None, seq: int, batch: int, lora: LoraConfig, optimizer: str):
+def _planned_peak(model: str, layers: int | None, seq: int, batch: int, lora: LoraConfig, optimizer: str
+                  ) -> tuple[int | None, str | None]:
+    """(planned peak allocated bytes, None) or (None, why there is no plan figure)."""
     if layers is not None:
-        return None  # the plan describes the whole model
-    try:
-        from .plan import plan
+        return None, "no plan figure for a model cut to --layers (the plan describes the whole model)"
+    from .plan import plan
 
-        cfg = RunConfig(model=model, lora=lora, train=TrainConfig(max_length=seq, batch_size=batch,
-                                                                  optimizer=optimizer))
+    cfg = RunConfig(model=model, lora=lora, train=TrainConfig(max_length=seq, batch_size=batch, optimizer=optimizer))
+    try:
         p = plan(cfg, gpus=["h200"], search=False)
-        return p.to_dict().get("memory", {}).get("peak_allocated_bytes")
-    except Exception:  # noqa: BLE001 - the comparison is informative; a planner problem must not hide a measurement
-        return None
+    except MoefitError as e:  # e.g. a config the planner does not know: the measurement still stands
+        return None, f"no plan figure: {e}"
+    return p.memory.peak_allocated, None

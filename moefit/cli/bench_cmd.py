@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{r['seq_len']:>6} {r['batch']:>5} {r.get('peak_allocated_bytes', 0) / gib:10.2f}G "
               f"{r.get('peak_reserved_bytes', 0) / gib:8.2f}G {planned}G {r['step_s']:7.2f} "
               f"{r['tokens_per_s']:9.0f} {100 * r['ceiling_fraction']:14.1f}%")
+    for note in sorted({r["plan_note"] for r in results["runs"] if r.get("plan_note")}):
+        print(note)
     print(f"model {results['model']} ({results['layers']} layers), build {results['build_s']:.1f} s, "
           f"{results['device_name']}")
     return 0
