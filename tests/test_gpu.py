@@ -24,6 +24,20 @@ def test_nf4_one_call_dequant_equals_per_expert_on_cuda():
     assert torch.equal(q.dequantize(expert=2), q._dequantize_by_state(2, torch.bfloat16))
 
 
+def test_triton_nf4_decoder_equals_bitsandbytes():
+    from moefit.quant import triton_nf4
+    from moefit.quant.nf4 import NF4Weight
+
+    pytest.importorskip("triton")
+    w = torch.randn(3, 384, 1024, device="cuda", dtype=torch.bfloat16)
+    q = NF4Weight(tuple(w.shape), dtype=torch.bfloat16, device="cuda").quantize_(w)
+    absmax = q._absmax_fp32(slice(None))
+    ours = triton_nf4.decode(q.packed, absmax, q.code, q.blocksize, list(w.shape), torch.bfloat16)
+    ref = torch.ops.bitsandbytes.dequantize_4bit.default(q.packed.reshape(-1, 1), absmax.reshape(-1), q.blocksize,
+                                                         "nf4", list(w.shape), torch.bfloat16)
+    assert torch.equal(ours, ref)
+
+
 def test_grouped_expert_matmul_matches_loop_forward_and_backward():
     from moefit.moe.grouped import (
         ExpertGroups,

@@ -20,6 +20,8 @@ from torch import nn
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # optional hub kernels: never needed
 import bitsandbytes.functional as bnbF  # noqa: E402
 
+from . import triton_nf4  # noqa: E402
+
 
 def _nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
     return bnbF.get_4bit_type("nf4", device=device)
@@ -107,6 +109,9 @@ class NF4Weight(nn.Module):
             shape = list(self.shape) if expert is None else list(self.slice_shape)
             if len(self.shape) == 2:
                 shape = list(self.shape)
+            if self.packed.is_cuda and triton_nf4.available():
+                out = triton_nf4.decode(self.packed[rows], absmax, self.code, self.blocksize, shape, self.dtype)
+                return out if out.dtype == dtype else out.to(dtype)
             out = torch.ops.bitsandbytes.dequantize_4bit.default(
                 self.packed[rows].reshape(-1, 1), absmax.reshape(-1), self.blocksize, "nf4", shape, self.dtype)
             return out if out.dtype == dtype else out.to(dtype)
