@@ -144,3 +144,22 @@ def test_peak_host_memory_while_loading(tmp_path):
     print({k: f"{v / 2**20:.1f} MiB" for k, v in m.items()}, f"checkpoint {ckpt_bytes / 2**20:.0f} MiB")
     assert ckpt_bytes > 1.5 * budget  # holding the bf16 checkpoint would break the budget
     assert growth < budget, f"RSS grew {growth / 2**20:.0f} MiB; budget {budget / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_dense_llama_loads_and_matches_transformers(tmp_path, tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
+                      tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(cfg).float().eval()
+    ref.save_pretrained(tmp_path)
+    ref.config._attn_implementation = "eager"
+    model = _load(tmp_path)
+    if tied:
+        assert model.hf.lm_head.weight is model.hf.get_input_embeddings().weight
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel(model(ids).logits, ref(ids).logits) < 1e-4
