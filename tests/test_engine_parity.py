@@ -21,6 +21,9 @@ CONFIGS = {
     "top2-4e-rope": dict(num_local_experts=4, num_experts_per_tok=2, no_rope_layers=[1, 1, 1]),
     "top1-8e-rope": dict(num_local_experts=8, num_experts_per_tok=1, no_rope_layers=[1, 1, 1]),
     "top2-8e-norope": dict(num_local_experts=8, num_experts_per_tok=2, no_rope_layers=[0, 1, 1]),
+    # Maverick's layout: MoE every 2nd layer, dense MLP (intermediate_size_mlp) between, no qk-norm
+    "top1-4e-interleaved": dict(num_local_experts=4, num_experts_per_tok=1, no_rope_layers=[1, 1, 0],
+                                interleave_moe_layer_step=2, use_qk_norm=False),
 }
 
 
