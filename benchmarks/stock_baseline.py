@@ -60,14 +60,10 @@ def build_stock(model: str, layers: int, layout: str, device: str, seed: int = 0
     from transformers import Llama4ForCausalLM
     from transformers.models.llama4.modeling_llama4 import Llama4TextExperts
 
-    from moefit.bench import load_config_json
+    from moefit.bench import load_config_json, truncate_layers
 
     cfg = load_config_json(model)
-    cfg.num_hidden_layers = layers
-    for key in ("no_rope_layers", "layer_types", "moe_layers"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, list):
-            setattr(cfg, key, v[:layers])
+    truncate_layers(cfg, layers)
     cfg._attn_implementation = "sdpa"
     cfg.use_cache = False
     with torch.device("meta"):

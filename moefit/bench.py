@@ -47,6 +47,19 @@ def load_config_json(model: str):
     return text_config_of(AutoConfig.for_model(model_type, **values))
 
 
+def truncate_layers(config, num_layers: int) -> None:
+    """Keep the first `num_layers` decoder layers of a config: per-layer lists are cut, layer-index lists
+    (`moe_layers`) keep the indices that still exist."""
+    config.num_hidden_layers = num_layers
+    for key in ("no_rope_layers", "layer_types"):
+        value = getattr(config, key, None)
+        if isinstance(value, list):
+            setattr(config, key, value[:num_layers])
+    moe_layers = getattr(config, "moe_layers", None)
+    if isinstance(moe_layers, list):
+        config.moe_layers = [i for i in moe_layers if i < num_layers]
+
+
 @torch.no_grad()
 def fill_synthetic(model: nn.Module, *, std: float, seed: int = 0) -> None:
     """Random weights for every tensor, generated and quantized on the tensors' own devices."""
@@ -86,11 +99,7 @@ def build_synthetic_model(model: str, *, num_layers: int | None = None, quant: Q
     quant = quant or QuantConfig()
     config = load_config_json(model)
     if num_layers is not None:
-        config.num_hidden_layers = num_layers
-        for key in ("no_rope_layers", "layer_types", "moe_layers"):
-            value = getattr(config, key, None)
-            if isinstance(value, list) and len(value) > num_layers:
-                setattr(config, key, value[:num_layers])
+        truncate_layers(config, num_layers)
     hf = build_skeleton(config, quant=quant, dtype=dtype, device=device)
     fill_synthetic(hf, std=getattr(config, "initializer_range", 0.02), seed=seed)
     out = MoefitCausalLM(hf, source=model, source_dir=None, quantization=quant.weights, dtype=dtype)

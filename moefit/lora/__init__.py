@@ -19,11 +19,11 @@ from torch import nn
 
 from ..config import LoraConfig, normalize_targets
 from ..errors import MoefitError
-from ..models.layers import EXPERT_PROJECTIONS, MoefitExperts, MoefitLinear
+from ..models import resolve_dtype
+from ..models.layers import EXPERT_PROJECTIONS, MoefitExperts, MoefitLinear, is_lora_name
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _root(model: nn.Module) -> nn.Module:
@@ -47,7 +47,7 @@ def add_lora(model: nn.Module, r: int | None = None, alpha: float | None = None,
     expert_r = cfg.expert_r if expert_r is None else expert_r
     routed_experts = cfg.routed_experts if routed_experts is None else routed_experts
     expert_alpha = cfg.expert_alpha if expert_alpha is None else expert_alpha
-    dtype = _DTYPES[cfg.dtype] if dtype is None else (_DTYPES[dtype] if isinstance(dtype, str) else dtype)
+    dtype = resolve_dtype(cfg.dtype if dtype is None else dtype)
     seed = cfg.init_seed if seed is None else seed
     root = _root(model)
     if any(p.requires_grad for p in root.parameters()):
@@ -67,7 +67,7 @@ def add_lora(model: nn.Module, r: int | None = None, alpha: float | None = None,
             placed += 1
     if placed == 0:
         raise MoefitError(f"LoRA targets {targets} match no module of this model.")
-    params = {n: p for n, p in root.named_parameters() if _is_lora(n)}
+    params = {n: p for n, p in root.named_parameters() if is_lora_name(n)}
     for p in params.values():
         p.requires_grad_(True)
     model._moefit_lora = {"r": r, "alpha": alpha, "dropout": dropout, "targets": sorted(leaf_targets),
@@ -77,13 +77,8 @@ def add_lora(model: nn.Module, r: int | None = None, alpha: float | None = None,
     return params
 
 
-def _is_lora(name: str) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return leaf in ("lora_A", "lora_B") or leaf.endswith(("_lora_A", "_lora_B"))
-
-
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in _root(model).named_parameters() if _is_lora(n)}
+    return {n: p for n, p in _root(model).named_parameters() if is_lora_name(n)}
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..config import QuantConfig
@@ -35,7 +37,7 @@ def load_model(source: str = "tiny", quantization: str = "nf4", dtype: torch.dty
     dtype = resolve_dtype(dtype)
     quant = quant or QuantConfig()
     if quantization != quant.weights:
-        quant = QuantConfig(**{**quant.__dict__, "weights": quantization})
+        quant = dataclasses.replace(quant, weights=quantization)
     model_dir = resolve_source(source)
     config = text_config_of(AutoConfig.from_pretrained(model_dir))
     hf = build_skeleton(config, quant=quant, dtype=dtype, device=device, attn_implementation=attn_implementation)

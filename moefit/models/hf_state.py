@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .layers import MoefitExperts, MoefitLinear
+from .layers import MoefitExperts, MoefitLinear, is_lora_name
 
 
 def _lora_delta_linear(m: MoefitLinear) -> torch.Tensor | None:
@@ -80,7 +80,7 @@ def iter_hf_tensors(model: nn.Module, *, merge_lora: bool = False, dtype: torch.
             continue
         for pname, p in module.named_parameters(recurse=False):
             full = f"{name}.{pname}" if name else pname
-            if full in emitted or _is_lora_name(pname):
+            if full in emitted or is_lora_name(pname):
                 continue
             emitted.add(full)
             yield full, p.detach().to(device=device, dtype=dtype)
@@ -89,7 +89,3 @@ def iter_hf_tensors(model: nn.Module, *, merge_lora: bool = False, dtype: torch.
                 continue
             full = f"{name}.{bname}" if name else bname
             yield full, b.detach().to(device)
-
-
-def _is_lora_name(name: str) -> bool:
-    return name in ("lora_A", "lora_B") or name.endswith(("_lora_A", "_lora_B"))

@@ -69,6 +69,12 @@ class MoefitLinear(nn.Module):
 EXPERT_PROJECTIONS = ("gate", "up", "down")
 
 
+def is_lora_name(name: str) -> bool:
+    """Whether a parameter name (full or leaf) is one of the LoRA tensors these modules hold."""
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf in ("lora_A", "lora_B") or leaf.endswith(("_lora_A", "_lora_B"))
+
+
 class MoefitExperts(nn.Module):
     """Routed experts of one MoE layer: gate/up/down weights stored frozen per expert as [E, out, in].
 

@@ -106,9 +106,7 @@ class NF4Weight(nn.Module):
         if self.slice_numel % self.blocksize == 0:
             # Blocks never straddle two experts: one kernel call for every selected expert at once.
             absmax = self._absmax_fp32(rows)
-            shape = list(self.shape) if expert is None else list(self.slice_shape)
-            if len(self.shape) == 2:
-                shape = list(self.shape)
+            shape = list(self.shape if expert is None else self.slice_shape)
             if self.packed.is_cuda and triton_nf4.available():
                 out = triton_nf4.decode(self.packed[rows], absmax, self.code, self.blocksize, shape, self.dtype)
                 return out if out.dtype == dtype else out.to(dtype)

@@ -29,7 +29,6 @@ from .progress import Console, fmt_bytes, fmt_duration, peak_memory_bytes, progr
 from .smoke import SmokeResult, judge_smoke
 
 IGNORE_INDEX = -100
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -224,7 +223,7 @@ def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_f
     stop_step = total_steps if stop_after is None else min(stop_after, total_steps)
 
     t_load = time.perf_counter()
-    model = load_model(cfg.model, quantization=cfg.quantization.weights, dtype=_DTYPES[t.precision],
+    model = load_model(cfg.model, quantization=cfg.quantization.weights, dtype=t.precision,
                        device=device.type, quant=cfg.quantization)
     params = add_lora(model, cfg=cfg.lora)
     if t.gradient_checkpointing:
