@@ -47,6 +47,9 @@ def build_skeleton(config: PretrainedConfig, *, quant: QuantConfig, dtype: torch
               device=device)
     _replace_moe_blocks(model, config, kw)
     _replace_linears(model, quant.keep_unquantized, kw)
+    for module in model.modules():
+        if isinstance(module, MoefitMoE):
+            module.mark_discardable_outputs()
     _materialize_meta(model, dtype, device)
     _reset_rotary(model, config, device)
     model.requires_grad_(False)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import recompute
 from .loss import DEFAULT_CHUNK, chunked_cross_entropy_sum
 
 
@@ -43,7 +44,7 @@ class MoefitCausalLM(nn.Module):
 
     def enable_gradient_checkpointing(self) -> None:
         # transformers >= 5.2x renamed the method; 5.17 (the GPU image) only has the old name.
-        kwargs = {"use_reentrant": False}
+        kwargs = {"use_reentrant": False, "context_fn": recompute.context_fn}
         if hasattr(self.hf, "activation_checkpointing_enable"):
             self.hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..moe.grouped import ExpertGroups, frozen_expert_matmul, frozen_linear, grouped_matmul
 from ..quant.nf4 import make_weight
+from .recompute import discarded_output, recomputing
 
 
 class MoefitLinear(nn.Module):
@@ -39,6 +40,9 @@ class MoefitLinear(nn.Module):
         self.lora_B: nn.Parameter | None = None
         self.lora_scale = 0.0
         self.lora_dropout: nn.Module = nn.Identity()
+        # Set by the owner when this projection's output only feeds a sum that backward never reads (an MoE
+        # layer's shared-expert down projection): the recomputation of a checkpointed layer skips the frozen matmul.
+        self.discard_output_in_recompute = False
 
     def load_weight(self, weight: torch.Tensor) -> None:
         self.qweight.quantize_(weight)
@@ -53,12 +57,18 @@ class MoefitLinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = frozen_linear(x, self.qweight)
+        if self.discard_output_in_recompute and recomputing():
+            y = discarded_output(x, self.out_features)
+        else:
+            y = frozen_linear(x, self.qweight)
         if self.bias is not None:
             y = y + self.bias
         if self.lora_A is not None:
-            xd = self.lora_dropout(x)
-            y = y + F.linear(F.linear(xd, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.lora_scale
+            # The scale goes on the rank-r activation and the add into the GEMM's epilogue: no extra pass over
+            # the [tokens, out] output.
+            h = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype)) * self.lora_scale
+            y = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]),
+                            self.lora_B.to(x.dtype).t()).view(y.shape)
         return y
 
     def extra_repr(self) -> str:
@@ -128,10 +138,13 @@ class MoefitExperts(nn.Module):
             return None
         b = getattr(self, f"{proj}_lora_B")
         xd = self.lora_dropout(x)
-        h = grouped_matmul(xd, a.to(x.dtype), groups)
-        return grouped_matmul(h, b.to(x.dtype), groups) * self.lora_scale
+        h = grouped_matmul(xd, a.to(x.dtype), groups) * self.lora_scale  # scale the rank-r activation
+        return grouped_matmul(h, b.to(x.dtype), groups)
 
-    def forward(self, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, groups: ExpertGroups, discard_output: bool = False) -> torch.Tensor:
+        """`discard_output`: the caller throws the result away (recomputation of a checkpointed layer whose MoE
+        output only feeds the residual sum); the frozen down projection is skipped, everything backward reads
+        is still computed."""
         gate = frozen_expert_matmul(x, self.gate, groups)
         up = frozen_expert_matmul(x, self.up, groups)
         delta = self._lora("gate", x, groups)
@@ -141,7 +154,10 @@ class MoefitExperts(nn.Module):
         if delta is not None:
             up = up + delta
         h = F.silu(gate) * up
-        out = frozen_expert_matmul(h, self.down, groups)
+        if discard_output:
+            out = discarded_output(h, self.hidden_size)
+        else:
+            out = frozen_expert_matmul(h, self.down, groups)
         delta = self._lora("down", h, groups)
         if delta is not None:
             out = out + delta

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.layers import MoefitExperts
+from ..models.layers import MoefitExperts, MoefitLinear
+from ..models.recompute import recomputing
 from .grouped import ExpertGroups
 
 
@@ -48,6 +49,14 @@ class MoefitMoE(nn.Module):
         self.rule = rule
         self.num_experts = experts.num_experts
         self.hidden_dim = experts.hidden_size
+        self.mark_discardable_outputs()
+
+    def mark_discardable_outputs(self) -> None:
+        """The shared expert's down projection only feeds this block's sum: let the recomputation of a
+        checkpointed layer skip its frozen matmul (models.recompute). Call again after replacing submodules."""
+        down = getattr(self.shared_expert, "down_proj", None)
+        if isinstance(down, MoefitLinear):
+            down.discard_output_in_recompute = True
 
     def forward(self, hidden_states: torch.Tensor):
         x = hidden_states.reshape(-1, self.hidden_dim)
@@ -65,7 +74,8 @@ class MoefitMoE(nn.Module):
         w = weights.reshape(-1)[order].to(x.dtype).unsqueeze(1)
         xs = x[token]
         if self.rule.scale_inputs:
-            ys = self.experts(xs * w, groups)
+            # The routed output then only feeds the sum; when scaled afterwards, backward reads it (d/dw).
+            ys = self.experts(xs * w, groups, discard_output=recomputing())
         else:
             ys = self.experts(xs, groups) * w
         out = self.shared_expert(x) if self.shared_expert is not None else torch.zeros_like(x)
