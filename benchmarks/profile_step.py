@@ -9,24 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-def timed(fn, reps=10):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(reps):
-        fn()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / reps / 1e3
 
 
 def main() -> int:
@@ -35,7 +23,7 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
-    from moefit.bench import build_synthetic_model, measure_training
+    from moefit.bench import build_synthetic_model, cuda_time, measure_training
     from moefit.config import LoraConfig
     from moefit.models.layers import MoefitExperts
     from moefit.moe.grouped import _GROUPED_MM, offsets_from_counts
@@ -44,33 +32,42 @@ def main() -> int:
     ex = next(x for x in m.modules() if isinstance(x, MoefitExperts))
     bank = ex.gate
     n = bank.experts * bank.slice_numel
-    t = timed(lambda: bank.dequantize())
+    t = cuda_time(lambda: bank.dequantize())
     res = {"dequant_bank_s": t, "dequant_GBps_written_plus_read": (n * 2 + n / 2 + n / 32) / t / 1e9}
-    t2 = timed(lambda: bank._dequantize_by_state(None, torch.bfloat16))
+    t2 = cuda_time(lambda: bank._dequantize_by_state(None, torch.bfloat16))
     res["dequant_bank_by_state_s"] = t2
     T = args.seq_len
     counts = torch.full((16,), T // 16, device="cuda")
     x = torch.randn(T, 5120, device="cuda", dtype=torch.bfloat16)
     w = bank.dequantize().transpose(1, 2)
-    tg = timed(lambda: _GROUPED_MM(x, w, offs=offsets_from_counts(counts)))
+    tg = cuda_time(lambda: _GROUPED_MM(x, w, offs=offsets_from_counts(counts)))
     res["grouped_gate_s"] = tg
     res["grouped_gate_tflops"] = 2 * T * 5120 * 8192 / tg / 1e12
     wc = w.contiguous()
-    res["grouped_gate_rowmajor_s"] = timed(lambda: _GROUPED_MM(x, wc, offs=offsets_from_counts(counts)))
-    res["copy_GBps"] = 2 * w.numel() * 2 / timed(lambda: w.clone()) / 1e9
+    res["grouped_gate_rowmajor_s"] = cuda_time(lambda: _GROUPED_MM(x, wc, offs=offsets_from_counts(counts)))
+    res["copy_GBps"] = 2 * w.numel() * 2 / cuda_time(lambda: w.clone()) / 1e9
     r = measure_training(m, seq_len=T, batch=1, steps=2, warmup=1)
     res["step"] = r
     from torch.profiler import ProfilerActivity, profile
 
     opt_params = [p for p in m.parameters() if p.requires_grad]
     ids = torch.randint(0, 1000, (1, T), device="cuda")
+    for p in opt_params:
+        p.grad = None
+    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
         out = m(ids, labels=ids)
         out.loss.backward()
         torch.cuda.synchronize()
+        res["profiled_step_wall_s"] = time.perf_counter() - t0
     for p in opt_params:
         p.grad = None
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    averages = prof.key_averages()
+    res["profiled_kernel_s"] = sum(getattr(e, "self_device_time_total", 0.0) for e in averages
+                                   if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+    res["profiled_kernels"] = sum(e.count for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
+    table = averages.table(sort_by="self_cuda_time_total", row_limit=40)
     Path(args.out, "profile_table.txt").write_text(table)
     Path(args.out, "profile.json").write_text(json.dumps(res, indent=2, default=str))
     print(table)

@@ -168,6 +168,20 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
     return result
 
 
+def cuda_time(fn, reps: int = 10, warmup: int = 2) -> float:
+    """Mean seconds per call of `fn` on the current CUDA stream (CUDA events, after `warmup` calls)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps / 1e3
+
+
 def active_params_per_token(config) -> int:
     """Parameters one token touches (attention, shared expert, top_k routed experts, lm_head), for the
     6 x active-params FLOP ceiling."""

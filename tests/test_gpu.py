@@ -31,11 +31,37 @@ def test_triton_nf4_decoder_equals_bitsandbytes():
     pytest.importorskip("triton")
     w = torch.randn(3, 384, 1024, device="cuda", dtype=torch.bfloat16)
     q = NF4Weight(tuple(w.shape), dtype=torch.bfloat16, device="cuda").quantize_(w)
-    absmax = q._absmax_fp32(slice(None))
+    absmax = q.absmax_fp32(slice(None))
     ours = triton_nf4.decode(q.packed, absmax, q.code, q.blocksize, list(w.shape), torch.bfloat16)
     ref = torch.ops.bitsandbytes.dequantize_4bit.default(q.packed.reshape(-1, 1), absmax.reshape(-1), q.blocksize,
                                                          "nf4", list(w.shape), torch.bfloat16)
     assert torch.equal(ours, ref)
+
+
+def test_fused_nf4_grouped_matmul_matches_dequantize_then_grouped_mm(monkeypatch):
+    pytest.importorskip("triton")
+    from moefit.moe.grouped import _GROUPED_MM, ExpertGroups, _apply
+    from moefit.quant import nf4_grouped_mm
+    from moefit.quant.nf4 import NF4Weight
+
+    torch.manual_seed(0)
+    e, out_f, in_f = 8, 384, 640
+    counts = torch.tensor([5, 0, 17, 300, 1, 130, 0, 11], device="cuda")  # empty experts, several row tiles
+    groups = ExpertGroups(counts)
+    q = NF4Weight((e, out_f, in_f), dtype=torch.bfloat16, device="cuda").quantize_(
+        torch.randn(e, out_f, in_f, device="cuda", dtype=torch.bfloat16) * 0.05)
+    w = q.dequantize()
+    monkeypatch.setenv("MOEFIT_EXPERT_MATMUL", "fused")
+    assert nf4_grouped_mm.enabled()
+    for transpose in (True, False):
+        x = torch.randn(int(counts.sum()), in_f if transpose else out_f, device="cuda", dtype=torch.bfloat16)
+        fused = _apply(x, q, groups, transpose=transpose)
+        ref = _GROUPED_MM(x, w.transpose(1, 2) if transpose else w, offs=groups.offs)
+        assert fused.shape == ref.shape
+        assert rel(fused, ref) < 5e-3, transpose
+        monkeypatch.setenv("MOEFIT_EXPERT_MATMUL", "dequant")
+        assert torch.equal(_apply(x, q, groups, transpose=transpose), ref)
+        monkeypatch.setenv("MOEFIT_EXPERT_MATMUL", "fused")
 
 
 def test_grouped_expert_matmul_matches_loop_forward_and_backward():
@@ -94,6 +120,7 @@ def test_tiny_model_on_cuda_matches_cpu_and_trains(tmp_path, monkeypatch):
         hidden = torch.randn(2, 64, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
         fast, _ = block(hidden)
         monkeypatch.setattr(grouped, "_GROUPED_MM", None)
+        monkeypatch.setenv("MOEFIT_EXPERT_MATMUL", "dequant")
         slow, _ = block(hidden)
         monkeypatch.undo()
     assert rel(fast, slow) < 1e-2

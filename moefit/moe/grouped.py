@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..quant import nf4_grouped_mm
 from ..quant.nf4 import FrozenWeight, NF4Weight
 
 _GROUPED_MM = getattr(torch, "_grouped_mm", None)
@@ -106,6 +107,11 @@ class _FrozenExpertMatmul(torch.autograd.Function):
 def _apply(x: torch.Tensor, weight: NF4Weight | FrozenWeight, groups: ExpertGroups, transpose: bool
            ) -> torch.Tensor:
     """transpose=True: x @ W^T ([N, in] -> [N, out]); False: x @ W ([N, out] -> [N, in])."""
+    if (x.is_cuda and isinstance(weight, NF4Weight) and nf4_grouped_mm.enabled()
+            and nf4_grouped_mm.supported(x, *weight.slice_shape, weight.blocksize, transpose)):
+        # Decode NF4 inside the GEMM: no bf16 copy of the bank, 0.5 bytes of weight traffic per pass.
+        return nf4_grouped_mm.nf4_grouped_matmul(x, weight.packed, weight.absmax_fp32(), weight.code, groups.offs,
+                                                 weight.slice_shape, weight.blocksize, transpose)
     if x.is_cuda and _GROUPED_MM is not None and x.dtype == torch.bfloat16:
         w = weight.dequantize(dtype=x.dtype)  # [E, out, in]: one layer's experts, transient
         w = w.transpose(1, 2) if transpose else w

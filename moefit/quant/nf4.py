@@ -105,7 +105,7 @@ class NF4Weight(nn.Module):
         rows = slice(None) if expert is None else slice(expert, expert + 1)
         if self.slice_numel % self.blocksize == 0:
             # Blocks never straddle two experts: one kernel call for every selected expert at once.
-            absmax = self._absmax_fp32(rows)
+            absmax = self.absmax_fp32(rows)
             shape = list(self.shape if expert is None else self.slice_shape)
             if self.packed.is_cuda and triton_nf4.available():
                 out = triton_nf4.decode(self.packed[rows], absmax, self.code, self.blocksize, shape, self.dtype)
@@ -115,7 +115,7 @@ class NF4Weight(nn.Module):
             return out if out.dtype == dtype else out.to(dtype)
         return self._dequantize_by_state(expert, dtype)
 
-    def _absmax_fp32(self, rows: slice) -> torch.Tensor:
+    def absmax_fp32(self, rows: slice = slice(None)) -> torch.Tensor:
         """First-level scales in fp32, [E', nblocks]: undo the double quantization (code2[u8] * absmax2 + offset),
         the same arithmetic as bitsandbytes' dequantize_blockwise."""
         if not self.double_quant:

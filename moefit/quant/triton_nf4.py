@@ -1,13 +1,13 @@
 """NF4 -> bf16/fp16/fp32 decoding as one Triton kernel (CUDA only).
 
-bitsandbytes' kernel decodes a Scout expert bank at 1.94 TB/s (NF4 read + bf16 write) on an H200, 46 % of the
-card's copy rate, and decoding runs three times per micro-step over every frozen weight. This kernel reads each
-packed byte once, looks both codes up in the 16-entry table, scales by the block's absmax and writes the pair: the
-same arithmetic as bitsandbytes (fp32 code x fp32 absmax, then the cast), bit-identical output (tests/test_gpu.py).
+Each packed byte is read once, both codes go through bitsandbytes' 16-entry table (written as a tree of selects,
+not a memory lookup) and are scaled by the block's absmax: the same arithmetic as bitsandbytes (fp32 code x fp32
+absmax, then the cast), bit-identical output (tests/test_gpu.py; tests/test_nf4_grouped_mm.py in the interpreter).
 
-Opt-in (`MOEFIT_NF4_DECODER=triton`): on full-depth Scout it changed the step by -1 % at seq 2048 and +2.5 % at
-4096 (benchmarks/decoder_ab.sh, recorded in benchmarks/raw/bench_decoder_*_h200.json), because the step is
-host-bound at these sizes; it is the starting point for decoding inside the grouped GEMM.
+Opt-in (`MOEFIT_NF4_DECODER=triton`): on an H200 it decodes a Scout expert bank in 0.762 ms against
+bitsandbytes' 0.750 ms (2.24 TB/s, 53 % of the copy rate; benchmarks/expert_matmul.md), and the full-depth seed
+recipe step at seq 2048 took 1.433 s against 1.215 s with bitsandbytes
+(benchmarks/raw/step_ab_skip_recompute*_h200.json). It shares its NF4 table with the fused grouped GEMM.
 """
 
 from __future__ import annotations
@@ -31,22 +31,7 @@ def available() -> bool:
 
 @functools.cache
 def _kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def nf4_decode(packed_ptr, absmax_ptr, code_ptr, out_ptr, n_bytes, BYTES_PER_BLOCK: tl.constexpr,
-                   BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n_bytes
-        b = tl.load(packed_ptr + offs, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(absmax_ptr + offs // BYTES_PER_BLOCK, mask=mask, other=0.0)
-        hi = tl.load(code_ptr + ((b >> 4) & 15)) * scale  # first value of the pair sits in the high nibble
-        lo = tl.load(code_ptr + (b & 15)) * scale
-        pair = tl.reshape(tl.join(hi, lo), [2 * BLOCK])
-        out_offs = pid.to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
-        tl.store(out_ptr + out_offs, pair.to(out_ptr.dtype.element_ty), mask=out_offs < 2 * n_bytes)
+    from ._nf4_gemm_kernels import nf4_decode
 
     return nf4_decode
 
