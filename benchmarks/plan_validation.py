@@ -1,7 +1,7 @@
 """Measure moefit's real peak memory and step time on the GPU and compare them with `moefit plan`.
 
-    python benchmarks/plan_validation.py --out DIR [--configs all|quick]   # on a GPU: measure, then compare
-    python benchmarks/plan_validation.py --plan-only [--configs all|quick] # on CPU: print the plan of each config
+    python benchmarks/plan_validation.py --out DIR [--configs all|quick|issue4]   # on a GPU: measure, then compare
+    python benchmarks/plan_validation.py --plan-only [--configs all|quick|issue4] # on CPU: print the plan of each config
     python benchmarks/plan_validation.py --fit DIR/plan_validation.json   # refit moefit/plan/calibration.json
 
 Each group of configurations that share weights and LoRA runs in a fresh subprocess (so peak memory is clean):
@@ -44,11 +44,15 @@ GROUPS = [
     ("llama3.1-8b-r32", DENSE, _lora(32), [(2048, 1), (4096, 2)]),
 ]
 QUICK = [("scout-r32", SCOUT, _lora(32), [(2048, 1), (4096, 1)]), ("llama3.1-8b-r32", DENSE, _lora(32), [(2048, 1)])]
+# The four moefit rows of issue 4's table (benchmarks/scout_qlora.sh).
+ISSUE4 = [("scout-r32", SCOUT, _lora(32), [(2048, 1), (4096, 1)]),
+          ("scout-r32-no-expert-lora", SCOUT, _lora(32, 0), [(2048, 1), (4096, 1)])]
+SETS = {"all": GROUPS, "quick": QUICK, "issue4": ISSUE4}
 
 
 def configs(which: str) -> list[dict]:
     out = []
-    for group, model, lora, shapes in (QUICK if which == "quick" else GROUPS):
+    for group, model, lora, shapes in SETS[which]:
         for seq, batch in shapes:
             out.append({"name": f"{group}-s{seq}-b{batch}", "group": group, "model": model, "num_layers": None,
                         "seq_len": seq, "batch": batch, "lora": lora, "quant": {"weights": "nf4"},
@@ -198,7 +202,7 @@ def plan_only(which: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, help="folder for plan_validation.json / .md")
-    ap.add_argument("--configs", choices=["all", "quick"], default="all")
+    ap.add_argument("--configs", choices=sorted(SETS), default="all")
     ap.add_argument("--plan-only", action="store_true", help="print the plan of each configuration (no GPU)")
     ap.add_argument("--fit", type=Path, metavar="JSON", help="refit moefit/plan/calibration.json to a recorded run")
     ap.add_argument("--worker", help=argparse.SUPPRESS)

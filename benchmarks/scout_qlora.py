@@ -5,7 +5,7 @@ for the seed recipe (r=32 on q,k,v,o,gate,up,down incl. every routed expert) and
 On the GPU (one call):
     bash benchmarks/scout_qlora.sh            # runs plan_validation.py and stock_baseline.py, then this --report
 Report from recorded JSON (CPU):
-    python benchmarks/scout_qlora.py --report --moefit benchmarks/plan_validation.json \
+    python benchmarks/scout_qlora.py --report --moefit benchmarks/scout_qlora_moefit.json \
         --stock benchmarks/stock_baseline.json [--tflops 788] > benchmarks/scout_qlora.md
 """
 
@@ -84,7 +84,7 @@ def analysis() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--report", action="store_true", required=True)
-    ap.add_argument("--moefit", default="benchmarks/plan_validation.json")
+    ap.add_argument("--moefit", default="benchmarks/scout_qlora_moefit.json")
     ap.add_argument("--stock", default="benchmarks/stock_baseline.json")
     ap.add_argument("--tflops", type=float, default=788.0, help="measured bf16 GEMM TFLOP/s of the GPU")
     args = ap.parse_args()
