@@ -100,7 +100,11 @@ def test_grouped_expert_matmul_matches_loop_forward_and_backward():
     assert a.grad[1].abs().sum() == 0 and a.grad[6].abs().sum() == 0  # experts with no tokens get no gradient
 
 
-def test_tiny_model_on_cuda_matches_cpu_and_trains(tmp_path, monkeypatch):
+@pytest.mark.parametrize("expert_matmul", ["dequant", "fused"])
+def test_tiny_model_on_cuda_matches_cpu_and_trains(tmp_path, monkeypatch, expert_matmul):
+    if expert_matmul == "fused":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("MOEFIT_EXPERT_MATMUL", expert_matmul)
     import moefit
     import moefit.moe.grouped as grouped
     from moefit.lora import add_lora
@@ -119,10 +123,12 @@ def test_tiny_model_on_cuda_matches_cpu_and_trains(tmp_path, monkeypatch):
         block = gpu.hf.model.layers[0].feed_forward
         hidden = torch.randn(2, 64, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
         fast, _ = block(hidden)
+        grouped_mm = grouped._GROUPED_MM
         monkeypatch.setattr(grouped, "_GROUPED_MM", None)
         monkeypatch.setenv("MOEFIT_EXPERT_MATMUL", "dequant")
         slow, _ = block(hidden)
-        monkeypatch.undo()
+        monkeypatch.setattr(grouped, "_GROUPED_MM", grouped_mm)
+        monkeypatch.setenv("MOEFIT_EXPERT_MATMUL", expert_matmul)
     assert rel(fast, slow) < 1e-2
     params = add_lora(gpu, r=8, alpha=16, dropout=0.0)
     gpu.enable_gradient_checkpointing()
