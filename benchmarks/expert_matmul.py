@@ -50,7 +50,7 @@ def measure_case(x, q, groups, transpose: bool, peak_flops: float, copy_bw: floa
         t = timed(functools.partial(fused, variant))
         fused_rows[variant] = {"ms": t * 1e3, "tflops": 2 * x.shape[0] * x.shape[1] * y_ref.shape[1] / t / 1e12,
                                "rel_err_vs_dequant_path": err, "autotune_s": tune_s,
-                               "config": str(getattr(nf4_grouped_mm._kernel(), "best_config", None))}
+                               "config": str(getattr(nf4_grouped_mm._kernel(variant.split("-")[1]), "best_config", None))}
     t_gemm = timed(functools.partial(gemm, q.dequantize()))
     t_deq = timed(q.dequantize)
     t_deq_triton = timed(lambda: triton_nf4.decode(q.packed, q.absmax_fp32(), q.code, q.blocksize, list(q.shape),
@@ -76,7 +76,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="fused-kernel variants to time")
+    ap.add_argument("--variants", default="select-join,select-split,shfl-split,shfl-join",
+                    help=f"fused-kernel variants to time, from {', '.join(VARIANTS)}")
     ap.add_argument("--routings", default="uniform,skewed")
     ap.add_argument("--banks", default="gate_up,down")
     args = ap.parse_args()

@@ -44,21 +44,21 @@ def nf4_value(n):
     return tl.where((n & 8) != 0, v815, v07)
 
 @triton.jit
-def decode(code_ptr, n, SELECT: tl.constexpr):
-    if SELECT:
+def decode(code_ptr, n, DECODE: tl.constexpr):
+    """NF4 codes -> fp32 table values. DECODE 0: lookup through memory (a dependent load); 1: tree of selects;
+    2: the 16-entry table held in registers and read with tl.gather (lowered to warp shuffles where it can)."""
+    if DECODE == 1:
         return nf4_value(n)
+    if DECODE == 2:
+        table = tl.load(code_ptr + tl.arange(0, 16))
+        return tl.gather(tl.broadcast_to(table[:, None], (16, n.shape[1])), n, 0)
     return tl.load(code_ptr + n)
 
-@triton.autotune(configs=configs(), key=["N_OUT", "K", "TRANSPOSE", "SELECT", "JOIN"])
+
 @triton.jit
-def nf4_grouped_mm(x_ptr, packed_ptr, absmax_ptr, code_ptr, offs_ptr, out_ptr,
-                   N_OUT, K, W_COLS, stride_xm, stride_om,
-                   E: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                   SELECT: tl.constexpr, JOIN: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    # Which expert and which of its row tiles this program computes.
+def expert_tile(offs_ptr, pid_m, E: tl.constexpr, BM: tl.constexpr):
+    """Row tile `pid_m` of the grid -> (expert, first row, end row of that expert); expert -1 past the last tile.
+    Row tiles are laid out expert after expert, each expert's rows cut into BM-row tiles."""
     expert = -1
     row_start = 0
     row_end = 0
@@ -73,6 +73,17 @@ def nf4_grouped_mm(x_ptr, packed_ptr, absmax_ptr, code_ptr, offs_ptr, out_ptr,
         row_end = tl.where(hit, end, row_end)
         tiles_before += n_tiles
         prev_end = end
+    return expert, row_start, row_end
+
+@triton.autotune(configs=configs(), key=["N_OUT", "K", "TRANSPOSE", "DECODE", "JOIN"])
+@triton.jit
+def nf4_grouped_mm(x_ptr, packed_ptr, absmax_ptr, code_ptr, offs_ptr, out_ptr,
+                   N_OUT, K, W_COLS, stride_xm, stride_om,
+                   E: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                   DECODE: tl.constexpr, JOIN: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_n = tl.program_id(1)
+    expert, row_start, row_end = expert_tile(offs_ptr, tl.program_id(0), E, BM)
     if expert >= 0:
         rm = row_start + tl.arange(0, BM)
         m_mask = rm < row_end
@@ -111,7 +122,7 @@ def nf4_grouped_mm(x_ptr, packed_ptr, absmax_ptr, code_ptr, offs_ptr, out_ptr,
                 half = c0 // 2 + tl.arange(0, C // 2)
                 half_mask = row_mask[:, None] & (2 * half < col_limit)[None, :]
                 b = tl.load(w_bytes + row_off * (W_COLS // 2) + half[None, :], mask=half_mask, other=0).to(tl.int32)
-                vals = tl.reshape(tl.join(decode(code_ptr, b >> 4, SELECT), decode(code_ptr, b & 15, SELECT)),
+                vals = tl.reshape(tl.join(decode(code_ptr, b >> 4, DECODE), decode(code_ptr, b & 15, DECODE)),
                                   (R, C))
                 blk = c0 // BLOCKSIZE + tl.arange(0, C // BLOCKSIZE)
                 blk_mask = row_mask[:, None] & (blk * BLOCKSIZE < col_limit)[None, :]
@@ -124,7 +135,7 @@ def nf4_grouped_mm(x_ptr, packed_ptr, absmax_ptr, code_ptr, offs_ptr, out_ptr,
                 nibble = (b >> ((1 - cols % 2) * 4)[None, :]) & 15
                 scale = tl.load(w_scales + row_off * (W_COLS // BLOCKSIZE) + (cols // BLOCKSIZE)[None, :], mask=w_mask,
                                 other=0.0)
-                w = decode(code_ptr, nibble, SELECT) * scale
+                w = decode(code_ptr, nibble, DECODE) * scale
             w = w.to(x_ptr.dtype.element_ty)
             if TRANSPOSE:
                 acc = tl.dot(x, tl.trans(w), acc)
@@ -132,6 +143,82 @@ def nf4_grouped_mm(x_ptr, packed_ptr, absmax_ptr, code_ptr, offs_ptr, out_ptr,
                 acc = tl.dot(x, w, acc)
         tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.autotune(configs=configs(), key=["N_OUT", "K", "TRANSPOSE", "DECODE"])
+@triton.jit
+def nf4_grouped_mm_split(x_ptr, packed_ptr, absmax_ptr, code_ptr, offs_ptr, out_ptr,
+                         N_OUT, K, W_COLS, stride_xm, stride_om,
+                         E: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                         DECODE: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Same contract as `nf4_grouped_mm`, without ever interleaving the two codes of a byte: the high nibbles
+    (even weight columns) and the low nibbles (odd columns) stay two half-width tiles. In the forward they meet
+    the even and odd columns of x (two MMAs over half of K each); in the backward they produce the even and odd
+    output columns (two accumulators). No join/reshape, so no register shuffles between decode and MMA."""
+    pid_n = tl.program_id(1)
+    expert, row_start, row_end = expert_tile(offs_ptr, tl.program_id(0), E, BM)
+    if expert >= 0:
+        rm = row_start + tl.arange(0, BM)
+        m_mask = rm < row_end
+        slice_numel = N_OUT.to(tl.int64) * K
+        w_bytes = packed_ptr + expert.to(tl.int64) * (slice_numel // 2)
+        w_scales = absmax_ptr + expert.to(tl.int64) * (slice_numel // BLOCKSIZE)
+        x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+        if TRANSPOSE:
+            HALF: tl.constexpr = BK // 2
+            rn = pid_n * BN + tl.arange(0, BN)
+            n_mask = rn < N_OUT
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+        else:
+            HALF: tl.constexpr = BN // 2
+            acc_even = tl.zeros((BM, HALF), dtype=tl.float32)
+            acc_odd = tl.zeros((BM, HALF), dtype=tl.float32)
+        j = tl.arange(0, HALF)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            k_mask = rk < K
+            if TRANSPOSE:  # weight tile: rows rn (out), byte columns over k0 .. k0 + BK
+                rows = rn
+                row_mask = n_mask
+                c0 = k0
+                col_limit = K
+            else:  # weight tile: rows rk (out), byte columns over the output columns of this program
+                rows = rk
+                row_mask = k_mask
+                c0 = pid_n * BN
+                col_limit = N_OUT
+            row_off = rows[:, None].to(tl.int64)
+            even_cols = c0 + 2 * j
+            col_mask = row_mask[:, None] & (even_cols < col_limit)[None, :]
+            b = tl.load(w_bytes + row_off * (W_COLS // 2) + (c0 // 2 + j)[None, :], mask=col_mask,
+                        other=0).to(tl.int32)
+            scale = tl.zeros(b.shape, dtype=tl.float32)
+            for q in tl.static_range((2 * HALF) // BLOCKSIZE):  # the tile's blocks along its columns
+                s_q = tl.load(w_scales + rows.to(tl.int64) * (W_COLS // BLOCKSIZE) + c0 // BLOCKSIZE + q,
+                              mask=row_mask & (rows * 0 + c0 + q * BLOCKSIZE < col_limit), other=0.0)
+                scale = tl.where(((2 * j) // BLOCKSIZE == q)[None, :], s_q[:, None], scale)
+            w_even = (decode(code_ptr, b >> 4, DECODE) * scale).to(x_ptr.dtype.element_ty)
+            w_odd = (decode(code_ptr, b & 15, DECODE) * scale).to(x_ptr.dtype.element_ty)
+            if TRANSPOSE:
+                ke = k0 + 2 * j
+                x_even = tl.load(x_rows + ke[None, :], mask=m_mask[:, None] & (ke < K)[None, :], other=0.0)
+                x_odd = tl.load(x_rows + ke[None, :] + 1, mask=m_mask[:, None] & (ke + 1 < K)[None, :], other=0.0)
+                acc = tl.dot(x_even, tl.trans(w_even), acc)
+                acc = tl.dot(x_odd, tl.trans(w_odd), acc)
+            else:
+                x = tl.load(x_rows + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                acc_even = tl.dot(x, w_even, acc_even)
+                acc_odd = tl.dot(x, w_odd, acc_odd)
+        out_rows = out_ptr + rm[:, None].to(tl.int64) * stride_om
+        if TRANSPOSE:
+            tl.store(out_rows + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        else:
+            ce = pid_n * BN + 2 * j
+            tl.store(out_rows + ce[None, :], acc_even.to(out_ptr.dtype.element_ty),
+                     mask=m_mask[:, None] & (ce < N_OUT)[None, :])
+            tl.store(out_rows + ce[None, :] + 1, acc_odd.to(out_ptr.dtype.element_ty),
+                     mask=m_mask[:, None] & (ce + 1 < N_OUT)[None, :])
 
 
 @triton.jit

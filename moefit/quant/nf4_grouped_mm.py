@@ -57,15 +57,19 @@ def supported(x: torch.Tensor, out_features: int, in_features: int, blocksize: i
             and k % 64 == 0 and n % 64 == 0 and x.shape[1] == k)
 
 
-VARIANTS = ("select-join", "select-gather", "lut-join", "lut-gather")  # NF4 decode - weight-tile load pattern
+# NF4 decode (lut: memory lookup, select: select tree, shfl: register table + tl.gather) - weight-tile layout
+# (join: nibbles interleaved, gather: each element loads its byte, split: even/odd columns kept as two tiles).
+VARIANTS = ("select-join", "select-gather", "lut-join", "lut-gather", "select-split", "shfl-split", "shfl-join")
+_DECODE = {"lut": 0, "select": 1, "shfl": 2}
 DEFAULT_VARIANT = "select-join"
 
 
 @functools.cache
-def _kernel():
-    from ._nf4_gemm_kernels import nf4_grouped_mm
+def _kernel(layout: str = "join"):
+    """The autotuned kernel for a weight-tile layout ("split" has its own kernel; "join"/"gather" share one)."""
+    from ._nf4_gemm_kernels import nf4_grouped_mm, nf4_grouped_mm_split
 
-    return nf4_grouped_mm
+    return nf4_grouped_mm_split if layout == "split" else nf4_grouped_mm
 
 
 def nf4_grouped_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
@@ -87,7 +91,10 @@ def nf4_grouped_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tens
         return (triton.cdiv(x.shape[0], meta["BM"]) + experts, triton.cdiv(n_out, meta["BN"]))
 
     decode, layout = (variant or os.environ.get("MOEFIT_NF4_GEMM_VARIANT", DEFAULT_VARIANT)).split("-")
-    _kernel()[grid](x, packed, absmax.contiguous(), code, offs, out, n_out, k, in_features, x.stride(0),
-                    out.stride(0), E=experts, TRANSPOSE=transpose, BLOCKSIZE=blocksize, SELECT=decode == "select",
-                    JOIN=layout == "join")
+    args = (x, packed, absmax.contiguous(), code, offs, out, n_out, k, in_features, x.stride(0), out.stride(0))
+    if layout == "split":
+        _kernel("split")[grid](*args, E=experts, TRANSPOSE=transpose, BLOCKSIZE=blocksize, DECODE=_DECODE[decode])
+    else:
+        _kernel()[grid](*args, E=experts, TRANSPOSE=transpose, BLOCKSIZE=blocksize, DECODE=_DECODE[decode],
+                        JOIN=layout == "join")
     return out
