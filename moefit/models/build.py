@@ -71,7 +71,9 @@ def _replace_moe_blocks(model: nn.Module, config: PretrainedConfig, kw: dict) ->
         if isinstance(module, Llama4TextMoe):
             experts = MoefitExperts(config.num_local_experts, config.hidden_size, config.intermediate_size,
                                     act=config.hidden_act, **kw)
-            _set_module(model, name, MoefitMoE(module.router, experts, module.shared_expert, rule))
+            # Llama4TextDecoderLayer adds the MoE output straight to the residual stream.
+            _set_module(model, name, MoefitMoE(module.router, experts, module.shared_expert, rule,
+                                               output_feeds_residual=True))
 
 
 def _replace_linears(model: nn.Module, keep: list[str], kw: dict) -> None:

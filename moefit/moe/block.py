@@ -41,7 +41,13 @@ def route(logits: torch.Tensor, rule: RoutingRule) -> tuple[torch.Tensor, torch.
 
 
 class MoefitMoE(nn.Module):
-    def __init__(self, router: nn.Module, experts: MoefitExperts, shared_expert: nn.Module | None, rule: RoutingRule):
+    """`output_feeds_residual`: the family's decoder layer adds this block's output straight to the residual
+    stream (no norm or gate after it, as in Llama 4), so backward never reads it and the recomputation of a
+    checkpointed layer may skip the frozen down projections that produce it (models.recompute). Leave False for
+    a family that post-processes the MoE output."""
+
+    def __init__(self, router: nn.Module, experts: MoefitExperts, shared_expert: nn.Module | None, rule: RoutingRule,
+                 output_feeds_residual: bool = False):
         super().__init__()
         self.router = router
         self.experts = experts
@@ -49,14 +55,15 @@ class MoefitMoE(nn.Module):
         self.rule = rule
         self.num_experts = experts.num_experts
         self.hidden_dim = experts.hidden_size
+        self.output_feeds_residual = output_feeds_residual
         self.mark_discardable_outputs()
 
     def mark_discardable_outputs(self) -> None:
-        """The shared expert's down projection only feeds this block's sum: let the recomputation of a
-        checkpointed layer skip its frozen matmul (models.recompute). Call again after replacing submodules."""
+        """Let the recomputation skip the shared expert's frozen down projection, whose output only feeds this
+        block's sum. Call again after replacing submodules."""
         down = getattr(self.shared_expert, "down_proj", None)
         if isinstance(down, MoefitLinear):
-            down.discard_output_in_recompute = True
+            down.discard_output_in_recompute = self.output_feeds_residual
 
     def forward(self, hidden_states: torch.Tensor):
         x = hidden_states.reshape(-1, self.hidden_dim)
@@ -75,7 +82,7 @@ class MoefitMoE(nn.Module):
         xs = x[token]
         if self.rule.scale_inputs:
             # The routed output then only feeds the sum; when scaled afterwards, backward reads it (d/dw).
-            ys = self.experts(xs * w, groups, discard_output=recomputing())
+            ys = self.experts(xs * w, groups, discard_output=self.output_feeds_residual and recomputing())
         else:
             ys = self.experts(xs, groups) * w
         out = self.shared_expert(x) if self.shared_expert is not None else torch.zeros_like(x)
