@@ -51,7 +51,18 @@ def measure_case(x, q, groups, transpose: bool, peak_flops: float, copy_bw: floa
         fused_rows[variant] = {"ms": t * 1e3, "tflops": 2 * x.shape[0] * x.shape[1] * y_ref.shape[1] / t / 1e12,
                                "rel_err_vs_dequant_path": err, "autotune_s": tune_s,
                                "config": str(getattr(nf4_grouped_mm._kernel(variant.split("-")[1]), "best_config", None))}
-    t_gemm = timed(functools.partial(gemm, q.dequantize()))
+    w_bf16 = q.dequantize()
+    t_gemm = timed(functools.partial(gemm, w_bf16))
+    # torch._grouped_mm picks its tile from rows / experts: <= 128 gives 64-row tiles (a third, mostly empty tile
+    # for experts just over 128 rows), above it 128 x 256 tiles. Padding x past 129 rows per expert (rows after
+    # the last offset belong to no expert) selects the large tiles.
+    pad = max(0, 129 * q.experts - x.shape[0])
+    x_padded = torch.cat([x, x.new_zeros(pad, x.shape[1])]) if pad else x
+    w_t = w_bf16.transpose(1, 2) if transpose else w_bf16
+    padded = functools.partial(_GROUPED_MM, x_padded, w_t, offs=groups.offs)
+    t_gemm_padded = timed(padded)
+    same = torch.equal(padded()[: x.shape[0]], y_ref)
+    del w_bf16, w_t, padded
     t_deq = timed(q.dequantize)
     t_deq_triton = timed(lambda: triton_nf4.decode(q.packed, q.absmax_fp32(), q.code, q.blocksize, list(q.shape),
                                                    torch.bfloat16))
@@ -63,6 +74,7 @@ def measure_case(x, q, groups, transpose: bool, peak_flops: float, copy_bw: floa
     return {
         "gflop": flops / 1e9, "fused": fused_rows,
         "dequant_ms": t_deq * 1e3, "triton_decode_ms": t_deq_triton * 1e3, "absmax_ms": t_absmax * 1e3, "grouped_mm_ms": t_gemm * 1e3,
+        "grouped_mm_padded_rows": pad, "grouped_mm_padded_ms": t_gemm_padded * 1e3, "padded_output_equal": same,
         "dequant_plus_gemm_ms": t_ref * 1e3, "grouped_mm_tflops": flops / t_gemm / 1e12,
         "floor_dequant_path_ms": ((nf4_bytes + bf16_bytes) / copy_bw
                                   + max(flops / peak_flops, bf16_bytes / copy_bw)) * 1e3,
@@ -123,12 +135,13 @@ def main() -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "expert_matmul.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     print(env)
-    print(f"{'routing':8} {'bank':8} {'op':8} {'deq':>6} {'tdeq':>6} {'gemm':>6} {'deq+gemm':>8} {'floor':>6} {'floor fused':>11}  "
+    print(f"{'routing':8} {'bank':8} {'op':8} {'deq':>6} {'tdeq':>6} {'gemm':>6} {'padded':>6} {'deq+gemm':>8} {'floor':>6} {'floor fused':>11}  "
           "fused variants: ms (TFLOP/s, rel err)")
     for r in rows:
         fused = "  ".join(f"{v}: {f['ms']:.3f} ({f['tflops']:.0f}, {f['rel_err_vs_dequant_path']:.0e})"
                           for v, f in r["fused"].items())
         print(f"{r['routing']:8} {r['bank']:8} {r['op']:8} {r['dequant_ms']:6.3f} {r['triton_decode_ms']:6.3f} {r['grouped_mm_ms']:6.3f} "
+              f"{r['grouped_mm_padded_ms']:6.3f} "
               f"{r['dequant_plus_gemm_ms']:8.3f} {r['floor_dequant_path_ms']:6.3f} {r['floor_fused_ms']:11.3f}  {fused}")
     return 0
 
