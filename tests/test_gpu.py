@@ -64,6 +64,25 @@ def test_fused_nf4_grouped_matmul_matches_dequantize_then_grouped_mm(monkeypatch
         monkeypatch.setenv("MOEFIT_EXPERT_MATMUL", "fused")
 
 
+def test_grouped_mm_padding_for_large_tiles_changes_nothing(monkeypatch):
+    from moefit.moe.grouped import ExpertGroups, _apply
+    from moefit.quant.nf4 import NF4Weight
+
+    torch.manual_seed(0)
+    counts = torch.full((16,), 126, device="cuda")
+    counts[3] += 30  # 2,046 rows: 18 rows short of 129 per expert
+    groups = ExpertGroups(counts)
+    q = NF4Weight((16, 256, 512), dtype=torch.bfloat16, device="cuda").quantize_(
+        torch.randn(16, 256, 512, device="cuda", dtype=torch.bfloat16) * 0.05)
+    for transpose in (True, False):
+        x = torch.randn(int(counts.sum()), 512 if transpose else 256, device="cuda", dtype=torch.bfloat16)
+        monkeypatch.setenv("MOEFIT_GROUPED_MM_PAD", "0")
+        plain = _apply(x, q, groups, transpose=transpose)
+        monkeypatch.setenv("MOEFIT_GROUPED_MM_PAD", "1")
+        padded = _apply(x, q, groups, transpose=transpose)
+        assert padded.shape == plain.shape and rel(padded, plain) < 5e-3
+
+
 def test_grouped_expert_matmul_matches_loop_forward_and_backward():
     from moefit.moe.grouped import (
         ExpertGroups,
