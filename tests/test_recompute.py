@@ -13,7 +13,8 @@ from moefit.models.layers import MoefitExperts
 from tests.test_engine_parity import CONFIGS, _randomize_lora, tiny_config, write_checkpoint
 
 
-def _grads(model, ids, checkpointing: bool, seed: int = 0) -> dict[str, torch.Tensor]:
+def _grads(model, batches: list[torch.Tensor], checkpointing: bool, seed: int = 0) -> dict[str, torch.Tensor]:
+    """LoRA gradients of the summed losses of `batches` (one forward each, then one backward)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     for p in params.values():
         p.grad = None
@@ -23,7 +24,7 @@ def _grads(model, ids, checkpointing: bool, seed: int = 0) -> dict[str, torch.Te
         getattr(model.hf, "activation_checkpointing_disable", model.hf.gradient_checkpointing_disable)()
     model.train()
     torch.manual_seed(seed)  # same dropout masks in both runs
-    model(ids, labels=ids).loss.backward()
+    sum(model(ids, labels=ids).loss for ids in batches).backward()
     return {n: p.grad.clone() for n, p in params.items()}
 
 
@@ -57,13 +58,50 @@ def test_checkpointed_gradients_equal_plain_and_down_projections_run_twice_not_t
         if shared is not None:
             counting(shared.down_proj.qweight, "shared_down")
 
-    plain = _grads(model, ids, checkpointing=False)
+    plain = _grads(model, [ids], checkpointing=False)
     plain_calls = dict(calls)
     calls.update(routed_down=0, shared_down=0)
-    ckpt = _grads(model, ids, checkpointing=True)
+    ckpt = _grads(model, [ids], checkpointing=True)
     assert plain.keys() == ckpt.keys() and len(plain) > 0
     for n in plain:
         assert torch.allclose(plain[n], ckpt[n], rtol=1e-5, atol=1e-7), n
     # Forward + backward in both runs: the recomputation added no down-projection work.
     assert plain_calls["shared_down"] > 0 and plain_calls["routed_down"] > 0
     assert calls == plain_calls
+
+
+def test_kept_gate_up_outputs_give_the_same_gradients_with_two_forwards_before_backward(tmp_path, monkeypatch):
+    """MOEFIT_KEEP_EXPERT_GATE_UP=1: the recomputation reuses the routed gate/up outputs of the first pass (each
+    bank decoded twice per micro-step, not three times), also when two forwards share one backward."""
+    cfg = tiny_config(**CONFIGS["top2-8e-norope"])
+    write_checkpoint(tmp_path, cfg)
+    model = moefit.load_model(str(tmp_path), quantization="nf4", dtype=torch.float32)
+    add_lora(model, r=4, alpha=8, dropout=0.1, targets=["q", "k", "v", "o", "gate", "up", "down"])
+    _randomize_lora(model)
+    gen = torch.Generator().manual_seed(2)
+    ids_a = torch.randint(3, cfg.vocab_size, (2, 24), generator=gen)
+    ids_b = torch.randint(3, cfg.vocab_size, (1, 17), generator=gen)
+    calls = {"gate": 0, "up": 0}
+    for module in model.modules():
+        if isinstance(module, MoefitExperts):
+            for proj in calls:
+                store = getattr(module, proj)
+                original = store.dequantize
+
+                def dequantize(*args, _original=original, _proj=proj, **kwargs):
+                    calls[_proj] += 1
+                    return _original(*args, **kwargs)
+                store.dequantize = dequantize
+
+    monkeypatch.setenv("MOEFIT_KEEP_EXPERT_GATE_UP", "1")
+    plain = _grads(model, [ids_a, ids_b], checkpointing=False)
+    plain_calls = dict(calls)
+    calls.update(gate=0, up=0)
+    kept = _grads(model, [ids_a, ids_b], checkpointing=True)
+    assert calls == plain_calls and plain_calls["gate"] > 0  # forward + backward only
+    for n in plain:
+        assert torch.allclose(plain[n], kept[n], rtol=1e-5, atol=1e-7), n
+    monkeypatch.setenv("MOEFIT_KEEP_EXPERT_GATE_UP", "0")
+    calls.update(gate=0, up=0)
+    _grads(model, [ids_a, ids_b], checkpointing=True)
+    assert calls["gate"] > plain_calls["gate"]  # without keeping, the recomputation decodes the banks again

@@ -18,7 +18,8 @@ from torch import nn
 
 from ..moe.grouped import ExpertGroups, frozen_expert_matmul, frozen_linear, grouped_matmul
 from ..quant.nf4 import make_weight
-from .recompute import discarded_output, recomputing
+from . import recompute
+from .recompute import discarded_output
 
 
 class MoefitLinear(nn.Module):
@@ -57,7 +58,7 @@ class MoefitLinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.discard_output_in_recompute and recomputing():
+        if self.discard_output_in_recompute and recompute.recomputing():
             y = discarded_output(x, self.out_features)
         else:
             y = frozen_linear(x, self.qweight)
@@ -141,12 +142,24 @@ class MoefitExperts(nn.Module):
         h = grouped_matmul(xd, a.to(x.dtype), groups) * self.lora_scale  # scale the rank-r activation
         return grouped_matmul(h, b.to(x.dtype), groups)
 
+    def _frozen_kept(self, proj: str, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+        """The frozen projection; with MOEFIT_KEEP_EXPERT_GATE_UP=1 its first-pass result is kept for the
+        recomputation of a checkpointed layer (models.recompute)."""
+        weight = getattr(self, proj)
+        if not recompute.keep_enabled():
+            return frozen_expert_matmul(x, weight, groups)
+        known = recompute.kept((self, proj))
+        y = frozen_expert_matmul(x, weight, groups, result=known)
+        if known is None:
+            recompute.keep((self, proj), y)
+        return y
+
     def forward(self, x: torch.Tensor, groups: ExpertGroups, discard_output: bool = False) -> torch.Tensor:
         """`discard_output`: the caller throws the result away (recomputation of a checkpointed layer whose MoE
         output only feeds the residual sum); the frozen down projection is skipped, everything backward reads
         is still computed."""
-        gate = frozen_expert_matmul(x, self.gate, groups)
-        up = frozen_expert_matmul(x, self.up, groups)
+        gate = self._frozen_kept("gate", x, groups)
+        up = self._frozen_kept("up", x, groups)
         delta = self._lora("gate", x, groups)
         if delta is not None:
             gate = gate + delta

@@ -1,11 +1,18 @@
-"""Knowing, inside a module, that the forward pass is the recomputation of a checkpointed decoder layer.
+"""Knowing, inside a module, whether the forward pass is a checkpointed layer's first pass or its recomputation.
 
 With activation checkpointing, backward re-runs a layer's forward only to rebuild the tensors its backward needs.
-The frozen matmul that produces an MoE layer's output (the routed and shared experts' down projections, whose
-dequantized weight is its whole cost) saves nothing for backward, and its result only flows into the residual
-sum, which the recomputation throws away. `torch.utils.checkpoint` runs the recomputation under the second
-context manager that `context_fn` returns; modules ask `recomputing()` and skip that matmul. (Routed experts'
-LoRA on the down projection still runs: its saved inputs are needed.)
+`torch.utils.checkpoint` runs the first pass and the recomputation under the two context managers that
+`context_fn` returns; moefit's modules ask which one is active:
+
+- `recomputing()`: the frozen matmul that produces an MoE layer's output (the routed and shared experts' down
+  projections, whose dequantized weight is its whole cost) saves nothing for backward, and its result only flows
+  into the residual sum, which the recomputation throws away: skip it. (Their LoRA still runs: backward reads its
+  saved inputs.)
+- `keep()` / `kept()` (opt-in, MOEFIT_KEEP_EXPERT_GATE_UP=1): the routed experts' frozen gate/up outputs are kept
+  from the first pass and handed to the recomputation instead of being computed again (two fewer expert-bank
+  decodes per layer and micro-step, for T x top_k x intermediate x 2 x 2 bytes per layer held until backward).
+  What is kept belongs to one checkpoint call (one layer, one forward), so several forwards before a backward
+  never mix.
 """
 
 from __future__ import annotations
@@ -21,17 +28,35 @@ _state = threading.local()
 
 
 def recomputing() -> bool:
-    return getattr(_state, "active", False)
+    return getattr(_state, "phase", None) == "recompute"
+
+
+def keep_enabled() -> bool:
+    return os.environ.get("MOEFIT_KEEP_EXPERT_GATE_UP", "0") == "1"
+
+
+def keep(key: object, tensor: torch.Tensor) -> None:
+    """In a checkpointed layer's first pass: hold `tensor` (detached) for that layer's recomputation."""
+    if getattr(_state, "phase", None) == "forward":
+        _state.frame.setdefault(key, []).append(tensor.detach())
+
+
+def kept(key: object) -> torch.Tensor | None:
+    """In the recomputation: the next tensor kept under `key` by the same checkpoint call's first pass."""
+    if not recomputing():
+        return None
+    queue = _state.frame.get(key)
+    return queue.pop(0) if queue else None
 
 
 @contextlib.contextmanager
-def _recomputation() -> Iterator[None]:
-    previous = recomputing()
-    _state.active = True
+def _phase(phase: str, frame: dict) -> Iterator[None]:
+    previous = getattr(_state, "phase", None), getattr(_state, "frame", None)
+    _state.phase, _state.frame = phase, frame
     try:
         yield
     finally:
-        _state.active = previous
+        _state.phase, _state.frame = previous
 
 
 class _Discarded(torch.autograd.Function):
@@ -55,7 +80,8 @@ def discarded_output(x: torch.Tensor, width: int) -> torch.Tensor:
 
 def context_fn() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
     """For `torch.utils.checkpoint.checkpoint(..., use_reentrant=False, context_fn=context_fn)`.
-    MOEFIT_RECOMPUTE_SKIP=0 turns the shortcut off (A/B runs)."""
+    MOEFIT_RECOMPUTE_SKIP=0 turns the shortcuts off (A/B runs)."""
     if os.environ.get("MOEFIT_RECOMPUTE_SKIP", "1") == "0":
         return contextlib.nullcontext(), contextlib.nullcontext()
-    return contextlib.nullcontext(), _recomputation()
+    frame: dict = {}  # what this checkpoint call's first pass keeps for its recomputation
+    return _phase("forward", frame), _phase("recompute", frame)

@@ -149,8 +149,26 @@ def _apply(x: torch.Tensor, weight: NF4Weight | FrozenWeight, groups: ExpertGrou
     return torch.cat(outs, 0)
 
 
-def frozen_expert_matmul(x: torch.Tensor, weight: NF4Weight | FrozenWeight, groups: ExpertGroups) -> torch.Tensor:
-    """x: [N, in] sorted by expert -> [N, out], with W frozen and stored as [E, out, in]."""
+class _KnownFrozenExpertMatmul(_FrozenExpertMatmul):
+    """The same node as `_FrozenExpertMatmul` (same backward, nothing saved) for a result already known."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: NF4Weight | FrozenWeight, groups: ExpertGroups, result: torch.Tensor):
+        ctx.weight = weight
+        ctx.groups = groups
+        return result
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return *_FrozenExpertMatmul.backward(ctx, grad_out), None
+
+
+def frozen_expert_matmul(x: torch.Tensor, weight: NF4Weight | FrozenWeight, groups: ExpertGroups,
+                         result: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [N, in] sorted by expert -> [N, out], with W frozen and stored as [E, out, in]. `result`: x @ W^T already
+    computed (kept from a checkpointed layer's first pass); only the autograd node is built."""
+    if result is not None:
+        return _KnownFrozenExpertMatmul.apply(x, weight, groups, result)
     return _FrozenExpertMatmul.apply(x, weight, groups)
 
 
