@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One device call (~7 min on one H200) that measures every opt-in engine setting waiting for a GPU verdict:
+#   kernel level  benchmarks/expert_matmul.py (fused NF4 GEMM variants, padded grouped GEMM) at Scout's shapes
+#   correctness   tests/test_gpu.py with the default, fused and padded expert matmuls
+#   full depth    Scout seed recipe steps at seq 2048 (benchmarks/step_ab.sh) per setting
+#   bash benchmarks/engine_ab.sh [fused variant, default select-split]   (results under $OUT or ./bench-out)
+set -uo pipefail
+out=${OUT:-bench-out}; mkdir -p "$out"
+variant=${1:-select-split}
+. benchmarks/gpu_env.sh
+python3 benchmarks/expert_matmul.py --out "$out" --routings uniform > "$out/expert_matmul_log.txt" 2>&1
+tail -5 "$out/expert_matmul_log.txt"
+for setting in "" "MOEFIT_EXPERT_MATMUL=fused MOEFIT_NF4_GEMM_VARIANT=$variant" "MOEFIT_GROUPED_MM_PAD=1"; do
+  echo "tests/test_gpu.py ${setting:-default}: $(env $setting python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+    2>&1 | grep -cE '^(FAILED|ERROR)') failed"
+done
+bash benchmarks/step_ab.sh "2048" "base:" "pad:MOEFIT_GROUPED_MM_PAD=1" "keep:MOEFIT_KEEP_EXPERT_GATE_UP=1" \
+  "keep-pad:MOEFIT_KEEP_EXPERT_GATE_UP=1,MOEFIT_GROUPED_MM_PAD=1" \
+  "fused:MOEFIT_EXPERT_MATMUL=fused,MOEFIT_NF4_GEMM_VARIANT=$variant"
