@@ -23,7 +23,7 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
-    from moefit.bench import build_synthetic_model, cuda_time, measure_training
+    from moefit.bench import build_synthetic_model, cuda_time, measure_training, profiled_kernel_seconds
     from moefit.config import LoraConfig
     from moefit.models.layers import MoefitExperts
     from moefit.moe.grouped import _GROUPED_MM, offsets_from_counts
@@ -64,8 +64,7 @@ def main() -> int:
     for p in opt_params:
         p.grad = None
     averages = prof.key_averages()
-    res["profiled_kernel_s"] = sum(getattr(e, "self_device_time_total", 0.0) for e in averages
-                                   if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+    res["profiled_kernel_s"] = profiled_kernel_seconds(averages)
     res["profiled_kernels"] = sum(e.count for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
     table = averages.table(sort_by="self_cuda_time_total", row_limit=40)
     Path(args.out, "profile_table.txt").write_text(table)

@@ -141,11 +141,9 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    times, losses = [], []
-    for step in range(warmup + steps):
-        if cuda:
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+    losses = []
+
+    def one_step() -> None:
         for _ in range(grad_accum):
             ids = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
             out = model(ids, labels=ids)
@@ -153,6 +151,13 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
             losses.append(out.loss.item())
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    times = []
+    for step in range(warmup + steps):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        one_step()
         if cuda:
             torch.cuda.synchronize(device)
         if step >= warmup:
@@ -164,8 +169,28 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
     if cuda:
         result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         result["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
-    del opt
-    return result
+        # One more step under the profiler: the GPU's kernel time against the unprofiled step time says whether
+        # the GPU or the host CPU (issuing kernels) sets the pace.
+        result["kernel_s"] = kernel_seconds(one_step)
+        result["gpu_busy_fraction"] = result["kernel_s"] / step_s
+    return result  # the optimizer (and its state) goes with this frame
+
+
+def kernel_seconds(fn) -> float:
+    """Sum of the CUDA kernel times of one call of `fn` (torch.profiler, CUDA activity only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return profiled_kernel_seconds(prof.key_averages())
+
+
+def profiled_kernel_seconds(averages) -> float:
+    """Total CUDA kernel time in a profiler's `key_averages()`, in seconds."""
+    return sum(getattr(e, "self_device_time_total", 0.0) for e in averages
+               if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
 
 
 def cuda_time(fn, reps: int = 10, warmup: int = 2) -> float:

@@ -21,6 +21,7 @@ def test_synthetic_model_is_nf4_with_lora_and_trains(tmp_path):
     assert all(m.gate_lora_A is not None for m in experts)
     r = measure_training(model, seq_len=32, batch=2, steps=1, warmup=0, optimizer="adamw")
     assert r["tokens_per_s"] > 0 and torch.isfinite(torch.tensor(r["loss_first"]))
+    assert "gpu_busy_fraction" not in r  # measured on CUDA only (tests/test_gpu.py)
 
 
 def test_scout_preset_active_parameters():

@@ -163,3 +163,12 @@ def test_tiny_model_on_cuda_matches_cpu_and_trains(tmp_path, monkeypatch, expert
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_bench_reports_gpu_busy_fraction():
+    from moefit.bench import build_synthetic_model, measure_training
+    from moefit.config import LoraConfig
+
+    m = build_synthetic_model("llama4-scout", num_layers=1, lora=LoraConfig(r=8, alpha=16), device="cuda")
+    r = measure_training(m, seq_len=256, batch=1, steps=1, warmup=1)
+    assert 0 < r["kernel_s"] < 2 * r["step_s"] and 0 < r["gpu_busy_fraction"] < 2

@@ -42,14 +42,18 @@ def run(args: argparse.Namespace) -> int:
         return 0
     gib = 2**30
     print(f"{'seq':>6} {'batch':>5} {'peak alloc':>11} {'reserved':>9} {'planned':>8} {'step s':>7} "
-          f"{'tokens/s':>9} {'% of 6N ceiling':>15}")
+          f"{'tokens/s':>9} {'% of 6N ceiling':>15} {'GPU busy':>8}")
     for r in results["runs"]:
         planned = f"{r['planned_peak_bytes'] / gib:7.2f}" if r.get("planned_peak_bytes") else "      -"
+        busy = f"{100 * r['gpu_busy_fraction']:7.0f}%" if r.get("gpu_busy_fraction") is not None else "       -"
         print(f"{r['seq_len']:>6} {r['batch']:>5} {r.get('peak_allocated_bytes', 0) / gib:10.2f}G "
               f"{r.get('peak_reserved_bytes', 0) / gib:8.2f}G {planned}G {r['step_s']:7.2f} "
-              f"{r['tokens_per_s']:9.0f} {100 * r['ceiling_fraction']:14.1f}%")
+              f"{r['tokens_per_s']:9.0f} {100 * r['ceiling_fraction']:14.1f}% {busy}")
     for note in sorted({r["plan_note"] for r in results["runs"] if r.get("plan_note")}):
         print(note)
     print(f"model {results['model']} ({results['layers']} layers), build {results['build_s']:.1f} s, "
           f"{results['device_name']}")
+    if any(r.get("gpu_busy_fraction", 1.0) < 0.85 for r in results["runs"]):
+        print("GPU busy = kernel time of one profiled step / step time. Well below 100 %, the host CPU issuing "
+              "kernels sets the pace: a faster host CPU (or longer sequences) helps more than a faster GPU.")
     return 0
