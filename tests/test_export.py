@@ -182,11 +182,10 @@ def test_merged_export_conditional_generation(tmp_path):
     assert rel(got, expected) < 1e-3
 
 
-def test_peft_adapter_export_matches(run_dir, tmp_path):
+def _check_peft_adapter_export(run_dir: Path, out: Path) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "peft"
     report = moefit.export(run_dir, out, merge=False)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
@@ -202,6 +201,18 @@ def test_peft_adapter_export_matches(run_dir, tmp_path):
         got = peft_model(input_ids=ids).logits
         expected = trained_model(run_dir, quantization="none")(ids, return_logits=True).logits
     assert rel(got, expected) < 1e-3
+    return cfg
+
+
+def test_peft_adapter_export_matches(run_dir, tmp_path):
+    _check_peft_adapter_export(run_dir, tmp_path / "peft")
+
+
+def test_peft_adapter_export_with_a_smaller_expert_rank_matches(tmp_path):
+    """expert_r != r: the expert ranks travel in rank_pattern keyed by parameter names, which PEFT applies
+    (despite its warning that the keys match no targeted module)."""
+    cfg = _check_peft_adapter_export(make_run(tmp_path / "run", expert_r=2), tmp_path / "peft")
+    assert sorted(set(cfg["rank_pattern"].values())) == [2, 4]  # down_proj: expert_r; gate_up_proj: 2 * expert_r
 
 
 def test_export_refuses_non_empty_out_and_wrong_base(run_dir, tmp_path):
