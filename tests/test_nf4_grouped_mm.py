@@ -23,22 +23,25 @@ CHILD = textwrap.dedent("""
     from moefit.quant.nf4_grouped_mm import VARIANTS, nf4_grouped_matmul
 
     torch.manual_seed(0)
-    experts, out_f, in_f = 4, 128, 192
-    # The interpreter has no bf16 arithmetic; fp16 storage makes the decoded weights exactly comparable.
-    q = NF4Weight((experts, out_f, in_f), dtype=torch.float16).quantize_(torch.randn(experts, out_f, in_f) * 0.05)
+    experts = 4
     counts = torch.tensor([5, 0, 37, 20])  # an empty expert; 37 rows span three 16-row tiles
     groups = ExpertGroups(counts)
-    w = q.dequantize().float()
-    for variant, transpose in [(v, t) for v in VARIANTS for t in (True, False)]:
-        x = torch.randn(int(counts.sum()), in_f if transpose else out_f).half()
-        y = nf4_grouped_matmul(x, q.packed, q.absmax_fp32(), q.code, groups.offs, (out_f, in_f), q.blocksize,
-                               transpose, variant)
-        ref = loop_grouped_matmul(x.float(), w.transpose(1, 2) if transpose else w, counts.tolist())
-        err = ((y.float() - ref).norm() / ref.norm()).item()
-        worst = (y.float() - ref).abs().max().item()
-        print(variant, transpose, tuple(y.shape), err, worst)
-        assert y.shape == ref.shape
-        assert err < 1e-3 and worst < 1e-2, (variant, transpose, err, worst)
+    # The interpreter runs 128 x 128 weight tiles: 192 columns overhang (masked edges), 256 do not (no masks).
+    for out_f, in_f in [(128, 192), (128, 256)]:
+        # The interpreter has no bf16 arithmetic; fp16 storage makes the decoded weights exactly comparable.
+        q = NF4Weight((experts, out_f, in_f), dtype=torch.float16).quantize_(
+            torch.randn(experts, out_f, in_f) * 0.05)
+        w = q.dequantize().float()
+        for variant, transpose in [(v, t) for v in VARIANTS for t in (True, False)]:
+            x = torch.randn(int(counts.sum()), in_f if transpose else out_f).half()
+            y = nf4_grouped_matmul(x, q.packed, q.absmax_fp32(), q.code, groups.offs, (out_f, in_f), q.blocksize,
+                                   transpose, variant)
+            ref = loop_grouped_matmul(x.float(), w.transpose(1, 2) if transpose else w, counts.tolist())
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            worst = (y.float() - ref).abs().max().item()
+            print(in_f, variant, transpose, tuple(y.shape), err, worst)
+            assert y.shape == ref.shape
+            assert err < 1e-3 and worst < 1e-2, (in_f, variant, transpose, err, worst)
     from moefit.quant import triton_nf4
     decoded = triton_nf4.decode(q.packed, q.absmax_fp32(), q.code, q.blocksize, list(q.shape), torch.float16)
     assert torch.equal(decoded, q.dequantize())  # the select-tree decoder: bit-identical to bitsandbytes

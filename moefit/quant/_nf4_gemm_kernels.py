@@ -56,6 +56,19 @@ def decode(code_ptr, n, DECODE: tl.constexpr):
 
 
 @triton.jit
+def below(v, limit, EVEN: tl.constexpr):
+    """v < limit, or a constant all-true mask when the shapes are tile multiples (EVEN), so the compiler drops the
+    edge predicates."""
+    if EVEN:
+        return tl.full(v.shape, 1, tl.int1)
+    return v < limit
+
+
+def _even(args) -> bool:
+    return args["K"] % args["BK"] == 0 and args["N_OUT"] % args["BN"] == 0
+
+
+@triton.jit
 def expert_tile(offs_ptr, pid_m, E: tl.constexpr, BM: tl.constexpr):
     """Row tile `pid_m` of the grid -> (expert, first row, end row of that expert); expert -1 past the last tile.
     Row tiles are laid out expert after expert, each expert's rows cut into BM-row tiles."""
@@ -76,26 +89,27 @@ def expert_tile(offs_ptr, pid_m, E: tl.constexpr, BM: tl.constexpr):
     return expert, row_start, row_end
 
 @triton.autotune(configs=configs(), key=["N_OUT", "K", "TRANSPOSE", "DECODE", "JOIN"])
+@triton.heuristics({"EVEN": _even})
 @triton.jit
 def nf4_grouped_mm(x_ptr, packed_ptr, absmax_ptr, code_ptr, offs_ptr, out_ptr,
                    N_OUT, K, W_COLS, stride_xm, stride_om,
                    E: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCKSIZE: tl.constexpr,
                    DECODE: tl.constexpr, JOIN: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr):
     pid_n = tl.program_id(1)
     expert, row_start, row_end = expert_tile(offs_ptr, tl.program_id(0), E, BM)
     if expert >= 0:
         rm = row_start + tl.arange(0, BM)
         m_mask = rm < row_end
         rn = pid_n * BN + tl.arange(0, BN)
-        n_mask = rn < N_OUT
+        n_mask = below(rn, N_OUT, EVEN)
         slice_numel = N_OUT.to(tl.int64) * K
         w_bytes = packed_ptr + expert.to(tl.int64) * (slice_numel // 2)
         w_scales = absmax_ptr + expert.to(tl.int64) * (slice_numel // BLOCKSIZE)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
-            k_mask = rk < K
+            k_mask = below(rk, K, EVEN)
             x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :],
                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             if TRANSPOSE:  # tile of W[e] with rows rn (out) and columns rk (in), used transposed
@@ -116,16 +130,16 @@ def nf4_grouped_mm(x_ptr, packed_ptr, absmax_ptr, code_ptr, offs_ptr, out_ptr,
                 col_limit = N_OUT
             row_off = rows[:, None].to(tl.int64)
             # Tiles may overhang the weight's edges (K or N_OUT not a multiple of the tile): masked, decoded as 0.
-            w_mask = row_mask[:, None] & (cols < col_limit)[None, :]
+            w_mask = row_mask[:, None] & below(cols, col_limit, EVEN)[None, :]
             if JOIN:
                 # Each byte loaded once, its two codes decoded and interleaved (high nibble first).
                 half = c0 // 2 + tl.arange(0, C // 2)
-                half_mask = row_mask[:, None] & (2 * half < col_limit)[None, :]
+                half_mask = row_mask[:, None] & below(2 * half, col_limit, EVEN)[None, :]
                 b = tl.load(w_bytes + row_off * (W_COLS // 2) + half[None, :], mask=half_mask, other=0).to(tl.int32)
                 vals = tl.reshape(tl.join(decode(code_ptr, b >> 4, DECODE), decode(code_ptr, b & 15, DECODE)),
                                   (R, C))
                 blk = c0 // BLOCKSIZE + tl.arange(0, C // BLOCKSIZE)
-                blk_mask = row_mask[:, None] & (blk * BLOCKSIZE < col_limit)[None, :]
+                blk_mask = row_mask[:, None] & below(blk * BLOCKSIZE, col_limit, EVEN)[None, :]
                 scale = tl.load(w_scales + row_off * (W_COLS // BLOCKSIZE) + blk[None, :], mask=blk_mask, other=0.0)
                 w = tl.reshape(tl.reshape(vals, (R, C // BLOCKSIZE, BLOCKSIZE)) * scale[:, :, None], (R, C))
             else:
@@ -146,12 +160,13 @@ def nf4_grouped_mm(x_ptr, packed_ptr, absmax_ptr, code_ptr, offs_ptr, out_ptr,
 
 
 @triton.autotune(configs=configs(), key=["N_OUT", "K", "TRANSPOSE", "DECODE"])
+@triton.heuristics({"EVEN": _even})
 @triton.jit
 def nf4_grouped_mm_split(x_ptr, packed_ptr, absmax_ptr, code_ptr, offs_ptr, out_ptr,
                          N_OUT, K, W_COLS, stride_xm, stride_om,
                          E: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCKSIZE: tl.constexpr,
                          DECODE: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr):
     """Same contract as `nf4_grouped_mm`, without ever interleaving the two codes of a byte: the high nibbles
     (even weight columns) and the low nibbles (odd columns) stay two half-width tiles. In the forward they meet
     the even and odd columns of x (two MMAs over half of K each); in the backward they produce the even and odd
@@ -168,7 +183,7 @@ def nf4_grouped_mm_split(x_ptr, packed_ptr, absmax_ptr, code_ptr, offs_ptr, out_
         if TRANSPOSE:
             HALF: tl.constexpr = BK // 2
             rn = pid_n * BN + tl.arange(0, BN)
-            n_mask = rn < N_OUT
+            n_mask = below(rn, N_OUT, EVEN)
             acc = tl.zeros((BM, BN), dtype=tl.float32)
         else:
             HALF: tl.constexpr = BN // 2
@@ -177,7 +192,7 @@ def nf4_grouped_mm_split(x_ptr, packed_ptr, absmax_ptr, code_ptr, offs_ptr, out_
         j = tl.arange(0, HALF)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
-            k_mask = rk < K
+            k_mask = below(rk, K, EVEN)
             if TRANSPOSE:  # weight tile: rows rn (out), byte columns over k0 .. k0 + BK
                 rows = rn
                 row_mask = n_mask
@@ -190,20 +205,21 @@ def nf4_grouped_mm_split(x_ptr, packed_ptr, absmax_ptr, code_ptr, offs_ptr, out_
                 col_limit = N_OUT
             row_off = rows[:, None].to(tl.int64)
             even_cols = c0 + 2 * j
-            col_mask = row_mask[:, None] & (even_cols < col_limit)[None, :]
+            col_mask = row_mask[:, None] & below(even_cols, col_limit, EVEN)[None, :]
             b = tl.load(w_bytes + row_off * (W_COLS // 2) + (c0 // 2 + j)[None, :], mask=col_mask,
                         other=0).to(tl.int32)
             scale = tl.zeros(b.shape, dtype=tl.float32)
             for q in tl.static_range((2 * HALF) // BLOCKSIZE):  # the tile's blocks along its columns
                 s_q = tl.load(w_scales + rows.to(tl.int64) * (W_COLS // BLOCKSIZE) + c0 // BLOCKSIZE + q,
-                              mask=row_mask & (rows * 0 + c0 + q * BLOCKSIZE < col_limit), other=0.0)
+                              mask=row_mask & below(rows * 0 + c0 + q * BLOCKSIZE, col_limit, EVEN), other=0.0)
                 scale = tl.where(((2 * j) // BLOCKSIZE == q)[None, :], s_q[:, None], scale)
             w_even = (decode(code_ptr, b >> 4, DECODE) * scale).to(x_ptr.dtype.element_ty)
             w_odd = (decode(code_ptr, b & 15, DECODE) * scale).to(x_ptr.dtype.element_ty)
             if TRANSPOSE:
                 ke = k0 + 2 * j
-                x_even = tl.load(x_rows + ke[None, :], mask=m_mask[:, None] & (ke < K)[None, :], other=0.0)
-                x_odd = tl.load(x_rows + ke[None, :] + 1, mask=m_mask[:, None] & (ke + 1 < K)[None, :], other=0.0)
+                x_even = tl.load(x_rows + ke[None, :], mask=m_mask[:, None] & below(ke, K, EVEN)[None, :], other=0.0)
+                x_odd = tl.load(x_rows + ke[None, :] + 1, mask=m_mask[:, None] & below(ke + 1, K, EVEN)[None, :],
+                                other=0.0)
                 acc = tl.dot(x_even, tl.trans(w_even), acc)
                 acc = tl.dot(x_odd, tl.trans(w_odd), acc)
             else:
@@ -216,9 +232,9 @@ def nf4_grouped_mm_split(x_ptr, packed_ptr, absmax_ptr, code_ptr, offs_ptr, out_
         else:
             ce = pid_n * BN + 2 * j
             tl.store(out_rows + ce[None, :], acc_even.to(out_ptr.dtype.element_ty),
-                     mask=m_mask[:, None] & (ce < N_OUT)[None, :])
+                     mask=m_mask[:, None] & below(ce, N_OUT, EVEN)[None, :])
             tl.store(out_rows + ce[None, :] + 1, acc_odd.to(out_ptr.dtype.element_ty),
-                     mask=m_mask[:, None] & (ce + 1 < N_OUT)[None, :])
+                     mask=m_mask[:, None] & below(ce + 1, N_OUT, EVEN)[None, :])
 
 
 @triton.jit
