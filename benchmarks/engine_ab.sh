@@ -17,3 +17,6 @@ done
 bash benchmarks/step_ab.sh "2048" "base:" "pad:MOEFIT_GROUPED_MM_PAD=1" "keep:MOEFIT_KEEP_EXPERT_GATE_UP=1" \
   "keep-pad:MOEFIT_KEEP_EXPERT_GATE_UP=1,MOEFIT_GROUPED_MM_PAD=1" \
   "fused:MOEFIT_EXPERT_MATMUL=fused,MOEFIT_NF4_GEMM_VARIANT=$variant"
+# The input embedding in host memory (quantization.embeddings_on_host), alone and with the kept gate/up outputs.
+bash benchmarks/step_ab.sh "2048" "host-emb::--embeddings-on-host" \
+  "host-emb-keep:MOEFIT_KEEP_EXPERT_GATE_UP=1:--embeddings-on-host"

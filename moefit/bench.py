@@ -64,7 +64,7 @@ def truncate_layers(config, num_layers: int) -> None:
 def fill_synthetic(model: nn.Module, *, std: float, seed: int = 0) -> None:
     """Random weights for every tensor, generated and quantized on the tensors' own devices."""
     root = getattr(model, "hf", model)
-    device = next(iter(root.buffers())).device
+    device = root.get_output_embeddings().weight.device  # (the input embedding may be in host memory)
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def randn(shape, dtype):
@@ -88,6 +88,9 @@ def fill_synthetic(model: nn.Module, *, std: float, seed: int = 0) -> None:
             p.fill_(1.0)
         else:
             p.copy_(randn(p.shape, p.dtype))
+    table = root.get_input_embeddings().weight
+    if not isinstance(table, nn.Parameter):  # a HostEmbedding's buffer
+        table.copy_(randn(table.shape, table.dtype))
 
 
 def build_synthetic_model(model: str, *, num_layers: int | None = None, quant: QuantConfig | None = None,

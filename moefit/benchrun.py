@@ -29,7 +29,8 @@ def matmul_tflops(device: str = "cuda", n: int = 8192, reps: int = 10) -> float:
 
 def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: list[int] = (2048,), batch: int = 1,
           rank: int = 32, expert_rank: int | None = None, targets: list[str] | None = None,
-          optimizer: str = "adamw_8bit", steps: int = 3, warmup: int = 1, device: str = "cuda") -> dict[str, Any]:
+          optimizer: str = "adamw_8bit", steps: int = 3, warmup: int = 1, device: str = "cuda",
+          embeddings_on_host: bool = False) -> dict[str, Any]:
     from .bench import active_params_per_token, build_synthetic_model, measure_training
 
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -39,7 +40,8 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
                       routed_experts=expert_rank != 0,
                       targets=targets or ["q", "k", "v", "o", "gate", "up", "down"])
     t0 = time.perf_counter()
-    m = build_synthetic_model(model, num_layers=layers, quant=QuantConfig(), lora=lora, device=device)
+    quant = QuantConfig(embeddings_on_host=embeddings_on_host)
+    m = build_synthetic_model(model, num_layers=layers, quant=quant, lora=lora, device=device)
     build_s = time.perf_counter() - t0
     ceiling = matmul_tflops(device) if device.startswith("cuda") else None
     active = active_params_per_token(m.config)
@@ -50,21 +52,23 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
         r = measure_training(m, seq_len=seq, batch=batch, steps=steps, warmup=warmup, optimizer=optimizer)
         r["flops_per_token"] = 6 * active
         r["ceiling_fraction"] = (r["tokens_per_s"] * 6 * active / (ceiling * 1e12)) if ceiling else 0.0
-        r["planned_peak_bytes"], r["plan_note"] = _planned_peak(model, layers, seq, batch, lora, optimizer)
+        r["planned_peak_bytes"], r["plan_note"] = _planned_peak(model, layers, seq, batch, lora, optimizer, quant)
         runs.append(r)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
     return {"model": model, "layers": m.config.num_hidden_layers, "build_s": build_s, "device_name": name,
+            "embeddings_on_host": embeddings_on_host,
             "matmul_tflops": ceiling, "active_params_per_token": active, "lora": lora.__dict__, "runs": runs}
 
 
-def _planned_peak(model: str, layers: int | None, seq: int, batch: int, lora: LoraConfig, optimizer: str
-                  ) -> tuple[int | None, str | None]:
+def _planned_peak(model: str, layers: int | None, seq: int, batch: int, lora: LoraConfig, optimizer: str,
+                  quant: QuantConfig) -> tuple[int | None, str | None]:
     """(planned peak allocated bytes, None) or (None, why there is no plan figure)."""
     if layers is not None:
         return None, "no plan figure for a model cut to --layers (the plan describes the whole model)"
     from .plan import plan
 
-    cfg = RunConfig(model=model, lora=lora, train=TrainConfig(max_length=seq, batch_size=batch, optimizer=optimizer))
+    cfg = RunConfig(model=model, lora=lora, quantization=quant,
+                    train=TrainConfig(max_length=seq, batch_size=batch, optimizer=optimizer))
     try:
         p = plan(cfg, gpus=["h200"], search=False)
     except MoefitError as e:  # e.g. a config the planner does not know: the measurement still stands

@@ -38,6 +38,9 @@ class QuantConfig:
     blocksize: int = 64
     # Modules kept in compute_dtype rather than NF4 (the recipe keeps these; they are small or sensitive).
     keep_unquantized: list[str] = field(default_factory=lambda: ["embed_tokens", "lm_head", "norm", "router"])
+    # Keep the (frozen, untied) input embedding table in host memory: lookups on the CPU, only the rows go to the
+    # GPU. Saves vocab x hidden x 2 bytes of GPU memory (1.93 GiB on Llama 4 Scout).
+    embeddings_on_host: bool = False
 
 
 @dataclass

@@ -172,3 +172,26 @@ def test_bench_reports_gpu_busy_fraction():
     m = build_synthetic_model("llama4-scout", num_layers=1, lora=LoraConfig(r=8, alpha=16), device="cuda")
     r = measure_training(m, seq_len=256, batch=1, steps=1, warmup=1)
     assert 0 < r["kernel_s"] < 2 * r["step_s"] and 0 < r["gpu_busy_fraction"] < 2
+
+
+def test_host_embedding_on_cuda_matches_trains_and_generates(tmp_path):
+    import moefit
+    from moefit.config import QuantConfig
+    from tests.test_engine_parity import CONFIGS, tiny_config, write_checkpoint
+
+    cfg = tiny_config(**CONFIGS["top1-4e-norope"])
+    write_checkpoint(tmp_path, cfg)
+    ids = torch.randint(3, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0)).cuda()
+    plain = moefit.load_model(str(tmp_path), dtype=torch.float32, device="cuda")
+    hosted = moefit.load_model(str(tmp_path), dtype=torch.float32, device="cuda",
+                               quant=QuantConfig(embeddings_on_host=True))
+    assert hosted.device.type == "cuda" and hosted.hf.get_input_embeddings().weight.device.type == "cpu"
+    with torch.no_grad():
+        assert rel(hosted(ids, return_logits=True).logits, plain(ids, return_logits=True).logits) < 1e-5
+    moefit.add_lora(hosted, r=4, alpha=8, dropout=0.0)
+    hosted.enable_gradient_checkpointing()
+    hosted.train()
+    hosted(ids, labels=ids).loss.backward()
+    hosted.eval()
+    out = hosted.generate(ids[:1, :8], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 12) and out.device.type == "cuda"

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from ..config import QuantConfig
 from ..moe.block import MoefitMoE, RoutingRule
+from .host_embedding import HostEmbedding
 from .layers import MoefitExperts, MoefitLinear
 
 SUPPORTED_MODEL_TYPES = ("llama4_text", "llama")
@@ -47,6 +48,8 @@ def build_skeleton(config: PretrainedConfig, *, quant: QuantConfig, dtype: torch
               device=device)
     _replace_moe_blocks(model, config, kw)
     _replace_linears(model, quant.keep_unquantized, kw)
+    if quant.embeddings_on_host:
+        _embeddings_to_host(model, config, dtype, device)
     for module in model.modules():
         if isinstance(module, MoefitMoE):
             module.mark_discardable_outputs()
@@ -74,6 +77,17 @@ def _replace_moe_blocks(model: nn.Module, config: PretrainedConfig, kw: dict) ->
             # Llama4TextDecoderLayer adds the MoE output straight to the residual stream.
             _set_module(model, name, MoefitMoE(module.router, experts, module.shared_expert, rule,
                                                output_feeds_residual=True))
+
+
+def _embeddings_to_host(model: nn.Module, config: PretrainedConfig, dtype: torch.dtype,
+                        device: torch.device | str) -> None:
+    if getattr(config, "tie_word_embeddings", False):
+        from ..errors import MoefitError
+
+        raise MoefitError("quantization.embeddings_on_host: this model ties its lm_head to the input embedding, "
+                          "and the lm_head must stay on the GPU. Set embeddings_on_host: false for it.")
+    emb = model.get_input_embeddings()
+    model.set_input_embeddings(HostEmbedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, dtype, device))
 
 
 def _replace_linears(model: nn.Module, keep: list[str], kw: dict) -> None:

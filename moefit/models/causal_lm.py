@@ -40,7 +40,8 @@ class MoefitCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.hf.get_input_embeddings().weight.device
+        # The lm_head, not the input embedding: that one may live in host memory (quantization.embeddings_on_host).
+        return self.hf.get_output_embeddings().weight.device
 
     def enable_gradient_checkpointing(self) -> None:
         # transformers >= 5.2x renamed the method; 5.17 (the GPU image) only has the old name.

@@ -151,8 +151,8 @@ def weight_components(f: ModelFacts, quant: QuantConfig) -> tuple[list[Component
     bf16_total, parts = 0, []
     for key in ("embed_tokens", "lm_head"):
         n = groups[key]
-        if not n:
-            continue
+        if not n or (key == "embed_tokens" and quant.embeddings_on_host):
+            continue  # (an input embedding in host memory costs no GPU memory)
         if key in keep or quant.weights == "none":
             bf16_total += _r(n * BF16)
             waste += _segment_waste(n * BF16)
