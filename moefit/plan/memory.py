@@ -163,9 +163,11 @@ def weight_components(f: ModelFacts, quant: QuantConfig) -> tuple[list[Component
     small = groups["norms"] + groups["router"] + groups["biases_and_extras"]
     n_small_tensors = 2 * f.num_layers + 1 + f.moe_layers + (f.num_layers * 4 if small > groups["norms"] else 0)
     bf16_total += small * BF16 + n_small_tensors * ALLOC_ROUND // 2  # many tiny tensors: half a block each
+    detail = " + ".join(parts + ["norms", "router"] + (["biases"] if groups["biases_and_extras"] else []))
+    if quant.embeddings_on_host and groups["embed_tokens"]:
+        detail += "; embed_tokens in host memory"
     comps.append(Component("weights_bf16", "bf16 embeddings / lm_head / norms / router", bf16_total, "weights",
-                           " + ".join(parts + ["norms", "router"] + (["biases"] if groups["biases_and_extras"]
-                                                                      else []))))
+                           detail))
     return comps, waste
 
 
