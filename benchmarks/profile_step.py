@@ -17,6 +17,31 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+CATEGORIES = [  # (category, substrings of CUDA kernel names), first match wins
+    ("NF4 decode (bitsandbytes)", ["kDequantize"]),
+    ("NF4 Triton kernels", ["nf4_grouped_mm", "nf4_decode"]),
+    ("grouped GEMM (cutlass, torch._grouped_mm)", ["cutlass13device_kernel"]),
+    ("dense GEMM (cuBLAS)", ["nvjet", "gemm", "xmma", "cublas"]),
+    ("attention (SDPA)", ["flash", "sdpa", "fmha", "attention"]),
+    ("elementwise, copies, routing", ["elementwise", "reduce", "index", "scatter", "gather", "sort", "cat",
+                                      "copy", "Memcpy", "Memset", "dropout", "fill"]),
+]
+
+
+def kernel_categories(averages) -> dict[str, dict[str, float]]:
+    """CUDA kernel time and launch count per category of kernel name."""
+    out: dict[str, dict[str, float]] = {}
+    for e in averages:
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = e.key
+        cat = next((c for c, keys in CATEGORIES if any(k.lower() in name.lower() for k in keys)), "other")
+        slot = out.setdefault(cat, {"ms": 0.0, "kernels": 0})
+        slot["ms"] += getattr(e, "self_device_time_total", 0.0) / 1e3
+        slot["kernels"] += e.count
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["ms"]))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
@@ -66,12 +91,17 @@ def main() -> int:
     averages = prof.key_averages()
     res["profiled_kernel_s"] = profiled_kernel_seconds(averages)
     res["profiled_kernels"] = sum(e.count for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
+    res["kernel_categories"] = kernel_categories(averages)
     table = averages.table(sort_by="self_cuda_time_total", row_limit=40)
     Path(args.out, "profile_table.txt").write_text(table)
     Path(args.out, "profile.json").write_text(json.dumps(res, indent=2, default=str))
     print(table)
     print(json.dumps({k: v for k, v in res.items() if k != "step"}, indent=1))
     print("step", {k: r[k] for k in ("step_s", "tokens_per_s", "peak_allocated_bytes")})
+    print(f"\n{'kernels of one profiled step (' + str(args.layers) + ' layers + embedding/loss)':58} {'ms':>8} "
+          f"{'per layer':>9} {'launches':>9}")
+    for cat, v in res["kernel_categories"].items():
+        print(f"{cat:58} {v['ms']:8.1f} {v['ms'] / args.layers:9.2f} {v['kernels']:9d}")
     return 0
 
 
