@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call (~7 min on one H200) that measures every opt-in engine setting waiting for a GPU verdict:
+# One device call (~9 min on one H200) that measures every opt-in engine setting waiting for a GPU verdict:
 #   kernel level  benchmarks/expert_matmul.py (fused NF4 GEMM variants, padded grouped GEMM) at Scout's shapes
 #   correctness   tests/test_gpu.py with the default, fused and padded expert matmuls
 #   full depth    Scout seed recipe steps at seq 2048 (benchmarks/step_ab.sh) per setting
@@ -20,3 +20,6 @@ bash benchmarks/step_ab.sh "2048" "base:" "pad:MOEFIT_GROUPED_MM_PAD=1" "keep:MO
 # The input embedding in host memory (quantization.embeddings_on_host), alone and with the kept gate/up outputs.
 bash benchmarks/step_ab.sh "2048" "host-emb::--embeddings-on-host" \
   "host-emb-keep:MOEFIT_KEEP_EXPERT_GATE_UP=1:--embeddings-on-host"
+# Where a step's kernel time goes now (4 layers), by category.
+python3 benchmarks/profile_step.py --layers 4 --seq-len 2048 --out "$out" > "$out/profile_log.txt" 2>&1
+tail -9 "$out/profile_log.txt"
