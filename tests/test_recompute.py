@@ -13,6 +13,16 @@ from moefit.models.layers import MoefitExperts
 from tests.test_engine_parity import CONFIGS, _randomize_lora, tiny_config, write_checkpoint
 
 
+def _count_dequantize(store, calls: dict[str, int], key: str) -> None:
+    """Count calls of `store.dequantize` (a frozen NF4 bank) in `calls[key]`."""
+    original = store.dequantize
+
+    def dequantize(*args, **kwargs):
+        calls[key] += 1
+        return original(*args, **kwargs)
+    store.dequantize = dequantize
+
+
 def _grads(model, batches: list[torch.Tensor], checkpointing: bool, seed: int = 0) -> dict[str, torch.Tensor]:
     """LoRA gradients of the summed losses of `batches` (one forward each, then one backward)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -41,22 +51,13 @@ def test_checkpointed_gradients_equal_plain_and_down_projections_run_twice_not_t
     ids = torch.randint(3, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
 
     calls = {"routed_down": 0, "shared_down": 0}
-
-    def counting(store, key):
-        original = store.dequantize
-
-        def dequantize(*args, **kwargs):
-            calls[key] += 1
-            return original(*args, **kwargs)
-        store.dequantize = dequantize
-
     for module in model.modules():
         if isinstance(module, MoefitExperts):
-            counting(module.down, "routed_down")
+            _count_dequantize(module.down, calls, "routed_down")
     for layer in model.hf.model.layers:
         shared = getattr(layer.feed_forward, "shared_expert", None)
         if shared is not None:
-            counting(shared.down_proj.qweight, "shared_down")
+            _count_dequantize(shared.down_proj.qweight, calls, "shared_down")
 
     plain = _grads(model, [ids], checkpointing=False)
     plain_calls = dict(calls)
@@ -85,13 +86,7 @@ def test_kept_gate_up_outputs_give_the_same_gradients_with_two_forwards_before_b
     for module in model.modules():
         if isinstance(module, MoefitExperts):
             for proj in calls:
-                store = getattr(module, proj)
-                original = store.dequantize
-
-                def dequantize(*args, _original=original, _proj=proj, **kwargs):
-                    calls[_proj] += 1
-                    return _original(*args, **kwargs)
-                store.dequantize = dequantize
+                _count_dequantize(getattr(module, proj), calls, proj)
 
     monkeypatch.setenv("MOEFIT_KEEP_EXPERT_GATE_UP", "1")
     plain = _grads(model, [ids_a, ids_b], checkpointing=False)
