@@ -31,22 +31,15 @@ import os
 
 import torch
 
+from .triton_nf4 import triton_importable
+
 
 def enabled() -> bool:
     """Opt-in (MOEFIT_EXPERT_MATMUL=fused) while it is slower than dequantize + torch._grouped_mm on the H200
     (benchmarks/expert_matmul.md)."""
     if os.environ.get("MOEFIT_EXPERT_MATMUL", "dequant") != "fused":
         return False
-    return _triton_importable()
-
-
-@functools.cache
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton_importable()
 
 
 def supported(x: torch.Tensor, out_features: int, in_features: int, blocksize: int, transpose: bool) -> bool:

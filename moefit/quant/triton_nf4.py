@@ -19,14 +19,20 @@ import torch
 
 
 @functools.cache
-def available() -> bool:
-    if os.environ.get("MOEFIT_NF4_DECODER", "bnb") != "triton" or not torch.cuda.is_available():
-        return False
+def triton_importable() -> bool:
+    """Triton is optional: every Triton path in moefit asks here first."""
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+@functools.cache
+def available() -> bool:
+    if os.environ.get("MOEFIT_NF4_DECODER", "bnb") != "triton" or not torch.cuda.is_available():
+        return False
+    return triton_importable()
 
 
 @functools.cache
