@@ -149,10 +149,11 @@ def weight_components(f: ModelFacts, quant: QuantConfig) -> tuple[list[Component
                                f"absmax per {quant.blocksize} values, {per}"))
     # Embeddings and lm_head: bf16 unless the user removed them from keep_unquantized.
     bf16_total, parts = 0, []
+    hosted = quant.embeddings_on_host and groups["embed_tokens"] > 0  # in host memory: no GPU memory
     for key in ("embed_tokens", "lm_head"):
         n = groups[key]
-        if not n or (key == "embed_tokens" and quant.embeddings_on_host):
-            continue  # (an input embedding in host memory costs no GPU memory)
+        if not n or (key == "embed_tokens" and hosted):
+            continue
         if key in keep or quant.weights == "none":
             bf16_total += _r(n * BF16)
             waste += _segment_waste(n * BF16)
@@ -164,7 +165,7 @@ def weight_components(f: ModelFacts, quant: QuantConfig) -> tuple[list[Component
     n_small_tensors = 2 * f.num_layers + 1 + f.moe_layers + (f.num_layers * 4 if small > groups["norms"] else 0)
     bf16_total += small * BF16 + n_small_tensors * ALLOC_ROUND // 2  # many tiny tensors: half a block each
     detail = " + ".join(parts + ["norms", "router"] + (["biases"] if groups["biases_and_extras"] else []))
-    if quant.embeddings_on_host and groups["embed_tokens"]:
+    if hosted:
         detail += "; embed_tokens in host memory"
     comps.append(Component("weights_bf16", "bf16 embeddings / lm_head / norms / router", bf16_total, "weights",
                            detail))
