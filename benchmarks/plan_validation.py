@@ -28,6 +28,10 @@ sys.path.insert(0, str(ROOT))
 SCOUT = "llama4-scout"
 DENSE = "llama3.1-8b"
 STEPS, WARMUP = 3, 1
+# Two micro-batches per optimizer step: the second runs with the first one's LoRA gradients resident, as in the
+# seed recipe's accumulation (grad_accum 8), so the measured peak is the one a real run reaches.
+GRAD_ACCUM = 2
+KEEP = "keep"  # a shape tagged with it runs with keep_routed_gate_up on
 
 
 def _lora(r: int, expert_r: int | None = None) -> dict:
@@ -35,9 +39,9 @@ def _lora(r: int, expert_r: int | None = None) -> dict:
             "targets": ["q", "k", "v", "o", "gate", "up", "down"]}
 
 
-# (group, model, lora) -> [(seq_len, batch)]: one model build per group.
+# (group, model, lora) -> [(seq_len, batch[, KEEP])]: one model build per group.
 GROUPS = [
-    ("scout-r32", SCOUT, _lora(32), [(1024, 1), (2048, 1), (4096, 1), (8192, 1), (2048, 2)]),
+    ("scout-r32", SCOUT, _lora(32), [(1024, 1), (2048, 1), (4096, 1), (8192, 1), (2048, 2), (2048, 1, KEEP)]),
     ("scout-r8", SCOUT, _lora(8), [(2048, 1)]),
     ("scout-r64", SCOUT, _lora(64), [(2048, 1)]),
     ("scout-r32-no-expert-lora", SCOUT, _lora(32, 0), [(2048, 1), (4096, 1)]),
@@ -53,10 +57,12 @@ SETS = {"all": GROUPS, "quick": QUICK, "issue4": ISSUE4}
 def configs(which: str) -> list[dict]:
     out = []
     for group, model, lora, shapes in SETS[which]:
-        for seq, batch in shapes:
-            out.append({"name": f"{group}-s{seq}-b{batch}", "group": group, "model": model, "num_layers": None,
-                        "seq_len": seq, "batch": batch, "lora": lora, "quant": {"weights": "nf4"},
-                        "optimizer": "adamw_8bit", "gradient_checkpointing": True})
+        for seq, batch, *tags in shapes:
+            keep = KEEP in tags
+            out.append({"name": f"{group}-s{seq}-b{batch}" + (f"-{KEEP}" if keep else ""), "group": group,
+                        "model": model, "num_layers": None, "seq_len": seq, "batch": batch, "grad_accum": GRAD_ACCUM,
+                        "lora": lora, "quant": {"weights": "nf4"}, "optimizer": "adamw_8bit",
+                        "gradient_checkpointing": True, "keep_routed_gate_up": keep})
     return out
 
 
@@ -84,7 +90,9 @@ def worker(recs: list[dict]) -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         m = measure_training(model, seq_len=rec["seq_len"], batch=rec["batch"], steps=STEPS, warmup=WARMUP,
-                             optimizer=rec["optimizer"], gradient_checkpointing=rec["gradient_checkpointing"])
+                             optimizer=rec["optimizer"], gradient_checkpointing=rec["gradient_checkpointing"],
+                             grad_accum=rec["grad_accum"], keep_routed_gate_up=rec["keep_routed_gate_up"],
+                             profile_kernels=False)
         free, total = torch.cuda.mem_get_info()
         context = (total - free) - torch.cuda.memory_reserved()  # what the process holds outside the allocator
         rec = dict(rec, device_name=props.name, device_memory_bytes=props.total_memory, build_s=round(build_s, 1),
@@ -158,7 +166,8 @@ def write_reports(results: list[dict], out: Path, measurement: dict, skipped: in
               "Peak allocated = `torch.cuda.max_memory_allocated()` (tensors alive at the step's peak; the issue's "
               "<= 3 % acceptance is on this). Peak reserved = `max_memory_reserved()` (allocated + the caching "
               "allocator's cached, unused blocks). Total = reserved + the CUDA context outside the allocator "
-              "(what nvidia-smi shows; what must fit on the GPU). Step = one optimizer step (grad_accum 1), mean of "
+              "(what nvidia-smi shows; what must fit on the GPU). Step = one optimizer step (grad_accum "
+              f"{GRAD_ACCUM}: the peak with gradients resident, as in an accumulating run), mean of "
               f"{STEPS} after {WARMUP} warm-up; LOO = the step-time error when the time constants are fitted "
               "without that configuration.", "",
               "| config | alloc GiB meas. | planned | err | reserved GiB meas. | planned | err | total GiB meas. | "
@@ -205,6 +214,8 @@ def main() -> int:
     ap.add_argument("--configs", choices=sorted(SETS), default="all")
     ap.add_argument("--plan-only", action="store_true", help="print the plan of each configuration (no GPU)")
     ap.add_argument("--fit", type=Path, metavar="JSON", help="refit moefit/plan/calibration.json to a recorded run")
+    ap.add_argument("--fit-sections", default="memory,time",
+                    help="with --fit: which constants to refit (memory, time or both; the others stay)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -217,7 +228,8 @@ def main() -> int:
         from moefit.plan.validation import fit_calibration, write_calibration
 
         doc = json.loads(args.fit.read_text(encoding="utf-8"))
-        cal = fit_calibration(doc["results"], f"{doc['gpu']}, {doc['date']}, {args.fit.name}")
+        cal = fit_calibration(doc["results"], f"{doc['gpu']}, {doc['date']}, {args.fit.name}",
+                              sections=tuple(args.fit_sections.split(",")))
         write_calibration(cal)
         print(json.dumps({k: cal[k] for k in ("memory", "time")}, indent=2))
         fit = {"command": " ".join(["python", "benchmarks/plan_validation.py", *sys.argv[1:]]), "date": _now(),

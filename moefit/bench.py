@@ -125,17 +125,19 @@ def _make_optimizer(params: list[nn.Parameter], name: str, lr: float = 1e-5):
 
 def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: int = 3, warmup: int = 1,
                      optimizer: str = "adamw_8bit", gradient_checkpointing: bool = True, grad_accum: int = 1,
-                     seed: int = 0) -> dict[str, Any]:
+                     seed: int = 0, keep_routed_gate_up: bool = False, profile_kernels: bool = True
+                     ) -> dict[str, Any]:
     """QLoRA steps on random tokens. Each step: `grad_accum` micro-batches of [batch, seq_len], one optimizer
     step, gradients freed. Returns peak allocated/reserved bytes (over warmup + timed steps), mean step time and
-    tokens/s over the timed steps."""
+    tokens/s over the timed steps; on CUDA with `profile_kernels`, one more (profiled) step for the GPU-busy
+    fraction."""
     device = model.device
     cuda = device.type == "cuda"
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise MoefitError("measure_training needs a model with LoRA parameters (add_lora).")
     if gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing(keep_routed_gate_up=keep_routed_gate_up)
     model.train()
     opt = _make_optimizer(params, optimizer)
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -172,6 +174,7 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
     if cuda:
         result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         result["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    if cuda and profile_kernels:
         # One more step under the profiler: the GPU's kernel time against the unprofiled step time says whether
         # the GPU or the host CPU (issuing kernels) sets the pace.
         result["kernel_s"] = kernel_seconds(one_step)

@@ -30,7 +30,8 @@ def matmul_tflops(device: str = "cuda", n: int = 8192, reps: int = 10) -> float:
 def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: list[int] = (2048,), batch: int = 1,
           rank: int = 32, expert_rank: int | None = None, targets: list[str] | None = None,
           optimizer: str = "adamw_8bit", steps: int = 3, warmup: int = 1, device: str = "cuda",
-          embeddings_on_host: bool = False) -> dict[str, Any]:
+          embeddings_on_host: bool = False, grad_accum: int = 1, keep_routed_gate_up: bool = False
+          ) -> dict[str, Any]:
     from .bench import active_params_per_token, build_synthetic_model, measure_training
 
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -49,26 +50,28 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
     for seq in seq_lens:
         for p in m.parameters():
             p.grad = None
-        r = measure_training(m, seq_len=seq, batch=batch, steps=steps, warmup=warmup, optimizer=optimizer)
+        r = measure_training(m, seq_len=seq, batch=batch, steps=steps, warmup=warmup, optimizer=optimizer,
+                             grad_accum=grad_accum, keep_routed_gate_up=keep_routed_gate_up)
         r["flops_per_token"] = 6 * active
         r["ceiling_fraction"] = (r["tokens_per_s"] * 6 * active / (ceiling * 1e12)) if ceiling else 0.0
-        r["planned_peak_bytes"], r["plan_note"] = _planned_peak(model, layers, seq, batch, lora, optimizer, quant)
+        train = TrainConfig(max_length=seq, batch_size=batch, grad_accum=grad_accum, optimizer=optimizer,
+                            keep_routed_gate_up=keep_routed_gate_up)
+        r["planned_peak_bytes"], r["plan_note"] = _planned_peak(model, layers, lora, quant, train)
         runs.append(r)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
     return {"model": model, "layers": m.config.num_hidden_layers, "build_s": build_s, "device_name": name,
-            "embeddings_on_host": embeddings_on_host,
+            "embeddings_on_host": embeddings_on_host, "keep_routed_gate_up": keep_routed_gate_up,
             "matmul_tflops": ceiling, "active_params_per_token": active, "lora": lora.__dict__, "runs": runs}
 
 
-def _planned_peak(model: str, layers: int | None, seq: int, batch: int, lora: LoraConfig, optimizer: str,
-                  quant: QuantConfig) -> tuple[int | None, str | None]:
+def _planned_peak(model: str, layers: int | None, lora: LoraConfig, quant: QuantConfig, train: TrainConfig
+                  ) -> tuple[int | None, str | None]:
     """(planned peak allocated bytes, None) or (None, why there is no plan figure)."""
     if layers is not None:
         return None, "no plan figure for a model cut to --layers (the plan describes the whole model)"
     from .plan import plan
 
-    cfg = RunConfig(model=model, lora=lora, quantization=quant,
-                    train=TrainConfig(max_length=seq, batch_size=batch, optimizer=optimizer))
+    cfg = RunConfig(model=model, lora=lora, quantization=quant, train=train)
     try:
         p = plan(cfg, gpus=["h200"], search=False)
     except MoefitError as e:  # e.g. a config the planner does not know: the measurement still stands

@@ -64,8 +64,8 @@ def test_fused_nf4_grouped_matmul_matches_dequantize_then_grouped_mm(monkeypatch
         monkeypatch.setenv("MOEFIT_EXPERT_MATMUL", "fused")
 
 
-def test_grouped_mm_padding_for_large_tiles_changes_nothing(monkeypatch):
-    from moefit.moe.grouped import ExpertGroups, _apply
+def test_grouped_mm_padding_for_large_tiles_changes_nothing():
+    from moefit.moe.grouped import ExpertGroups, _apply, _padded_for_large_tiles, loop_grouped_matmul
     from moefit.quant.nf4 import NF4Weight
 
     torch.manual_seed(0)
@@ -76,9 +76,9 @@ def test_grouped_mm_padding_for_large_tiles_changes_nothing(monkeypatch):
         torch.randn(16, 256, 512, device="cuda", dtype=torch.bfloat16) * 0.05)
     for transpose in (True, False):
         x = torch.randn(int(counts.sum()), 512 if transpose else 256, device="cuda", dtype=torch.bfloat16)
-        monkeypatch.setenv("MOEFIT_GROUPED_MM_PAD", "0")
-        plain = _apply(x, q, groups, transpose=transpose)
-        monkeypatch.setenv("MOEFIT_GROUPED_MM_PAD", "1")
+        assert _padded_for_large_tiles(x, 16).shape[0] == 129 * 16  # this shape is padded
+        w = q.dequantize(dtype=torch.bfloat16)
+        plain = loop_grouped_matmul(x, w.transpose(1, 2) if transpose else w, groups.sizes)
         padded = _apply(x, q, groups, transpose=transpose)
         assert padded.shape == plain.shape and rel(padded, plain) < 5e-3
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from moefit.config import LoraConfig, QuantConfig, RunConfig
+from moefit.config import LoraConfig, QuantConfig, RunConfig, config_from_dict
 from moefit.errors import ConfigError
 from moefit.plan import check_fits, estimate_memory, get_gpu, load_model_facts, plan
 from moefit.plan.calibration import load_calibration
@@ -97,6 +97,19 @@ def test_memory_grows_with_sequence_and_expert_rank():
     assert r0.total < r32.total - 8 * GIB
 
 
+def test_kept_routed_gate_up_outputs_are_counted_until_each_layer_is_recomputed():
+    """With gradient accumulation (gradients resident) the kept outputs of every MoE layer but the one being
+    recomputed add to the peak; the planner counts tokens x top_k x intermediate x 2 x 2 bytes per layer."""
+    f, c = load_model_facts("llama4-scout"), load_calibration()
+    on = estimate_memory(f, RunShape(seq_len=2048, grad_accum=8, keep_routed_gate_up=True), c)
+    off = estimate_memory(f, RunShape(seq_len=2048, grad_accum=8), c)
+    per_layer = 2 * 2048 * f.top_k * f.expert_intermediate * 2
+    kept = on.by_key()["kept_gate_up"]
+    assert kept % per_layer == 0 and f.moe_layers - 3 <= kept // per_layer <= f.moe_layers
+    assert 0.9 * kept < on.peak_allocated - off.peak_allocated <= kept
+    assert "kept_gate_up" not in off.by_key()
+
+
 def test_no_logits_tensor_of_the_full_vocabulary():
     """The loss chunk is bounded by 1024 tokens whatever the sequence length."""
     from moefit.plan.memory import loss_working_set
@@ -158,3 +171,21 @@ def test_bad_model_and_gpu_are_named():
         facts_from_config({"model_type": "bert", "hidden_size": 8}, source="x.json")
     with pytest.raises(ConfigError, match="num_hidden_layers"):
         facts_from_config({"model_type": "llama", "hidden_size": 8}, source="x.json")
+
+
+def test_faster_layout_keeps_the_sequences_per_step_and_fits():
+    """The seed recipe (1 x 8 sequences of 2048) on an 80 GB card: the planner finds a faster layout of the same
+    optimizer step (bigger micro-batch, fewer accumulation steps) that still fits with margin, and says so."""
+    from moefit.plan.planner import FASTER_MAX_TOKENS, _Planner
+
+    cfg = config_from_dict({"model": "llama4-scout", "train": {"max_length": 2048, "batch_size": 1, "grad_accum": 8}})
+    p = plan(cfg, gpus=["h100-80gb"])
+    fit = p.gpus[0]
+    planner = _Planner(cfg, load_calibration())
+    shape, step, mem = planner.faster_shape(fit)
+    assert shape.batch * shape.grad_accum == 8 and shape.batch > 1 and shape.batch * 2048 <= FASTER_MAX_TOKENS
+    assert step.step_s < 0.95 * fit.step.step_s
+    assert mem.total <= fit.gpu.memory_bytes - min(fit.margin_bytes, 0.05 * fit.gpu.memory_bytes)
+    assert p.faster and f"train.batch_size {shape.batch}" in p.faster and "faster: " in p.render()
+    tight = plan(cfg, gpus=["a100-40gb"])  # does not fit at all: nothing to make faster
+    assert tight.faster is None

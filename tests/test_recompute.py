@@ -23,13 +23,15 @@ def _count_dequantize(store, calls: dict[str, int], key: str) -> None:
     store.dequantize = dequantize
 
 
-def _grads(model, batches: list[torch.Tensor], checkpointing: bool, seed: int = 0) -> dict[str, torch.Tensor]:
-    """LoRA gradients of the summed losses of `batches` (one forward each, then one backward)."""
+def _grads(model, batches: list[torch.Tensor], checkpointing: bool, seed: int = 0, keep: bool = False
+           ) -> dict[str, torch.Tensor]:
+    """LoRA gradients of the summed losses of `batches` (one forward each, then one backward); `keep`: the
+    checkpointed recomputation reuses the routed gate/up outputs."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     for p in params.values():
         p.grad = None
     if checkpointing:
-        model.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing(keep_routed_gate_up=keep)
     else:
         getattr(model.hf, "activation_checkpointing_disable", model.hf.gradient_checkpointing_disable)()
     model.train()
@@ -71,8 +73,8 @@ def test_checkpointed_gradients_equal_plain_and_down_projections_run_twice_not_t
     assert calls == plain_calls
 
 
-def test_kept_gate_up_outputs_give_the_same_gradients_with_two_forwards_before_backward(tmp_path, monkeypatch):
-    """MOEFIT_KEEP_EXPERT_GATE_UP=1: the recomputation reuses the routed gate/up outputs of the first pass (each
+def test_kept_gate_up_outputs_give_the_same_gradients_with_two_forwards_before_backward(tmp_path):
+    """keep_routed_gate_up: the recomputation reuses the routed gate/up outputs of the first pass (each
     bank decoded twice per micro-step, not three times), also when two forwards share one backward."""
     cfg = tiny_config(**CONFIGS["top2-8e-norope"])
     write_checkpoint(tmp_path, cfg)
@@ -88,15 +90,15 @@ def test_kept_gate_up_outputs_give_the_same_gradients_with_two_forwards_before_b
             for proj in calls:
                 _count_dequantize(getattr(module, proj), calls, proj)
 
-    monkeypatch.setenv("MOEFIT_KEEP_EXPERT_GATE_UP", "1")
     plain = _grads(model, [ids_a, ids_b], checkpointing=False)
     plain_calls = dict(calls)
     calls.update(gate=0, up=0)
-    kept = _grads(model, [ids_a, ids_b], checkpointing=True)
+    kept = _grads(model, [ids_a, ids_b], checkpointing=True, keep=True)
     assert calls == plain_calls and plain_calls["gate"] > 0  # forward + backward only
     for n in plain:
         assert torch.allclose(plain[n], kept[n], rtol=1e-5, atol=1e-7), n
-    monkeypatch.setenv("MOEFIT_KEEP_EXPERT_GATE_UP", "0")
     calls.update(gate=0, up=0)
-    _grads(model, [ids_a, ids_b], checkpointing=True)
+    recomputed = _grads(model, [ids_a, ids_b], checkpointing=True)
     assert calls["gate"] > plain_calls["gate"]  # without keeping, the recomputation decodes the banks again
+    for n in plain:
+        assert torch.allclose(plain[n], recomputed[n], rtol=1e-5, atol=1e-7), n

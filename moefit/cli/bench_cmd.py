@@ -26,6 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--optimizer", default="adamw_8bit", choices=["adamw_8bit", "paged_adamw_8bit", "adamw"])
     p.add_argument("--steps", type=int, default=3, help="timed steps per sequence length (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps (default 1)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (default 1; >= 2 measures the peak with the gradients of "
+                        "earlier micro-batches resident, as in a gradient-accumulation run)")
+    p.add_argument("--keep-routed-gate-up", action="store_true",
+                   help="keep the routed experts' gate/up outputs for the recomputation (train.keep_routed_gate_up:"
+                        " true; faster, tokens x top_k x intermediate x 4 bytes more per MoE layer)")
     p.add_argument("--embeddings-on-host", action="store_true",
                    help="keep the input embedding table in host memory (quantization.embeddings_on_host)")
     p.add_argument("--device", default="cuda", help="device (default cuda)")
@@ -39,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     results = bench(model=args.model, layers=args.layers, seq_lens=args.seq_len, batch=args.batch, rank=args.rank,
                     expert_rank=args.expert_rank, targets=args.targets.split(","), optimizer=args.optimizer,
                     steps=args.steps, warmup=args.warmup, device=args.device,
-                    embeddings_on_host=args.embeddings_on_host)
+                    embeddings_on_host=args.embeddings_on_host, grad_accum=args.grad_accum,
+                    keep_routed_gate_up=args.keep_routed_gate_up)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

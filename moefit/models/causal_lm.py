@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import recompute
+from .layers import MoefitExperts
 from .loss import DEFAULT_CHUNK, chunked_cross_entropy_sum
 
 
@@ -43,7 +44,13 @@ class MoefitCausalLM(nn.Module):
         # The lm_head, not the input embedding: that one may live in host memory (quantization.embeddings_on_host).
         return self.hf.get_output_embeddings().weight.device
 
-    def enable_gradient_checkpointing(self) -> None:
+    def enable_gradient_checkpointing(self, keep_routed_gate_up: bool = False) -> None:
+        """Checkpoint every decoder layer. `keep_routed_gate_up`: the recomputation reuses the routed experts'
+        frozen gate/up outputs of the first pass (faster; tokens x top_k x intermediate x 4 bytes per MoE layer
+        held until backward; TrainConfig.keep_routed_gate_up)."""
+        for module in self.modules():
+            if isinstance(module, MoefitExperts):
+                module.keep_gate_up = keep_routed_gate_up
         # transformers >= 5.2x renamed the method; 5.17 (the GPU image) only has the old name.
         kwargs = {"use_reentrant": False, "context_fn": recompute.context_fn}
         if hasattr(self.hf, "activation_checkpointing_enable"):

@@ -110,6 +110,7 @@ class MoefitExperts(nn.Module):
             raise ValueError(f"unsupported expert activation {act!r}")
         self.lora_scale = 0.0
         self.lora_dropout: nn.Module = nn.Identity()
+        self.keep_gate_up = False  # set by MoefitCausalLM.enable_gradient_checkpointing
         for p in EXPERT_PROJECTIONS:
             setattr(self, f"{p}_lora_A", None)
             setattr(self, f"{p}_lora_B", None)
@@ -143,10 +144,10 @@ class MoefitExperts(nn.Module):
         return grouped_matmul(h, b.to(x.dtype), groups)
 
     def _frozen_kept(self, proj: str, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
-        """The frozen projection; with MOEFIT_KEEP_EXPERT_GATE_UP=1 its first-pass result is kept for the
-        recomputation of a checkpointed layer (models.recompute)."""
+        """The frozen projection; with `keep_gate_up` its first-pass result is kept for the recomputation of a
+        checkpointed layer (models.recompute)."""
         weight = getattr(self, proj)
-        if not recompute.keep_enabled():
+        if not self.keep_gate_up:
             return frozen_expert_matmul(x, weight, groups)
         known = recompute.kept((self, proj))
         y = frozen_expert_matmul(x, weight, groups, result=known)

@@ -8,9 +8,10 @@ With activation checkpointing, backward re-runs a layer's forward only to rebuil
   projections, whose dequantized weight is its whole cost) saves nothing for backward, and its result only flows
   into the residual sum, which the recomputation throws away: skip it. (Their LoRA still runs: backward reads its
   saved inputs.)
-- `keep()` / `kept()` (opt-in, MOEFIT_KEEP_EXPERT_GATE_UP=1): the routed experts' frozen gate/up outputs are kept
-  from the first pass and handed to the recomputation instead of being computed again (two fewer expert-bank
-  decodes per layer and micro-step, for T x top_k x intermediate x 2 x 2 bytes per layer held until backward).
+- `keep()` / `kept()` (`MoefitExperts.keep_gate_up`, set by `enable_gradient_checkpointing`): the routed experts'
+  frozen gate/up outputs are kept from the first pass and handed to the recomputation instead of being computed
+  again (two fewer expert-bank decodes and grouped GEMMs per layer and micro-step, for T x top_k x intermediate x
+  2 x 2 bytes per layer held until backward).
   What is kept belongs to one checkpoint call (one layer, one forward), so several forwards before a backward
   never mix.
 """
@@ -29,10 +30,6 @@ _state = threading.local()
 
 def recomputing() -> bool:
     return getattr(_state, "phase", None) == "recompute"
-
-
-def keep_enabled() -> bool:
-    return os.environ.get("MOEFIT_KEEP_EXPERT_GATE_UP", "0") == "1"
 
 
 def keep(key: object, tensor: torch.Tensor) -> None:

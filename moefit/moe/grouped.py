@@ -10,8 +10,6 @@ the backward pass dequantizes again (the DESIGN's "save inputs, recompute dequan
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..quant import nf4_grouped_mm
@@ -107,12 +105,10 @@ class _FrozenExpertMatmul(torch.autograd.Function):
 
 
 def _padded_for_large_tiles(x: torch.Tensor, experts: int) -> torch.Tensor:
-    """Opt-in (MOEFIT_GROUPED_MM_PAD=1) until measured: torch._grouped_mm picks 64-row tiles when rows / experts
-    <= 128 and 128 x 256 tiles above; with ~128 routed rows per expert, the experts just over 128 rows then get a
-    third, nearly empty tile. A few zero rows after the last offset (they belong to no expert; their output rows
-    are dropped) select the large tiles. Only when that costs at most 1/8 more rows."""
-    if os.environ.get("MOEFIT_GROUPED_MM_PAD", "0") != "1":
-        return x
+    """torch._grouped_mm picks 64-row tiles when rows / experts <= 128 and 128 x 256 tiles above; with ~128 routed
+    rows per expert, the experts just over 128 rows then get a third, nearly empty tile. A few zero rows after the
+    last offset (they belong to no expert; their output rows are dropped) select the large tiles: 0.62 -> 0.47 ms
+    per Scout expert bank on an H200 (benchmarks/expert_matmul.md). Only when that costs at most 1/8 more rows."""
     pad = 129 * experts - x.shape[0]
     if pad <= 0 or pad * 8 > x.shape[0]:
         return x

@@ -54,6 +54,7 @@ class RunShape:
     lora: LoraConfig = field(default_factory=LoraConfig)
     optimizer: str = "adamw_8bit"
     gradient_checkpointing: bool = True
+    keep_routed_gate_up: bool = False  # TrainConfig.keep_routed_gate_up
 
     @property
     def tokens(self) -> int:
@@ -352,6 +353,11 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
         ckpt = [_r(T * h * BF16) + sum(s.values()) for s, _, _ in ws]
     rotary = 2 * _r(T * f.head_dim * BF16)
     scale = cm["working_set_scale"]
+    # The routed experts' frozen gate/up outputs kept from each MoE layer's first pass for its recomputation
+    # (models.recompute): alive from the forward until that layer's backward.
+    kept_layer = 2 * _r(T * f.top_k * f.expert_intermediate * BF16) \
+        if shape.gradient_checkpointing and shape.keep_routed_gate_up and f.num_experts else 0
+    kept = [kept_layer if la.moe else 0 for la in f.layers]
 
     ws_cache: dict[int, int] = {}
 
@@ -374,22 +380,25 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
     loss_b = sum(loss.values())
     resident_grads = shape.grad_accum > 1 or not cm["grads_freed_each_step"]
     base = sum(c.bytes for c in comps if c.key != "lora_grads") + cm["extra_allocated_bytes"]
-    phases: list[tuple[str, int, int, int, int]] = []  # name, total, grads, ckpts, working set
+    phases: list[tuple[str, int, int, int, int, int]] = []  # name, total, grads, ckpts, working set, kept
     g_all = sum(grad_by_layer)
     g0 = g_all if resident_grads else 0
-    phases.append(("loss (lm_head chunks)", base + g0 + sum(ckpt) + rotary + loss_b, g0, sum(ckpt), loss_b))
+    phases.append(("loss (lm_head chunks)", base + g0 + sum(ckpt) + sum(kept) + rotary + loss_b, g0, sum(ckpt),
+                   loss_b, sum(kept)))
     grads_so_far = 0
     ckpt_prefix, acc = [], 0
     for c_i in ckpt:
         acc += c_i
         ckpt_prefix.append(acc)
+    kept_below = sum(kept)
     for i in range(L - 1, -1, -1):
         grads_so_far += grad_by_layer[i]
+        kept_below -= kept[i]  # layer i's own kept outputs are consumed by its recomputation
         g = g_all if resident_grads else grads_so_far
         c = ckpt_prefix[i]
         w = layer_ws(i)
-        phases.append((f"backward of layer {i}", base + g + c + rotary + w, g, c, w))
-    name, peak, g_at, c_at, w_at = max(phases, key=lambda p: p[1])
+        phases.append((f"backward of layer {i}", base + g + c + kept_below + rotary + w, g, c, w, kept_below))
+    name, peak, g_at, c_at, w_at, k_at = max(phases, key=lambda p: p[1])
 
     # The breakdown shows each component as it stands at the peak.
     for c in comps:
@@ -399,6 +408,9 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
     comps.append(Component("checkpoints", "saved activations (checkpoints)", c_at + rotary, "activations",
                            f"one bf16 [{shape.batch}x{shape.seq_len}x{h}] per layer" if shape.gradient_checkpointing
                            else "no checkpointing: every layer's activations"))
+    if kept_layer:
+        comps.append(Component("kept_gate_up", "kept routed gate/up outputs", k_at, "activations",
+                               f"{kept_layer / 2**20:.0f} MiB per MoE layer, for the layers not yet recomputed"))
     if name.startswith("backward"):
         idx = int(name.rsplit(" ", 1)[1])
         sv, ph, att = ws[idx]
@@ -413,7 +425,7 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
         comps.append(Component("loss_chunk", "loss / logits chunk", w_at, "activations",
                                f"{min(LOSS_CHUNK_TOKENS, T)} tokens x {f.vocab} vocab, fp32 + grad"))
     peak_alloc = peak
-    transient = c_at + rotary + w_at
+    transient = c_at + k_at + rotary + w_at
     reserve = int(cm["allocator_dynamic_reserve_fraction"] * transient) + cm["allocator_fixed_reserve_bytes"] \
         + persistent_waste
     if cm["extra_allocated_bytes"]:

@@ -18,6 +18,9 @@ from .timing import StepTime, step_time
 
 SEQ_GRANULE = 256  # the largest sequence length that fits is searched in steps of this many tokens
 MAX_BATCH_SEARCH = 1024
+FASTER_MIN_GAIN = 0.05  # a faster layout is reported when it saves at least this fraction of the step
+FASTER_MIN_MARGIN = 0.05  # ... and leaves at least this fraction of the GPU's memory free (or the run's own margin)
+FASTER_MAX_TOKENS = 8192  # tokens per micro-step: the largest the step-time model is validated on
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Plan:
     calibration_status: str
     requested_gpus: bool = True
     hardware_checked: bool = True
+    faster: str | None = None  # the same optimizer step laid out faster on the (first) requested GPU
 
     @property
     def fits(self) -> bool:
@@ -76,7 +80,8 @@ class Plan:
 def _shape(cfg: RunConfig) -> RunShape:
     t = cfg.train
     return RunShape(seq_len=t.max_length, batch=t.batch_size, grad_accum=t.grad_accum, quant=cfg.quantization,
-                    lora=cfg.lora, optimizer=t.optimizer, gradient_checkpointing=t.gradient_checkpointing)
+                    lora=cfg.lora, optimizer=t.optimizer, gradient_checkpointing=t.gradient_checkpointing,
+                    keep_routed_gate_up=t.keep_routed_gate_up)
 
 
 def _with(shape: RunShape, **kw: Any) -> RunShape:
@@ -150,6 +155,54 @@ class _Planner:
         return GpuFit(gpu, num_gpus, margin >= 0, mem.total, margin,
                       self.max_seq(gpu, self.shape) if search else None,
                       self.max_batch(gpu, self.shape) if search else None, st, hours, cost)
+
+    def faster_shape(self, fit: GpuFit) -> tuple[RunShape, StepTime, MemoryEstimate] | None:
+        """The same optimizer step (sequences per step, hence the same gradient: the loss is averaged over all its
+        label tokens) laid out faster on this GPU, when one fits: a bigger micro-batch with fewer accumulation
+        steps (each NF4 weight is decoded once per micro-batch), the input embedding in host memory, the routed
+        experts' gate/up outputs kept for the recomputation. None when nothing saves FASTER_MIN_GAIN of the step
+        with FASTER_MIN_MARGIN of the GPU's memory free (or the margin the run has, if that is less), within
+        FASTER_MAX_TOKENS per micro-step."""
+        s, f = self.shape, self.facts
+        if not fit.fits or fit.step is None:
+            return None
+        per_step = s.batch * s.grad_accum
+        hosts = {s.quant.embeddings_on_host} | ({True} if not f.tied_embeddings else set())
+        keeps = {s.keep_routed_gate_up} | ({True} if f.num_experts and s.gradient_checkpointing else set())
+        room = fit.gpu.memory_bytes - min(fit.margin_bytes, int(FASTER_MIN_MARGIN * fit.gpu.memory_bytes))
+        best, best_s = None, fit.step.step_s * (1 - FASTER_MIN_GAIN)
+        for b in (d for d in range(1, per_step + 1)
+                  if per_step % d == 0 and (d * s.seq_len <= FASTER_MAX_TOKENS or d <= s.batch)):
+            for host in sorted(hosts):
+                for keep in sorted(keeps):
+                    cand = dataclasses.replace(s, batch=b, grad_accum=per_step // b, keep_routed_gate_up=keep,
+                                               quant=dataclasses.replace(s.quant, embeddings_on_host=host))
+                    mem = self.memory(cand)
+                    if cand == s or mem.total > room:
+                        continue
+                    st = step_time(f, cand, fit.gpu, self.calib, mem.by_key(), fit.num_gpus)
+                    if st and st.step_s < best_s:
+                        best, best_s = (cand, st, mem), st.step_s
+        return best
+
+    def faster_layout(self, fit: GpuFit) -> str | None:
+        """`faster_shape` as the settings to change, in words."""
+        found = self.faster_shape(fit)
+        if found is None:
+            return None
+        (best, st, mem), s = found, self.shape
+        changes = []
+        if best.batch != s.batch:
+            changes += [f"train.batch_size {best.batch}", f"train.grad_accum {best.grad_accum}"]
+        if best.quant.embeddings_on_host != s.quant.embeddings_on_host:
+            changes.append(f"quantization.embeddings_on_host {str(best.quant.embeddings_on_host).lower()}")
+        if best.keep_routed_gate_up != s.keep_routed_gate_up:
+            changes.append(f"train.keep_routed_gate_up {str(best.keep_routed_gate_up).lower()}")
+        gib = 2**30
+        return (f"the same {s.batch * s.grad_accum} sequences per optimizer step run faster on {fit.gpu.label} with "
+                f"{', '.join(changes)}: {st.step_s:.2f} s per step instead of {fit.step.step_s:.2f} s, "
+                f"{mem.total / gib:.1f} GiB of {fit.gpu.memory_bytes / gib:.1f} (margin "
+                f"{(fit.gpu.memory_bytes - mem.total) / gib:.1f} GiB instead of {fit.margin_bytes / gib:.1f}).")
 
     def suggestion(self, fit: GpuFit) -> str | None:
         if fit.fits:
@@ -261,5 +314,8 @@ def _build_plan(cfg: RunConfig, gpus: list[Gpu], calibration: dict[str, Any] | N
         first_bad = None if any(f.fits for f in fits) else max(fits, key=lambda f: f.gpu.memory_bytes)
     status = "fitted on " + str(calib["measured_on"]) if calib.get("measured_on") else \
         "first-principles constants, not yet fitted to GPU measurements"
+    for section, when in calib.get("sections_measured_on", {}).items():
+        status += f"; {section} constants refitted on {when}"
+    faster = p.faster_layout(fits[0]) if requested and fits and fits[0].fits else None
     return Plan(p.facts, cfg, p.shape, p.memory(p.shape), fits, hw, steps, steps_source,
-                p.suggestion(first_bad) if first_bad else None, status, requested, hardware)
+                p.suggestion(first_bad) if first_bad else None, status, requested, hardware, faster)

@@ -73,6 +73,7 @@ def plan_to_dict(plan) -> dict[str, Any]:
         "gpus": gpus,
         "fits": plan.fits,
         "suggestion": plan.suggestion,
+        "faster": plan.faster,
         "hardware": [{"tier": h.tier, "gpu": h.gpu, "label": h.label, "num_gpus": h.num_gpus,
                       "margin_gib": gib(h.margin_bytes),
                       "run_hours": None if h.run_hours is None else round(h.run_hours, 2),
@@ -131,5 +132,7 @@ def render_plan(plan) -> str:
         lines.append("hardware: no catalogue GPU fits this run on its own.")
     if plan.suggestion:
         lines.append(f"does not fit: {plan.suggestion}")
+    if plan.faster:
+        lines.append(f"faster: {plan.faster}")
     lines.append(f"calibration: {plan.calibration_status}")
     return "\n".join(lines)

@@ -2,20 +2,23 @@
 
 The engine's step is modelled as a sum of terms, each with a physical constant (calibration.json "time"):
 
-- matmuls: 6 x active params x T for the frozen base (forward, recompute under gradient checkpointing, backward
-  for input gradients only) incl. the chunked loss's 3 lm_head GEMMs, + 8 x active LoRA params x T, at
-  `gemm_efficiency` x the GPU's dense bf16 peak;
+- matmuls: 2 x active params x T per pass of the frozen base (forward, recompute under gradient checkpointing,
+  backward for input gradients only; `weight_passes` counts what the recomputation skips) incl. the chunked
+  loss's 3 lm_head GEMMs, + 8 x active LoRA params x T, at `gemm_efficiency` x the GPU's dense bf16 peak;
 - attention, causal flash kernel (no explicit mask): 4 x head_dim x heads x causal (query, key) pairs per layer,
   x 4.5 for forward + recompute + the flash backward, at `attention_efficiency` x peak;
 - attention with an explicit mask (a Llama 4 chunked layer whose chunk is <= the sequence: transformers then builds
   a mask and SDPA falls back from flash to the memory-efficient kernel, which computes the whole S x S rectangle):
   the same FLOPs over S^2 pairs, at `masked_attention_efficiency` x peak;
-- NF4 dequantization: every quantized weight read (0.5 B + constants) and written as bf16 (2 B), `dequant_passes`
-  (3) times per micro-step, at `dequant_bandwidth_efficiency` x the GPU's memory bandwidth;
+- NF4 dequantization: every quantized weight read (0.5 B + constants) and written as bf16 (2 B), once per pass
+  of its matmul (`weight_passes`), at `dequant_bandwidth_efficiency` x the GPU's memory bandwidth;
 - host overhead: Python + kernel launches that do not scale with tokens, per decoder layer and pass (forward,
   recompute, backward): `moe_layer_pass_s` for a MoE layer, `dense_layer_pass_s` for a dense one, plus
   `expert_lora_layer_pass_s` where the routed experts carry LoRA (their extra grouped kernels). These are seconds of
   host time measured on the validation machine, not scaled by the GPU.
+Not modelled: the elementwise work on the activations (norms, rotary, routing permutes, LoRA dropout and casts)
+apart from what the fitted efficiencies absorb; beyond the validated micro-steps (<= 8,192 tokens) the model is
+optimistic (-13 % at 4 x 2048, -21 % at 8 x 2048 tokens on Scout; benchmarks/plan_validation.md).
 Per optimizer step: grad_accum micro-steps, the optimizer update (read/write of params, grads, states at
 `bandwidth_efficiency`) and, on several GPUs, the ring all-reduce of the LoRA gradients.
 """
@@ -77,13 +80,38 @@ def lora_active_params(f: ModelFacts, shape: RunShape) -> float:
     return total
 
 
-def time_work(f: ModelFacts, shape: RunShape, weight_bytes: dict[str, int], dequant_passes: int = 3
-              ) -> dict[str, float]:
+# Families whose MoE output feeds the residual sum directly: the recomputation skips their frozen down projections
+# (models.recompute; MoefitMoE.output_feeds_residual).
+_OUTPUT_FEEDS_RESIDUAL = {"llama4_text"}
+
+
+def weight_passes(f: ModelFacts, shape: RunShape) -> dict[str, float]:
+    """Per weight group, how many times a micro-step runs its frozen matmul (and, for NF4, decodes it): forward,
+    backward (input gradient) and, with checkpointing, the recomputation, less what the engine skips there:
+    the routed and shared experts' down projections where the MoE output only feeds the residual sum, and the
+    routed gate/up whose first-pass outputs are kept (keep_routed_gate_up). Averaged over each group's
+    projections (gate, up, down each a third of an MLP's parameters)."""
+    if not shape.gradient_checkpointing:
+        return dict.fromkeys(("attention", "routed_experts", "shared_experts", "dense_mlp", "router", "lm_head"), 2.0)
+    skip_down = f.family in _OUTPUT_FEEDS_RESIDUAL
+    routed_recompute = (0 if shape.keep_routed_gate_up else 2) + (0 if skip_down else 1)  # of gate, up, down
+    shared_recompute = 2 + (0 if skip_down else 1)
+    return {"attention": 3.0, "routed_experts": 2 + routed_recompute / 3, "shared_experts": 2 + shared_recompute / 3,
+            "dense_mlp": 3.0, "router": 3.0, "lm_head": 3.0}  # lm_head: the chunked loss's 3 GEMMs
+
+
+def time_work(f: ModelFacts, shape: RunShape, weight_bytes: dict[str, int]) -> dict[str, float]:
     """The work of one micro-step, per term of the model (TIME_TERMS): FLOPs, bytes or layer passes."""
     T = shape.tokens
     recompute = 1 if shape.gradient_checkpointing else 0  # forward passes repeated in the backward
     passes = 2 + recompute  # forward, recompute, backward
-    matmul = 2.0 * passes * f.active_params_per_token() * T + (6.0 + 2 * recompute) * lora_active_params(f, shape) * T
+    g, wp = f.groups(), weight_passes(f, shape)
+    routed_active = g["routed_experts"] * f.top_k / f.num_experts if f.num_experts else 0
+    head = g["lm_head"] or g["embed_tokens"]
+    frozen = (wp["attention"] * g["attention"] + wp["routed_experts"] * routed_active
+              + wp["shared_experts"] * g["shared_experts"] + wp["dense_mlp"] * g["dense_mlp"]
+              + wp["router"] * g["router"] + wp["lm_head"] * head)
+    matmul = 2.0 * frozen * T + (6.0 + 2 * recompute) * lora_active_params(f, shape) * T
     attn = masked = 0.0
     for la in f.layers:
         per_pair = (ATTN_PASSES - 1 + recompute) * 4.0 * f.head_dim * f.heads * shape.batch
@@ -91,14 +119,14 @@ def time_work(f: ModelFacts, shape: RunShape, weight_bytes: dict[str, int], dequ
             masked += per_pair * shape.seq_len * shape.seq_len
         else:
             attn += per_pair * _attention_pairs(shape.seq_len, la.attention_span)
-    g = f.groups()
-    quantized = sum(g[k] for k in ("attention", "routed_experts", "shared_experts", "dense_mlp"))
+    dequant = 0.0  # bf16 weights are used as they are
     if shape.quant.weights == "nf4":
-        stored = sum(v for k, v in weight_bytes.items() if k.startswith("weights_") and k != "weights_bf16")
-        stored += weight_bytes.get("quant_constants", 0)
-        dequant = (dequant_passes - 1 + recompute) * (stored + 2 * quantized)
-    else:
-        dequant = 0.0  # bf16 weights are used as they are
+        consts = weight_bytes.get("quant_constants", 0)
+        quantized = sum(g[k] for k in ("attention", "routed_experts", "shared_experts", "dense_mlp"))
+        for k in ("attention", "routed_experts", "shared_experts", "dense_mlp"):
+            if g[k]:  # NF4 + its share of the constants read, bf16 written
+                stored = weight_bytes.get(f"weights_{k}", 0) + consts * g[k] / quantized
+                dequant += wp[k] * (stored + 2 * g[k])
     expert_lora = f.moe_layers if (shape.expert_rank and f.num_experts and
                                    {"gate", "up", "down"} & shape.targets) else 0
     return {"matmul": matmul, "attention": attn, "masked_attention": masked, "dequant": dequant,
@@ -132,7 +160,7 @@ def step_time(f: ModelFacts, shape: RunShape, gpu: Gpu, calib: dict[str, Any], w
     if not gpu.bf16_tflops or not gpu.bandwidth_gbs:
         return None
     ct = calib["time"]
-    work = time_work(f, shape, weight_bytes, ct["dequant_passes"])
+    work = time_work(f, shape, weight_bytes)
     unit = seconds_per_unit(gpu, ct)
     sec = {k: work[k] * unit[k] for k in TIME_TERMS}
     compute = sec["matmul"] + sec["attention"] + sec["masked_attention"]

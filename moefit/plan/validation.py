@@ -22,10 +22,12 @@ from .timing import seconds_per_unit, step_time, time_work
 
 
 def record_shape(rec: dict[str, Any]) -> RunShape:
-    return RunShape(seq_len=rec["seq_len"], batch=rec["batch"], grad_accum=1,
+    # Records from before keep_routed_gate_up existed were measured without it.
+    return RunShape(seq_len=rec["seq_len"], batch=rec["batch"], grad_accum=rec.get("grad_accum", 1),
                     quant=QuantConfig(**rec.get("quant", {})), lora=LoraConfig(**rec.get("lora", {})),
                     optimizer=rec.get("optimizer", "adamw_8bit"),
-                    gradient_checkpointing=rec.get("gradient_checkpointing", True))
+                    gradient_checkpointing=rec.get("gradient_checkpointing", True),
+                    keep_routed_gate_up=rec.get("keep_routed_gate_up", False))
 
 
 def record_facts(rec: dict[str, Any]) -> ModelFacts:
@@ -49,12 +51,13 @@ def planned_for(rec: dict[str, Any], calib: dict[str, Any] | None = None) -> dic
     out = {"peak_allocated_bytes": m.peak_allocated, "peak_reserved_bytes": m.peak_reserved,
            "total_bytes": m.total, "peak_phase": m.peak_phase,
            "working_set_bytes": by.get("layer_working_set", 0) + by.get("loss_chunk", 0),
-           "checkpoint_bytes": by.get("checkpoints", 0)}
+           "checkpoint_bytes": by.get("checkpoints", 0), "kept_bytes": by.get("kept_gate_up", 0)}
     gpu = _gpu(rec)
     st = step_time(f, shape, gpu, calib, by) if gpu else None
     if st:
         out.update(step_s=st.step_s, optimizer_s=st.optimizer_s,
-                   time_work=time_work(f, shape, by, calib["time"]["dequant_passes"]),
+                   # per optimizer step, as step_s: grad_accum micro-steps
+                   time_work={k: v * shape.grad_accum for k, v in time_work(f, shape, by).items()},
                    time_unit_s=seconds_per_unit(gpu, calib["time"]),
                    peak_flops=gpu.bf16_tflops * 1e12)
     return out
@@ -80,11 +83,15 @@ def compare(rec: dict[str, Any], calib: dict[str, Any] | None = None) -> dict[st
 
 # ---------------------------------------------------------------------------------------------- fitting
 
-def fit_calibration(records: list[dict[str, Any]], measured_on: str) -> dict[str, Any]:
+def fit_calibration(records: list[dict[str, Any]], measured_on: str,
+                    sections: tuple[str, ...] = ("memory", "time")) -> dict[str, Any]:
     """Least-squares fit of the calibration constants to measured records; returns a new calibration dict
     (comment keys kept). Memory: measured_allocated = fixed part + a*working_set + b*checkpoints + c;
     reserved - allocated = f*transient + g + segment rounding; context = mean measured. Time:
-    see `fit_time_constants`."""
+    see `fit_time_constants`. `sections`: the constants refitted ("memory", "time"); the others stay."""
+    unknown = set(sections) - {"memory", "time"}
+    if unknown or not sections:
+        raise ValueError(f"fit sections must be among memory, time; got {sorted(sections)}")
     import numpy as np
 
     raw = json.loads(CALIBRATION_PATH.read_text(encoding="utf-8"))
@@ -111,7 +118,7 @@ def fit_calibration(records: list[dict[str, Any]], measured_on: str) -> dict[str
         p = planned_for(rec, base)
         without = p["peak_reserved_bytes"] - p["peak_allocated_bytes"]
         frac = base["memory"]["allocator_dynamic_reserve_fraction"]
-        transient = p["working_set_bytes"] + p["checkpoint_bytes"]
+        transient = p["working_set_bytes"] + p["checkpoint_bytes"] + p["kept_bytes"]
         seg = without - int(frac * transient) - base["memory"]["allocator_fixed_reserve_bytes"]
         rows.append([transient, 1.0])
         y.append(rec["measured"]["peak_reserved_bytes"] - rec["measured"]["peak_allocated_bytes"] - seg)
@@ -121,13 +128,21 @@ def fit_calibration(records: list[dict[str, Any]], measured_on: str) -> dict[str
     ctx = [r["measured"]["context_bytes"] for r in records if r["measured"].get("context_bytes")]
     if ctx:
         base["memory"]["cuda_context_bytes"] = int(max(ctx))
-    base["time"].update(fit_time_constants(records, base))
-    for section in ("memory", "time"):
+    if "memory" not in sections:
+        base["memory"] = copy.deepcopy(load_calibration()["memory"])
+    base["time"].update(fit_time_constants(records, base) if "time" in sections else {})
+    for section in sections:
         for k, v in base[section].items():
             raw[section][k] = v
-    raw["measured_on"] = measured_on
-    raw["_status"] = (f"fitted by benchmarks/plan_validation.py --fit to {len(records)} measured configurations "
-                      f"({measured_on}); the first-principles values are in git history.")
+    if sections == ("memory", "time"):
+        raw["measured_on"] = measured_on
+        raw["_status"] = (f"fitted by benchmarks/plan_validation.py --fit to {len(records)} measured configurations "
+                          f"({measured_on}); the first-principles values are in git history.")
+    else:
+        raw.setdefault("sections_measured_on", {}).update(dict.fromkeys(sections, measured_on))
+        raw["_status"] = (f"{' and '.join(sections)} constants refitted by benchmarks/plan_validation.py --fit "
+                          f"--fit-sections {','.join(sections)} to {len(records)} measured configurations "
+                          f"({measured_on}); the others as fitted on {raw['measured_on']}.")
     return raw
 
 

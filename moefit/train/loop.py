@@ -211,6 +211,8 @@ def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_f
             if not force:
                 raise MoefitError(msg)
             say(f"warning (--force): {msg}")
+        elif plan.faster:
+            say(f"plan: {plan.faster}")
 
     save_config(cfg, run_dir / "config.yaml")
     total_steps = total_optimizer_steps(t, len(bundle.train))
@@ -227,7 +229,7 @@ def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_f
                        device=device.type, quant=cfg.quantization)
     params = add_lora(model, cfg=cfg.lora)
     if t.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing(keep_routed_gate_up=t.keep_routed_gate_up)
     rows = model.hf.get_input_embeddings().weight.shape[0]
     top = max(max(s["input_ids"]) for s in bundle.train + bundle.eval)
     if top >= rows:
@@ -387,7 +389,8 @@ def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_f
                    "expert_r": cfg.lora.expert_r, "targets": cfg.lora.targets,
                    "routed_experts": cfg.lora.routed_experts, "optimizer": t.optimizer, "lr": t.lr,
                    "scheduler": t.scheduler, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
-                   "max_length": t.max_length, "gradient_checkpointing": t.gradient_checkpointing},
+                   "max_length": t.max_length, "gradient_checkpointing": t.gradient_checkpointing,
+                   "keep_routed_gate_up": t.keep_routed_gate_up},
         "trainable_params": n_train,
         "data": bundle.report.to_dict(),
         "steps": state.step,
