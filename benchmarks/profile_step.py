@@ -80,7 +80,7 @@ def main() -> int:
     for p in opt_params:
         p.grad = None
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], record_shapes=True) as prof:
         t0 = time.perf_counter()
         out = m(ids, labels=ids)
         out.loss.backward()
@@ -93,7 +93,10 @@ def main() -> int:
     res["profiled_kernels"] = sum(e.count for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
     res["kernel_categories"] = kernel_categories(averages)
     table = averages.table(sort_by="self_cuda_time_total", row_limit=40)
-    Path(args.out, "profile_table.txt").write_text(table)
+    # The same step by operator and input shapes: which tensors the elementwise / copy time is spent on.
+    by_shape = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cuda_time_total", row_limit=80, max_name_column_width=48, max_shapes_column_width=90)
+    Path(args.out, "profile_table.txt").write_text(table + "\n\nby operator and input shapes\n" + by_shape)
     Path(args.out, "profile.json").write_text(json.dumps(res, indent=2, default=str))
     print(table)
     print(json.dumps({k: v for k, v in res.items() if k != "step"}, indent=1))
