@@ -19,8 +19,10 @@ def test_synthetic_model_is_nf4_with_lora_and_trains(tmp_path):
     experts = [m for m in model.modules() if isinstance(m, MoefitExperts)]
     assert experts and all(m.gate.packed.dtype == torch.uint8 and m.gate.packed.any() for m in experts)
     assert all(m.gate_lora_A is not None for m in experts)
-    r = measure_training(model, seq_len=32, batch=2, steps=1, warmup=0, optimizer="adamw")
-    assert r["tokens_per_s"] > 0 and torch.isfinite(torch.tensor(r["loss_first"]))
+    r = measure_training(model, seq_len=32, batch=2, steps=1, warmup=0, optimizer="adamw", grad_accum=2,
+                         keep_routed_gate_up=True)
+    assert r["tokens_per_s"] > 0 and torch.isfinite(torch.tensor(r["loss_first"])) and r["grad_accum"] == 2
+    assert all(m.keep_gate_up for m in experts)
     assert "gpu_busy_fraction" not in r  # measured on CUDA only (tests/test_gpu.py)
 
 
@@ -35,3 +37,23 @@ def test_bench_without_cuda_is_a_clear_error(capsys):
     assert main(["bench", "--model", "llama4-scout"]) == 2
     err = capsys.readouterr().err
     assert "needs a CUDA GPU" in err and "Traceback" not in err
+
+
+def test_bench_passes_accumulation_and_kept_outputs_through(tmp_path):
+    """`moefit bench --grad-accum 2 --keep-routed-gate-up` on CPU: two micro-batches per step, the routed experts
+    keep their gate/up outputs, and the planned peak is the plan of that same setting."""
+    from moefit.benchrun import bench
+
+    tiny_config(num_local_experts=4, num_experts_per_tok=1).save_pretrained(tmp_path)
+    res = bench(model=str(tmp_path), seq_lens=[16], batch=1, rank=4, steps=1, warmup=0, device="cpu",
+                optimizer="adamw", grad_accum=2, keep_routed_gate_up=True)
+    run = res["runs"][0]
+    assert res["keep_routed_gate_up"] is True and run["grad_accum"] == 2 and run["tokens_per_s"] > 0
+    from moefit.config import RunConfig, TrainConfig
+    from moefit.plan import plan
+
+    lora = LoraConfig(**res["lora"])
+    planned = plan(RunConfig(model=str(tmp_path), lora=lora, train=TrainConfig(
+        max_length=16, batch_size=1, grad_accum=2, optimizer="adamw", keep_routed_gate_up=True)), gpus=["h200"],
+        search=False).memory.peak_allocated
+    assert run["planned_peak_bytes"] == planned
