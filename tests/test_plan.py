@@ -189,3 +189,22 @@ def test_faster_layout_keeps_the_sequences_per_step_and_fits():
     assert p.faster and f"train.batch_size {shape.batch}" in p.faster and "faster: " in p.render()
     tight = plan(cfg, gpus=["a100-40gb"])  # does not fit at all: nothing to make faster
     assert tight.faster is None
+
+
+def test_weight_passes_follow_what_the_recomputation_skips():
+    """Per weight group, the frozen matmul passes of a checkpointed micro-step: forward + backward always, and in
+    the recomputation everything but Llama 4's routed / shared down projections and, when kept, the routed gate/up;
+    without checkpointing, 2. The planned step follows: keeping the outputs is planned faster."""
+    from moefit.plan.timing import weight_passes
+
+    scout, dense = load_model_facts("llama4-scout"), load_model_facts("llama3.1-8b")
+    wp = weight_passes(scout, RunShape(seq_len=2048))
+    assert wp["attention"] == 3 and wp["routed_experts"] == pytest.approx(2 + 2 / 3)
+    assert wp["shared_experts"] == pytest.approx(2 + 2 / 3)
+    kept = weight_passes(scout, RunShape(seq_len=2048, keep_routed_gate_up=True))
+    assert kept["routed_experts"] == 2 and kept["shared_experts"] == wp["shared_experts"]
+    assert weight_passes(dense, RunShape(seq_len=2048))["dense_mlp"] == 3
+    assert set(weight_passes(scout, RunShape(seq_len=2048, gradient_checkpointing=False)).values()) == {2.0}
+    base = plan(model="llama4-scout", gpus=["h200"], search=False).gpus[0].step.step_s
+    cfg = config_from_dict({"model": "llama4-scout", "train": {"keep_routed_gate_up": True}})
+    assert plan(cfg, gpus=["h200"], search=False).gpus[0].step.step_s < 0.95 * base
