@@ -149,11 +149,13 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
     losses = []
 
     def one_step() -> None:
+        # No host sync between micro-steps (the losses stay on the device until the end), as in the trainer: the
+        # host can queue the next micro-step while the GPU runs this one.
         for _ in range(grad_accum):
-            ids = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
-            out = model(ids, labels=ids)
+            ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+            out = model(ids.to(model.input_device), labels=ids.to(device))
             (out.loss / grad_accum).backward()
-            losses.append(out.loss.item())
+            losses.append(out.loss.detach())
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -170,7 +172,7 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
     step_s = sum(times) / len(times)
     result = {"seq_len": seq_len, "batch": batch, "grad_accum": grad_accum, "steps": steps,
               "step_s": step_s, "tokens_per_s": batch * seq_len * grad_accum / step_s,
-              "loss_first": losses[0], "loss_last": losses[-1]}
+              "loss_first": float(losses[0]), "loss_last": float(losses[-1])}
     if cuda:
         result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         result["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)

@@ -186,12 +186,16 @@ def test_host_embedding_on_cuda_matches_trains_and_generates(tmp_path):
     hosted = moefit.load_model(str(tmp_path), dtype=torch.float32, device="cuda",
                                quant=QuantConfig(embeddings_on_host=True))
     assert hosted.device.type == "cuda" and hosted.hf.get_input_embeddings().weight.device.type == "cpu"
+    assert hosted.input_device.type == "cpu"
     with torch.no_grad():
-        assert rel(hosted(ids, return_logits=True).logits, plain(ids, return_logits=True).logits) < 1e-5
+        logits = hosted(ids, return_logits=True).logits
+        assert rel(logits, plain(ids, return_logits=True).logits) < 1e-5
+        from_host = hosted(ids.cpu(), return_logits=True).logits  # ids already in host memory: no device sync
+        assert from_host.device.type == "cuda" and torch.equal(from_host, logits)
     moefit.add_lora(hosted, r=4, alpha=8, dropout=0.0)
     hosted.enable_gradient_checkpointing()
     hosted.train()
-    hosted(ids, labels=ids).loss.backward()
+    hosted(ids.cpu(), labels=ids).loss.backward()
     hosted.eval()
     out = hosted.generate(ids[:1, :8], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 12) and out.device.type == "cuda"

@@ -44,6 +44,12 @@ class MoefitCausalLM(nn.Module):
         # The lm_head, not the input embedding: that one may live in host memory (quantization.embeddings_on_host).
         return self.hf.get_output_embeddings().weight.device
 
+    @property
+    def input_device(self) -> torch.device:
+        """Where `input_ids` should be: the input embedding's device (host memory when
+        quantization.embeddings_on_host; ids already there cost the lookup no device sync)."""
+        return self.hf.get_input_embeddings().weight.device
+
     def enable_gradient_checkpointing(self, keep_routed_gate_up: bool = False) -> None:
         """Checkpoint every decoder layer. `keep_routed_gate_up`: the recomputation reuses the routed experts'
         frozen gate/up outputs of the first pass (faster; tokens x top_k x intermediate x 4 bytes per MoE layer

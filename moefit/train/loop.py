@@ -295,7 +295,8 @@ def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_f
         loss_acc = torch.zeros((), dtype=torch.float32, device=device)
         step_tokens = 0
         for (batch, _), count in zip(micro, counts, strict=True):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = {k: v.to(model.input_device if k == "input_ids" else device, non_blocking=True)
+                     for k, v in batch.items()}
             out = model(**batch)
             if int(out.num_tokens) != count:
                 raise RuntimeError(f"label-token count mismatch: loop counted {count}, model {int(out.num_tokens)}")
