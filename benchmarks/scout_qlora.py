@@ -7,7 +7,8 @@ On the GPU (one call):
 Report from recorded JSON (CPU):
     python benchmarks/scout_qlora.py --report --moefit benchmarks/plan_validation.json \
         --stock benchmarks/stock_baseline.json --settings benchmarks/scout_qlora_settings.json \
-        benchmarks/raw/step_ab_large_micro_batch_h200.json [--tflops 788] > benchmarks/scout_qlora.md
+        benchmarks/raw/step_ab_large_micro_batch_h200.json benchmarks/raw/step_ab_host_emb_nosync_h200.json \
+        [--tflops 788] > benchmarks/scout_qlora.md
 """
 
 from __future__ import annotations
