@@ -228,8 +228,11 @@ def main() -> int:
         from moefit.plan.validation import fit_calibration, write_calibration
 
         doc = json.loads(args.fit.read_text(encoding="utf-8"))
-        cal = fit_calibration(doc["results"], f"{doc['gpu']}, {doc['date']}, {args.fit.name}",
-                              sections=tuple(args.fit_sections.split(",")))
+        try:
+            cal = fit_calibration(doc["results"], f"{doc['gpu']}, {doc['date']}, {args.fit.name}",
+                                  sections=tuple(args.fit_sections.split(",")))
+        except ValueError as e:
+            ap.error(f"--fit {args.fit}: {e}")
         write_calibration(cal)
         print(json.dumps({k: cal[k] for k in ("memory", "time")}, indent=2))
         fit = {"command": " ".join(["python", "benchmarks/plan_validation.py", *sys.argv[1:]]), "date": _now(),

@@ -101,3 +101,15 @@ def test_fit_recovers_known_constants():
     for r in recs:
         e = compare(r, cal)
         assert abs(e["allocated"]) < 0.002 and abs(e["reserved"]) < 0.005 and abs(e["step_time"]) < 0.01
+
+
+def test_fit_of_the_time_section_leaves_the_memory_constants():
+    """--fit-sections time: the step-time constants are refitted, the memory ones stay as they are; an unknown
+    section is refused."""
+    recs = _recorded()["results"]
+    before = load_calibration()
+    fitted = fit_calibration(recs, "synthetic", sections=("time",))
+    assert {k: v for k, v in fitted["memory"].items() if not k.startswith("_")} == before["memory"]
+    assert fitted["sections_measured_on"]["time"] == "synthetic" and fitted["measured_on"] == before["measured_on"]
+    with pytest.raises(ValueError, match="fit sections"):
+        fit_calibration(recs, "synthetic", sections=("speed",))
