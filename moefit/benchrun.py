@@ -34,6 +34,10 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
           ) -> dict[str, Any]:
     from .bench import active_params_per_token, build_synthetic_model, measure_training
 
+    for name, value, least in (("--batch", batch, 1), ("--grad-accum", grad_accum, 1), ("--steps", steps, 1),
+                               ("--warmup", warmup, 0), ("--seq-len", min(seq_lens, default=0), 2)):
+        if value < least:  # before building a model that can take minutes
+            raise MoefitError(f"moefit bench {name} must be at least {least}, got {value}.")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MoefitError("moefit bench needs a CUDA GPU (none is visible). Use `moefit plan` to predict memory "
                           "and time without one.")

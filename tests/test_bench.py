@@ -39,6 +39,13 @@ def test_bench_without_cuda_is_a_clear_error(capsys):
     assert "needs a CUDA GPU" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag,value", [("--grad-accum", "0"), ("--batch", "0"), ("--seq-len", "1")])
+def test_bench_refuses_impossible_sizes_before_building(capsys, flag, value):
+    assert main(["bench", "--model", "llama4-scout", "--device", "cpu", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert flag in err and "at least" in err and "Traceback" not in err
+
+
 def test_bench_passes_accumulation_and_kept_outputs_through(tmp_path):
     """`moefit bench --grad-accum 2 --keep-routed-gate-up` on CPU: two micro-batches per step, the routed experts
     keep their gate/up outputs, and the planned peak is the plan of that same setting."""
