@@ -13,18 +13,11 @@ from .errors import MoefitError
 
 def matmul_tflops(device: str = "cuda", n: int = 8192, reps: int = 10) -> float:
     """Measured bf16 GEMM rate, the ceiling used for the FLOP fraction."""
+    from .bench import cuda_time
+
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        a @ b
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * n**3 * reps / (start.elapsed_time(end) / 1e3) / 1e12
+    return 2 * n**3 / cuda_time(lambda: a @ b, reps=reps, warmup=3) / 1e12
 
 
 def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: list[int] = (2048,), batch: int = 1,

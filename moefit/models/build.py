@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from ..config import QuantConfig
+from ..moe import OUTPUT_FEEDS_RESIDUAL
 from ..moe.block import MoefitMoE, RoutingRule
 from .host_embedding import HostEmbedding
 from .layers import MoefitExperts, MoefitLinear
@@ -74,9 +75,8 @@ def _replace_moe_blocks(model: nn.Module, config: PretrainedConfig, kw: dict) ->
         if isinstance(module, Llama4TextMoe):
             experts = MoefitExperts(config.num_local_experts, config.hidden_size, config.intermediate_size,
                                     act=config.hidden_act, **kw)
-            # Llama4TextDecoderLayer adds the MoE output straight to the residual stream.
             _set_module(model, name, MoefitMoE(module.router, experts, module.shared_expert, rule,
-                                               output_feeds_residual=True))
+                                               output_feeds_residual=config.model_type in OUTPUT_FEEDS_RESIDUAL))
 
 
 def _embeddings_to_host(model: nn.Module, config: PretrainedConfig, dtype: torch.dtype,

@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..moe import OUTPUT_FEEDS_RESIDUAL
 from .gpus import Gpu
 from .memory import RunShape, lora_tensors
 from .model_facts import Layer, ModelFacts
@@ -80,11 +81,6 @@ def lora_active_params(f: ModelFacts, shape: RunShape) -> float:
     return total
 
 
-# Families whose MoE output feeds the residual sum directly: the recomputation skips their frozen down projections
-# (models.recompute; MoefitMoE.output_feeds_residual).
-_OUTPUT_FEEDS_RESIDUAL = {"llama4_text"}
-
-
 def weight_passes(f: ModelFacts, shape: RunShape) -> dict[str, float]:
     """Per weight group, how many times a micro-step runs its frozen matmul (and, for NF4, decodes it): forward,
     backward (input gradient) and, with checkpointing, the recomputation, less what the engine skips there:
@@ -93,7 +89,7 @@ def weight_passes(f: ModelFacts, shape: RunShape) -> dict[str, float]:
     projections (gate, up, down each a third of an MLP's parameters)."""
     if not shape.gradient_checkpointing:
         return dict.fromkeys(("attention", "routed_experts", "shared_experts", "dense_mlp", "router", "lm_head"), 2.0)
-    skip_down = f.family in _OUTPUT_FEEDS_RESIDUAL
+    skip_down = f.family in OUTPUT_FEEDS_RESIDUAL
     routed_recompute = (0 if shape.keep_routed_gate_up else 2) + (0 if skip_down else 1)  # of gate, up, down
     shared_recompute = 2 + (0 if skip_down else 1)
     return {"attention": 3.0, "routed_experts": 2 + routed_recompute / 3, "shared_experts": 2 + shared_recompute / 3,
