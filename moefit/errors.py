@@ -11,3 +11,12 @@ class ConfigError(MoefitError):
 
 class DataError(MoefitError):
     """A data file that cannot be used; the message names the file and the line."""
+
+
+class WorkersFailed(MoefitError):
+    """A multi-process run (`--gpus N`) that stopped: the workers (or the launcher) have printed why;
+    `exit_code` is the job's (1 a failed smoke run, 2 a moefit error, 3 a worker that died)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -20,20 +20,28 @@ from .errors import DataError
 
 
 @torch.no_grad()
-def heldout_loss(model: Any, sequences: list[dict], batch_size: int, pad_id: int, device: torch.device,
-                 max_batches: int | None = None) -> tuple[float, int]:
-    """(token-weighted mean loss, label tokens) over `sequences`, in order."""
+def heldout_sums(model: Any, sequences: list[dict], batch_size: int, pad_id: int, device: torch.device,
+                 max_batches: int | None = None, rank: int = 0, world_size: int = 1) -> tuple[float, int]:
+    """(summed loss, label tokens) over `sequences` in batches of `batch_size`; with several ranks, rank r takes
+    batches r, r + world_size, ... (sum the ranks' results for the whole set)."""
     from .data import collate
 
     loss_sum, tokens = 0.0, 0
     starts = range(0, len(sequences), batch_size)
     if max_batches is not None:
         starts = starts[:max_batches]
-    for i in starts:
+    for i in starts[rank::world_size]:
         batch = {k: v.to(device) for k, v in collate(sequences[i:i + batch_size], pad_id=pad_id).items()}
         out = model(**batch)
         loss_sum += float(out.loss_sum)
         tokens += int(out.num_tokens)
+    return loss_sum, tokens
+
+
+def heldout_loss(model: Any, sequences: list[dict], batch_size: int, pad_id: int, device: torch.device,
+                 max_batches: int | None = None) -> tuple[float, int]:
+    """(token-weighted mean loss, label tokens) over `sequences`, in order."""
+    loss_sum, tokens = heldout_sums(model, sequences, batch_size, pad_id, device, max_batches)
     return (loss_sum / tokens if tokens else float("nan")), tokens
 
 

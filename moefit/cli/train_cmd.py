@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, MoefitError, WorkersFailed
 
 DESCRIPTION = """\
 Fine-tune a model with QLoRA as a run config says, into a run directory that holds the resolved config
@@ -28,7 +28,10 @@ examples:
   moefit train run.yaml --output-dir runs/scout1      full run into runs/scout1
   moefit train --resume runs/scout1                   continue it after a stop or a crash
   moefit train run.yaml --set train.lr=1e-4 --set lora.r=16
-exit codes: 0 done (smoke: passed), 1 smoke run failed, 2 bad config/data/arguments or the run cannot start."""
+  moefit train run.yaml --gpus 4                      data parallel on 4 GPUs of this host
+  torchrun --nproc-per-node 4 -m moefit train run.yaml   the same, started by torchrun (multi-node: README)
+exit codes: 0 done (smoke: passed), 1 smoke run failed, 2 bad config/data/arguments or the run cannot start,
+3 a worker process died (--gpus)."""
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -74,21 +77,51 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set",
                    help="override one config setting by its dotted key, value read as YAML "
                         "(e.g. --set train.lr=1e-4 --set lora.targets=[q,v]); repeatable.")
+    p.add_argument("--gpus", type=int, metavar="N",
+                   help="train data-parallel in N processes on this host, one per GPU (CPU processes with gloo "
+                        "when there is no GPU). Each optimizer step takes batch_size x grad_accum x N sequences; "
+                        "the loss is averaged over all of its label tokens. Under torchrun, leave it out.")
     p.add_argument("--quiet", action="store_true",
                    help="print nothing while training (train.log in the run directory still gets everything).")
     p.set_defaults(func=handle)
 
 
 def handle(args: argparse.Namespace) -> int:
+    from ..parallel.dist import context_from_env, lost_peer
+    from ..parallel.launch import EXIT_WORKER_DIED, report_worker_error
     from ..train import train
 
     overrides = _parse_set(args.set)
     if args.max_steps is not None:
         overrides["train.max_steps"] = args.max_steps
-    result = train(args.config, output_dir=args.output_dir, resume=args.resume, smoke=args.smoke,
-                   steps=args.steps, force=args.force, echo=not args.quiet, **overrides)
+    ctx = context_from_env()
+    try:
+        result = train(args.config, output_dir=args.output_dir, resume=args.resume, smoke=args.smoke,
+                       steps=args.steps, force=args.force, echo=not args.quiet, gpus=args.gpus, **overrides)
+    except WorkersFailed as e:
+        return e.exit_code  # the workers and the launcher have printed why
+    except MoefitError as e:
+        if not ctx.enabled:
+            raise
+        # One of several workers: rank 0 prints; every rank reports to the launcher, which names the rank.
+        report_worker_error(f"error: {e}")
+        if ctx.is_main:
+            print(f"moefit train: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if not (ctx.enabled and lost_peer(e)):
+            raise
+        # Another worker died (killed, out of memory): the launcher names it; this one only says it lost it.
+        print(f"moefit train (rank {ctx.rank}): stopped, another worker is gone ({str(e).splitlines()[0][:200]})",
+              file=sys.stderr)
+        return EXIT_WORKER_DIED
     if result.smoke is not None and not result.smoke.passed:
-        print(f"moefit train: {result.smoke.failure_message()} Nothing long should start until this passes "
-              f"(details: {result.run_dir / 'train.log'}).", file=sys.stderr)
+        if args.gpus is not None and args.gpus > 1:
+            return 1  # the workers have said why
+        message = (f"{result.smoke.failure_message()} Nothing long should start until this passes "
+                   f"(details: {result.run_dir / 'train.log'}).")
+        report_worker_error(message)
+        if ctx.is_main:
+            print(f"moefit train: {message}", file=sys.stderr)
         return 1
     return 0

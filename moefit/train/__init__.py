@@ -4,16 +4,22 @@
     moefit.train("recipes/llama4-scout-qlora.yaml", lr=1e-4, **{"data.train": "my.jsonl"})
     moefit.train("run.yaml", smoke=True, steps=20)   # the smoke run; result.smoke.passed
     moefit.train(resume="runs/scout-20250101-120000")  # continue from its newest complete checkpoint
+    moefit.train("run.yaml", gpus=2)                 # data parallel: 2 worker processes (NCCL; gloo on CPU)
+
+Under torchrun (`torchrun --nproc-per-node N -m moefit train run.yaml`, or a script that calls `train()` in every
+process) each process joins the run by itself: nothing to pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig, config_from_dict, load_config
-from ..errors import ConfigError, MoefitError
+from ..config import RunConfig, config_from_dict, load_config, save_config
+from ..errors import ConfigError, MoefitError, WorkersFailed
 from . import checkpoint
 from .loop import RunResult, run
 from .smoke import SmokeResult
@@ -78,6 +84,7 @@ def train(
     force: bool = False,
     stop_after: int | None = None,
     echo: bool = True,
+    gpus: int | None = None,
     **overrides: Any,
 ) -> RunResult:
     """Fine-tune as the config says and return what happened (see RunResult).
@@ -88,11 +95,17 @@ def train(
     smoke / steps: the smoke run (`steps` optimizer steps, default smoke.steps); see RunResult.smoke.
     force: start on CUDA even when the planner says the run does not fit.
     stop_after: stop after this many optimizer steps as a kill would (for tests of resume).
+    gpus: start this many worker processes on this host (one per GPU; CPU processes with gloo when there is no
+        GPU) through torch's elastic launcher and train data-parallel; the result is read from the run directory.
     overrides: settings, as `lr=1e-4`, `train__lr=1e-4` or `**{"train.lr": 1e-4}`.
     """
     if steps is not None and not smoke:
         raise MoefitError("steps= (--steps) sets the length of a smoke run; use max_steps= (--max-steps) "
                           "to shorten a full run.")
+    if gpus is not None and gpus > 1:
+        if stop_after is not None:
+            raise MoefitError("stop_after= is not available with gpus=: run the workers under torchrun yourself.")
+        return _train_on_workers(config, gpus, output_dir, resume, smoke, steps, force, echo, overrides)
     resume_from = None
     if resume:
         base = Path(output_dir) if output_dir is not None else None
@@ -109,6 +122,53 @@ def train(
     cfg = resolve_config(config, overrides)
     return run(cfg, run_dir=Path(output_dir) if output_dir is not None else None, smoke=smoke, smoke_steps=steps,
                force=force, stop_after=stop_after, echo=echo)
+
+
+def _train_on_workers(config: RunConfig | str | Path | None, gpus: int, output_dir: str | Path | None,
+                      resume: bool | str | Path | None, smoke: bool, steps: int | None, force: bool, echo: bool,
+                      overrides: dict[str, Any]) -> RunResult:
+    """`train(..., gpus=N)`: resolve the config and the run directory here (errors before any worker starts), then
+    run `moefit train` in N processes on them."""
+    from ..parallel.launch import launch_workers
+    from .loop import _choose_run_dir, default_run_dir
+
+    argv: list[str] = []
+    if resume:
+        base = Path(output_dir) if output_dir is not None else None
+        resume_from = checkpoint.resolve_resume(True if resume is True else Path(resume), base)
+        run_dir = checkpoint.run_dir_of(resume_from)
+        cfg = resolve_config(config, overrides, saved_run=run_dir)
+        argv += ["--resume", str(resume_from)]
+    else:
+        cfg = resolve_config(config, overrides)
+        wanted = Path(output_dir) if output_dir is not None else (
+            Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg, smoke))
+        chosen, problem = _choose_run_dir(cfg, wanted, None, smoke)
+        if problem:
+            raise MoefitError(problem)
+        run_dir = chosen
+        argv += ["--output-dir", str(run_dir)]
+    if smoke:
+        argv += ["--smoke"] + (["--steps", str(steps)] if steps is not None else [])
+    argv += ["--force"] if force else []
+    argv += [] if echo else ["--quiet"]
+    with tempfile.TemporaryDirectory(prefix="moefit-launch-") as tmp:
+        cfg_path = Path(tmp) / "config.yaml"
+        save_config(cfg, cfg_path)
+        code = launch_workers(gpus, ["train", str(cfg_path), *argv])
+    report_path = run_dir / "report.json"
+    if code not in (0, 1) or not report_path.is_file():
+        raise WorkersFailed(f"the {gpus}-process run in {run_dir} stopped (exit code {code}); the message above "
+                            "says why.", exit_code=code)
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    smoke_result = SmokeResult.from_dict(report["smoke"]) if report.get("smoke") else None
+    return RunResult(run_dir=run_dir, completed=report["steps"] >= report["total_steps"], step=report["steps"],
+                     total_steps=report["total_steps"], start_eval_loss=report.get("start_eval_loss"),
+                     end_eval_loss=report.get("end_eval_loss"), tokens=report.get("tokens", 0),
+                     wall_s=report.get("wall_s", 0.0), tokens_per_s=report.get("tokens_per_s", 0.0),
+                     peak_mem_bytes=report.get("peak_mem_bytes", 0),
+                     adapter_dir=run_dir if report.get("mode") == "train" else None, smoke=smoke_result,
+                     report=report)
 
 
 def _newest_run_hint() -> str:

@@ -3,6 +3,8 @@ half-written `step-N/` that `--resume` could pick.
 
 A checkpoint holds everything the next step depends on: the adapter, the optimizer and scheduler state, every
 RNG (python, numpy, torch CPU and CUDA: LoRA dropout draws from torch's), the data position and the counters.
+With several data-parallel ranks the adapter and optimizer state are the same on every rank and rank 0 writes
+them; each rank's RNG state is its own (`rng.pt` for rank 0, `rng-rank<R>.pt` for the others).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class TrainerState:
     elapsed_s: float
     train_time_s: float
     start_eval_loss: float | None
+    world_size: int = 1  # data-parallel ranks that wrote it (checkpoints older than multi-GPU training: 1)
+    sequences_per_step: int | None = None  # batch_size x grad_accum x world_size
 
 
 def capture_rng() -> dict[str, Any]:
@@ -79,8 +83,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: Any | None = None,
+    rank_rngs: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Write `checkpoints_dir/step-N/` atomically and return its path."""
+    """Write `checkpoints_dir/step-N/` atomically and return its path. `rank_rngs`: every data-parallel rank's
+    `capture_rng()`, in rank order (default: this process's)."""
     from ..lora import save_adapter
 
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +98,8 @@ def save_checkpoint(
     save_adapter(model, tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(capture_rng(), tmp / "rng.pt")
+    for rank, rng in enumerate(rank_rngs or [capture_rng()]):
+        torch.save(rng, tmp / rng_file(rank))
     if scaler is not None:
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state.__dict__, indent=2), encoding="utf-8")
@@ -106,6 +113,14 @@ def save_checkpoint(
     os.replace(tmp, final)
     _fsync_dir(checkpoints_dir)
     return final
+
+
+def rng_file(rank: int) -> str:
+    return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
+
+
+def read_trainer_state(checkpoint: Path) -> TrainerState:
+    return TrainerState(**json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")))
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
@@ -168,8 +183,11 @@ def run_dir_of(checkpoint: Path) -> Path:
 
 def load_checkpoint(
     checkpoint: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any | None = None,
-) -> TrainerState:
-    """Load everything back into the live objects; RNG last, so nothing after it draws before training resumes."""
+    rank: int = 0,
+) -> tuple[TrainerState, bool]:
+    """Load everything back into the live objects; RNG last, so nothing after it draws before training resumes.
+    Returns the state and whether this rank's RNG state was in the checkpoint (a run resumed on more ranks than
+    wrote it has none for the new ones: the caller seeds them)."""
     from safetensors.torch import load_file
 
     from ..lora import ADAPTER_WEIGHTS, load_lora_state_dict
@@ -179,6 +197,9 @@ def load_checkpoint(
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
     if scaler is not None and (checkpoint / "scaler.pt").is_file():
         scaler.load_state_dict(torch.load(checkpoint / "scaler.pt", weights_only=True))
-    state = TrainerState(**json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")))
-    restore_rng(torch.load(checkpoint / "rng.pt", weights_only=True))
-    return state
+    state = read_trainer_state(checkpoint)
+    rng_path = checkpoint / rng_file(rank)
+    if not rng_path.is_file():
+        return state, False
+    restore_rng(torch.load(rng_path, weights_only=True))
+    return state, True

@@ -8,6 +8,7 @@ micro-batches -> loss weighted by label tokens -> backward -> (after grad_accum 
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
 import shutil
@@ -22,6 +23,8 @@ import torch
 
 from ..config import RunConfig, save_config
 from ..errors import DataError, MoefitError
+from ..parallel import dist as pdist
+from ..parallel.data_parallel import grad_sync, take_step, wrap_model
 from . import checkpoint as ckpt
 from .metrics import MetricsLog, plot_loss, versions, write_report
 from .optim import build_optimizer, build_scheduler, steps_per_epoch, total_optimizer_steps
@@ -53,7 +56,10 @@ class RunResult:
 
 # ----------------------------------------------------------------------------------------------- setup
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, ctx: pdist.DistContext = pdist.SINGLE) -> torch.device:
+    """The device of train.device; with several ranks on CUDA, the GPU of this process's local rank."""
+    if ctx.enabled and name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", ctx.local_rank)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -83,6 +89,8 @@ def default_run_dir(cfg: RunConfig, smoke: bool) -> Path:
 
 
 def seed_everything(seed: int) -> None:
+    """Python, numpy and torch RNGs. Data-parallel rank r uses seed + r, so LoRA dropout differs between ranks
+    (the data order has its own seed and is the same on every rank)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -97,19 +105,43 @@ def _label_tokens(labels: torch.Tensor) -> int:
 
 @torch.no_grad()
 def evaluate(model: Any, examples: list[dict], batch_size: int, pad_id: int, device: torch.device,
-             max_batches: int | None) -> tuple[float, int]:
-    """Token-weighted mean loss over the held-out examples, in order; returns (loss, label tokens)."""
-    from ..evaluate import heldout_loss
+             max_batches: int | None, ctx: pdist.DistContext = pdist.SINGLE) -> tuple[float, int]:
+    """Token-weighted mean loss over the held-out examples; returns (loss, label tokens). With several ranks each
+    evaluates its share of the batches and the sums are added up."""
+    from ..evaluate import heldout_sums
 
     was_training = model.training
     model.eval()
     try:
-        return heldout_loss(model, examples, batch_size, pad_id, device, max_batches)
+        loss_sum, tokens = heldout_sums(model, examples, batch_size, pad_id, device, max_batches,
+                                        ctx.rank, ctx.world_size)
     finally:
         model.train(was_training)
+    loss_sum, tokens = pdist.all_reduce_sum([loss_sum, float(tokens)], ctx)
+    return (loss_sum / tokens if tokens else float("nan")), int(tokens)
 
 
 # ------------------------------------------------------------------------------------------------- run
+
+def _match_sequences_per_step(cfg: RunConfig, saved: ckpt.TrainerState, ctx: pdist.DistContext, say: Any) -> None:
+    """Resuming on another number of processes: keep the checkpoint's sequences per optimizer step (hence the same
+    gradient, schedule and data order) by changing train.grad_accum, or refuse when no grad_accum does it."""
+    t = cfg.train
+    per_step = saved.sequences_per_step or t.batch_size * t.grad_accum * saved.world_size
+    now = t.batch_size * t.grad_accum * ctx.world_size
+    if per_step == now:
+        return
+    per_rank_micro = t.batch_size * ctx.world_size
+    if per_step % per_rank_micro:
+        raise MoefitError(f"the checkpoint's run took {per_step} sequences per optimizer step "
+                          f"({saved.world_size} process(es)); with {ctx.world_size} process(es) and "
+                          f"train.batch_size {t.batch_size} no train.grad_accum gives that. Resume on a number of "
+                          f"GPUs that divides {per_step // t.batch_size}, or set train.batch_size (--set).")
+    old = t.grad_accum
+    t.grad_accum = per_step // per_rank_micro
+    say(f"resuming on {ctx.world_size} process(es) instead of {saved.world_size}: train.grad_accum {old} -> "
+        f"{t.grad_accum}, so each optimizer step still takes {per_step} sequences (same data order and gradient).")
+
 
 def fit_check(cfg: RunConfig, gpu_label: str, gpu_memory_bytes: int):
     """The planner's verdict for this GPU: (plan, None) when the run fits, (plan, message) when it does not."""
@@ -142,26 +174,52 @@ def run(
     full run's; no final adapter): `resume_from` then continues it.
     """
     wall0 = time.perf_counter()
+    started_group = not pdist.current_context().enabled
+    ctx = pdist.init_distributed(resolve_device(cfg.train.device).type)
+    try:
+        return _run_in_dir(cfg, ctx, wall0, run_dir, resume_from, smoke, smoke_steps, force, stop_after, echo)
+    finally:
+        if started_group:
+            pdist.shutdown_distributed()
+
+
+def _choose_run_dir(cfg: RunConfig, run_dir: Path | None, resume_from: Path | None, smoke: bool
+                    ) -> tuple[Path | None, str | None]:
+    """(the run directory, None) or (None, why it cannot be used)."""
     if resume_from is not None:
-        run_dir = ckpt.run_dir_of(resume_from)
-    elif run_dir is None:
+        return ckpt.run_dir_of(resume_from), None
+    if run_dir is None:
         run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg, smoke)
     run_dir = Path(run_dir)
-    if resume_from is None and run_dir.exists() and (
+    if run_dir.exists() and (
         (run_dir / "checkpoints").exists() or (run_dir / "adapter_model.safetensors").exists()
     ):
-        raise MoefitError(f"{run_dir} already holds a run. Continue it with --resume, or pass another "
-                          "--output-dir (the default is a new folder under runs/).")
+        return None, (f"{run_dir} already holds a run. Continue it with --resume, or pass another "
+                      "--output-dir (the default is a new folder under runs/).")
+    return run_dir, None
+
+
+def _run_in_dir(cfg: RunConfig, ctx: pdist.DistContext, wall0: float, run_dir: Path | None,
+                resume_from: Path | None, smoke: bool, smoke_steps: int | None, force: bool,
+                stop_after: int | None, echo: bool) -> RunResult:
+    """Rank 0 chooses the run directory (a default one has a timestamp) and is the only one to write it."""
+    chosen, problem = _choose_run_dir(cfg, run_dir, resume_from, smoke) if ctx.is_main else (None, None)
+    chosen, problem = pdist.broadcast_object((str(chosen) if chosen else None, problem), ctx)
+    if problem:
+        raise MoefitError(problem)
+    run_dir = Path(chosen)
     created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     cfg.output_dir = str(run_dir)
-    console = Console(run_dir / "train.log", echo=echo)
+    console = Console(run_dir / "train.log" if ctx.is_main else None, echo=echo and ctx.is_main)
     try:
-        return _run(cfg, run_dir, console, wall0, resume_from, smoke, smoke_steps, force, stop_after)
+        return _run(cfg, ctx, run_dir, console, wall0, resume_from, smoke, smoke_steps, force, stop_after)
     except MoefitError:
         # A run that could not start (bad data, does not fit) leaves no folder behind; the error says why.
         console.close()
-        if created and not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists():
+        if ctx.is_main and created and not (run_dir / "checkpoints").exists() \
+                and not (run_dir / "metrics.jsonl").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     except KeyboardInterrupt:
@@ -174,21 +232,28 @@ def run(
         console.close()
 
 
-def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_from: Path | None, smoke: bool,
-         smoke_steps: int | None, force: bool, stop_after: int | None) -> RunResult:
+def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console, wall0: float,
+         resume_from: Path | None, smoke: bool, smoke_steps: int | None, force: bool, stop_after: int | None
+         ) -> RunResult:
     from ..data import DataPosition, build_datasets, iterate_batches, load_tokenizer
     from ..lora import add_lora, save_adapter
     from ..models import load_model
 
     t = cfg.train
     say = console.print
-    device = resolve_device(t.device)
+    device = resolve_device(t.device, ctx)
     if device.type == "cpu" and t.num_threads:
         torch.set_num_threads(t.num_threads)
-    seed_everything(t.seed)
+    elif device.type == "cpu" and ctx.local_world_size > 1:  # the host's cores shared by its ranks
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.local_world_size))
+    seed_everything(t.seed + ctx.rank)
     mode = "smoke run" if smoke else ("resuming" if resume_from else "training")
     say(f"moefit {mode}: {cfg.model} -> {run_dir}")
-    say(f"device {device}{f' ({torch.get_num_threads()} threads)' if device.type == 'cpu' else ''}, "
+    if ctx.enabled:
+        say(f"data parallel: {ctx.world_size} processes ({ctx.local_world_size} on this host), "
+            f"{'NCCL' if device.type == 'cuda' else 'gloo'}; only rank 0 writes the run directory")
+    say(f"device {device}{f' ({torch.get_num_threads()} threads)' if device.type == 'cpu' else ''}"
+        f"{' per process' if ctx.enabled else ''}, "
         f"weights {cfg.quantization.weights}, compute {t.precision}, LoRA r={cfg.lora.r} alpha={cfg.lora.alpha:g} "
         f"on {','.join(cfg.lora.targets)}{' (routed experts too)' if cfg.lora.routed_experts else ''}")
 
@@ -214,9 +279,13 @@ def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_f
         elif plan.faster:
             say(f"plan: {plan.faster}")
 
-    save_config(cfg, run_dir / "config.yaml")
-    total_steps = total_optimizer_steps(t, len(bundle.train))
-    per_epoch = steps_per_epoch(len(bundle.train), t.batch_size, t.grad_accum)
+    if resume_from is not None:
+        _match_sequences_per_step(cfg, ckpt.read_trainer_state(resume_from), ctx, say)
+    if ctx.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    world = ctx.world_size
+    total_steps = total_optimizer_steps(t, len(bundle.train), world)
+    per_epoch = steps_per_epoch(len(bundle.train), t.batch_size, t.grad_accum, world)
     if smoke:
         total_steps = smoke_steps if smoke_steps is not None else cfg.smoke.steps
         if total_steps < 2:
@@ -250,21 +319,34 @@ def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_f
     state = ckpt.TrainerState(step=0, data_epoch=0, data_index=0, tokens_seen=0, label_tokens_seen=0,
                               elapsed_s=0.0, train_time_s=0.0, start_eval_loss=None)
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, scaler)
+        state, rng_restored = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, scaler, rank=ctx.rank)
+        if not rng_restored:  # a rank the checkpoint's run did not have: a fresh stream of its own
+            seed_everything(t.seed + ctx.rank + 7919 * state.step)
+        seeded = pdist.all_reduce_sum([0.0 if rng_restored else 1.0], ctx)[0]
+        if seeded:
+            say(f"note: {int(seeded)} rank(s) had no RNG state in the checkpoint (it was written by "
+                f"{state.world_size} process(es)); their LoRA dropout draws from a new seed.")
         say(f"resumed from {resume_from} (step {state.step}/{total_steps}, data epoch {state.data_epoch} "
             f"item {state.data_index})")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resume_from else None)
+    state.world_size, state.sequences_per_step = world, t.batch_size * t.grad_accum * world
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resume_from else None) \
+        if ctx.is_main else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     trainable = [p for p in params.values() if p.requires_grad]
     max_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
     has_eval = bool(bundle.eval) and not smoke
+    wrapped = wrap_model(model, ctx)  # DistributedDataParallel over the LoRA parameters when several ranks
+
+    def write_metrics(record: dict[str, Any]) -> None:
+        if metrics is not None:
+            metrics.write(record)
 
     def run_eval(step: int) -> float:
         te = time.perf_counter()
-        loss, n = evaluate(model, bundle.eval, t.batch_size, pad_id, device, t.eval_batches)
-        metrics.write({"kind": "eval", "step": step, "eval_loss": loss, "eval_tokens": n,
+        loss, n = evaluate(model, bundle.eval, t.batch_size, pad_id, device, t.eval_batches, ctx)
+        write_metrics({"kind": "eval", "step": step, "eval_loss": loss, "eval_tokens": n,
                        "eval_s": round(time.perf_counter() - te, 3)})
         say(f"eval @ step {step}: held-out loss {loss:.4f} ({n:,} label tokens, {time.perf_counter() - te:.1f}s)")
         return loss
@@ -274,8 +356,9 @@ def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_f
     model.train()
     if has_eval and state.step == 0:
         state.start_eval_loss = run_eval(0)
-    evals_done = metrics.eval_records()
-    last_eval_step = evals_done[-1]["step"] if evals_done else -1
+    evals_done = metrics.eval_records() if metrics is not None else []
+    last_eval_step, end_eval_logged = pdist.broadcast_object(
+        (evals_done[-1]["step"], evals_done[-1]["eval_loss"]) if evals_done else (-1, None), ctx)
 
     say(f"{total_steps} optimizer steps ({per_epoch} per epoch of {len(bundle.train)} sequences), batch "
         f"{t.batch_size} x accumulation {t.grad_accum}, lr {t.lr:g} {'constant (smoke)' if smoke else t.scheduler}")
@@ -287,23 +370,23 @@ def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_f
     nan_step = None
     while state.step < stop_step:
         ts = time.perf_counter()
-        micro = [next(batches) for _ in range(t.grad_accum)]
-        pos = micro[-1][1]
-        counts = [_label_tokens(b["labels"]) for b, _ in micro]
-        step_label_tokens = sum(counts)
+        # This rank's micro-batches of the step; the label tokens and tokens of the whole step (all ranks).
+        step = take_step(batches, t.grad_accum, ctx, _label_tokens)
+        pos, step_label_tokens, step_tokens = step.position, step.label_tokens, step.tokens
         denom = max(step_label_tokens, 1)
         loss_acc = torch.zeros((), dtype=torch.float32, device=device)
-        step_tokens = 0
-        for (batch, _), count in zip(micro, counts, strict=True):
+        for i, batch in enumerate(step.mine):
+            count = _label_tokens(batch["labels"])
             batch = {k: v.to(model.input_device if k == "input_ids" else device, non_blocking=True)
                      for k, v in batch.items()}
-            out = model(**batch)
-            if int(out.num_tokens) != count:
-                raise RuntimeError(f"label-token count mismatch: loop counted {count}, model {int(out.num_tokens)}")
-            loss = out.loss_sum / denom  # the gradient of the step = that of the mean over all its label tokens
-            (scaler.scale(loss) if scaler else loss).backward()
+            with grad_sync(wrapped, sync=i == len(step.mine) - 1):  # ranks' gradients summed after the last one
+                out = wrapped(**batch)
+                if int(out.num_tokens) != count:
+                    raise RuntimeError(f"label-token count mismatch: loop counted {count}, "
+                                       f"model {int(out.num_tokens)}")
+                loss = out.loss_sum / denom  # the gradient of the step = that of the mean over all its label tokens
+                (scaler.scale(loss) if scaler else loss).backward()
             loss_acc += out.loss_sum.detach().float()
-            step_tokens += int(batch["input_ids"].numel())
         if scaler:
             scaler.unscale_(optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
@@ -314,9 +397,9 @@ def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_f
         else:
             optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not ctx.enabled)  # DDP's gradients are views of its buckets: keep them
 
-        step_loss = float(loss_acc) / denom
+        step_loss = pdist.all_reduce_sum([float(loss_acc)], ctx)[0] / denom
         state.step += 1
         state.data_epoch, state.data_index = pos.epoch, pos.index
         state.tokens_seen += step_tokens
@@ -326,16 +409,21 @@ def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_f
         session_tokens += step_tokens
         step_losses.append(step_loss)
         state.elapsed_s = elapsed_base + time.perf_counter() - session_t0
-        tok_s = session_tokens / max(session_train_s, 1e-9)  # training only: evals are not in it
-        peak = peak_memory_bytes(device)
-        if state.step % t.log_every == 0 or state.step == stop_step or not math.isfinite(step_loss):
-            metrics.write({"kind": "train", "step": state.step, "loss": step_loss, "lr": lr,
-                           "tokens_per_s": round(tok_s, 2), "peak_mem_bytes": peak, "grad_norm": grad_norm,
-                           "elapsed_s": round(state.elapsed_s, 3), "tokens": state.tokens_seen,
-                           "label_tokens": step_label_tokens, "epoch": state.data_epoch})
+        tok_s = session_tokens / max(session_train_s, 1e-9)  # training only: evals are not in it; all ranks
+        logged = state.step % t.log_every == 0 or state.step == stop_step or not math.isfinite(step_loss)
+        peaks = pdist.all_gather_int(peak_memory_bytes(device), ctx) if logged else [peak_memory_bytes(device)]
+        peak = max(peaks)
+        if logged:
+            record = {"kind": "train", "step": state.step, "loss": step_loss, "lr": lr,
+                      "tokens_per_s": round(tok_s, 2), "peak_mem_bytes": peak, "grad_norm": grad_norm,
+                      "elapsed_s": round(state.elapsed_s, 3), "tokens": state.tokens_seen,
+                      "label_tokens": step_label_tokens, "epoch": state.data_epoch}
+            if ctx.enabled:
+                record["peak_mem_bytes_per_rank"] = peaks
+            write_metrics(record)
         done_s = time.perf_counter() - session_t0
         eta = done_s / len(step_losses) * (stop_step - state.step)
-        console.status(progress_line(state.step, total_steps, step_loss, lr, grad_norm, tok_s, peak, eta),
+        console.status(progress_line(state.step, total_steps, step_loss, lr, grad_norm, tok_s, peaks, eta),
                        permanent=state.step % t.log_every == 0 or state.step == stop_step)
         if not math.isfinite(step_loss):
             nan_step = state.step
@@ -348,9 +436,12 @@ def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_f
             run_eval(state.step)
             last_eval_step = state.step
         if not smoke and state.step % t.save_every == 0:
-            path = ckpt.save_checkpoint(run_dir / "checkpoints", state, model, optimizer, scheduler, scaler)
-            ckpt.prune_checkpoints(run_dir / "checkpoints", t.keep_checkpoints)
-            say(f"checkpoint: {path}")
+            rngs = pdist.gather_objects(ckpt.capture_rng(), ctx)
+            if ctx.is_main:
+                path = ckpt.save_checkpoint(run_dir / "checkpoints", state, model, optimizer, scheduler, scaler,
+                                            rank_rngs=rngs)
+                ckpt.prune_checkpoints(run_dir / "checkpoints", t.keep_checkpoints)
+                say(f"checkpoint: {path}")
 
     completed = state.step >= total_steps
     if not completed and nan_step is None:
@@ -361,12 +452,14 @@ def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_f
 
     end_eval = None
     if has_eval:
-        end_eval = run_eval(state.step) if last_eval_step != state.step else metrics.eval_records()[-1]["eval_loss"]
+        end_eval = run_eval(state.step) if last_eval_step != state.step else end_eval_logged
     adapter_dir = None
     if not smoke:
-        save_adapter(model, run_dir)
+        if ctx.is_main:
+            save_adapter(model, run_dir)
         adapter_dir = run_dir
-    peak = peak_memory_bytes(device)
+    peaks = pdist.all_gather_int(peak_memory_bytes(device), ctx)
+    peak = max(peaks)
     wall = time.perf_counter() - wall0
     tok_s = state.tokens_seen / state.train_time_s if state.train_time_s else 0.0
 
@@ -405,17 +498,22 @@ def _run(cfg: RunConfig, run_dir: Path, console: Console, wall0: float, resume_f
         "train_s": round(state.train_time_s, 2),
         "tokens_per_s": round(tok_s, 2),
         "peak_mem_bytes": peak,
+        "peak_mem_bytes_per_rank": peaks,
+        "world_size": world,
+        "sequences_per_step": state.sequences_per_step,
         "peak_mem_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
         "plan_peak_bytes": plan.memory.peak_allocated if plan is not None else None,
         "smoke": smoke_result.to_dict() if smoke_result else None,
         "versions": versions(),
     }
-    write_report(run_dir / "report.json", report)
-    plot_loss(run_dir / "loss.png", metrics, f"{model_short_name(cfg.model)}: {run_dir.name}")
+    if ctx.is_main:
+        write_report(run_dir / "report.json", report)
+        plot_loss(run_dir / "loss.png", metrics, f"{model_short_name(cfg.model)}: {run_dir.name}")
 
     say("")
     say(f"done: {state.step} steps in {fmt_duration(elapsed_base + wall)}, {state.tokens_seen:,} tokens, "
-        f"{tok_s:,.0f} tokens/s, peak memory {fmt_bytes(peak)}")
+        f"{tok_s:,.0f} tokens/s{f' on {world} processes' if ctx.enabled else ''}, peak memory "
+        f"{' / '.join(fmt_bytes(b) for b in peaks)}{' (per rank)' if ctx.enabled else ''}")
     if state.start_eval_loss is not None and end_eval is not None:
         say(f"held-out loss {state.start_eval_loss:.4f} -> {end_eval:.4f}")
     if adapter_dir:

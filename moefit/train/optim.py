@@ -79,12 +79,14 @@ def build_scheduler(
     )
 
 
-def steps_per_epoch(num_examples: int, batch_size: int, grad_accum: int) -> int:
-    return max(1, math.ceil(num_examples / (batch_size * grad_accum)))
+def steps_per_epoch(num_examples: int, batch_size: int, grad_accum: int, world_size: int = 1) -> int:
+    """Optimizer steps per epoch: each takes batch_size x grad_accum x world_size sequences."""
+    return max(1, math.ceil(num_examples / (batch_size * grad_accum * world_size)))
 
 
-def total_optimizer_steps(cfg: TrainConfig, num_examples: int) -> int:
+def total_optimizer_steps(cfg: TrainConfig, num_examples: int, world_size: int = 1) -> int:
     """`train.max_steps` when set, else epochs × optimizer steps per epoch (rounded up, at least 1)."""
     if cfg.max_steps is not None:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * steps_per_epoch(num_examples, cfg.batch_size, cfg.grad_accum)))
+    return max(1, math.ceil(cfg.epochs * steps_per_epoch(num_examples, cfg.batch_size, cfg.grad_accum,
+                                                         world_size)))

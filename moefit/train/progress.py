@@ -80,8 +80,11 @@ class Console:
 
 
 def progress_line(step: int, total: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float,
-                  peak_bytes: int, eta_s: float | None) -> str:
+                  peak_bytes: int | list[int], eta_s: float | None) -> str:
+    """`tokens_per_s` of the whole run (all ranks); `peak_bytes` one number, or one per rank (GPU)."""
     width = len(str(total))
     eta = f"  eta {fmt_duration(eta_s)}" if eta_s is not None else ""
+    peaks = peak_bytes if isinstance(peak_bytes, list) else [peak_bytes]
+    peak = fmt_bytes(peaks[0]) if len(peaks) == 1 else "[" + " ".join(f"{b / 2**30:.2f}" for b in peaks) + "] GiB"
     return (f"step {step:>{width}}/{total}  loss {loss:.4f}  lr {lr:.2e}  grad {grad_norm:.3f}  "
-            f"{tokens_per_s:,.0f} tok/s  peak {fmt_bytes(peak_bytes)}{eta}")
+            f"{tokens_per_s:,.0f} tok/s  peak {peak}{eta}")

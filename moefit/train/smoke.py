@@ -37,6 +37,11 @@ class SmokeResult:
     def to_dict(self) -> dict:
         return {"passed": self.passed, "checks": [c.__dict__ for c in self.checks]}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> SmokeResult:
+        """The verdict as report.json holds it (`to_dict`)."""
+        return cls([SmokeCheck(c["name"], c["passed"], c["detail"]) for c in d.get("checks", [])])
+
 
 def judge_smoke(losses: list[float], peak_bytes: int, max_bytes: int | None, min_loss_drop: float,
                 limit_source: str = "smoke.max_memory_gib") -> SmokeResult:
