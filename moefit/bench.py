@@ -130,7 +130,13 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
     """QLoRA steps on random tokens. Each step: `grad_accum` micro-batches of [batch, seq_len], one optimizer
     step, gradients freed. Returns peak allocated/reserved bytes (over warmup + timed steps), mean step time and
     tokens/s over the timed steps; on CUDA with `profile_kernels`, one more (profiled) step for the GPU-busy
-    fraction."""
+    fraction and the time in NCCL kernels.
+
+    In a data-parallel process group (torchrun) the model is wrapped as the trainer wraps it (DDP over the LoRA
+    parameters, gradients summed after the last micro-batch); the numbers are this rank's."""
+    from .parallel import current_context
+    from .parallel.data_parallel import grad_sync, wrap_model
+
     device = model.device
     cuda = device.type == "cuda"
     params = [p for p in model.parameters() if p.requires_grad]
@@ -139,6 +145,8 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
     if gradient_checkpointing:
         model.enable_gradient_checkpointing(keep_routed_gate_up=keep_routed_gate_up)
     model.train()
+    ctx = current_context()
+    wrapped = wrap_model(model, ctx)
     opt = _make_optimizer(params, optimizer)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     vocab = model.config.vocab_size
@@ -151,13 +159,14 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
     def one_step() -> None:
         # No host sync between micro-steps (the losses stay on the device until the end), as in the trainer: the
         # host can queue the next micro-step while the GPU runs this one.
-        for _ in range(grad_accum):
+        for i in range(grad_accum):
             ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
-            out = model(ids.to(model.input_device), labels=ids.to(device))
-            (out.loss / grad_accum).backward()
+            with grad_sync(wrapped, sync=i == grad_accum - 1):
+                out = wrapped(ids.to(model.input_device), labels=ids.to(device))
+                (out.loss / grad_accum).backward()
             losses.append(out.loss.detach())
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not ctx.enabled)  # DDP's gradients are views of its buckets: keep them
 
     times = []
     for step in range(warmup + steps):
@@ -176,27 +185,40 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
     if cuda:
         result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         result["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+        free, total = torch.cuda.mem_get_info(device)
+        # What this process holds outside the caching allocator (CUDA context, cuBLAS, NCCL's buffers), as the
+        # device sees it now (another process on the same GPU would be counted too).
+        result["outside_allocator_bytes"] = total - free - torch.cuda.memory_reserved(device)
+    if ctx.enabled:
+        result["world_size"] = ctx.world_size
+        result["lora_grad_bytes"] = sum(p.numel() * p.element_size() for p in params)
     if cuda and profile_kernels:
         # One more step under the profiler: the GPU's kernel time against the unprofiled step time says whether
-        # the GPU or the host CPU (issuing kernels) sets the pace.
-        result["kernel_s"] = kernel_seconds(one_step)
+        # the GPU or the host CPU (issuing kernels) sets the pace; NCCL kernels (the gradient all-reduce, on its
+        # own stream, overlapping the backward) are counted apart.
+        result["kernel_s"], result["nccl_kernel_s"] = kernel_seconds(one_step, split_nccl=True)
         result["gpu_busy_fraction"] = result["kernel_s"] / step_s
     return result  # the optimizer (and its state) goes with this frame
 
 
-def kernel_seconds(fn) -> float:
-    """Sum of the CUDA kernel times of one call of `fn` (torch.profiler, CUDA activity only)."""
+def kernel_seconds(fn, split_nccl: bool = False):
+    """Sum of the CUDA kernel times of one call of `fn` (torch.profiler, CUDA activity only); with `split_nccl`,
+    (other kernels, NCCL kernels)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return profiled_kernel_seconds(prof.key_averages())
+    averages = prof.key_averages()
+    if not split_nccl:
+        return profiled_kernel_seconds(averages)
+    nccl = profiled_kernel_seconds([e for e in averages if "nccl" in e.key.lower()])
+    return profiled_kernel_seconds(averages) - nccl, nccl
 
 
 def profiled_kernel_seconds(averages) -> float:
-    """Total CUDA kernel time in a profiler's `key_averages()`, in seconds."""
+    """Total CUDA kernel time in a profiler's `key_averages()` (or a list of its entries), in seconds."""
     return sum(getattr(e, "self_device_time_total", 0.0) for e in averages
                if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
 

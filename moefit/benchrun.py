@@ -25,7 +25,11 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
           optimizer: str = "adamw_8bit", steps: int = 3, warmup: int = 1, device: str = "cuda",
           embeddings_on_host: bool = False, grad_accum: int = 1, keep_routed_gate_up: bool = False
           ) -> dict[str, Any]:
+    """Build once, measure each sequence length. Under torchrun (`moefit bench --gpus N`) every rank does the same
+    with DDP over the LoRA parameters; the result (on every rank) holds each rank's peak memory and the total
+    tokens/s of the ranks, against the plan for N GPUs."""
     from .bench import active_params_per_token, build_synthetic_model, measure_training
+    from .parallel import dist as pdist
 
     for name, value, least in (("--batch", batch, 1), ("--grad-accum", grad_accum, 1), ("--steps", steps, 1),
                                ("--warmup", warmup, 0), ("--seq-len", min(seq_lens, default=0), 2)):
@@ -34,6 +38,9 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MoefitError("moefit bench needs a CUDA GPU (none is visible). Use `moefit plan` to predict memory "
                           "and time without one.")
+    ctx = pdist.init_distributed("cuda" if device.startswith("cuda") else "cpu")
+    if ctx.enabled and device == "cuda":
+        device = f"cuda:{ctx.local_rank}"
     lora = LoraConfig(r=rank, alpha=2.0 * rank, expert_r=expert_rank,
                       routed_experts=expert_rank != 0,
                       targets=targets or ["q", "k", "v", "o", "gate", "up", "down"])
@@ -49,26 +56,47 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
             p.grad = None
         r = measure_training(m, seq_len=seq, batch=batch, steps=steps, warmup=warmup, optimizer=optimizer,
                              grad_accum=grad_accum, keep_routed_gate_up=keep_routed_gate_up)
+        if ctx.enabled:
+            gathered = pdist.gather_objects(r, ctx)
+            r = _combine_ranks(gathered, ctx.world_size) if gathered else r
         r["flops_per_token"] = 6 * active
-        r["ceiling_fraction"] = (r["tokens_per_s"] * 6 * active / (ceiling * 1e12)) if ceiling else 0.0
+        # against world_size x one GPU's ceiling
+        r["ceiling_fraction"] = (r["tokens_per_s"] * 6 * active / (ctx.world_size * ceiling * 1e12)) \
+            if ceiling else 0.0
         train = TrainConfig(max_length=seq, batch_size=batch, grad_accum=grad_accum, optimizer=optimizer,
                             keep_routed_gate_up=keep_routed_gate_up)
-        r["planned_peak_bytes"], r["plan_note"] = _planned_peak(model, layers, lora, quant, train)
+        r["planned_peak_bytes"], r["plan_note"] = _planned_peak(model, layers, lora, quant, train, ctx.world_size)
         runs.append(r)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
     return {"model": model, "layers": m.config.num_hidden_layers, "build_s": build_s, "device_name": name,
+            "world_size": ctx.world_size,
             "embeddings_on_host": embeddings_on_host, "keep_routed_gate_up": keep_routed_gate_up,
             "matmul_tflops": ceiling, "active_params_per_token": active, "lora": lora.__dict__, "runs": runs}
 
 
-def _planned_peak(model: str, layers: int | None, lora: LoraConfig, quant: QuantConfig, train: TrainConfig
-                  ) -> tuple[int | None, str | None]:
+def _combine_ranks(per_rank: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
+    """Rank 0's view of a data-parallel measurement: every rank's peak memory, the slowest rank's step time and
+    the tokens/s of all ranks together."""
+    out = dict(per_rank[0])
+    for key in ("peak_allocated_bytes", "peak_reserved_bytes", "outside_allocator_bytes"):
+        if key in out:
+            out[f"{key}_per_rank"] = [r[key] for r in per_rank]
+            out[key] = max(r[key] for r in per_rank)
+    out["step_s_per_rank"] = [r["step_s"] for r in per_rank]
+    out["step_s"] = max(out["step_s_per_rank"])
+    out["tokens_per_s"] = world_size * out["batch"] * out["seq_len"] * out["grad_accum"] / out["step_s"]
+    return out
+
+
+def _planned_peak(model: str, layers: int | None, lora: LoraConfig, quant: QuantConfig, train: TrainConfig,
+                  num_gpus: int = 1) -> tuple[int | None, str | None]:
     """(planned peak allocated bytes, None) or (None, why there is no plan figure)."""
     if layers is not None:
         return None, "no plan figure for a model cut to --layers (the plan describes the whole model)"
     from .plan import plan
 
     cfg = RunConfig(model=model, lora=lora, quantization=quant, train=train)
+    cfg.plan.num_gpus = num_gpus
     try:
         p = plan(cfg, gpus=["h200"], search=False)
     except MoefitError as e:  # e.g. a config the planner does not know: the measurement still stands

@@ -103,6 +103,9 @@ def test_resume_on_two_processes_is_bit_identical(runs):
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
     assert eval_losses(root / "two") == eval_losses(root / "cut")
+    for run in ("two", "cut"):  # the report's end loss is the last eval, also after a resume
+        report = json.loads((root / run / "report.json").read_text())
+        assert report["end_eval_loss"] == eval_losses(root / run)[-1][1]
 
 
 def test_resume_of_a_two_process_run_on_one_process_keeps_the_sequences_per_step(runs):

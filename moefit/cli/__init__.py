@@ -8,7 +8,7 @@ import importlib.util
 import os
 import sys
 
-from ..errors import MoefitError
+from ..errors import MoefitError, WorkersFailed
 
 # Subcommand modules, in the order `moefit --help` lists them. Each defines `register(subparsers)`.
 COMMANDS = ["plan", "data", "train", "export", "generate", "eval", "bench"]
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except WorkersFailed as e:  # several processes (--gpus): the workers and the launcher have said why
+        return e.exit_code
     except MoefitError as e:
         print(f"moefit {args.command}: error: {e}", file=sys.stderr)
         return 2

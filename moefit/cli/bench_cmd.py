@@ -35,18 +35,48 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embeddings-on-host", action="store_true",
                    help="keep the input embedding table in host memory (quantization.embeddings_on_host)")
     p.add_argument("--device", default="cuda", help="device (default cuda)")
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="measure data-parallel training on N GPUs of this host (one process each, DDP over the "
+                        "LoRA parameters, as `moefit train --gpus N`); per-GPU memory against `moefit plan "
+                        "--num-gpus N`, tokens/s of all GPUs together")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..benchrun import bench
+def _worker_argv(argv: list[str]) -> list[str]:
+    """This command's arguments without --gpus N (the workers are the N processes)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--gpus":
+            skip = True
+        elif not a.startswith("--gpus="):
+            out.append(a)
+    return out
 
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from ..benchrun import bench
+    from ..errors import WorkersFailed
+    from ..parallel.dist import context_from_env
+
+    if args.gpus is not None and args.gpus > 1:
+        from ..parallel.launch import launch_workers
+
+        code = launch_workers(args.gpus, _worker_argv(sys.argv[1:]), command="moefit bench")
+        if code:
+            raise WorkersFailed(f"the {args.gpus}-GPU measurement stopped (exit code {code}).", exit_code=code)
+        return 0
     results = bench(model=args.model, layers=args.layers, seq_lens=args.seq_len, batch=args.batch, rank=args.rank,
                     expert_rank=args.expert_rank, targets=args.targets.split(","), optimizer=args.optimizer,
                     steps=args.steps, warmup=args.warmup, device=args.device,
                     embeddings_on_host=args.embeddings_on_host, grad_accum=args.grad_accum,
                     keep_routed_gate_up=args.keep_routed_gate_up)
+    if not context_from_env().is_main:
+        return 0  # rank 0 prints for all
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -61,8 +91,14 @@ def run(args: argparse.Namespace) -> int:
               f"{r['tokens_per_s']:9.0f} {100 * r['ceiling_fraction']:14.1f}% {busy}")
     for note in sorted({r["plan_note"] for r in results["runs"] if r.get("plan_note")}):
         print(note)
+    for r in results["runs"]:
+        if "peak_allocated_bytes_per_rank" in r:
+            print(f"seq {r['seq_len']}: peak allocated per GPU "
+                  f"{' / '.join(f'{b / gib:.2f}' for b in r['peak_allocated_bytes_per_rank'])} GiB; NCCL kernels "
+                  f"{r.get('nccl_kernel_s', 0):.3f} s of a {r['step_s']:.2f} s step")
+    gpus = f"{results['world_size']}x " if results.get("world_size", 1) > 1 else ""
     print(f"model {results['model']} ({results['layers']} layers), build {results['build_s']:.1f} s, "
-          f"{results['device_name']}")
+          f"{gpus}{results['device_name']}")
     if any(r.get("gpu_busy_fraction", 1.0) < 0.85 for r in results["runs"]):
         print("GPU busy = kernel time of one profiled step / step time. Well below 100 %, the host CPU issuing "
               "kernels sets the pace: a faster host CPU (or longer sequences) helps more than a faster GPU.")

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError, MoefitError, WorkersFailed
+from ..errors import ConfigError, MoefitError
 
 DESCRIPTION = """\
 Fine-tune a model with QLoRA as a run config says, into a run directory that holds the resolved config
@@ -98,8 +98,6 @@ def handle(args: argparse.Namespace) -> int:
     try:
         result = train(args.config, output_dir=args.output_dir, resume=args.resume, smoke=args.smoke,
                        steps=args.steps, force=args.force, echo=not args.quiet, gpus=args.gpus, **overrides)
-    except WorkersFailed as e:
-        return e.exit_code  # the workers and the launcher have printed why
     except MoefitError as e:
         if not ctx.enabled:
             raise

@@ -84,7 +84,9 @@ def launch_workers(nproc: int, argv: list[str], command: str = "moefit train") -
         reported = _reported_message(failure)
         others = nproc - 1
         if reported is not None and failure.exitcode in (1, 2):
-            if rank != 0:  # rank 0 prints its own messages; the others only report them
+            # Rank 0 prints its own messages; another rank's is printed here unless rank 0 said the same.
+            said_by_rank0 = 0 in e.failures and _reported_message(e.failures[0]) == reported
+            if rank != 0 and not said_by_rank0:
                 print(f"{command} (rank {rank}): {reported}", file=sys.stderr)
             return failure.exitcode
         cause = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0

@@ -8,6 +8,9 @@ The model mirrors how the engine stores and computes (DESIGN.md, "Engine princip
   layer at a time (its working set is `layer_working_set`), a chunked cross-entropy over lm_head.
 The peak is the largest of the loss phase and the backward of each layer, walking the layers from the last to
 the first as the backward does (checkpoints are freed and LoRA gradients appear as it goes).
+On several GPUs in data parallel each GPU holds all of this (the whole model, its share of the sequences); the
+LoRA gradients live in DDP's all-reduce buckets from the start (moefit.parallel.data_parallel), which lays them out
+once before training with a second copy alive for a moment, and NCCL holds buffers outside the allocator.
 Empirical constants (allocator reserve, CUDA context, per-layer overheads) come from calibration.json.
 """
 
@@ -55,6 +58,7 @@ class RunShape:
     optimizer: str = "adamw_8bit"
     gradient_checkpointing: bool = True
     keep_routed_gate_up: bool = False  # TrainConfig.keep_routed_gate_up
+    num_gpus: int = 1  # data-parallel ranks, each holding the whole model
 
     @property
     def tokens(self) -> int:
@@ -378,11 +382,16 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
 
     loss = loss_working_set(f, shape)
     loss_b = sum(loss.values())
-    resident_grads = shape.grad_accum > 1 or not cm["grads_freed_each_step"]
+    data_parallel = shape.num_gpus > 1
+    # Under DDP the gradients are views of its buckets, zeroed in place: they exist from the start.
+    resident_grads = shape.grad_accum > 1 or not cm["grads_freed_each_step"] or data_parallel
     base = sum(c.bytes for c in comps if c.key != "lora_grads") + cm["extra_allocated_bytes"]
     phases: list[tuple[str, int, int, int, int, int]] = []  # name, total, grads, ckpts, working set, kept
     g_all = sum(grad_by_layer)
     g0 = g_all if resident_grads else 0
+    if data_parallel:  # DDP lays out its buckets before training: old and new buckets alive, no optimizer state yet
+        optim = next(c.bytes for c in comps if c.key == "optimizer_state")
+        phases.append(("DDP bucket layout (before the first step)", base - optim + 2 * g_all, 2 * g_all, 0, 0, 0))
     phases.append(("loss (lm_head chunks)", base + g0 + sum(ckpt) + sum(kept) + rotary + loss_b, g0, sum(ckpt),
                    loss_b, sum(kept)))
     grads_so_far = 0
@@ -435,4 +444,9 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
                            f"{cm['allocator_dynamic_reserve_fraction']:.0%} of transient + segment rounding"))
     ctx = cm["cuda_context_bytes"]
     comps.append(Component("cuda_context", "CUDA context", ctx, "overhead", "outside the caching allocator"))
+    if data_parallel:
+        nccl = cm["nccl_buffers_bytes"]
+        comps.append(Component("nccl_buffers", "NCCL buffers (data parallel)", nccl, "overhead",
+                               f"{shape.num_gpus} GPUs; outside the caching allocator"))
+        ctx += nccl
     return MemoryEstimate(comps, peak_alloc, peak_alloc + reserve, peak_alloc + reserve + ctx, name, trainable)

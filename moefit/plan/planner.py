@@ -52,6 +52,7 @@ class Plan:
     requested_gpus: bool = True
     hardware_checked: bool = True
     faster: str | None = None  # the same optimizer step laid out faster on the (first) requested GPU
+    calibration: dict[str, Any] = dataclasses.field(default_factory=dict)  # the constants it was made with
 
     @property
     def fits(self) -> bool:
@@ -81,7 +82,7 @@ def _shape(cfg: RunConfig) -> RunShape:
     t = cfg.train
     return RunShape(seq_len=t.max_length, batch=t.batch_size, grad_accum=t.grad_accum, quant=cfg.quantization,
                     lora=cfg.lora, optimizer=t.optimizer, gradient_checkpointing=t.gradient_checkpointing,
-                    keep_routed_gate_up=t.keep_routed_gate_up)
+                    keep_routed_gate_up=t.keep_routed_gate_up, num_gpus=cfg.plan.num_gpus)
 
 
 def _with(shape: RunShape, **kw: Any) -> RunShape:
@@ -146,15 +147,17 @@ class _Planner:
         return lo
 
     def gpu_fit(self, gpu: Gpu, num_gpus: int, steps: int | None, search: bool = True) -> GpuFit:
-        mem = self.memory(self.shape)
+        """The run on `num_gpus` of `gpu` in data parallel (per-GPU memory; the run's time and cost)."""
+        shape = _with(self.shape, num_gpus=num_gpus)
+        mem = self.memory(shape)
         margin = gpu.memory_bytes - mem.total
-        st = step_time(self.facts, self.shape, gpu, self.calib, mem.by_key(), num_gpus)
+        st = step_time(self.facts, shape, gpu, self.calib, mem.by_key(), num_gpus)
         hours = steps * st.step_s / 3600 if (st and steps and margin >= 0) else None
         cost = hours * num_gpus * gpu.usd_per_hour if (hours is not None and gpu.usd_per_hour is not None) \
             else None
         return GpuFit(gpu, num_gpus, margin >= 0, mem.total, margin,
-                      self.max_seq(gpu, self.shape) if search else None,
-                      self.max_batch(gpu, self.shape) if search else None, st, hours, cost)
+                      self.max_seq(gpu, shape) if search else None,
+                      self.max_batch(gpu, shape) if search else None, st, hours, cost)
 
     def faster_shape(self, fit: GpuFit) -> tuple[RunShape, StepTime, MemoryEstimate] | None:
         """The same optimizer step (sequences per step, hence the same gradient: the loss is averaged over all its
@@ -199,7 +202,9 @@ class _Planner:
         if best.keep_routed_gate_up != s.keep_routed_gate_up:
             changes.append(f"train.keep_routed_gate_up {str(best.keep_routed_gate_up).lower()}")
         gib = 2**30
-        return (f"the same {s.batch * s.grad_accum} sequences per optimizer step run faster on {fit.gpu.label} with "
+        per_gpu = " per GPU" if fit.num_gpus > 1 else ""
+        return (f"the same {s.batch * s.grad_accum} sequences{per_gpu} per optimizer step run faster on "
+                f"{fit.gpu.label} with "
                 f"{', '.join(changes)}: {st.step_s:.2f} s per step instead of {fit.step.step_s:.2f} s, "
                 f"{mem.total / gib:.1f} GiB of {fit.gpu.memory_bytes / gib:.1f} (margin "
                 f"{(fit.gpu.memory_bytes - mem.total) / gib:.1f} GiB instead of {fit.margin_bytes / gib:.1f}).")
@@ -318,4 +323,4 @@ def _build_plan(cfg: RunConfig, gpus: list[Gpu], calibration: dict[str, Any] | N
         status += f"; {section} constants refitted on {when}"
     faster = p.faster_layout(fits[0]) if requested and fits and fits[0].fits else None
     return Plan(p.facts, cfg, p.shape, p.memory(p.shape), fits, hw, steps, steps_source,
-                p.suggestion(first_bad) if first_bad else None, status, requested, hardware, faster)
+                p.suggestion(first_bad) if first_bad else None, status, requested, hardware, faster, calib)

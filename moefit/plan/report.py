@@ -52,6 +52,7 @@ def plan_to_dict(plan) -> dict[str, Any]:
             "run_hours": None if g.run_hours is None else round(g.run_hours, 2),
             "usd_per_gpu_hour": g.gpu.usd_per_hour, "price_source": g.gpu.price_source,
             "cost_usd": None if g.cost_usd is None else round(g.cost_usd, 2),
+            "extrapolated": extrapolated(plan, g.num_gpus),
             "time_breakdown_s": None if st is None else {
                 "compute": round(st.compute_s, 4), "dequant_memory": round(st.memory_s, 4),
                 "per_layer_overhead": round(st.overhead_s, 4), "optimizer": round(st.optimizer_s, 4),
@@ -82,6 +83,15 @@ def plan_to_dict(plan) -> dict[str, Any]:
         "run": {"steps": plan.steps, "steps_source": plan.steps_source},
         "calibration": plan.calibration_status,
     }
+
+
+def extrapolated(plan, num_gpus: int) -> bool:
+    """Whether a figure for `num_gpus` GPUs goes beyond the data-parallel runs the constants were measured on."""
+    return num_gpus > plan.calibration.get("data_parallel_measured_gpus", 1)
+
+
+def _lora_grad_bytes(m) -> int:
+    return next((c.bytes for c in m.components if c.key == "lora_params"), 0)
 
 
 def render_plan(plan) -> str:
@@ -121,6 +131,17 @@ def render_plan(plan) -> str:
             f"{_money(g.gpu.usd_per_hour):>8} {_money(g.cost_usd):>10}")
     lines.append("  (memory and margin in GiB; margin = GPU memory - TOTAL; max seq at this batch, max batch at this "
                  "seq; step = one optimizer step; run and cost only where it fits)")
+    n = s.num_gpus
+    if n > 1:
+        timed = [g.step for g in plan.gpus if g.step is not None]
+        ar = f"; all-reduce of the {gib(_lora_grad_bytes(m)):.2f} GiB of LoRA gradients once per step: " + \
+            ", ".join(f"{st.allreduce_s * 1e3:.0f} ms" for st in timed) if timed else ""
+        lines.append(f"data parallel: {n} GPUs, {s.batch * s.grad_accum * n} sequences per optimizer step (batch "
+                     f"{s.batch} x grad_accum {s.grad_accum} x {n}); memory above is per GPU{ar}")
+        if extrapolated(plan, n):
+            lines.append(f"  {n} GPUs is extrapolated: data parallel was measured on up to "
+                         f"{plan.calibration.get('data_parallel_measured_gpus', 1)} GPUs "
+                         "(calibration.json data_parallel_measured_gpus).")
     lines.append("")
     lines.append(f"run length: {plan.steps if plan.steps else '?'} steps ({plan.steps_source})")
     if plan.hardware:

@@ -20,7 +20,8 @@ Not modelled: the elementwise work on the activations (norms, rotary, routing pe
 apart from what the fitted efficiencies absorb; beyond the validated micro-steps (<= 8,192 tokens) the model is
 optimistic (-13 % at 4 x 2048, -21 % at 8 x 2048 tokens on Scout; benchmarks/plan_validation.md).
 Per optimizer step: grad_accum micro-steps, the optimizer update (read/write of params, grads, states at
-`bandwidth_efficiency`) and, on several GPUs, the ring all-reduce of the LoRA gradients.
+`bandwidth_efficiency`) and, on several GPUs, the ring all-reduce of the LoRA gradients at
+`allreduce_bus_efficiency` x the interconnect (after the last backward, not overlapped with it).
 """
 
 from __future__ import annotations
@@ -150,6 +151,14 @@ def optimizer_seconds(f: ModelFacts, shape: RunShape, gpu: Gpu, ct: dict[str, An
     return n_train, opt_bytes / (gpu.bandwidth_gbs * 1e9 * ct["bandwidth_efficiency"])
 
 
+def allreduce_seconds(nbytes: float, num_gpus: int, gpu: Gpu, ct: dict[str, Any]) -> float:
+    """A ring all-reduce of `nbytes` over `num_gpus` GPUs: each sends and receives 2 (N-1)/N of it at the bus
+    bandwidth NCCL reaches on this interconnect."""
+    if num_gpus <= 1 or not gpu.interconnect_gbs:
+        return 0.0
+    return 2 * (num_gpus - 1) / num_gpus * nbytes / (gpu.interconnect_gbs * 1e9 * ct["allreduce_bus_efficiency"])
+
+
 def step_time(f: ModelFacts, shape: RunShape, gpu: Gpu, calib: dict[str, Any], weight_bytes: dict[str, int],
               num_gpus: int = 1) -> StepTime | None:
     """None when the GPU's peak rates are unknown (a GPU outside the catalogue)."""
@@ -164,9 +173,7 @@ def step_time(f: ModelFacts, shape: RunShape, gpu: Gpu, calib: dict[str, Any], w
     micro = compute + sec["dequant"] + overhead
     n_train, optimizer = optimizer_seconds(f, shape, gpu, ct)
     param_bytes = 4 if shape.lora.dtype == "float32" else 2
-    allreduce = 0.0
-    if num_gpus > 1 and gpu.interconnect_gbs:
-        allreduce = 2 * (num_gpus - 1) / num_gpus * n_train * param_bytes / (gpu.interconnect_gbs * 1e9)
+    allreduce = allreduce_seconds(n_train * param_bytes, num_gpus, gpu, ct)
     step = shape.grad_accum * micro + optimizer + allreduce
     tokens = shape.tokens * shape.grad_accum * num_gpus
     flops = work["matmul"] + work["attention"] + work["masked_attention"]

@@ -143,11 +143,16 @@ def _match_sequences_per_step(cfg: RunConfig, saved: ckpt.TrainerState, ctx: pdi
         f"{t.grad_accum}, so each optimizer step still takes {per_step} sequences (same data order and gradient).")
 
 
-def fit_check(cfg: RunConfig, gpu_label: str, gpu_memory_bytes: int):
-    """The planner's verdict for this GPU: (plan, None) when the run fits, (plan, message) when it does not."""
+def fit_check(cfg: RunConfig, gpu_label: str, gpu_memory_bytes: int, num_gpus: int = 1):
+    """The planner's verdict for this GPU (one of `num_gpus` in data parallel): (plan, None) when the run fits,
+    (plan, message) when it does not."""
+    import copy
+
     from ..plan import check_fits
 
-    plan = check_fits(cfg, gpu=cfg.plan.gpu, gpu_memory_bytes=gpu_memory_bytes)
+    planned = copy.deepcopy(cfg)
+    planned.plan.num_gpus = num_gpus
+    plan = check_fits(planned, gpu=cfg.plan.gpu, gpu_memory_bytes=gpu_memory_bytes)
     if plan.fits:
         return plan, None
     return plan, (f"the run does not fit on this {gpu_label} ({fmt_bytes(gpu_memory_bytes)}): predicted "
@@ -271,7 +276,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
     plan = None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        plan, msg = fit_check(cfg, props.name, props.total_memory)
+        plan, msg = fit_check(cfg, props.name, props.total_memory, ctx.world_size)
         if msg is not None:
             if not force:
                 raise MoefitError(msg)
@@ -357,7 +362,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
     if has_eval and state.step == 0:
         state.start_eval_loss = run_eval(0)
     evals_done = metrics.eval_records() if metrics is not None else []
-    last_eval_step, end_eval_logged = pdist.broadcast_object(
+    last_eval_step, last_eval_loss = pdist.broadcast_object(
         (evals_done[-1]["step"], evals_done[-1]["eval_loss"]) if evals_done else (-1, None), ctx)
 
     say(f"{total_steps} optimizer steps ({per_epoch} per epoch of {len(bundle.train)} sequences), batch "
@@ -433,7 +438,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
                               f"(now {t.lr:g}), keep train.max_grad_norm > 0, or use precision bf16 instead of fp16. "
                               f"The last good checkpoint is in {run_dir / 'checkpoints'}.")
         if has_eval and state.step % t.eval_every == 0:
-            run_eval(state.step)
+            last_eval_loss = run_eval(state.step)
             last_eval_step = state.step
         if not smoke and state.step % t.save_every == 0:
             rngs = pdist.gather_objects(ckpt.capture_rng(), ctx)
@@ -452,7 +457,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
 
     end_eval = None
     if has_eval:
-        end_eval = run_eval(state.step) if last_eval_step != state.step else end_eval_logged
+        end_eval = run_eval(state.step) if last_eval_step != state.step else last_eval_loss
     adapter_dir = None
     if not smoke:
         if ctx.is_main:
