@@ -11,12 +11,11 @@ import moefit
 from moefit.cli import main
 from moefit.errors import MoefitError
 from moefit.generate import chat_repl, generate_reply, load_chat_model
-from tests.test_export import make_run
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("gen"), steps=3)
+def run_dir(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
