@@ -73,6 +73,13 @@ def test_cli_prompt(run_dir, capsys):
     assert capsys.readouterr().out.strip()
 
 
+@pytest.mark.parametrize("prompt", ["", "  \n"])
+def test_cli_refuses_an_empty_prompt(prompt, capsys):
+    assert main(["generate", "no-such-run", "--prompt", prompt]) == 2  # refused before anything is loaded
+    err = capsys.readouterr().err
+    assert "--prompt is empty" in err and "Traceback" not in err
+
+
 def test_refuses_peft_adapter_dir(run_dir, tmp_path):
     moefit.export(run_dir, tmp_path / "peft", merge=False)
     with pytest.raises(MoefitError, match="PEFT adapter"):
