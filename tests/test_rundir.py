@@ -55,6 +55,8 @@ CASES = [
     ("config-key-missing", C, _config(lambda c: c.pop("r")), "'r' is missing"),
     ("config-wrong-type", C, _config(lambda c: c.update(r="four")), "'r' must be a positive integer"),
     ("config-missing", C, lambda p: p.unlink(), "no adapter_config.json"),
+    ("run-config-binary", "config.yaml", lambda p: p.write_bytes(b"\x00\xff\xfe\x80"), "cannot read it as a text"),
+    ("run-config-not-yaml", "config.yaml", lambda p: p.write_text("model: [tiny\n"), "not valid YAML"),
 ]
 
 
