@@ -39,7 +39,7 @@ def _check(capsys, model_dir, *args: str) -> tuple[int, str, str]:
 @pytest.mark.parametrize("content, why, train_says", [
     (b"", "the file is empty", "no usable training sample: the file is empty"),
     (b"\n  \n\t\n", "the file is empty", "no usable training sample: the file is empty"),
-    (b"[]", "no record in the file", "no usable training sample: no record in the file"),
+    (b"[\n]\n", "no record in the file", "no usable training sample: no record in the file"),
     (b'{"text": ""}\n{"nope": 1}\n', "all 2 records are bad", "2 bad record"),
 ])
 def test_no_usable_sample_fails(tmp_path, capsys, model_dir, tok, content, why, train_says):

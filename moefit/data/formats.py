@@ -168,7 +168,9 @@ def _system(record: dict[str, Any]) -> list[dict[str, str]]:
 def normalize(record: Any, fmt: str) -> tuple[str | None, list[dict[str, str]] | None]:
     """Validate `record` as `fmt`; return (text, None) or (None, messages). Raises RecordError."""
     if not isinstance(record, dict):
-        raise RecordError(f"expected a JSON object, got {type(record).__name__}")
+        hint = " (a file holding one JSON list of records is read as such when named .json)" if isinstance(
+            record, list) else ""
+        raise RecordError(f"expected a JSON object, got {type(record).__name__}{hint}")
     detected = detect_format(record)
     if detected != fmt and not (fmt == "text" and "text" in record):
         found = ", ".join(repr(k) for k in list(record)[:6]) or "no keys"

@@ -1,7 +1,7 @@
 """From a path to raw records: which files a path names, and how each file's bytes split into (line, record).
 
 Read: JSONL (one JSON value per line), JSON (a list of records, or one record; a `.json` file that is really JSONL
-is read as JSONL, a `.jsonl` file that holds one JSON list is read as that list), CSV and TSV (a header row names
+is read as JSONL, a `.jsonl` file holding one JSON list over several lines is read as that list), CSV and TSV (a header row names
 the columns, which become the record's keys; a cell of a list-valued key such as `messages` holds JSON).
 Refused by name, with what to do: Parquet, Arrow and spreadsheets (they need libraries moefit does not depend on).
 In a folder, every other file is skipped and counted; nothing is left out without a word.
@@ -113,19 +113,20 @@ def split_records(path: Path, raw: bytes) -> Split:
                         f"line is not JSON). moefit reads {SUPPORTED}.")
     if suffix in (".csv", ".tsv"):
         _csv_records(path, raw, out, "\t" if suffix == ".tsv" else ",")
-    elif suffix == ".json" or (raw.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[") and _json_list(raw)):
+    elif suffix == ".json" or (not _first_line_is_json(raw, lone=True) and _json_list(raw)):
         _json_records(path, raw, out)
     else:
         _jsonl_records(path, raw, out)
     return out
 
 
-def _first_line_is_json(raw: bytes) -> bool:
+def _first_line_is_json(raw: bytes, lone: bool = False) -> bool:
+    """The first non-blank line is JSON on its own (or, unless `lone`, the whole file is one JSON list)."""
     line = next(x for x in raw.lstrip(b"\xef\xbb\xbf \t\r\n").split(b"\n") if x.strip())
     try:
         json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        return _json_list(raw)
+        return False if lone else _json_list(raw)
     return True
 
 
