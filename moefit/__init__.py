@@ -8,19 +8,14 @@ Python API (the engine the CLI drives)::
     moefit.export("runs/…", out="merged/", merge=True)
     moefit.plan(model="llama4-scout", gpus=["h100-80gb"])
 
-Heavy modules (torch, transformers) are imported on first use so `moefit --help` stays fast.
+Heavy modules (torch, transformers) are imported on first use so `moefit --help` stays fast. Importing moefit
+changes no process-wide state (environment, logging, matplotlib); see moefit.cli for what the command line sets.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Any
-
-# bitsandbytes' CPU kernels and torch each run an OpenMP pool; with the default (spinning) wait policy the two
-# pools fight for the cores and a tiny NF4 dequantize takes ~7 ms instead of ~0.03 ms (measured on 2 cores).
-# Must be set before torch is first imported; an explicit user setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 

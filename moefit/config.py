@@ -7,8 +7,10 @@ The defaults reproduce the seed's corrected recipe for Llama 4 Scout (see recipe
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import json
 import re
 import types
 import typing
@@ -253,17 +255,56 @@ def _check_values(cfg: RunConfig) -> None:
     need(cfg.plan.num_gpus >= 1, "plan.num_gpus", "must be at least 1.")
 
 
+def _validated(values: dict[str, Any]) -> RunConfig:
+    cfg = _build(RunConfig, values)
+    _check_values(cfg)
+    return cfg
+
+
 def config_from_dict(values: dict[str, Any] | None, source: str = "config") -> RunConfig:
     if values is None:
         values = {}
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of settings, got {type(values).__name__}.")
     try:
-        cfg = _build(RunConfig, values)
-        _check_values(cfg)
+        return _validated(values)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-    return cfg
+
+
+def apply_overrides(values: dict[str, Any], overrides: dict[str, Any] | None, source: str) -> RunConfig:
+    """The settings of `source` with dotted overrides (`--set KEY=VALUE`) applied, validated. An error names
+    what caused it: `source` when its own settings have the same problem, else the override without which the
+    problem goes away (an override may also fix a setting of `source`)."""
+    merged = _with_overrides(values, overrides or {})
+    try:
+        return config_from_dict(merged, source)
+    except ConfigError:
+        if not overrides:
+            raise
+    problem = _problem(merged)
+    if _problem(values) != problem:
+        for dotted, value in overrides.items():
+            if _problem(_with_overrides(values, {k: v for k, v in overrides.items() if k != dotted})) != problem:
+                shown = value if isinstance(value, str) else json.dumps(value)
+                raise ConfigError(f"--set {dotted}={shown}: {problem.removeprefix(dotted + ': ')}")
+    raise ConfigError(f"{source}: {problem}")
+
+
+def _with_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(values)
+    for dotted, value in overrides.items():
+        _set_dotted(out, dotted, value)
+    return out
+
+
+def _problem(values: dict[str, Any]) -> str | None:
+    """The first thing wrong with these settings, or None."""
+    try:
+        _validated(values)
+    except ConfigError as e:
+        return str(e)
+    return None
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -281,11 +322,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise ConfigError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}.") from None
-        if isinstance(values, dict) and path is not None:
-            values = _resolve_relative_paths(values, p.parent)
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(values, dotted, value)
-    return config_from_dict(values, source)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: cannot read it as a text file ({e}). Pass a YAML run config.") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of settings, got {type(values).__name__}.")
+        values = _resolve_relative_paths(values, p.parent)
+    return apply_overrides(values, overrides, source)
 
 
 def _resolve_relative_paths(values: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -20,3 +20,11 @@ class WorkersFailed(MoefitError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class DamagedFileError(MoefitError):
+    """A file that exists but cannot be read as what it should be (truncated, garbage, inconsistent)."""
+
+    def __init__(self, path: object, why: str, advice: str):
+        super().__init__(f"{path}: {why}. {advice}")
+        self.path, self.why = path, why

@@ -54,9 +54,9 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, batch_size
     """{"base": {loss, perplexity, tokens}, "finetuned": {...}, "delta_loss", "sequences", "data"}."""
     from .config import RunConfig
     from .data import build_datasets, load_tokenizer
-    from .export.runs import read_run
     from .lora import load_adapter
     from .models import load_model
+    from .rundir import read_run
 
     info = read_run(run_dir)
     cfg = info.config or RunConfig(model=info.source)

@@ -60,20 +60,15 @@ def load_chat_model(path: str | Path, device: str = "auto", dtype: str | torch.d
     """A run / adapter directory (its base model + the adapter, stored as during training) or a model directory
     (a merged export, 'tiny', a hub id). dtype defaults to float32 on CPU and bfloat16 on CUDA."""
     from .data import load_tokenizer
-    from .export.runs import is_run_or_adapter_dir, read_run
     from .lora import load_adapter
     from .models import load_model
+    from .rundir import is_run_or_adapter_dir, read_run
 
     dev = _device(device)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     p = Path(str(path)).expanduser()
     notes: list[str] = []
     if p.is_dir() and is_run_or_adapter_dir(p):
-        import json
-
-        if json.loads((p / "adapter_config.json").read_text()).get("peft_type"):
-            raise MoefitError(f"{p}: a PEFT adapter (from `moefit export --adapter`). Chat with the run directory "
-                              "it came from, or with a merged export (`moefit export RUN_DIR --merge`).")
         info = read_run(p)
         model = load_model(info.source, quantization=quantization or info.quant.weights, dtype=dtype,
                            device=dev, quant=info.quant)

@@ -33,7 +33,7 @@ _PER_EXPERT = re.compile(r"^(?P<mod>.+\.experts)\.(?P<e>\d+)\.(?P<proj>gate|up|d
 
 def resolve_source(source: str) -> Path:
     """'tiny' -> the embedded model; an existing directory -> itself; otherwise a hub id, downloaded (config,
-    safetensors and tokenizer files only) into the HF cache."""
+    safetensors and tokenizer files only) into the HF cache (see moefit.hub: fails fast offline)."""
     from .config import TINY_MODEL
 
     if source == TINY_MODEL:
@@ -46,17 +46,12 @@ def resolve_source(source: str) -> Path:
             raise MoefitError(f"{path}: no config.json here. Point `model:` at a Hugging Face model directory "
                               "(config.json + *.safetensors) or a hub id.")
         return path
-    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+    from .hub import is_hub_id, snapshot
+
+    if not is_hub_id(source):
         raise MoefitError(f"model {source!r}: not a directory and not a hub id (owner/name). Use 'tiny', a local "
                           "model directory, or a Hugging Face hub id such as meta-llama/Llama-4-Scout-17B-16E-Instruct.")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"]))
-    except Exception as e:  # network, auth, gated repo: all the user's to fix, so say it plainly
-        raise MoefitError(f"model {source!r}: could not download it from the Hugging Face hub ({type(e).__name__}: "
-                          f"{e}). Check the id, run `huggingface-cli login` for gated models, or pass a local "
-                          "directory.") from None
+    return snapshot(source)
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:

@@ -12,10 +12,11 @@ import json
 import math
 import struct
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
-from .errors import MoefitError
+from .errors import DamagedFileError, MoefitError
 
 _DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -25,17 +26,51 @@ _DTYPES = {
 
 
 class SafetensorsFile:
+    """One safetensors file. Opening it reads and checks the header against the file's size (a truncated or
+    garbage file fails here with a MoefitError naming it, never with a MemoryError or a struct error later)."""
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
+            size = self.path.stat().st_size
             with open(self.path, "rb") as f:
+                if size < 8:
+                    self._bad(f"{size} bytes, too short to be a safetensors file (empty or truncated)")
                 (n,) = struct.unpack("<Q", f.read(8))
+                if n > size - 8:
+                    self._bad(f"the header claims {n} bytes but the file has {size} (truncated, or not safetensors)")
                 header = json.loads(f.read(n))
-        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MoefitError(f"{self.path}: not a readable safetensors file ({e}).") from None
-        self.metadata = header.pop("__metadata__", None) or {}
+        except OSError as e:
+            raise MoefitError(f"{self.path}: cannot read it ({e.strerror or e}).") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            self._bad(f"the header is not valid JSON ({e}; truncated, or not safetensors)")
+        if not isinstance(header, dict):
+            self._bad("the header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        self.metadata = metadata if isinstance(metadata, dict) else {}
         self.header = header
         self.data_start = 8 + n
+        for key in header:
+            self._check_entry(key, size - self.data_start)
+
+    def _bad(self, why: str) -> NoReturn:
+        raise DamagedFileError(self.path, f"not a valid safetensors file: {why}",
+                               "The file is damaged or incomplete; copy or download it again.")
+
+    def _check_entry(self, key: str, data_size: int) -> None:
+        info = self.header[key]
+        try:
+            shape, dtype, (start, end) = list(info["shape"]), info["dtype"], info["data_offsets"]
+            if not all(isinstance(x, int) and x >= 0 for x in (*shape, start, end)):
+                raise ValueError
+        except (TypeError, KeyError, ValueError):
+            self._bad(f"tensor {key!r} has a malformed header entry {info!r}")
+        if dtype in _DTYPES:
+            want = math.prod(shape) * torch.empty((), dtype=_DTYPES[dtype]).element_size()
+            if end - start != want:
+                self._bad(f"tensor {key!r} ({dtype} {shape}) needs {want} bytes, its offsets span {end - start}")
+        if not start <= end <= data_size:
+            self._bad(f"tensor {key!r} ends at byte {end} of {data_size} data bytes (the file is truncated)")
 
     def keys(self) -> list[str]:
         return list(self.header)

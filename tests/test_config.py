@@ -90,14 +90,15 @@ def test_overrides_on_a_config_object():
 
 @pytest.mark.parametrize("args, needle", [
     (["--set", "train.lrr=1"], "Did you mean 'train.lr'"),
-    (["--set", "train.lr=fast"], "train.lr: expected a number"),
-    (["--set", "train.max_length=4"], "train.max_length: must be at least 16"),
+    (["--set", "train.lr=fast"], "error: --set train.lr=fast: expected a number, got 'fast'."),
+    (["--set", "train.max_length=4"], "--set train.max_length=4: must be at least 16"),
     (["--set", "oops"], "expected KEY=VALUE"),
 ])
 def test_cli_config_errors_exit_2_without_traceback(capsys, args, needle):
     assert main(["train", *args]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+    assert "tiny.yaml" not in err  # the override is to blame, not the config it overrides
     assert err.startswith("moefit train: error:")
 
 
@@ -115,3 +116,18 @@ def test_exponent_without_a_dot_is_a_number(tmp_path):
     cfg = load_config(write(tmp_path, "train:\n  lr: 2e-5\nsmoke:\n  max_memory_gib: 1e2\n"))
     assert cfg.train.lr == 2e-5 and cfg.smoke.max_memory_gib == 100.0
     assert resolve_config(None, {"train.lr": "1e-4"}).train.lr == 1e-4
+
+
+def test_override_errors_blame_the_override_and_file_errors_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 1.0e-4\n  max_steps: 0\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"run.yaml: train.max_steps: must be at least 1"):
+        load_config(path, {"lora.r": 8})  # the file's own mistake
+    assert load_config(path, {"train.max_steps": 5}).train.max_steps == 5  # an override may fix the file
+    with pytest.raises(ConfigError, match=r"^--set lora.r=0: must be at least 1, got 0.$"):
+        load_config(path, {"train.max_steps": 5, "lora.r": 0})
+    with pytest.raises(ConfigError, match=r"^--set train.batch_size=0: must be at least 1"):
+        resolve_config(RunConfig(), {"batch_size": 0})
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="run.yaml: cannot read it as a text file"):
+        load_config(path)

@@ -144,7 +144,7 @@ def test_forced_format_and_unknown_records(tmp_path):
     with pytest.raises(DataError, match="not found"):
         read_data(tmp_path / "missing.jsonl")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no .jsonl or .json"):
+    with pytest.raises(DataError, match=r"the folder holds no data file\. moefit reads JSONL"):
         read_data(tmp_path / "empty")
 
 

@@ -180,5 +180,5 @@ def test_embedded_data_set_and_tiny_tokenizer():
 
 
 def test_load_tokenizer_errors(tmp_path):
-    with pytest.raises(MoefitError, match="cannot load the tokenizer"):
+    with pytest.raises(MoefitError, match="this model folder has no tokenizer files"):
         load_tokenizer(tmp_path)

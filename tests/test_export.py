@@ -101,8 +101,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.mktemp("export"))
+def run_dir(tiny_run) -> Path:
+    return tiny_run
 
 
 def _ids_batch(vocab: int) -> torch.Tensor:

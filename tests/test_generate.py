@@ -11,12 +11,11 @@ import moefit
 from moefit.cli import main
 from moefit.errors import MoefitError
 from moefit.generate import chat_repl, generate_reply, load_chat_model
-from tests.test_export import make_run
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("gen"), steps=3)
+def run_dir(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +71,13 @@ def test_cli_prompt(run_dir, capsys):
     assert main(["generate", str(run_dir), "--prompt", "hi", "--temperature", "0", "--max-new-tokens", "4",
                  "--device", "cpu"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("prompt", ["", "  \n"])
+def test_cli_refuses_an_empty_prompt(prompt, capsys):
+    assert main(["generate", "no-such-run", "--prompt", prompt]) == 2  # refused before anything is loaded
+    err = capsys.readouterr().err
+    assert "--prompt is empty" in err and "Traceback" not in err
 
 
 def test_refuses_peft_adapter_dir(run_dir, tmp_path):

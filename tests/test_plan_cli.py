@@ -64,3 +64,18 @@ def test_config_file_and_overrides(tmp_path, capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["model"]["name"] == "mixtral-8x7b"
     assert d["settings"]["seq_len"] == 1024 and d["settings"]["lora_rank"] == 16 and d["settings"]["expert_rank"] == 4
+
+
+def test_config_after_gpu_list_is_the_config(tmp_path, capsys):
+    """`--gpu` takes several names; a run config written after them is read as the config, not as a GPU."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: mixtral-8x7b\ntrain:\n  max_length: 1024\n", encoding="utf-8")
+    main(["plan", "--gpu", "h200", "h100-80gb", str(cfg), "--json"])
+    d = json.loads(capsys.readouterr().out)
+    assert d["model"]["name"] == "mixtral-8x7b" and d["settings"]["seq_len"] == 1024
+    assert sorted(g["gpu"] for g in d["gpus"]) == ["h100-80gb", "h200"]
+    assert main(["plan", str(cfg), "--gpu", "h200", str(cfg)]) == 2  # two configs: which one?
+    err = capsys.readouterr().err
+    assert f"--gpu {cfg}: a file, not a GPU, and the run config is already {cfg}" in err
+    assert main(["plan", "--gpu", "h200", str(tmp_path / "typo.yaml")]) == 2
+    assert "not a GPU, and no such config file" in capsys.readouterr().err

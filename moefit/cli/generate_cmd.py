@@ -38,6 +38,9 @@ def handle(args: argparse.Namespace) -> int:
         raise MoefitError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise MoefitError("--temperature must be 0 or more and --top-p in (0, 1].")
+    if args.prompt is not None and not args.prompt.strip():
+        raise MoefitError("--prompt is empty: give the message to answer, or leave --prompt out to chat "
+                          "interactively.")
     chat = load_chat_model(args.path, device=args.device, quantization=args.quantization)
     for note in chat.notes:
         print(f"note: {note}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,8 +39,8 @@ def run_plan(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..plan import plan
 
-    cfg = load_config(args.config) if args.config else None
-    gpus = [g for item in (args.gpu or []) for g in item.split(",") if g] or None
+    gpus, config = _gpus_and_config(args.gpu or [], args.config)
+    cfg = load_config(config) if config else None
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
     result = plan(cfg, gpus=gpus, model=args.model, seq_len=args.seq_len, batch=args.batch,
                   grad_accum=args.grad_accum, rank=args.rank, expert_rank=args.expert_rank, targets=targets,
@@ -47,3 +48,23 @@ def run_plan(args: argparse.Namespace) -> int:
                   price_per_gpu_hour=args.price)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.render())
     return 0 if result.fits else 1
+
+
+def _gpus_and_config(items: list[str], config: str | None) -> tuple[list[str] | None, str | None]:
+    """`--gpu` takes one or more values, so in `plan --gpu h100 h200 run.yaml` it swallows the config: a --gpu value
+    that names no GPU but an existing file is the run config when none was given, else an error naming both."""
+    from ..errors import ConfigError
+    from ..plan.gpus import is_gpu_name
+
+    gpus = []
+    for name in (g for item in items for g in item.split(",") if g):
+        if not is_gpu_name(name) and name.endswith((".yaml", ".yml")) and not Path(name).is_file():
+            raise ConfigError(f"--gpu {name}: not a GPU, and no such config file either.")
+        if is_gpu_name(name) or not Path(name).is_file():
+            gpus.append(name)
+        elif config is None:
+            config = name
+        else:
+            raise ConfigError(f"--gpu {name}: a file, not a GPU, and the run config is already {config}. Give the "
+                              "config once, before --gpu: moefit plan CONFIG --gpu NAME [NAME ...].")
+    return gpus or None, config

@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .dataset import Encoded, encode_samples
-from .formats import BadLine, read_data
+from .dataset import Encoded, data_paths, encode_samples
+from .formats import read_data, skipped_files_line
+from .records import BadLine
 from .render import IGNORE
+from .report import no_sample_reason
 
 
 @dataclass
@@ -22,8 +24,20 @@ class CheckReport:
     encoded: list[Encoded] = field(default_factory=list, repr=False)
 
     @property
+    def usable(self) -> int:
+        """Samples training would keep: rendered, with at least one trained token after truncation."""
+        return sum(1 for e in self.encoded if e.loss_tokens)
+
+    @property
     def valid(self) -> bool:
-        return not self.bad
+        return not self.bad and self.usable > 0
+
+    def problem(self) -> str | None:
+        """Why the data is not valid, in words (None when it is)."""
+        if not self.usable:
+            dropped = sum(1 for e in self.encoded if not e.loss_tokens)
+            return f"no usable sample: {no_sample_reason(self.files, dropped, self.max_length)}"
+        return f"{len(self.bad)} bad record(s)" if self.bad else None
 
     @property
     def formats(self) -> list[str]:
@@ -46,6 +60,8 @@ class CheckReport:
         return {
             "path": self.path,
             "valid": self.valid,
+            "problem": self.problem(),
+            "usable": self.usable,
             "formats": self.formats,
             "files": self.files,
             "samples": len(enc),
@@ -70,8 +86,7 @@ def check_data(path: str | Path, tok: Any, fmt: str = "auto", max_length: int = 
     """Read every record, render the valid ones; never stops on a bad record (they are all listed)."""
     report = CheckReport(path=str(path), max_length=max_length, loss_on=loss_on)
     for f in read_data(path, fmt):
-        report.files.append({"path": f.path, "format": f.format, "samples": len(f.samples), "bad": len(f.errors),
-                             "blank_lines": f.blank_lines})
+        report.files.append(f.to_dict())
         encoded, render_bad = encode_samples(f.samples, tok, max_length, loss_on, system_prompt)
         report.encoded += encoded
         report.bad += sorted(f.errors + render_bad, key=lambda b: b.line)
@@ -80,12 +95,28 @@ def check_data(path: str | Path, tok: Any, fmt: str = "auto", max_length: int = 
     return report
 
 
+def check_config_data(cfg: Any, tok: Any = None) -> dict[str, CheckReport]:
+    """`moefit data check run.yaml`: the data a run config names ({"train": ..., "eval": ...} when it has held-out
+    data), checked as training reads it: the config's model tokenizer, max length, format, loss and system prompt."""
+    from .tokenizer import load_tokenizer
+
+    d = cfg.data
+    tok = tok if tok is not None else load_tokenizer(cfg.model)
+    train, held_out = data_paths(d)
+    return {role: check_data(path, tok, d.format, cfg.train.max_length, d.loss_on, d.system_prompt)
+            for role, path in (("train", train), ("eval", held_out)) if path is not None}
+
+
 def summary_lines(report: CheckReport, max_listed: int = 50) -> list[str]:
     d = report.to_dict()
-    lines = [f"{report.path}: {'valid' if report.valid else f'{len(report.bad)} bad record(s)'}"]
-    for f in report.files:
-        if len(report.files) > 1 or f["path"] != report.path:
-            lines.append(f"  {f['path']}: {f['format'] or 'unknown format'}, {f['samples']} samples, {f['bad']} bad")
+    lines = [f"{report.path}: {report.problem() or 'valid'}"]
+    read = [f for f in report.files if not f.get("skipped")]
+    for f in read:
+        if len(read) > 1 or f["path"] != report.path:
+            kind = "empty" if f.get("empty") else f["format"] or "unknown format"
+            lines.append(f"  {f['path']}: {kind}, {f['samples']} samples, {f['bad']} bad")
+    if skipped := skipped_files_line(report.files):
+        lines.append(skipped)
     lines.append(f"format: {', '.join(report.formats) or 'unknown'}")
     lines.append(f"samples: {d['samples']}   turns: {d['turns']}   tokens: {d['tokens']} "
                  f"({d['loss_tokens']} trained, loss on {report.loss_on})")

@@ -25,8 +25,8 @@ import torch
 from ..errors import DataError
 from .formats import BadLine, FileResult, Sample, enforce_policy, read_data
 from .packing import Sequence, pack, single
-from .render import IGNORE, RenderError, render_sample
-from .report import DataReport, SplitStats
+from .render import IGNORE, NoChatTemplate, RenderError, render_sample
+from .report import DataReport, SplitStats, no_sample_reason
 
 
 @dataclass
@@ -47,16 +47,27 @@ class Encoded:
 
 def encode_samples(samples: list[Sample], tok: Any, max_length: int, loss_on: str = "assistant",
                    system_prompt: str | None = None) -> tuple[list[Encoded], list[BadLine]]:
-    """Render and truncate every sample; samples the template refuses come back as BadLines."""
-    out, bad = [], []
+    """Render and truncate every sample; samples the template refuses come back as BadLines. Conversations that
+    need a chat template the tokenizer lacks stop here with one DataError (the model folder is what to fix)."""
+    out, bad, untemplated = [], [], []
     for s in samples:
         try:
             r = render_sample(tok, s, loss_on, system_prompt)
+        except NoChatTemplate:
+            untemplated.append(s)
+            continue
         except RenderError as e:
             bad.append(BadLine(s.source, s.line, str(e)))
             continue
         out.append(Encoded(s, r.input_ids[:max_length], r.labels[:max_length], len(r.input_ids), r.loss_tokens,
                            r.boundary_merge))
+    if untemplated:
+        first = untemplated[0]
+        raise DataError(f"{getattr(tok, 'name_or_path', '') or 'the tokenizer'}: the tokenizer has no chat template "
+                        f"(no chat_template.jinja, no chat_template in tokenizer_config.json), so "
+                        f"{len(untemplated)} multi-turn conversation records cannot be rendered (first: "
+                        f"{first.source} line {first.line}). Copy the model's chat template file into its folder, "
+                        "or use a model that has one, or text-format data.")
     return out, bad
 
 
@@ -73,8 +84,7 @@ def _read(path: str | Path, fmt: str, role: str, report: DataReport) -> tuple[li
     files: list[FileResult] = read_data(path, fmt)
     samples, bad = [], []
     for f in files:
-        report.files.append({"path": f.path, "role": role, "format": f.format, "samples": len(f.samples),
-                             "bad": len(f.errors), "blank_lines": f.blank_lines})
+        report.files.append({**f.to_dict(), "role": role})
         samples += f.samples
         bad += f.errors
     return samples, bad
@@ -91,14 +101,9 @@ def _stats(encoded: list[Encoded], sequences: list[Sequence]) -> SplitStats:
                       loss_tokens=sum(e.loss_tokens for e in encoded))
 
 
-def build_datasets(data_cfg: Any, tok: Any, max_length: int, seed: int) -> DataBundle:
-    """Read, validate, render, truncate, split and pack the data a DataConfig names.
-
-    `data_cfg.train is None` selects the embedded chat data set (and its held-out file as eval).
-    Bad records stop the build with a DataError listing them, unless `data_cfg.skip_invalid`.
-    """
-    if max_length < 2:
-        raise DataError(f"max_length must be at least 2 tokens, got {max_length}.")
+def data_paths(data_cfg: Any) -> tuple[str | Path, str | Path | None]:
+    """(train, eval) files or folders of a DataConfig; `train: null` is the embedded chat data set and its
+    held-out file."""
     train_path, eval_path = data_cfg.train, data_cfg.eval
     if train_path is None:
         from ..assets import chat_eval_path, chat_train_path
@@ -109,6 +114,18 @@ def build_datasets(data_cfg: Any, tok: Any, max_length: int, seed: int) -> DataB
         if not Path(train_path).is_file():
             raise DataError(f"{train_path}: the embedded chat data set is missing from this install; "
                             "set data.train to your own data file.")
+    return train_path, eval_path
+
+
+def build_datasets(data_cfg: Any, tok: Any, max_length: int, seed: int) -> DataBundle:
+    """Read, validate, render, truncate, split and pack the data a DataConfig names.
+
+    `data_cfg.train is None` selects the embedded chat data set (and its held-out file as eval).
+    Bad records stop the build with a DataError listing them, unless `data_cfg.skip_invalid`.
+    """
+    if max_length < 2:
+        raise DataError(f"max_length must be at least 2 tokens, got {max_length}.")
+    train_path, eval_path = data_paths(data_cfg)
     report = DataReport(max_length=max_length, packing=data_cfg.packing)
     train_s, bad = _read(train_path, data_cfg.format, "train", report)
     eval_s: list[Sample] = []
@@ -148,9 +165,9 @@ def build_datasets(data_cfg: Any, tok: Any, max_length: int, seed: int) -> DataB
         kept_eval = [e for i, e in enumerate(kept_train) if i in eval_idx]
         kept_train = [e for i, e in enumerate(kept_train) if i not in eval_idx]
     if not kept_train:
-        raise DataError(f"{train_path}: no usable training sample (read {len(train_s)}, "
-                        f"{len(report.skipped)} bad, {len(report.dropped_all_truncated)} with no trained token left "
-                        f"at max_length {max_length}).")
+        train_files = [f for f in report.files if f["role"] == "train"]
+        why = no_sample_reason(train_files, len(report.dropped_all_truncated), max_length)
+        raise DataError(f"{train_path}: no usable training sample: {why}.")
     if data_cfg.shuffle:
         random.Random(f"moefit-order:{seed}").shuffle(kept_train)
     train_seq = _sequences(kept_train, max_length, data_cfg.packing)

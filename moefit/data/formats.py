@@ -1,4 +1,5 @@
-"""Read JSONL / JSON data files (or a folder of them), detect the format per file, validate every record.
+"""Read data files (or a folder of them; moefit.data.records splits files into records), detect the format per
+file, validate every record.
 
 Every record becomes a `Sample`: either plain `text` or a list of chat `messages` (role/content, roles
 system/user/assistant). A record that cannot be used becomes a `BadLine` naming the file, the line and why;
@@ -14,34 +15,18 @@ Formats (the keys that identify them):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from .records import READ_SUFFIXES, BadLine, data_files, split_records
 
 FORMATS = ("text", "instruction", "chat", "sharegpt", "prompt_completion")
-DATA_SUFFIXES = (".jsonl", ".json")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
 MAX_LISTED_ERRORS = 10
-
-
-@dataclass
-class BadLine:
-    """A record that cannot be used: where it is and why."""
-
-    source: str
-    line: int
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.source} line {self.line}: {self.reason}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"file": self.source, "line": self.line, "reason": self.reason}
 
 
 @dataclass
@@ -66,6 +51,14 @@ class FileResult:
     samples: list[Sample] = field(default_factory=list)
     errors: list[BadLine] = field(default_factory=list)
     blank_lines: int = 0
+    empty: bool = False  # the file holds nothing but whitespace
+    skipped: str | None = None  # why a file of a data folder was not read (hidden, not a data file)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The per-file entry of the check and training reports."""
+        d = {"path": self.path, "format": self.format, "samples": len(self.samples), "bad": len(self.errors),
+             "blank_lines": self.blank_lines}
+        return d | ({"empty": True} if self.empty else {}) | ({"skipped": self.skipped} if self.skipped else {})
 
 
 class RecordError(ValueError):
@@ -175,7 +168,9 @@ def _system(record: dict[str, Any]) -> list[dict[str, str]]:
 def normalize(record: Any, fmt: str) -> tuple[str | None, list[dict[str, str]] | None]:
     """Validate `record` as `fmt`; return (text, None) or (None, messages). Raises RecordError."""
     if not isinstance(record, dict):
-        raise RecordError(f"expected a JSON object, got {type(record).__name__}")
+        hint = " (a file holding one JSON list of records is read as such when named .json)" if isinstance(
+            record, list) else ""
+        raise RecordError(f"expected a JSON object, got {type(record).__name__}{hint}")
     detected = detect_format(record)
     if detected != fmt and not (fmt == "text" and "text" in record):
         found = ", ".join(repr(k) for k in list(record)[:6]) or "no keys"
@@ -225,72 +220,18 @@ def normalize(record: Any, fmt: str) -> tuple[str | None, list[dict[str, str]] |
 
 # --------------------------------------------------------------------------------------------- reading
 
-def _jsonl_records(path: Path, raw: bytes, result: FileResult) -> list[tuple[int, Any]]:
-    records = []
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            result.errors.append(BadLine(str(path), lineno,
-                                         f"invalid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})"))
-            continue
-        if lineno == 1:
-            text = text.lstrip("\ufeff")
-        if not text.strip():
-            if lineno < raw.count(b"\n") + 1 or text:  # the empty string after a final newline is not a line
-                result.blank_lines += 1
-            continue
-        try:
-            records.append((lineno, json.loads(text)))
-        except json.JSONDecodeError as e:
-            result.errors.append(BadLine(str(path), lineno, f"invalid JSON ({e.msg} at column {e.colno})"))
-    return records
-
-
-def _json_records(path: Path, raw: bytes, result: FileResult) -> list[tuple[int, Any]]:
-    """A JSON file holds a list of records; each keeps the line its object starts on."""
-    try:
-        text = raw.decode("utf-8").lstrip("\ufeff")
-    except UnicodeDecodeError as e:
-        lineno = raw[: e.start].count(b"\n") + 1
-        result.errors.append(BadLine(str(path), lineno, f"invalid UTF-8 (byte 0x{raw[e.start]:02x})"))
-        return []
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        result.errors.append(BadLine(str(path), e.lineno, f"invalid JSON ({e.msg} at column {e.colno}); "
-                                     "the whole file is unreadable"))
-        return []
-    if isinstance(doc, dict):
-        return [(1, doc)]
-    if not isinstance(doc, list):
-        result.errors.append(BadLine(str(path), 1, f"a .json data file must hold a list of records, "
-                                     f"got {type(doc).__name__}"))
-        return []
-    decoder = json.JSONDecoder()
-    records: list[tuple[int, Any]] = []
-    pos = text.index("[") + 1
-    for _ in doc:
-        while text[pos] in " \t\r\n,":
-            pos += 1
-        item, end = decoder.raw_decode(text, pos)
-        records.append((text.count("\n", 0, pos) + 1, item))
-        pos = end
-    return records
-
-
 def read_file(path: str | Path, fmt: str = "auto") -> FileResult:
-    """Read and validate one JSONL or JSON file; never raises on bad records (they land in `errors`)."""
+    """Read and validate one data file (see moefit.data.records for the kinds); never raises on bad records
+    (they land in `errors`)."""
     p = Path(path)
     try:
         raw = p.read_bytes()
     except OSError as e:
         raise DataError(f"{p}: cannot read the data file ({e.strerror}).") from None
-    result = FileResult(path=str(p), format=None if fmt == "auto" else fmt)
-    if p.suffix.lower() == ".json":
-        records = _json_records(p, raw, result)
-    else:
-        records = _jsonl_records(p, raw, result)
+    split = split_records(p, raw)
+    result = FileResult(path=str(p), format=None if fmt == "auto" else fmt, errors=split.errors,
+                        blank_lines=split.blank_lines, empty=split.empty)
+    records = split.records
     if result.format is None:
         for _, rec in records:
             if (found := detect_format(rec)) is not None:
@@ -312,23 +253,27 @@ def read_file(path: str | Path, fmt: str = "auto") -> FileResult:
     return result
 
 
-def data_files(path: str | Path) -> list[Path]:
-    """The data files a path names: the file itself, or every .jsonl/.json under a folder (sorted)."""
-    p = Path(path)
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in DATA_SUFFIXES)
-        if not files:
-            raise DataError(f"{p}: the folder holds no .jsonl or .json data files.")
-        return files
-    raise DataError(f"{p}: data file or folder not found. Set data.train to a JSONL/JSON file or a folder of them.")
-
-
 def read_data(path: str | Path, fmt: str = "auto") -> list[FileResult]:
+    """Every file a path names, read; in a folder, the files not read come last, each with why (`skipped`)."""
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"unknown data format {fmt!r}; use auto or one of {', '.join(FORMATS)}.")
-    return [read_file(f, fmt) for f in data_files(path)]
+    files, skipped = data_files(path)
+    return [read_file(f, fmt) for f in files] + [FileResult(s.path, None, skipped=s.reason) for s in skipped]
+
+
+def skipped_files_line(files: list[dict[str, Any]], max_listed: int = 5) -> str | None:
+    """From report entries (FileResult.to_dict): 'skipped 3 files of the data folder ...' naming them (hidden
+    ones only counted), or None when nothing was skipped."""
+    skipped = [f for f in files if f.get("skipped")]
+    if not skipped:
+        return None
+    named = [Path(f["path"]).name for f in skipped if f["skipped"] != "hidden"]
+    hidden = len(skipped) - len(named)
+    parts = [", ".join(named[:max_listed]) + (f" and {len(named) - max_listed} more" if len(named) > max_listed
+                                              else "")] if named else []
+    parts += [f"{hidden} hidden"] if hidden else []
+    return (f"skipped {len(skipped)} files of the data folder that are not data (moefit reads "
+            f"{', '.join('*' + s for s in READ_SUFFIXES)}): {'; '.join(parts)}")
 
 
 def enforce_policy(errors: list[BadLine], skip_invalid: bool) -> None:

@@ -27,6 +27,11 @@ class RenderError(ValueError):
     """A sample the tokenizer's template cannot render (the message becomes a BadLine reason)."""
 
 
+class NoChatTemplate(RenderError):
+    """A conversation that needs a chat template, and the tokenizer has none: a problem of the model folder, not
+    of the record (the data pipeline reports it once, not per record)."""
+
+
 @dataclass
 class Rendered:
     input_ids: list[int]
@@ -129,8 +134,8 @@ def _tokenize_spans(tok: Any, text: str, spans: list[tuple[int, int]]) -> Render
 def _plain_conversation(tok: Any, messages: list[dict[str, str]], loss_on: str) -> Rendered:
     """No chat template: a single exchange as prompt text then completion + eos (base models)."""
     if sum(m["role"] == "assistant" for m in messages) != 1 or messages[-1]["role"] != "assistant":
-        raise RenderError("the tokenizer has no chat template, so only single prompt/answer records can be "
-                          "rendered; use a model with a chat template or the text format")
+        raise NoChatTemplate("the tokenizer has no chat template, so only single prompt/answer records can be "
+                             "rendered; use a model with a chat template or the text format")
     prompt = "\n\n".join(m["content"] for m in messages[:-1]) + "\n\n"
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .formats import BadLine
+from .formats import skipped_files_line
+from .records import BadLine
 
 
 @dataclass
@@ -69,8 +70,13 @@ class DataReport:
     def summary_lines(self, max_listed: int = 10) -> list[str]:
         lines = []
         for f in self.files:
-            lines.append(f"data {f['role']}: {f['path']} ({f['format'] or 'unknown format'}, {f['samples']} samples"
-                         + (f", {f['bad']} bad" if f["bad"] else "") + ")")
+            if f.get("skipped"):
+                continue
+            lines.append(f"data {f['role']}: {f['path']} ({'empty' if f.get('empty') else f['format'] or 'unknown format'}, "
+                         f"{f['samples']} samples" + (f", {f['bad']} bad" if f["bad"] else "") + ")")
+        for role in ("train", "eval"):
+            if skipped := skipped_files_line([f for f in self.files if f["role"] == role]):
+                lines.append(f"data {role}: {skipped}")
         occupancy = ""
         if self.packing and self.train.sequences:
             occupancy = f", {self.train.tokens / (self.train.sequences * self.max_length):.0%} of the packed rows filled"
@@ -96,3 +102,16 @@ class DataReport:
 def _lines(bad: list[BadLine], max_listed: int) -> str:
     shown = "; ".join(str(b) for b in bad[:max_listed])
     return shown + (f"; ... and {len(bad) - max_listed} more (see report.json)" if len(bad) > max_listed else "")
+
+
+def no_sample_reason(files: list[dict[str, Any]], dropped: int, max_length: int) -> str:
+    """Why the files (report entries) gave no usable sample, in words."""
+    read = [f for f in files if not f.get("skipped")]
+    bad = sum(f["bad"] for f in read)
+    if all(f.get("empty") for f in read):
+        return "the file is empty" if len(read) == 1 else f"all {len(read)} data files are empty"
+    if bad and not any(f["samples"] for f in read):
+        return f"all {bad} records are bad"
+    if dropped:
+        return f"{dropped} samples, none with a trained token left at max length {max_length}"
+    return "no record in " + ("the file" if len(read) == 1 else "the files")

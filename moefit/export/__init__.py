@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
+from ..rundir import RunInfo, read_run
 from .merge import ExportReport, merged_export
 from .peft_adapter import peft_export
-from .runs import RunInfo, read_run
 
 __all__ = ["ExportReport", "RunInfo", "export", "merged_export", "parse_size", "peft_export", "read_run"]
 

@@ -23,8 +23,9 @@ import torch
 
 from ..errors import MoefitError
 from ..loading import _FUSED, _PER_EXPERT, normalize_name
-from .runs import RunInfo
+from ..rundir import RunInfo
 from .safetensors_stream import NAMES, CheckpointReader, PlannedTensor, plan_shards, write_shard
+from .staging import check_out_dir, staged_dir
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
 SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "moefit_export.json"}
@@ -73,7 +74,7 @@ class LoraSource:
     """The run's adapter tensors, read one module at a time, with the scales they were trained with."""
 
     def __init__(self, info: RunInfo):
-        from ..lora import ADAPTER_WEIGHTS
+        from ..rundir import ADAPTER_WEIGHTS
 
         cfg = info.adapter_config
         self.reader = CheckpointReader(files=[info.adapter_dir / ADAPTER_WEIGHTS])
@@ -153,21 +154,10 @@ def _text_structure(base_dir: Path, info: RunInfo) -> tuple[set[str], dict[str, 
     return linears, experts
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise MoefitError(f"{out}: exists and is not a directory.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MoefitError(f"{out}: the directory is not empty. Choose a new --out directory (or pass --overwrite "
-                          "to write into it).")
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for old in out.glob("model*.safetensors"):
-            old.unlink()
-
-
 def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: torch.dtype = torch.bfloat16,
                   max_shard_bytes: int = 5 * 10**9, device: str = "cpu", overwrite: bool = False) -> ExportReport:
     out = Path(out)
+    check_out_dir(out, overwrite)  # before the work; staged_dir checks again before writing
     base_dir = Path(base).expanduser() if base is not None else info.base_dir
     if not (base_dir / "config.json").is_file():
         raise MoefitError(f"{base_dir}: no config.json; --base must be the original model directory "
@@ -219,28 +209,28 @@ def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: 
                           f"(e.g. {', '.join(missing[:3])}). Is it the model the run was trained on?")
     report.merged_modules = len(lora.modules())
 
-    _check_out_dir(out, overwrite)
     shards = plan_shards([p for p, _ in jobs], max_shard_bytes)
     gens = dict((p.name, g) for p, g in jobs)
     weight_map: dict[str, str] = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        write_shard(out / fname, shard, gens)
-        for p in shard:
-            weight_map[p.name] = fname
-            report.total_bytes += p.nbytes
-            report.largest_tensor_bytes = max(report.largest_tensor_bytes, p.nbytes)
-    report.shards, report.tensors_written = len(shards), len(weight_map)
-    index = {"metadata": {"total_size": report.total_bytes}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    _write_config(base_dir, out, dtype)
-    copy_side_files(base_dir, out, report, fallback=info.base_dir if base is not None else None)
-    report.notes += info.notes
-    provenance = {"moefit_export": "merged", "run": str(info.adapter_dir), "base": str(base_dir),
-                  "base_values": report.base_values, "dtype": report.dtype, "lora_scale": lora.scale,
-                  "expert_lora_scale": lora.expert_scale, "merged_modules": report.merged_modules,
-                  "copied_through": report.copied_through}
-    (out / "moefit_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    with staged_dir(out, overwrite) as tmp:
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            write_shard(tmp / fname, shard, gens)
+            for p in shard:
+                weight_map[p.name] = fname
+                report.total_bytes += p.nbytes
+                report.largest_tensor_bytes = max(report.largest_tensor_bytes, p.nbytes)
+        report.shards, report.tensors_written = len(shards), len(weight_map)
+        index = {"metadata": {"total_size": report.total_bytes}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        _write_config(base_dir, tmp, dtype)
+        copy_side_files(base_dir, tmp, report, fallback=info.base_dir if base is not None else None)
+        report.notes += info.notes
+        provenance = {"moefit_export": "merged", "run": str(info.adapter_dir), "base": str(base_dir),
+                      "base_values": report.base_values, "dtype": report.dtype, "lora_scale": lora.scale,
+                      "expert_lora_scale": lora.expert_scale, "merged_modules": report.merged_modules,
+                      "copied_through": report.copied_through}
+        (tmp / "moefit_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
     return report
 
 

@@ -29,8 +29,9 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import MoefitError
+from ..rundir import RunInfo
 from .merge import ExportReport, LoraSource, copy_side_files
-from .runs import RunInfo
+from .staging import check_out_dir, staged_dir
 
 EXPERT_FILE = "moefit_expert_lora.safetensors"
 EXPERT_LAYOUT_FILE = "moefit_expert_lora.json"
@@ -86,9 +87,8 @@ def _fused_experts_params(model, full_name: str) -> bool:
 
 
 def peft_export(info: RunInfo, out: Path, *, base: Path | None = None, overwrite: bool = False) -> ExportReport:
-    from .merge import _check_out_dir
-
     out = Path(out)
+    check_out_dir(out, overwrite)
     base_dir = Path(base).expanduser() if base is not None else info.base_dir
     lora = LoraSource(info)
     cfg = info.adapter_config
@@ -137,7 +137,6 @@ def peft_export(info: RunInfo, out: Path, *, base: Path | None = None, overwrite
     for key, t in tensors.items():
         renamed[wrappers.get(key, key)] = t
 
-    _check_out_dir(out, overwrite)
     peft_cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(info.source if base is None
                                                                                        else base_dir),
@@ -148,24 +147,25 @@ def peft_export(info: RunInfo, out: Path, *, base: Path | None = None, overwrite
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None, "use_rslora": False,
         "use_dora": False,
     }
-    save_file(renamed, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2) + "\n")
-    report.tensors_written = len(renamed)
-    report.total_bytes = sum(t.numel() * t.element_size() for t in renamed.values())
-    if separate:
-        save_file(separate, str(out / EXPERT_FILE), metadata={"format": "pt"})
-        layout = {**EXPERT_LAYOUT, "scale": lora.expert_scale, "expert_r": r_e, "expert_alpha": alpha_e}
-        (out / EXPERT_LAYOUT_FILE).write_text(json.dumps(layout, indent=2) + "\n")
-        report.tensors_written += len(separate)
-        report.total_bytes += sum(t.numel() * t.element_size() for t in separate.values())
-        report.notes.append(f"routed-expert LoRA of {len({k.rpartition('.')[0] for k in separate})} modules is "
-                            f"not expressible by PEFT for {arch}: written to {EXPERT_FILE} ({EXPERT_LAYOUT_FILE} "
-                            "describes the layout); PEFT loads the rest.")
-    elif target_parameters:
-        report.notes.append(f"routed experts exported as PEFT target_parameters ({len(target_parameters)} fused "
-                            "expert tensors; rank_pattern/alpha_pattern hold their ranks); lora_dropout set to 0 "
-                            "(PEFT refuses dropout on parameter targets; inference is unchanged).")
-    copy_side_files(base_dir, out, report, tokenizer_only=True)
+    with staged_dir(out, overwrite) as tmp:
+        save_file(renamed, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2) + "\n")
+        report.tensors_written = len(renamed)
+        report.total_bytes = sum(t.numel() * t.element_size() for t in renamed.values())
+        if separate:
+            save_file(separate, str(tmp / EXPERT_FILE), metadata={"format": "pt"})
+            layout = {**EXPERT_LAYOUT, "scale": lora.expert_scale, "expert_r": r_e, "expert_alpha": alpha_e}
+            (tmp / EXPERT_LAYOUT_FILE).write_text(json.dumps(layout, indent=2) + "\n")
+            report.tensors_written += len(separate)
+            report.total_bytes += sum(t.numel() * t.element_size() for t in separate.values())
+            report.notes.append(f"routed-expert LoRA of {len({k.rpartition('.')[0] for k in separate})} modules is "
+                                f"not expressible by PEFT for {arch}: written to {EXPERT_FILE} ({EXPERT_LAYOUT_FILE} "
+                                "describes the layout); PEFT loads the rest.")
+        elif target_parameters:
+            report.notes.append(f"routed experts exported as PEFT target_parameters ({len(target_parameters)} fused "
+                                "expert tensors; rank_pattern/alpha_pattern hold their ranks); lora_dropout set to 0 "
+                                "(PEFT refuses dropout on parameter targets; inference is unchanged).")
+        copy_side_files(base_dir, tmp, report, tokenizer_only=True)
     report.notes += info.notes
     return report
 

@@ -14,16 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..config import LoraConfig, normalize_targets
 from ..errors import MoefitError
 from ..models import resolve_dtype
 from ..models.layers import EXPERT_PROJECTIONS, MoefitExperts, MoefitLinear, is_lora_name
+from ..rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config, read_adapter_weights
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "add_lora", "adapter_config", "load_adapter", "load_lora_state_dict",
+           "lora_parameters", "lora_state_dict", "read_adapter_config", "save_adapter"]
 
 
 def _root(model: nn.Module) -> nn.Module:
@@ -61,10 +62,12 @@ def add_lora(model: nn.Module, r: int | None = None, alpha: float | None = None,
     for name, module in root.named_modules():
         if isinstance(module, MoefitLinear) and name.rsplit(".", 1)[-1] in leaf_targets:
             module.add_lora(r, alpha, dropout, dtype, generator)
-            placed += 1
         elif isinstance(module, MoefitExperts) and routed_experts and r_e > 0 and expert_projs:
             module.add_lora(r_e, alpha_e, dropout, dtype, generator, expert_projs)
-            placed += 1
+        else:
+            continue
+        module.train(module.training)  # new submodules (LoRA dropout) start in training mode: match the model's
+        placed += 1
     if placed == 0:
         raise MoefitError(f"LoRA targets {targets} match no module of this model.")
     params = {n: p for n, p in root.named_parameters() if is_lora_name(n)}
@@ -117,21 +120,13 @@ def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
     return out
 
 
-def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
-    path = Path(adapter_dir) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise MoefitError(f"{path}: not found; expected an adapter directory written by moefit.")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MoefitError(f"{path}: invalid JSON ({e}).") from None
-
-
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict[str, Any]:
-    """Add LoRA with the saved settings to a freshly loaded model and load the saved weights."""
+    """Add LoRA with the saved settings to a freshly loaded model and load the saved weights. The files are
+    checked before the model is touched (see moefit.rundir); the new modules take the model's train/eval mode."""
     cfg = read_adapter_config(adapter_dir)
+    state = read_adapter_weights(adapter_dir, cfg)
     add_lora(model, r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"], targets=cfg["targets"],
              expert_r=cfg["expert_r"], routed_experts=cfg["routed_experts"], expert_alpha=cfg["expert_alpha"],
              dtype=cfg["dtype"], seed=cfg.get("seed", 0))
-    load_lora_state_dict(model, load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS)))
+    load_lora_state_dict(model, state)
     return cfg

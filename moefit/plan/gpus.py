@@ -36,6 +36,11 @@ def gpu_names() -> list[str]:
     return list(_catalogue()[0])
 
 
+def is_gpu_name(name: str) -> bool:
+    """A catalogue GPU's short name or alias."""
+    return _canonical(name) is not None
+
+
 def _canonical(name: str) -> str | None:
     gpus, _ = _catalogue()
     key = name.strip().lower().replace("_", "-").replace(" ", "-")

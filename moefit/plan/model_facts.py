@@ -164,14 +164,14 @@ def resolve_config_path(model: str) -> Path:
 
 
 def _hub_config(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import hf_hub_download
+    from ..errors import MoefitError
+    from ..hub import snapshot  # fails in seconds when the hub cannot be reached
 
-        return Path(hf_hub_download(repo_id, "config.json"))
-    except Exception as e:  # network down, gated repo, no such repo: say which and what to do
-        raise ConfigError(f"model {repo_id!r}: could not fetch its config.json from the hub ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}). Download config.json and pass its path, "
-                          f"or use a preset ({', '.join(PRESETS)}).") from None
+    try:
+        return snapshot(repo_id, ["config.json"]) / "config.json"
+    except MoefitError as e:
+        raise ConfigError(f"{e} Or download its config.json and pass that path, or use a preset "
+                          f"({', '.join(PRESETS)}).") from None
 
 
 def load_model_facts(model: str) -> ModelFacts:

@@ -17,10 +17,23 @@ import math
 import torch
 from torch import nn
 
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # optional hub kernels: never needed
-import bitsandbytes.functional as bnbF  # noqa: E402
+from . import triton_nf4
 
-from . import triton_nf4  # noqa: E402
+
+def _import_bitsandbytes():
+    """bitsandbytes.functional, imported without its warning about optional hub CPU kernels (never needed here):
+    the warning's logger is raised to ERROR for the import only and then left as it was."""
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as functional
+    finally:
+        log.setLevel(level)
+    return functional
+
+
+bnbF = _import_bitsandbytes()
 
 
 def _nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig, config_from_dict, load_config, save_config
+from ..config import RunConfig, apply_overrides, load_config, save_config
 from ..errors import ConfigError, MoefitError, WorkersFailed
 from . import checkpoint
 from .loop import RunResult, run
@@ -55,18 +55,7 @@ def resolve_config(config: RunConfig | str | Path | None, overrides: dict[str, A
     """A RunConfig from an object, a YAML path, the saved config of a run being resumed, or the tiny default."""
     dotted = {_dotted(k): v for k, v in (overrides or {}).items()}
     if isinstance(config, RunConfig):
-        if not dotted:
-            return config
-        values = config.to_dict()
-        for k, v in dotted.items():
-            node = values
-            *parents, last = k.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-                if not isinstance(node, dict):
-                    raise ConfigError(f"cannot set {k}: {part} is not a section.")
-            node[last] = v
-        return config_from_dict(values, "config")
+        return apply_overrides(config.to_dict(), dotted, "the config object") if dotted else config
     if config is None:
         if saved_run is not None and (saved_run / "config.yaml").is_file():
             return load_config(saved_run / "config.yaml", dotted)

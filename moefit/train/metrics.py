@@ -71,14 +71,14 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 
 def plot_loss(path: Path, metrics: MetricsLog, title: str) -> None:
     """Training loss per optimizer step and held-out loss at each eval, one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # not pyplot: the process's matplotlib backend is not ours to set
 
     train = [(r["step"], r["loss"]) for r in metrics.train_records() if math.isfinite(r["loss"])]
     evals = [(r["step"], r["eval_loss"]) for r in metrics.eval_records() if math.isfinite(r["eval_loss"])]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig = Figure(figsize=(7, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue", linewidth=1.2)
     if evals:
@@ -91,4 +91,3 @@ def plot_loss(path: Path, metrics: MetricsLog, title: str) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
