@@ -16,8 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from moefit import engine_switches
 from moefit.cli import main
-from moefit.config import RunConfig
+from moefit.config import RunConfig, load_config
 from moefit.errors import MoefitError
 from moefit.models.causal_lm import MoefitCausalLM
 from moefit.train import checkpoint as ckpt
@@ -45,7 +46,8 @@ def _snapshot(run_dir: Path) -> dict[str, bytes]:
 
 # ------------------------------------------------------------------------------------- previous results
 
-def test_a_folder_without_checkpoint_is_refused_unless_overwrite(model_dir, tmp_path, capsys):  # noqa: F811
+def test_a_folder_without_checkpoint_is_refused_unless_overwrite(model_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(engine_switches, "_current", engine_switches.current())  # the run below changes it
     run_dir = tmp_path / "run"
     train(output_dir=run_dir, smoke=True, steps=2, echo=False, **small(model_dir))
     before = _snapshot(run_dir)
@@ -55,9 +57,13 @@ def test_a_folder_without_checkpoint_is_refused_unless_overwrite(model_dir, tmp_
     assert "is not empty" in err and "--overwrite" in err and "Traceback" not in err
     assert _snapshot(run_dir) == before  # the smoke run's files are untouched
     (run_dir / "notes.txt").write_text("mine")
-    result = train(output_dir=run_dir, overwrite=True, echo=False, **small(model_dir, **{"train.max_steps": 2}))
+    result = train(output_dir=run_dir, overwrite=True, echo=False,
+                   **small(model_dir, **{"train.max_steps": 2, "engine.recompute_skip": False}))
     assert result.completed and (run_dir / "notes.txt").read_text() == "mine"  # only moefit's files are replaced
-    assert json.loads((run_dir / "report.json").read_text())["mode"] == "train"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["mode"] == "train" and report["engine"]["recompute_skip"] is False  # the run records its engine
+    assert set(report["versions"]) >= {"torch", "transformers", "bitsandbytes", "gpu"}
+    assert load_config(run_dir / "config.yaml").engine.recompute_skip is False
     with pytest.raises(MoefitError, match="contradict"):
         train(output_dir=run_dir, overwrite=True, resume=True, echo=False)
 

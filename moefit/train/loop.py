@@ -320,7 +320,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
 
     t_load = time.perf_counter()
     model = load_model(cfg.model, quantization=cfg.quantization.weights, dtype=t.precision,
-                       device=device.type, quant=cfg.quantization)
+                       device=device.type, quant=cfg.quantization, engine=cfg.engine)
     params = add_lora(model, cfg=cfg.lora)
     if t.gradient_checkpointing:
         model.enable_gradient_checkpointing(keep_routed_gate_up=t.keep_routed_gate_up)
@@ -516,6 +516,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
                    "scheduler": t.scheduler, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
                    "max_length": t.max_length, "gradient_checkpointing": t.gradient_checkpointing,
                    "keep_routed_gate_up": t.keep_routed_gate_up},
+        "engine": cfg.engine.__dict__,
         "trainable_params": n_train,
         "data": bundle.report.to_dict(),
         "steps": state.step,
