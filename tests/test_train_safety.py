@@ -66,6 +66,8 @@ def test_a_folder_without_checkpoint_is_refused_unless_overwrite(model_dir, tmp_
     assert load_config(run_dir / "config.yaml").engine.recompute_skip is False
     with pytest.raises(MoefitError, match="contradict"):
         train(output_dir=run_dir, overwrite=True, resume=True, echo=False)
+    with pytest.raises(MoefitError, match="is a file, not a folder"):
+        train(output_dir=run_dir / "notes.txt", echo=False, **small(model_dir))
 
 
 def test_resuming_a_finished_run_changes_nothing(reference, capsys):
@@ -113,6 +115,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_bit_identical(reference, model
     assert e.value.exit_code == 143 and f"--resume {run_dir}" in str(e.value) and "step-3" in str(e.value)
     assert [s for s, _ in ckpt.list_checkpoints(run_dir / "checkpoints")] == [2, 3]  # 2 periodic, 3 on SIGTERM
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are gone after the run
+    with pytest.raises(MoefitError, match=r"already holds a run \(newest checkpoint step-3\)\. Continue it with --resume"):
+        train(output_dir=run_dir, echo=False, **small(model_dir))
     resumed = train(resume=run_dir, echo=False)
     assert resumed.completed and resumed.train_losses == reference.train_losses[3:]
     _same_adapter(run_dir, reference.run_dir)
@@ -174,7 +178,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model_dir, tmp_path, 
 
     _break_forward(monkeypatch, 3, 2, nan)
     run_dir = tmp_path / "run"
-    with pytest.raises(MoefitError, match="training loss nan at step 3") as e:
+    with pytest.raises(MoefitError, match="the training loss became nan at step 3") as e:
         train(output_dir=run_dir, echo=False, **small(model_dir))
     assert "train.lr" in str(e.value) and f"--resume {run_dir}" in str(e.value) and "step-2" in str(e.value)
     assert [s for s, _ in ckpt.list_checkpoints(run_dir / "checkpoints")] == [2]

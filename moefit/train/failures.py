@@ -15,11 +15,11 @@ from .progress import fmt_bytes
 
 
 def non_finite(loss: float, grad_norm: float) -> str | None:
-    """'loss nan' / 'gradient norm inf' when the step produced a non-finite value, else None."""
+    """'training loss became nan' / 'gradient norm became inf' for a non-finite step, else None."""
     if not math.isfinite(loss):
-        return f"training loss {loss}"
+        return f"training loss became {loss}"
     if not math.isfinite(grad_norm):
-        return f"gradient norm {grad_norm}"
+        return f"gradient norm became {grad_norm}"
     return None
 
 

@@ -34,10 +34,10 @@ def _listing(run_dir: Path, limit: int = 4) -> str:
 
 def claim(run_dir: Path, overwrite: bool) -> None:
     """Before a new run writes into `run_dir`: refuse a non-empty folder, or with `overwrite` clear moefit's files."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MoefitError(f"--output-dir {run_dir} is a file, not a folder. Pass another --output-dir.")
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return
-    if not run_dir.is_dir():
-        raise MoefitError(f"--output-dir {run_dir} is a file, not a folder. Pass another --output-dir.")
     if overwrite:
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
