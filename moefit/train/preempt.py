@@ -12,14 +12,20 @@ With several processes, each rank gets the signal at a slightly different moment
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..parallel import dist as pdist
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _say(msg: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(2, msg.encode())
 
 
 class Preempted(Exception):
@@ -34,17 +40,19 @@ class Preempted(Exception):
 class StopFlag:
     """Set by the signal handler; read by the loop at each optimizer-step boundary."""
 
-    def __init__(self, note: Callable[[str], None] = print) -> None:
+    def __init__(self) -> None:
         self.signum: int | None = None
-        self.note = note
 
     def handle(self, signum: int, frame: object) -> None:
+        # A raw write: the handler may interrupt a print() to the same stream, and buffered streams are not
+        # reentrant (a second print would raise RuntimeError inside the training step).
+        name = signal.Signals(signum).name
         if self.signum is not None:
-            self.note(f"\n{signal.Signals(signum).name} again: stopping now, without a new checkpoint.")
+            _say(f"\n{name} again: stopping now, without a new checkpoint.\n")
             raise KeyboardInterrupt
         self.signum = signum
-        self.note(f"\n{signal.Signals(signum).name} received: finishing this optimizer step, then saving a "
-                  "checkpoint and stopping (send it again to stop at once).")
+        _say(f"\n{name} received: finishing this optimizer step, then saving a checkpoint and stopping (send it "
+             "again to stop at once).\n")
 
     def requested(self) -> bool:
         """This process has been asked to stop."""
@@ -71,9 +79,9 @@ class StopFlag:
 
 
 @contextlib.contextmanager
-def stop_on_signals(note: Callable[[str], None] = print) -> Iterator[StopFlag]:
+def stop_on_signals() -> Iterator[StopFlag]:
     """Install the handlers for the duration of a run (main thread only; elsewhere signals keep their defaults)."""
-    flag = StopFlag(note)
+    flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
