@@ -122,11 +122,14 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_bit_identical(reference, model
     _same_adapter(run_dir, reference.run_dir)
 
 
-def test_second_signal_stops_at_once(capfd):
+def test_second_signal_stops_at_once(capfd, monkeypatch):
     with preempt.stop_on_signals() as flag:
         os.kill(os.getpid(), signal.SIGINT)
         assert flag.requested() and flag.agreed() and flag.name() == "SIGINT"
         assert "SIGINT received: finishing this optimizer step" in capfd.readouterr().err
+        os.kill(os.getpid(), signal.SIGINT)  # at once: the launcher passing on the same Ctrl-C
+        assert capfd.readouterr().err == ""
+        monkeypatch.setattr(preempt, "REPEAT_AFTER_S", 0.0)
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert "SIGINT again: stopping now" in capfd.readouterr().err
@@ -277,3 +280,32 @@ def test_resume_warns_when_the_data_or_config_changed(tmp_path):
     assert len(warnings) == 2
     assert "training data changed" in warnings[0] and "aaaa -> bbbb" in warnings[0]
     assert "train.lr 2e-05 -> 0.001" in warnings[1]
+
+
+def test_sigterm_to_a_two_process_run_stops_both_ranks_after_the_same_step(tmp_path):
+    """`--gpus 2`: the launcher passes SIGTERM on; the ranks agree on the step, rank 0 saves every rank's RNG."""
+    from tests.test_data_parallel import _env
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "moefit", "train", "--gpus", "2", "--output-dir", str(run_dir)]
+    for k, v in {"train.max_steps": 200, "train.max_length": 128, "train.eval_every": 1000,
+                 "train.save_every": 1000, "data.eval_fraction": 0}.items():
+        cmd += ["--set", f"{k}={v}"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.is_file() and '"train"' in metrics.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert "stopped by SIGTERM after step" in err and f"moefit train --resume {run_dir}" in err
+    assert "Traceback" not in err + out, err[-3000:]
+    (step, path), = ckpt.list_checkpoints(run_dir / "checkpoints")
+    assert step < 200 and verify.problem(path) is None and (path / ckpt.rng_file(1)).is_file()
+    assert ckpt.read_trainer_state(path).world_size == 2

@@ -3,7 +3,9 @@
 Spot and preemptible instances send SIGTERM 30-120 s before the machine goes; Ctrl-C sends SIGINT. The first
 signal only sets a flag: the loop finishes the step it is in, saves a checkpoint and raises `Preempted`, which the
 CLI turns into a message and exit code 128 + signal (143 for SIGTERM, 130 for SIGINT). A second signal stops at
-once (KeyboardInterrupt) and leaves the newest periodic checkpoint.
+once (KeyboardInterrupt) and leaves the newest periodic checkpoint; "second" means more than
+`REPEAT_AFTER_S` later, because under a launcher (`--gpus`, torchrun) a Ctrl-C reaches each worker twice: from the
+terminal and passed on by the launcher.
 
 With several processes, each rank gets the signal at a slightly different moment (or only some get it);
 `StopFlag.agreed(ctx)` all-reduces the flags so that every rank stops after the same step.
@@ -15,12 +17,14 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..parallel import dist as pdist
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+REPEAT_AFTER_S = 2.0
 
 
 def _say(msg: str) -> None:
@@ -42,15 +46,18 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.at = 0.0
 
     def handle(self, signum: int, frame: object) -> None:
         # A raw write: the handler may interrupt a print() to the same stream, and buffered streams are not
         # reentrant (a second print would raise RuntimeError inside the training step).
         name = signal.Signals(signum).name
         if self.signum is not None:
+            if time.monotonic() - self.at < REPEAT_AFTER_S:
+                return  # the same request again (terminal and launcher both pass it on)
             _say(f"\n{name} again: stopping now, without a new checkpoint.\n")
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum, self.at = signum, time.monotonic()
         _say(f"\n{name} received: finishing this optimizer step, then saving a checkpoint and stopping (send it "
              "again to stop at once).\n")
 
