@@ -5,4 +5,4 @@ set -uo pipefail
 out=${OUT:-bench-out}; mkdir -p "$out"
 . benchmarks/gpu_env.sh
 python3 -m pytest -q tests/test_gpu.py -p no:cacheprovider 2>&1 | grep -E "^E |passed|failed|^\.+|s\.*" | head -5
-bash benchmarks/step_ab.sh "2048 4096" "decoder-bnb:MOEFIT_NF4_DECODER=bnb" "decoder-triton:MOEFIT_NF4_DECODER=triton"
+bash benchmarks/step_ab.sh "2048 4096" "decoder-bnb:nf4_decoder=bnb" "decoder-triton:nf4_decoder=triton"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Full-depth synthetic Scout (seed recipe LoRA) training steps under several engine settings, one GPU.
-#   [STEPS=3] bash benchmarks/step_ab.sh "SEQ..." "name:VAR=value,VAR=value[:--bench-flag ...]" ...
-# e.g. bash benchmarks/step_ab.sh "2048" "bnb:" "triton-decoder:MOEFIT_NF4_DECODER=triton" "keep::--keep-routed-gate-up"
+#   [STEPS=3] bash benchmarks/step_ab.sh "SEQ..." "name:KEY=value,KEY=value[:--bench-flag ...]" ...
+# KEY=value are engine settings (the run config's engine: section, docs/engine.md), passed as --engine KEY=value
+# and recorded in each result's "engine".
+# e.g. bash benchmarks/step_ab.sh "2048" "bnb:" "triton-decoder:nf4_decoder=triton" "keep::--keep-routed-gate-up"
 # Writes one file, $OUT/step_ab.json ({setting: moefit bench --json output}); a failed setting's stderr tail is
 # printed. (One file: a device call brings back at most 8.)
 set -uo pipefail
@@ -10,7 +12,8 @@ tmp=$(mktemp -d)
 seqs=$1; shift
 for setting in "$@"; do
   IFS=: read -r name vars flags <<< "$setting"
-  env ${vars//,/ } python3 -m moefit bench --model llama4-scout --seq-len $seqs --steps "${STEPS:-3}" --json $flags \
+  engine=""; for kv in ${vars//,/ }; do engine="$engine --engine $kv"; done
+  python3 -m moefit bench --model llama4-scout --seq-len $seqs --steps "${STEPS:-3}" --json $engine $flags \
     > "$tmp/$name.json" 2> "$tmp/$name.err" || { echo "$name failed:"; tail -20 "$tmp/$name.err"; continue; }
   python3 - "$tmp/$name.json" "$name" <<'PY'
 import json, sys

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .config import LoraConfig, QuantConfig, RunConfig, TrainConfig
+from .config import EngineConfig, LoraConfig, QuantConfig, RunConfig, TrainConfig
 from .errors import MoefitError
 
 
@@ -23,13 +23,15 @@ def matmul_tflops(device: str = "cuda", n: int = 8192, reps: int = 10) -> float:
 def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: list[int] = (2048,), batch: int = 1,
           rank: int = 32, expert_rank: int | None = None, targets: list[str] | None = None,
           optimizer: str = "adamw_8bit", steps: int = 3, warmup: int = 1, device: str = "cuda",
-          embeddings_on_host: bool = False, grad_accum: int = 1, keep_routed_gate_up: bool = False
-          ) -> dict[str, Any]:
+          embeddings_on_host: bool = False, grad_accum: int = 1, keep_routed_gate_up: bool = False,
+          engine: EngineConfig | None = None) -> dict[str, Any]:
     """Build once, measure each sequence length. Under torchrun (`moefit bench --gpus N`) every rank does the same
     with DDP over the LoRA parameters; the result (on every rank) holds each rank's peak memory and the total
     tokens/s of the ranks, against the plan for N GPUs."""
+    from . import engine_switches
     from .bench import active_params_per_token, build_synthetic_model, measure_training
     from .parallel import dist as pdist
+    from .train.metrics import versions
 
     for name, value, least in (("--batch", batch, 1), ("--grad-accum", grad_accum, 1), ("--steps", steps, 1),
                                ("--warmup", warmup, 0), ("--seq-len", min(seq_lens, default=0), 2)):
@@ -44,6 +46,7 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
     lora = LoraConfig(r=rank, alpha=2.0 * rank, expert_r=expert_rank,
                       routed_experts=expert_rank != 0,
                       targets=targets or ["q", "k", "v", "o", "gate", "up", "down"])
+    engine_switches.use(engine or EngineConfig())
     t0 = time.perf_counter()
     quant = QuantConfig(embeddings_on_host=embeddings_on_host)
     m = build_synthetic_model(model, num_layers=layers, quant=quant, lora=lora, device=device)
@@ -71,7 +74,8 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
     return {"model": model, "layers": m.config.num_hidden_layers, "build_s": build_s, "device_name": name,
             "world_size": ctx.world_size,
             "embeddings_on_host": embeddings_on_host, "keep_routed_gate_up": keep_routed_gate_up,
-            "matmul_tflops": ceiling, "active_params_per_token": active, "lora": lora.__dict__, "runs": runs}
+            "matmul_tflops": ceiling, "active_params_per_token": active, "lora": lora.__dict__,
+            "engine": engine_switches.current().__dict__, "versions": versions(), "runs": runs}
 
 
 def _combine_ranks(per_rank: list[dict[str, Any]], world_size: int) -> dict[str, Any]:

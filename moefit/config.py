@@ -119,6 +119,21 @@ class PlanConfig:
     dataset_tokens: int | None = None  # for run time / cost when the data is not at hand
 
 
+NF4GemmVariant = Literal["select-join", "select-gather", "lut-join", "lut-gather", "select-split", "shfl-split",
+                         "shfl-join"]
+
+
+@dataclass
+class EngineConfig:
+    """Kernel choices (docs/engine.md). The defaults are the fastest measured; the others exist for A/B runs.
+    Applied by `load_model(..., engine=...)` for the whole process, and recorded in config.yaml and report.json."""
+
+    expert_matmul: Literal["dequant", "fused"] = "dequant"  # fused: Triton grouped GEMM straight from NF4 (CUDA)
+    nf4_gemm_variant: NF4GemmVariant = "select-join"  # the fused kernel's NF4 decode - weight-tile layout
+    nf4_decoder: Literal["bnb", "triton"] = "bnb"  # triton: moefit's NF4 decoder, bit-identical to bitsandbytes
+    recompute_skip: bool = True  # skip the frozen projections the recomputation does not need (models/recompute.py)
+
+
 @dataclass
 class RunConfig:
     model: str = TINY_MODEL
@@ -129,6 +144,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     smoke: SmokeConfig = field(default_factory=SmokeConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

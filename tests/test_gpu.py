@@ -15,6 +15,15 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def _engine(monkeypatch, **settings):
+    """Engine settings (config `engine:`) for the rest of one test."""
+    import dataclasses
+
+    from moefit import engine_switches
+
+    monkeypatch.setattr(engine_switches, "_current", dataclasses.replace(engine_switches.current(), **settings))
+
+
 def test_nf4_one_call_dequant_equals_per_expert_on_cuda():
     from moefit.quant.nf4 import NF4Weight
 
@@ -51,7 +60,7 @@ def test_fused_nf4_grouped_matmul_matches_dequantize_then_grouped_mm(monkeypatch
     q = NF4Weight((e, out_f, in_f), dtype=torch.bfloat16, device="cuda").quantize_(
         torch.randn(e, out_f, in_f, device="cuda", dtype=torch.bfloat16) * 0.05)
     w = q.dequantize()
-    monkeypatch.setenv("MOEFIT_EXPERT_MATMUL", "fused")
+    _engine(monkeypatch, expert_matmul="fused")
     assert nf4_grouped_mm.enabled()
     for transpose in (True, False):
         x = torch.randn(int(counts.sum()), in_f if transpose else out_f, device="cuda", dtype=torch.bfloat16)
@@ -59,9 +68,9 @@ def test_fused_nf4_grouped_matmul_matches_dequantize_then_grouped_mm(monkeypatch
         ref = _GROUPED_MM(x, w.transpose(1, 2) if transpose else w, offs=groups.offs)
         assert fused.shape == ref.shape
         assert rel(fused, ref) < 5e-3, transpose
-        monkeypatch.setenv("MOEFIT_EXPERT_MATMUL", "dequant")
+        _engine(monkeypatch, expert_matmul="dequant")
         assert torch.equal(_apply(x, q, groups, transpose=transpose), ref)
-        monkeypatch.setenv("MOEFIT_EXPERT_MATMUL", "fused")
+        _engine(monkeypatch, expert_matmul="fused")
 
 
 def test_grouped_mm_padding_for_large_tiles_changes_nothing():
@@ -123,7 +132,7 @@ def test_grouped_expert_matmul_matches_loop_forward_and_backward():
 def test_tiny_model_on_cuda_matches_cpu_and_trains(tmp_path, monkeypatch, expert_matmul):
     if expert_matmul == "fused":
         pytest.importorskip("triton")
-    monkeypatch.setenv("MOEFIT_EXPERT_MATMUL", expert_matmul)
+    _engine(monkeypatch, expert_matmul=expert_matmul)
     import moefit
     import moefit.moe.grouped as grouped
     from moefit.lora import add_lora
@@ -144,10 +153,10 @@ def test_tiny_model_on_cuda_matches_cpu_and_trains(tmp_path, monkeypatch, expert
         fast, _ = block(hidden)
         grouped_mm = grouped._GROUPED_MM
         monkeypatch.setattr(grouped, "_GROUPED_MM", None)
-        monkeypatch.setenv("MOEFIT_EXPERT_MATMUL", "dequant")
+        _engine(monkeypatch, expert_matmul="dequant")
         slow, _ = block(hidden)
         monkeypatch.setattr(grouped, "_GROUPED_MM", grouped_mm)
-        monkeypatch.setenv("MOEFIT_EXPERT_MATMUL", expert_matmul)
+        _engine(monkeypatch, expert_matmul=expert_matmul)
     assert rel(fast, slow) < 1e-2
     params = add_lora(gpu, r=8, alpha=16, dropout=0.0)
     gpu.enable_gradient_checkpointing()

@@ -127,7 +127,7 @@ def test_run_directory_holds_everything(runs, model_dir):
 def test_existing_run_dir_is_not_overwritten(runs, capsys):
     assert main(["train", "--output-dir", str(runs[0].run_dir), "--set", "train.max_steps=1"]) == 2
     err = capsys.readouterr().err
-    assert "already holds a run" in err and "--resume" in err
+    assert "already holds a finished run" in err and "--resume" in err and "--overwrite" in err
 
 
 def _smoke_data(tmp_path: Path) -> Path:

@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         " true; faster, tokens x top_k x intermediate x 4 bytes more per MoE layer)")
     p.add_argument("--embeddings-on-host", action="store_true",
                    help="keep the input embedding table in host memory (quantization.embeddings_on_host)")
+    p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                   help="an engine setting of the run config's engine: section, e.g. --engine expert_matmul=fused "
+                        "(see docs/engine.md); repeatable; recorded in the results")
     p.add_argument("--device", default="cuda", help="device (default cuda)")
     p.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="measure data-parallel training on N GPUs of this host (one process each, DDP over the "
@@ -60,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from ..benchrun import bench
+    from ..engine_switches import parse
     from ..errors import WorkersFailed
     from ..parallel.dist import context_from_env
 
@@ -74,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                     expert_rank=args.expert_rank, targets=args.targets.split(","), optimizer=args.optimizer,
                     steps=args.steps, warmup=args.warmup, device=args.device,
                     embeddings_on_host=args.embeddings_on_host, grad_accum=args.grad_accum,
-                    keep_routed_gate_up=args.keep_routed_gate_up)
+                    keep_routed_gate_up=args.keep_routed_gate_up, engine=parse(args.engine))
     if not context_from_env().is_main:
         return 0  # rank 0 prints for all
     if args.json:

@@ -30,8 +30,10 @@ examples:
   moefit train run.yaml --set train.lr=1e-4 --set lora.r=16
   moefit train run.yaml --gpus 4                      data parallel on 4 GPUs of this host
   torchrun --nproc-per-node 4 -m moefit train run.yaml   the same, started by torchrun (multi-node: README)
-exit codes: 0 done (smoke: passed), 1 smoke run failed, 2 bad config/data/arguments or the run cannot start,
-3 a worker process died (--gpus)."""
+exit codes: 0 done (smoke: passed), 1 smoke run failed, 2 bad config/data/arguments or the run cannot start or
+failed (NaN loss, out of memory: the message says what to change), 3 a worker process died (--gpus),
+143 / 130 stopped by SIGTERM / SIGINT after saving a checkpoint (continue with --resume; a second signal stops
+at once without one)."""
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -58,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "config saved in the run directory.")
     p.add_argument("--output-dir", metavar="DIR",
                    help="run directory to write (default: the config's output_dir, else a new folder "
-                        "runs/<model>-<YYYYmmdd-HHMMSS>). Refuses a folder that already holds a run unless --resume.")
+                        "runs/<model>-<YYYYmmdd-HHMMSS>). Refuses a non-empty folder unless --resume or --overwrite.")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                    help="continue from the newest complete checkpoint of the run in --output-dir, or of the run "
                         "directory PATH, or from the checkpoint folder PATH (RUN/checkpoints/step-N).")
@@ -72,6 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, metavar="N",
                    help="stop the full run after N optimizer steps (sets train.max_steps; the schedule is "
                         "fitted to N).")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let a new run replace the files of an earlier run in --output-dir (its adapter, "
+                        "checkpoints, metrics and report; other files stay). Without it a non-empty folder is refused.")
     p.add_argument("--force", action="store_true",
                    help="start on a GPU even when the planner predicts the run does not fit in its memory.")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set",
@@ -90,6 +95,7 @@ def handle(args: argparse.Namespace) -> int:
     from ..parallel.dist import context_from_env, lost_peer
     from ..parallel.launch import EXIT_WORKER_DIED, report_worker_error
     from ..train import train
+    from ..train.preempt import Preempted
 
     overrides = _parse_set(args.set)
     if args.max_steps is not None:
@@ -97,7 +103,12 @@ def handle(args: argparse.Namespace) -> int:
     ctx = context_from_env()
     try:
         result = train(args.config, output_dir=args.output_dir, resume=args.resume, smoke=args.smoke,
-                       steps=args.steps, force=args.force, echo=not args.quiet, gpus=args.gpus, **overrides)
+                       steps=args.steps, force=args.force, echo=not args.quiet, gpus=args.gpus,
+                       overwrite=args.overwrite, **overrides)
+    except Preempted as e:
+        if ctx.is_main:
+            print(f"moefit train: {e}", file=sys.stderr)
+        return e.exit_code
     except MoefitError as e:
         if not ctx.enabled:
             raise

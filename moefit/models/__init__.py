@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from ..config import QuantConfig
+from ..config import EngineConfig, QuantConfig
 from .causal_lm import CausalLMOutput, MoefitCausalLM
 
 __all__ = ["CausalLMOutput", "MoefitCausalLM", "load", "load_model"]
@@ -26,14 +26,17 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 def load_model(source: str = "tiny", quantization: str = "nf4", dtype: torch.dtype | str = torch.bfloat16,
                device: torch.device | str = "cpu", quant: QuantConfig | None = None,
-               attn_implementation: str = "sdpa") -> MoefitCausalLM:
+               attn_implementation: str = "sdpa", engine: EngineConfig | None = None) -> MoefitCausalLM:
     """Load a causal LM for QLoRA training: `source` is 'tiny', a local directory (config.json + safetensors,
-    no tokenizer needed) or a hub id. Frozen weights are NF4 (`quantization="nf4"`) or plain ("none")."""
+    no tokenizer needed) or a hub id. Frozen weights are NF4 (`quantization="nf4"`) or plain ("none").
+    `engine` (config `engine:`) picks the kernels for this process; None keeps the current ones."""
     from transformers import AutoConfig
 
+    from .. import engine_switches
     from ..loading import resolve_source, stream_weights
     from .build import build_skeleton, text_config_of, tie_if_needed
 
+    engine_switches.use(engine or engine_switches.current())
     dtype = resolve_dtype(dtype)
     quant = quant or QuantConfig()
     if quantization != quant.weights:

@@ -19,11 +19,12 @@ With activation checkpointing, backward re-runs a layer's forward only to rebuil
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections.abc import Iterator
 
 import torch
+
+from .. import engine_switches
 
 _state = threading.local()
 
@@ -77,8 +78,8 @@ def discarded_output(x: torch.Tensor, width: int) -> torch.Tensor:
 
 def context_fn() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
     """For `torch.utils.checkpoint.checkpoint(..., use_reentrant=False, context_fn=context_fn)`.
-    MOEFIT_RECOMPUTE_SKIP=0 turns the shortcuts off (A/B runs)."""
-    if os.environ.get("MOEFIT_RECOMPUTE_SKIP", "1") == "0":
+    `engine.recompute_skip: false` turns the shortcuts off (A/B runs)."""
+    if not engine_switches.current().recompute_skip:
         return contextlib.nullcontext(), contextlib.nullcontext()
     frame: dict = {}  # what this checkpoint call's first pass keeps for its recomputation
     return _phase("forward", frame), _phase("recompute", frame)

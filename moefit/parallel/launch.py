@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
@@ -56,6 +57,7 @@ def launch_workers(nproc: int, argv: list[str], command: str = "moefit train") -
     """Run `python -m moefit ARGV` in `nproc` processes on this host (NCCL on GPUs, gloo on CPU); return the exit
     code of the job: 0 when every worker finished, else that of the first worker that failed (1 a failed smoke
     run, 2 a moefit error, EXIT_WORKER_DIED a crash or a signal)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, get_args_parser
@@ -79,8 +81,14 @@ def launch_workers(nproc: int, argv: list[str], command: str = "moefit train") -
     elastic_log.setLevel(logging.CRITICAL)  # its per-worker log lines are replaced by the message below
     try:
         elastic_launch(config=config, entrypoint=entrypoint)(*cmd_args)
+    except SignalException as e:
+        # SIGTERM / SIGINT to the launcher: it has passed the signal on to the workers and waited for them (they
+        # save a checkpoint at the step boundary and rank 0 says how to resume: train/preempt.py).
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
+        if failure.exitcode in (128 + signal.SIGTERM, 128 + signal.SIGINT):
+            return failure.exitcode  # stopped on a signal after a checkpoint; rank 0 said how to resume
         reported = _reported_message(failure)
         others = nproc - 1
         if reported is not None and failure.exitcode in (1, 2):

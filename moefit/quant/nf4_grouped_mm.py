@@ -27,17 +27,19 @@ MMA. Hence opt-in. `VARIANTS` name the NF4 decode (select tree / memory lookup) 
 from __future__ import annotations
 
 import functools
-import os
+import typing
 
 import torch
 
+from .. import engine_switches
+from ..config import EngineConfig, NF4GemmVariant
 from .triton_nf4 import triton_importable
 
 
 def enabled() -> bool:
-    """Opt-in (MOEFIT_EXPERT_MATMUL=fused) while it is slower than dequantize + torch._grouped_mm on the H200
+    """Opt-in (`engine.expert_matmul: fused`) while it is slower than dequantize + torch._grouped_mm on the H200
     (benchmarks/expert_matmul.md)."""
-    if os.environ.get("MOEFIT_EXPERT_MATMUL", "dequant") != "fused":
+    if engine_switches.current().expert_matmul != "fused":
         return False
     return triton_importable()
 
@@ -52,9 +54,9 @@ def supported(x: torch.Tensor, out_features: int, in_features: int, blocksize: i
 
 # NF4 decode (lut: memory lookup, select: select tree, shfl: register table + tl.gather) - weight-tile layout
 # (join: nibbles interleaved, gather: each element loads its byte, split: even/odd columns kept as two tiles).
-VARIANTS = ("select-join", "select-gather", "lut-join", "lut-gather", "select-split", "shfl-split", "shfl-join")
+VARIANTS = typing.get_args(NF4GemmVariant)  # engine.nf4_gemm_variant
 _DECODE = {"lut": 0, "select": 1, "shfl": 2}
-DEFAULT_VARIANT = "select-join"
+DEFAULT_VARIANT = EngineConfig().nf4_gemm_variant
 
 
 @functools.cache
@@ -83,7 +85,7 @@ def nf4_grouped_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tens
     def grid(meta):
         return (triton.cdiv(x.shape[0], meta["BM"]) + experts, triton.cdiv(n_out, meta["BN"]))
 
-    decode, layout = (variant or os.environ.get("MOEFIT_NF4_GEMM_VARIANT", DEFAULT_VARIANT)).split("-")
+    decode, layout = (variant or engine_switches.current().nf4_gemm_variant).split("-")
     args = (x, packed, absmax.contiguous(), code, offs, out, n_out, k, in_features, x.stride(0), out.stride(0))
     if layout == "split":
         _kernel("split")[grid](*args, E=experts, TRANSPOSE=transpose, BLOCKSIZE=blocksize, DECODE=_DECODE[decode])

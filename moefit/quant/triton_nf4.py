@@ -4,7 +4,7 @@ Each packed byte is read once, both codes go through bitsandbytes' 16-entry tabl
 not a memory lookup) and are scaled by the block's absmax: the same arithmetic as bitsandbytes (fp32 code x fp32
 absmax, then the cast), bit-identical output (tests/test_gpu.py; tests/test_nf4_grouped_mm.py in the interpreter).
 
-Opt-in (`MOEFIT_NF4_DECODER=triton`): on an H200 it decodes a Scout expert bank in 0.762 ms against
+Opt-in (`engine.nf4_decoder: triton`): on an H200 it decodes a Scout expert bank in 0.762 ms against
 bitsandbytes' 0.750 ms (2.24 TB/s, 53 % of the copy rate; benchmarks/expert_matmul.md), and the full-depth seed
 recipe step at seq 2048 took 1.433 s against 1.215 s with bitsandbytes
 (benchmarks/raw/step_ab_skip_recompute*_h200.json). It shares its NF4 table with the fused grouped GEMM.
@@ -13,9 +13,10 @@ recipe step at seq 2048 took 1.433 s against 1.215 s with bitsandbytes
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from .. import engine_switches
 
 
 @functools.cache
@@ -28,9 +29,8 @@ def triton_importable() -> bool:
     return True
 
 
-@functools.cache
 def available() -> bool:
-    if os.environ.get("MOEFIT_NF4_DECODER", "bnb") != "triton" or not torch.cuda.is_available():
+    if engine_switches.current().nf4_decoder != "triton" or not torch.cuda.is_available():
         return False
     return triton_importable()
 

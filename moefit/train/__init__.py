@@ -74,6 +74,7 @@ def train(
     stop_after: int | None = None,
     echo: bool = True,
     gpus: int | None = None,
+    overwrite: bool = False,
     **overrides: Any,
 ) -> RunResult:
     """Fine-tune as the config says and return what happened (see RunResult).
@@ -86,15 +87,21 @@ def train(
     stop_after: stop after this many optimizer steps as a kill would (for tests of resume).
     gpus: start this many worker processes on this host (one per GPU; CPU processes with gloo when there is no
         GPU) through torch's elastic launcher and train data-parallel; the result is read from the run directory.
+    overwrite: let a new run replace the files of an earlier run in output_dir (otherwise a non-empty folder is
+    refused). Resuming a finished run changes nothing; with a larger max_steps its adapter moves to final-step-N/.
+    SIGTERM / SIGINT stop after the current optimizer step with a checkpoint: preempt.Preempted is raised.
     overrides: settings, as `lr=1e-4`, `train__lr=1e-4` or `**{"train.lr": 1e-4}`.
     """
     if steps is not None and not smoke:
         raise MoefitError("steps= (--steps) sets the length of a smoke run; use max_steps= (--max-steps) "
                           "to shorten a full run.")
+    if overwrite and resume:
+        raise MoefitError("--overwrite and --resume contradict each other: --resume continues the run in the "
+                          "folder, --overwrite replaces it. Pass one of them.")
     if gpus is not None and gpus > 1:
         if stop_after is not None:
             raise MoefitError("stop_after= is not available with gpus=: run the workers under torchrun yourself.")
-        return _train_on_workers(config, gpus, output_dir, resume, smoke, steps, force, echo, overrides)
+        return _train_on_workers(config, gpus, output_dir, resume, smoke, steps, force, echo, overwrite, overrides)
     resume_from = None
     if resume:
         base = Path(output_dir) if output_dir is not None else None
@@ -110,12 +117,12 @@ def train(
                    stop_after=stop_after, echo=echo)
     cfg = resolve_config(config, overrides)
     return run(cfg, run_dir=Path(output_dir) if output_dir is not None else None, smoke=smoke, smoke_steps=steps,
-               force=force, stop_after=stop_after, echo=echo)
+               force=force, stop_after=stop_after, echo=echo, overwrite=overwrite)
 
 
 def _train_on_workers(config: RunConfig | str | Path | None, gpus: int, output_dir: str | Path | None,
                       resume: bool | str | Path | None, smoke: bool, steps: int | None, force: bool, echo: bool,
-                      overrides: dict[str, Any]) -> RunResult:
+                      overwrite: bool, overrides: dict[str, Any]) -> RunResult:
     """`train(..., gpus=N)`: resolve the config and the run directory here (errors before any worker starts), then
     run `moefit train` in N processes on them."""
     from ..parallel.launch import launch_workers
@@ -132,11 +139,11 @@ def _train_on_workers(config: RunConfig | str | Path | None, gpus: int, output_d
         cfg = resolve_config(config, overrides)
         wanted = Path(output_dir) if output_dir is not None else (
             Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg, smoke))
-        chosen, problem = _choose_run_dir(cfg, wanted, None, smoke)
+        chosen, problem = _choose_run_dir(cfg, wanted, None, smoke, overwrite)
         if problem:
             raise MoefitError(problem)
         run_dir = chosen
-        argv += ["--output-dir", str(run_dir)]
+        argv += ["--output-dir", str(run_dir)] + (["--overwrite"] if overwrite else [])
     if smoke:
         argv += ["--smoke"] + (["--steps", str(steps)] if steps is not None else [])
     argv += ["--force"] if force else []

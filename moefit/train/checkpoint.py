@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import MoefitError
+from .verify import write_manifest
 
 COMPLETE = "complete"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -84,9 +85,11 @@ def save_checkpoint(
     scheduler: Any,
     scaler: Any | None = None,
     rank_rngs: list[dict[str, Any]] | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> Path:
     """Write `checkpoints_dir/step-N/` atomically and return its path. `rank_rngs`: every data-parallel rank's
-    `capture_rng()`, in rank order (default: this process's)."""
+    `capture_rng()`, in rank order (default: this process's). `identity` (verify.run_identity) goes into the
+    manifest with every file's checksum."""
     from ..lora import save_adapter
 
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -103,6 +106,7 @@ def save_checkpoint(
     if scaler is not None:
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state.__dict__, indent=2), encoding="utf-8")
+    write_manifest(tmp, identity)
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -120,7 +124,13 @@ def rng_file(rank: int) -> str:
 
 
 def read_trainer_state(checkpoint: Path) -> TrainerState:
-    return TrainerState(**json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")))
+    path = checkpoint / "trainer_state.json"
+    try:
+        return TrainerState(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as e:
+        raise MoefitError(f"cannot resume from {checkpoint}: {path.name} cannot be read ({type(e).__name__}). "
+                          f"Resume from an older checkpoint (--resume {checkpoint.parent}/step-N) or start again "
+                          "with --overwrite.") from None
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
@@ -187,7 +197,21 @@ def load_checkpoint(
 ) -> tuple[TrainerState, bool]:
     """Load everything back into the live objects; RNG last, so nothing after it draws before training resumes.
     Returns the state and whether this rank's RNG state was in the checkpoint (a run resumed on more ranks than
-    wrote it has none for the new ones: the caller seeds them)."""
+    wrote it has none for the new ones: the caller seeds them). A file that cannot be read is a MoefitError
+    naming the checkpoint (never a traceback)."""
+    try:
+        return _load_checkpoint(checkpoint, model, optimizer, scheduler, scaler, rank)
+    except MoefitError:
+        raise
+    except Exception as e:  # truncated or foreign files: torch, safetensors and json each raise their own kind
+        raise MoefitError(f"cannot resume from {checkpoint}: a file cannot be read ({type(e).__name__}: "
+                          f"{str(e)[:200]}). Resume from an older checkpoint (--resume {checkpoint.parent}/step-N) "
+                          "or start again with --overwrite.") from None
+
+
+def _load_checkpoint(
+    checkpoint: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any | None, rank: int,
+) -> tuple[TrainerState, bool]:
     from safetensors.torch import load_file
 
     from ..lora import ADAPTER_WEIGHTS, load_lora_state_dict

@@ -26,6 +26,7 @@ from ..errors import DataError, MoefitError
 from ..parallel import dist as pdist
 from ..parallel.data_parallel import grad_sync, take_step, wrap_model
 from . import checkpoint as ckpt
+from . import failures, preempt, rundir_guard, verify
 from .metrics import MetricsLog, plot_loss, versions, write_report
 from .optim import build_optimizer, build_scheduler, steps_per_epoch, total_optimizer_steps
 from .progress import Console, fmt_bytes, fmt_duration, peak_memory_bytes, progress_line
@@ -170,56 +171,78 @@ def run(
     force: bool = False,
     stop_after: int | None = None,
     echo: bool = True,
+    overwrite: bool = False,
 ) -> RunResult:
     """Train as `cfg` says. `resume_from` is a complete checkpoint folder (see checkpoint.resolve_resume).
 
     `smoke` runs `smoke_steps` optimizer steps (default `smoke.steps`) at the recipe's peak learning rate
     (warmup shortened to a fifth of the steps, then constant) without checkpoints, then judges the run.
     `stop_after` ends the run after that many optimizer steps in total, as a kill would (the schedule is the
-    full run's; no final adapter): `resume_from` then continues it.
+    full run's; no final adapter): `resume_from` then continues it. `overwrite` lets a new run replace the files
+    of an earlier one in `run_dir` (rundir_guard.claim). SIGTERM/SIGINT stop after the current optimizer step with
+    a checkpoint and raise preempt.Preempted.
     """
     wall0 = time.perf_counter()
     started_group = not pdist.current_context().enabled
     ctx = pdist.init_distributed(resolve_device(cfg.train.device).type)
     try:
-        return _run_in_dir(cfg, ctx, wall0, run_dir, resume_from, smoke, smoke_steps, force, stop_after, echo)
+        return _run_in_dir(cfg, ctx, wall0, run_dir, resume_from, smoke, smoke_steps, force, stop_after, echo,
+                           overwrite)
     finally:
         if started_group:
             pdist.shutdown_distributed()
 
 
-def _choose_run_dir(cfg: RunConfig, run_dir: Path | None, resume_from: Path | None, smoke: bool
-                    ) -> tuple[Path | None, str | None]:
-    """(the run directory, None) or (None, why it cannot be used)."""
+def _choose_run_dir(cfg: RunConfig, run_dir: Path | None, resume_from: Path | None, smoke: bool,
+                    overwrite: bool = False) -> tuple[Path | None, str | None]:
+    """(the run directory, None) or (None, why it cannot be used). A new run claims the folder
+    (rundir_guard.claim: a non-empty one is refused, or with `overwrite` cleared of the earlier run's files)."""
     if resume_from is not None:
         return ckpt.run_dir_of(resume_from), None
     if run_dir is None:
         run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg, smoke)
     run_dir = Path(run_dir)
-    if run_dir.exists() and (
-        (run_dir / "checkpoints").exists() or (run_dir / "adapter_model.safetensors").exists()
-    ):
-        return None, (f"{run_dir} already holds a run. Continue it with --resume, or pass another "
-                      "--output-dir (the default is a new folder under runs/).")
+    try:
+        rundir_guard.claim(run_dir, overwrite)
+    except MoefitError as e:
+        return None, str(e)
     return run_dir, None
 
 
 def _run_in_dir(cfg: RunConfig, ctx: pdist.DistContext, wall0: float, run_dir: Path | None,
                 resume_from: Path | None, smoke: bool, smoke_steps: int | None, force: bool,
-                stop_after: int | None, echo: bool) -> RunResult:
-    """Rank 0 chooses the run directory (a default one has a timestamp) and is the only one to write it."""
-    chosen, problem = _choose_run_dir(cfg, run_dir, resume_from, smoke) if ctx.is_main else (None, None)
-    chosen, problem = pdist.broadcast_object((str(chosen) if chosen else None, problem), ctx)
+                stop_after: int | None, echo: bool, overwrite: bool) -> RunResult:
+    """Rank 0 chooses the run directory (a default one has a timestamp), picks the checkpoint that verifies and
+    is the only one to write the directory."""
+    resuming, chosen, problem, notes = resume_from is not None, None, None, []
+    if ctx.is_main:
+        chosen, problem = _choose_run_dir(cfg, run_dir, resume_from, smoke, overwrite)
+        if resuming and problem is None:
+            try:
+                resume_from, notes = rundir_guard.resume_point(resume_from, cfg)
+            except MoefitError as e:
+                problem = str(e)
+    chosen, problem, resume_str, notes = pdist.broadcast_object(
+        (str(chosen) if chosen else None, problem, str(resume_from) if resume_from else None, notes), ctx)
     if problem:
         raise MoefitError(problem)
-    run_dir = Path(chosen)
+    run_dir, resume_from = Path(chosen), (Path(resume_str) if resume_str else None)
+    if resuming and resume_from is None:  # a finished run: nothing to do, nothing written
+        if echo and ctx.is_main:
+            print(notes[0])
+        return rundir_guard.finished_result(run_dir, rundir_guard.finished_report(run_dir) or {})
     created = not run_dir.exists()
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     cfg.output_dir = str(run_dir)
     console = Console(run_dir / "train.log" if ctx.is_main else None, echo=echo and ctx.is_main)
+    for note in notes:
+        console.print(note)
     try:
-        return _run(cfg, ctx, run_dir, console, wall0, resume_from, smoke, smoke_steps, force, stop_after)
+        with preempt.stop_on_signals() as stop:
+            return _run(cfg, ctx, run_dir, console, wall0, resume_from, smoke, smoke_steps, force, stop_after, stop)
+    except torch.OutOfMemoryError:
+        raise MoefitError(failures.oom_message(cfg, run_dir)) from None
     except MoefitError:
         # A run that could not start (bad data, does not fit) leaves no folder behind; the error says why.
         console.close()
@@ -238,9 +261,10 @@ def _run_in_dir(cfg: RunConfig, ctx: pdist.DistContext, wall0: float, run_dir: P
 
 
 def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console, wall0: float,
-         resume_from: Path | None, smoke: bool, smoke_steps: int | None, force: bool, stop_after: int | None
-         ) -> RunResult:
+         resume_from: Path | None, smoke: bool, smoke_steps: int | None, force: bool, stop_after: int | None,
+         stop: preempt.StopFlag) -> RunResult:
     from ..data import DataPosition, build_datasets, iterate_batches, load_tokenizer
+    from ..data.dataset import fingerprint
     from ..lora import add_lora, save_adapter
     from ..models import load_model
 
@@ -284,6 +308,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
         elif plan.faster:
             say(f"plan: {plan.faster}")
 
+    identity = verify.run_identity(cfg, fingerprint(bundle.train))  # before a resume on other ranks adapts it
     if resume_from is not None:
         _match_sequences_per_step(cfg, ckpt.read_trainer_state(resume_from), ctx, say)
     if ctx.is_main:
@@ -300,7 +325,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
 
     t_load = time.perf_counter()
     model = load_model(cfg.model, quantization=cfg.quantization.weights, dtype=t.precision,
-                       device=device.type, quant=cfg.quantization)
+                       device=device.type, quant=cfg.quantization, engine=cfg.engine)
     params = add_lora(model, cfg=cfg.lora)
     if t.gradient_checkpointing:
         model.enable_gradient_checkpointing(keep_routed_gate_up=t.keep_routed_gate_up)
@@ -333,6 +358,8 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
                 f"{state.world_size} process(es)); their LoRA dropout draws from a new seed.")
         say(f"resumed from {resume_from} (step {state.step}/{total_steps}, data epoch {state.data_epoch} "
             f"item {state.data_index})")
+        for warning in verify.identity_changes(resume_from, identity):
+            say(warning)
     state.world_size, state.sequences_per_step = world, t.batch_size * t.grad_accum * world
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resume_from else None) \
         if ctx.is_main else None
@@ -430,23 +457,27 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
         eta = done_s / len(step_losses) * (stop_step - state.step)
         console.status(progress_line(state.step, total_steps, step_loss, lr, grad_norm, tok_s, peaks, eta),
                        permanent=state.step % t.log_every == 0 or state.step == stop_step)
-        if not math.isfinite(step_loss):
+        bad = failures.non_finite(step_loss, grad_norm if scaler is None else 0.0)  # fp16: the scaler skips inf
+        if bad:
             nan_step = state.step
             if smoke:
                 break
-            raise MoefitError(f"the training loss became {step_loss} at step {state.step}. Lower train.lr "
-                              f"(now {t.lr:g}), keep train.max_grad_norm > 0, or use precision bf16 instead of fp16. "
-                              f"The last good checkpoint is in {run_dir / 'checkpoints'}.")
+            raise MoefitError(failures.nan_message(bad, state.step, t, run_dir))
         if has_eval and state.step % t.eval_every == 0:
             last_eval_loss = run_eval(state.step)
             last_eval_step = state.step
-        if not smoke and state.step % t.save_every == 0:
+        stopping = stop.agreed(ctx) and state.step < total_steps
+        path = None
+        if not smoke and (state.step % t.save_every == 0 or state.step == total_steps or stopping):
             rngs = pdist.gather_objects(ckpt.capture_rng(), ctx)
+            path = run_dir / "checkpoints" / f"step-{state.step}"
             if ctx.is_main:
-                path = ckpt.save_checkpoint(run_dir / "checkpoints", state, model, optimizer, scheduler, scaler,
-                                            rank_rngs=rngs)
+                ckpt.save_checkpoint(run_dir / "checkpoints", state, model, optimizer, scheduler, scaler,
+                                     rank_rngs=rngs, identity=identity)
                 ckpt.prune_checkpoints(run_dir / "checkpoints", t.keep_checkpoints)
                 say(f"checkpoint: {path}")
+        if stopping:
+            raise stop.preempted(state.step, path, run_dir)
 
     completed = state.step >= total_steps
     if not completed and nan_step is None:
@@ -490,6 +521,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
                    "scheduler": t.scheduler, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
                    "max_length": t.max_length, "gradient_checkpointing": t.gradient_checkpointing,
                    "keep_routed_gate_up": t.keep_routed_gate_up},
+        "engine": cfg.engine.__dict__,
         "trainable_params": n_train,
         "data": bundle.report.to_dict(),
         "steps": state.step,

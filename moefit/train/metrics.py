@@ -47,7 +47,8 @@ class MetricsLog:
         return [r for r in self.records if r.get("kind") == "eval"]
 
 
-def versions() -> dict[str, str]:
+def versions() -> dict[str, str | None]:
+    """What a result depends on besides the config: library versions and the GPU (None on CPU)."""
     import bitsandbytes
     import torch
     import transformers
@@ -60,6 +61,7 @@ def versions() -> dict[str, str]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "bitsandbytes": bitsandbytes.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
 
