@@ -56,6 +56,7 @@ class MoefitMoE(nn.Module):
         self.num_experts = experts.num_experts
         self.hidden_dim = experts.hidden_size
         self.output_feeds_residual = output_feeds_residual
+        self.expert_dispatch = None  # set by moefit.parallel.expert_parallel.shard_experts
         self.mark_discardable_outputs()
 
     def mark_discardable_outputs(self) -> None:
@@ -64,6 +65,13 @@ class MoefitMoE(nn.Module):
         down = getattr(self.shared_expert, "down_proj", None)
         if isinstance(down, MoefitLinear):
             down.discard_output_in_recompute = self.output_feeds_residual
+
+    def run_experts(self, xs: torch.Tensor, groups: ExpertGroups, **kw) -> torch.Tensor:
+        """The routed experts on rows sorted by expert: here, or across the expert-parallel group
+        (moefit.parallel.expert_parallel) when this rank holds only a slice of them."""
+        if self.expert_dispatch is None:
+            return self.experts(xs, groups, **kw)
+        return self.expert_dispatch(self.experts, xs, groups.counts, make_groups, **kw)
 
     def forward(self, hidden_states: torch.Tensor):
         x = hidden_states.reshape(-1, self.hidden_dim)
@@ -82,9 +90,14 @@ class MoefitMoE(nn.Module):
         xs = x[token]
         if self.rule.scale_inputs:
             # The routed output then only feeds the sum; when scaled afterwards, backward reads it (d/dw).
-            ys = self.experts(xs * w, groups, discard_output=self.output_feeds_residual and recomputing())
+            ys = self.run_experts(xs * w, groups, discard_output=self.output_feeds_residual and recomputing())
         else:
-            ys = self.experts(xs, groups) * w
+            ys = self.run_experts(xs, groups) * w
         out = self.shared_expert(x) if self.shared_expert is not None else torch.zeros_like(x)
         out = out.index_add(0, token, ys.to(out.dtype))
         return out.view(hidden_states.shape), logits
+
+
+def make_groups(counts: torch.Tensor, row_expert: torch.Tensor | None = None) -> ExpertGroups:
+    """Groups of rows sorted by expert, with `counts[e]` rows for expert e."""
+    return ExpertGroups(counts, None if counts.is_cuda else counts.tolist())

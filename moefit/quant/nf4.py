@@ -155,6 +155,16 @@ class NF4Weight(nn.Module):
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n not in ("code", "code2"))
 
+    @torch.no_grad()
+    def select_experts(self, start: int, stop: int) -> NF4Weight:
+        """A new storage holding experts [start, stop) of this 3-D one (expert parallelism keeps a slice)."""
+        out = NF4Weight((stop - start, *self.slice_shape), blocksize=self.blocksize, double_quant=self.double_quant,
+                        dtype=self.dtype, device=self.packed.device)
+        for name in ("packed", "absmax", "absmax2", "offset"):
+            if hasattr(out, name):
+                getattr(out, name).copy_(getattr(self, name)[start:stop])
+        return out
+
     def extra_repr(self) -> str:
         dq = "double-quant, " if self.double_quant else ""
         return f"shape={self.shape}, nf4, {dq}blocksize={self.blocksize}, compute={self.dtype}"
@@ -186,6 +196,13 @@ class FrozenWeight(nn.Module):
 
     def nbytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()
+
+    @torch.no_grad()
+    def select_experts(self, start: int, stop: int) -> FrozenWeight:
+        """A new storage holding experts [start, stop) of this 3-D one."""
+        out = FrozenWeight((stop - start, *self.slice_shape), dtype=self.dtype, device=self.weight.device)
+        out.weight.copy_(self.weight[start:stop])
+        return out
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, dtype={self.dtype}, frozen"
