@@ -20,9 +20,9 @@ from torch import nn
 from .config import LoraConfig, QuantConfig
 from .errors import MoefitError
 from .models.causal_lm import MoefitCausalLM
-from .models.layers import EXPERT_PROJECTIONS, MoefitExperts, MoefitLinear
-
-PRESETS_DIR = Path(__file__).resolve().parent / "models" / "presets"
+from .models.layers import MoefitLinear
+from .moe.experts import EXPERT_PROJECTIONS, MoefitExperts
+from .plan.model_facts import PRESETS_DIR
 
 
 def preset_names() -> list[str]:
@@ -238,20 +238,8 @@ def cuda_time(fn, reps: int = 10, warmup: int = 2) -> float:
 
 
 def active_params_per_token(config) -> int:
-    """Parameters one token touches (attention, shared expert, top_k routed experts, lm_head), for the
-    6 x active-params FLOP ceiling."""
-    h = config.hidden_size
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
-    hd = getattr(config, "head_dim", None) or h // heads
-    attn = h * hd * (heads + 2 * kv) + heads * hd * h
-    total = config.vocab_size * h  # lm_head
-    moe_layers = set(getattr(config, "moe_layers", None) or [])
-    for layer in range(config.num_hidden_layers):
-        total += attn
-        if config.model_type == "llama4_text" and layer in moe_layers:
-            i = config.intermediate_size
-            total += 3 * h * i * (1 + config.num_experts_per_tok) + h * config.num_local_experts
-        else:
-            i = getattr(config, "intermediate_size_mlp", None) or config.intermediate_size
-            total += 3 * h * i
-    return total
+    """Parameters one token touches (attention, shared expert, top_k routed experts, router, lm_head), for the
+    6 x active-params FLOP ceiling: the planner's count (plan.model_facts) of this transformers config."""
+    from .plan.model_facts import facts_from_config
+
+    return facts_from_config(config.to_dict()).active_params_per_token()

@@ -3,18 +3,16 @@
 Neither host RAM nor the GPU ever holds the bf16 model: each tensor is read (fused expert tensors one expert at a
 time, through safetensors slices), moved to the device, quantized into its NF4 storage and dropped.
 
-Layouts understood:
-  * `Llama4ForCausalLM` (`model.layers.N...`, `lm_head.weight`) and `Llama4ForConditionalGeneration`
-    (`language_model.model.layers.N...`; the vision tower and projector are skipped and counted);
-  * routed experts fused (`experts.gate_up_proj [E, H, 2I]`, `experts.down_proj [E, I, H]`) or per expert
-    (`experts.E.{gate,up,down}_proj.weight`, as in per-expert checkpoints);
-  * dense Llama (`LlamaForCausalLM`).
+Layouts understood: those the model's family spec lists (models.families): causal-LM keys (`model.layers.N...`,
+`lm_head.weight`) and multimodal wrappers' (`language_model.model.layers.N...`; the vision tower and projector are
+skipped and counted); routed experts in each on-disk layout of the family (models.expert_layout), e.g. Llama 4's
+fused `experts.gate_up_proj [E, H, 2I]`, Qwen3-MoE's `experts.E.gate_proj.weight`, Mixtral's
+`block_sparse_moe.experts.E.w1.weight`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +21,13 @@ import torch
 from torch import nn
 
 from .errors import MoefitError
-from .models.layers import MoefitExperts, MoefitLinear
+from .models.expert_layout import match_expert_tensor, split_fused
+from .models.families import FamilySpec, require_family
+from .models.layers import MoefitLinear
+from .moe.experts import EXPERT_PROJECTIONS, MoefitExperts
 from .safetensors_io import SafetensorsFile
 
 SKIP_PREFIXES = ("vision_model.", "multi_modal_projector.", "model.vision_model.", "model.multi_modal_projector.")
-_FUSED = re.compile(r"^(?P<mod>.+\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
-_PER_EXPERT = re.compile(r"^(?P<mod>.+\.experts)\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
 
 
 def resolve_source(source: str) -> Path:
@@ -66,14 +65,16 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def normalize_name(key: str) -> str | None:
+def normalize_name(key: str, spec: FamilySpec) -> str | None:
     """Checkpoint key -> name inside the text-only causal LM, or None for tensors text training skips."""
     if key.startswith(SKIP_PREFIXES):
         return None
     if key.startswith("language_model."):
-        return key[len("language_model."):]
-    if key.startswith("model.language_model."):
-        return "model." + key[len("model.language_model."):]
+        key = key[len("language_model."):]
+    elif key.startswith("model.language_model."):
+        key = "model." + key[len("model.language_model."):]
+    for on_disk, in_model in spec.key_renames:
+        key = key.replace(on_disk, in_model)
     return key
 
 
@@ -88,8 +89,9 @@ class LoadReport:
 class _Filler:
     """Knows where each checkpoint tensor goes and which targets are still empty."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, spec: FamilySpec):
         self.model = model
+        self.spec = spec
         self.expected: set[str] = set()
         for name, module in model.named_modules():
             if isinstance(module, MoefitLinear):
@@ -97,7 +99,7 @@ class _Filler:
                 if module.bias is not None:
                     self.expected.add(f"{name}.bias")
             elif isinstance(module, MoefitExperts):
-                for proj in ("gate", "up", "down"):
+                for proj in EXPERT_PROJECTIONS:
                     self.expected.update(f"{name}.{e}.{proj}" for e in range(module.num_experts))
         skip_owners = tuple(n + "." for n, m in model.named_modules() if isinstance(m, (MoefitLinear, MoefitExperts)))
         for name, _ in model.named_parameters():
@@ -119,30 +121,18 @@ class _Filler:
 
     def fill(self, name: str, read, device: torch.device) -> None:
         """`read(index=None)` returns the tensor (or one leading-dim slice of it)."""
-        m = _FUSED.match(name)
-        if m:
-            experts = self._module(m["mod"])
-            if isinstance(experts, MoefitExperts):
-                inter = experts.intermediate_size
-                for e in range(experts.num_experts):
-                    w = read(e).to(device)  # [H, 2I] or [I, H]
-                    if m["proj"] == "gate_up_proj":
-                        experts.gate.quantize_(w[:, :inter].t(), expert=e)
-                        experts.up.quantize_(w[:, inter:].t(), expert=e)
-                        self._done(f"{m['mod']}.{e}.gate", f"{m['mod']}.{e}.up")
-                    else:
-                        experts.down.quantize_(w.t(), expert=e)
-                        self._done(f"{m['mod']}.{e}.down")
-                    del w
+        et = match_expert_tensor(name, self.spec)
+        experts = self._module(et.module) if et else None
+        if isinstance(experts, MoefitExperts):
+            if et.expert is not None:
+                getattr(experts, et.part).quantize_(read().to(device), expert=et.expert)
+                self._done(f"{et.module}.{et.expert}.{et.part}")
                 return
-        m = _PER_EXPERT.match(name)
-        if m:
-            experts = self._module(m["mod"])
-            if isinstance(experts, MoefitExperts):
-                e = int(m["e"])
-                getattr(experts, m["proj"]).quantize_(read().to(device), expert=e)
-                self._done(f"{m['mod']}.{e}.{m['proj']}")
-                return
+            for e in range(experts.num_experts):  # one expert at a time from the fused tensor
+                for proj, w in split_fused(et.layout, et.part, read(e).to(device), experts.intermediate_size).items():
+                    getattr(experts, proj).quantize_(w, expert=e)
+                    self._done(f"{et.module}.{e}.{proj}")
+            return
         path, _, leaf = name.rpartition(".")
         module = self._module(path)
         if isinstance(module, MoefitLinear):
@@ -173,20 +163,21 @@ class _Filler:
         return sorted(self.expected - self.filled)
 
 
-def iter_checkpoint(model_dir: Path) -> Iterator[tuple[str, str | None, SafetensorsFile]]:
+def iter_checkpoint(model_dir: Path, spec: FamilySpec) -> Iterator[tuple[str, str | None, SafetensorsFile]]:
     """(checkpoint key, normalized name or None, its file), shard by shard."""
     for path in safetensors_files(model_dir):
         f = SafetensorsFile(path)
         for key in f.keys():
-            yield key, normalize_name(key), f
+            yield key, normalize_name(key, spec), f
 
 
 @torch.no_grad()
 def stream_weights(model: nn.Module, model_dir: Path, device: torch.device | str) -> LoadReport:
     device = torch.device(device)
-    filler = _Filler(model)
+    spec = require_family(model.config, str(model_dir / "config.json"))
+    filler = _Filler(model, spec)
     report = LoadReport()
-    for key, name, f in iter_checkpoint(model_dir):
+    for key, name, f in iter_checkpoint(model_dir, spec):
         if name is None:
             report.tensors_skipped += 1
             if len(report.skipped_examples) < 3:

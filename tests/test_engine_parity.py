@@ -14,7 +14,8 @@ from transformers import Llama4ForCausalLM, Llama4TextConfig
 import moefit
 from moefit.lora import add_lora, lora_parameters
 from moefit.models.hf_state import iter_hf_tensors
-from moefit.models.layers import MoefitExperts, MoefitLinear
+from moefit.models.layers import MoefitLinear
+from moefit.moe.experts import MoefitExperts
 
 CONFIGS = {
     "top1-4e-norope": dict(num_local_experts=4, num_experts_per_tok=1, no_rope_layers=[1, 1, 0]),

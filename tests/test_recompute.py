@@ -1,4 +1,4 @@
-"""Activation checkpointing with moefit's recomputation shortcut (models.recompute): the LoRA gradients equal
+"""Activation checkpointing with moefit's recomputation shortcut (moe.recompute): the LoRA gradients equal
 those of a run without checkpointing, and the recomputation really skips the MoE layers' frozen down
 projections."""
 
@@ -9,7 +9,7 @@ import torch
 
 import moefit
 from moefit.lora import add_lora
-from moefit.models.layers import MoefitExperts
+from moefit.moe.experts import MoefitExperts
 from tests.test_engine_parity import CONFIGS, _randomize_lora, tiny_config, write_checkpoint
 
 

@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 from ..errors import MoefitError
-from ..loading import _FUSED, _PER_EXPERT, normalize_name
+from ..loading import normalize_name
+from ..models.expert_layout import ExpertTensor, join_fused, match_expert_tensor, split_fused
+from ..models.families import FamilySpec
 from ..rundir import RunInfo
 from .safetensors_stream import NAMES, CheckpointReader, PlannedTensor, plan_shards, write_shard
 from .staging import check_out_dir, staged_dir
@@ -139,19 +141,21 @@ class _Merger:
         return out if delta is None else out + delta
 
 
-def _text_structure(base_dir: Path, info: RunInfo) -> tuple[set[str], dict[str, int]]:
+def _text_structure(base_dir: Path, info: RunInfo) -> tuple[set[str], dict[str, int], FamilySpec]:
     """Names of the quantized linears and of the routed-expert banks (with their intermediate size) of the
-    text model, as moefit builds it (on the meta device: nothing is allocated)."""
+    text model, as moefit builds it (on the meta device: nothing is allocated), and the family spec."""
     from transformers import AutoConfig
 
     from ..models.build import build_skeleton, text_config_of
-    from ..models.layers import MoefitExperts, MoefitLinear
+    from ..models.families import require_family
+    from ..models.layers import MoefitLinear
+    from ..moe.experts import MoefitExperts
 
     config = text_config_of(AutoConfig.from_pretrained(base_dir))
     skel = build_skeleton(config, quant=info.quant, dtype=info.compute_dtype, device="meta")
     linears = {n for n, m in skel.named_modules() if isinstance(m, MoefitLinear)}
     experts = {n: m.intermediate_size for n, m in skel.named_modules() if isinstance(m, MoefitExperts)}
-    return linears, experts
+    return linears, experts, require_family(config, str(base_dir / "config.json"))
 
 
 def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: torch.dtype = torch.bfloat16,
@@ -163,7 +167,7 @@ def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: 
         raise MoefitError(f"{base_dir}: no config.json; --base must be the original model directory "
                           "(config.json + *.safetensors).")
     reader = CheckpointReader(base_dir)
-    linears, experts = _text_structure(base_dir, info)
+    linears, experts, spec = _text_structure(base_dir, info)
     lora = LoraSource(info)
     roundtrip = base is None and info.quant.weights == "nf4"
     merger = _Merger(info, lora, roundtrip, device)
@@ -176,7 +180,7 @@ def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: 
                           else "original weights")
     for key in sorted(reader.keys(), key=natural_key):
         t = reader.tensors[key]
-        name = normalize_name(key)
+        name = normalize_name(key, spec)
         floating = torch.empty((), dtype=_dt(t.dtype)).is_floating_point()
         keep = name is None or not floating
         planned = PlannedTensor(key, t.dtype if keep else out_dtype, t.shape)
@@ -188,19 +192,14 @@ def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: 
             jobs.append((planned, _copy(reader, key)))
             continue
         mod, _, leaf = name.rpartition(".")
-        fused, per_expert = _FUSED.match(name), _PER_EXPERT.match(name)
+        et = match_expert_tensor(name, spec)
         if leaf == "weight" and mod in linears:
             _check_linear(lora, mod, t.shape)
             covered.add(mod)
             jobs.append((planned, _linear(reader, key, mod, merger, dtype)))
-        elif fused and fused["mod"] in experts:
-            covered.add(fused["mod"])
-            jobs.append((planned, _fused(reader, key, fused["mod"], fused["proj"], experts[fused["mod"]],
-                                         merger, dtype)))
-        elif per_expert and per_expert["mod"] in experts:
-            covered.add(per_expert["mod"])
-            jobs.append((planned, _one_expert(reader, key, per_expert["mod"], per_expert["proj"],
-                                              int(per_expert["e"]), merger, dtype)))
+        elif et and et.module in experts:
+            covered.add(et.module)
+            jobs.append((planned, _experts(reader, key, et, experts[et.module], merger, dtype)))
         else:
             jobs.append((planned, _cast(reader, key, dtype)))
     missing = sorted(lora.modules() - covered)
@@ -262,23 +261,16 @@ def _linear(reader, key, mod, merger: _Merger, dtype) -> Iterator[torch.Tensor]:
     yield merger.linear(reader.read(key), mod).to(dtype)
 
 
-def _fused(reader, key, mod, proj, inter, merger: _Merger, dtype) -> Iterator[torch.Tensor]:
-    """HF Llama 4 fused layout, one expert at a time: gate_up_proj [E, H, 2I] (gate | up), down_proj [E, I, H]."""
-    num = reader.tensors[key].shape[0]
-    for e in range(num):
-        s = reader.read(key, e)
-        if proj == "gate_up_proj":
-            if s.shape[1] != 2 * inter:
-                raise MoefitError(f"{key}: expert slice {tuple(s.shape)} does not match intermediate size {inter}.")
-            gate = merger.expert(s[:, :inter].t(), mod, "gate", e)
-            up = merger.expert(s[:, inter:].t(), mod, "up", e)
-            yield torch.cat([gate.t(), up.t()], dim=1).to(dtype)
-        else:
-            yield merger.expert(s.t(), mod, "down", e).t().to(dtype)
-
-
-def _one_expert(reader, key, mod, proj, e, merger: _Merger, dtype) -> Iterator[torch.Tensor]:
-    yield merger.expert(reader.read(key), mod, proj, e).to(dtype)
+def _experts(reader, key, et: ExpertTensor, inter: int, merger: _Merger, dtype) -> Iterator[torch.Tensor]:
+    """A routed-expert tensor in the checkpoint's own layout: one expert's weight, or a fused tensor of all
+    experts streamed one expert slice at a time."""
+    if et.expert is not None:
+        yield merger.expert(reader.read(key), et.module, et.part, et.expert).to(dtype)
+        return
+    for e in range(reader.tensors[key].shape[0]):
+        parts = split_fused(et.layout, et.part, reader.read(key, e), inter)
+        merged = {proj: merger.expert(w, et.module, proj, e) for proj, w in parts.items()}
+        yield join_fused(et.layout, et.part, merged).to(dtype)
 
 
 def _write_config(base_dir: Path, out: Path, dtype: torch.dtype) -> None:

@@ -20,7 +20,8 @@ from torch import nn
 from ..config import LoraConfig, normalize_targets
 from ..errors import MoefitError
 from ..models import resolve_dtype
-from ..models.layers import EXPERT_PROJECTIONS, MoefitExperts, MoefitLinear, is_lora_name
+from ..models.layers import MoefitLinear, is_lora_name
+from ..moe.experts import EXPERT_PROJECTIONS, MoefitExperts
 from ..rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config, read_adapter_weights
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "add_lora", "adapter_config", "load_adapter", "load_lora_state_dict",

@@ -1,0 +1,80 @@
+"""What moefit needs to know about a model family, as data: one `FamilySpec` per family module in this package.
+
+torch-free (the planner reads it). The code that acts on a spec lives elsewhere and never branches on a family's
+name: `models.build` (which HF modules to replace and how), `moe.routing` (the routing rule, by name),
+`models.expert_layout` (checkpoint tensors <-> expert banks), the loader, the exports and the planner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class FusedExperts:
+    """All experts of a layer in two tensors, `<experts>.<gate_up>` (gate rows, then up rows) and `<experts>.<down>`.
+
+    transposed=True: each expert's slice is [in, out] (Llama 4: gate_up_proj [E, H, 2I], down_proj [E, I, H]);
+    False: [out, in] as nn.Linear weights (transformers 5's in-memory Qwen3-MoE / Mixtral: [E, 2I, H], [E, H, I]).
+    """
+
+    gate_up: str = "gate_up_proj"
+    down: str = "down_proj"
+    transposed: bool = False
+
+
+@dataclass(frozen=True)
+class PerExpert:
+    """One nn.Linear weight [out, in] per expert and projection: `<experts>.<e>.<name>.weight`."""
+
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+
+    def names(self) -> dict[str, str]:
+        """moefit's projection name (gate / up / down) -> this layout's name."""
+        return {"gate": self.gate, "up": self.up, "down": self.down}
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """The family's routed MoE block, which moefit replaces by `moe.block.MoefitMoE`."""
+
+    block_class: str  # the transformers class of the block, in FamilySpec.modeling
+    router: str  # attribute of the block that holds the router weight [E, H]
+    num_experts: str  # config attribute: number of routed experts
+    expert_intermediate: str  # config attribute: one routed expert's intermediate width
+    routing: str  # name of the routing function in moe.routing
+    scale_inputs: bool  # the router weight scales the expert's input (Llama 4), else its output
+    returns_router_logits: bool  # the block returns (output, router_logits), not the output alone
+    # The decoder layer adds the block's output straight to the residual stream (no norm or gate after it), so the
+    # recomputation of a checkpointed layer may skip the frozen matmuls whose output only feeds that sum.
+    output_feeds_residual: bool
+    on_disk: tuple[FusedExperts | PerExpert, ...]  # expert layouts hub checkpoints use (the loader reads each)
+    in_memory: FusedExperts  # how transformers holds the experts (names of its parameters; PEFT targets these)
+    top_k: str = "num_experts_per_tok"  # config attribute
+    normalize_topk: bool | str = False  # renormalise the top-k weights: a constant, or the config attribute saying so
+    experts: str = "experts"  # attribute of the block holding the routed experts
+    shared_expert: str | None = None  # attribute of the block holding the shared expert (an MLP of nn.Linear)
+    activation: str = "silu_glu"  # expert MLP: act(gate(x)) * up(x) -> down
+
+    def normalize(self, config: Any) -> bool:
+        if isinstance(self.normalize_topk, str):
+            return bool(getattr(config, self.normalize_topk))
+        return self.normalize_topk
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str  # model_type of the text model (the config moefit builds)
+    model_types: tuple[str, ...]  # every config.json model_type of the family (e.g. a multimodal wrapper's)
+    architectures: tuple[str, ...]  # transformers classes of its hub checkpoints
+    modeling: str  # the transformers module that defines the classes
+    attention: str = "self_attn"  # attribute of a decoder layer: attention (q/k/v/o_proj inside)
+    mlp: str = "mlp"  # attribute of a decoder layer: the MoE block or dense MLP
+    moe: MoESpec | None = None  # None: a dense family
+    # Checkpoint key fragments -> module path fragments, where the hub name differs from transformers' module
+    # (Mixtral's `.block_sparse_moe.` is `.mlp.` in memory).
+    key_renames: tuple[tuple[str, str], ...] = ()
+    notes: tuple[str, ...] = field(default=())
