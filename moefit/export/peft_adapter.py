@@ -82,6 +82,21 @@ def _full(prefix: str, text_name: str) -> str:
     return prefix + text_name
 
 
+def _peft_would_retarget(model, target_modules: list[str]) -> set[str]:
+    """The target modules that PEFT's transformers-v5 config conversion would rewrite when loading the adapter.
+    For Qwen-style and Mixtral-style MoE models it takes every target named `*.gate_proj` / `*.up_proj` /
+    `*.down_proj` (`w1`/`w3`/`w2`) for a pre-fusion expert and turns it into an expert parameter target, so a dense
+    MLP's LoRA (Qwen3's `mlp_only_layers`) would silently not load. Asks PEFT itself, on the meta model."""
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:  # a PEFT without that conversion leaves every target as it is
+        return set()
+    probe = LoraConfig(r=1, target_modules=list(target_modules))
+    convert_peft_config_for_transformers(probe, model=model, conversions=None)
+    return set(target_modules) - set(probe.target_modules or ())
+
+
 def _fused_experts_params(model, full_name: str, layout: FusedExperts) -> bool:
     try:
         m = model.get_submodule(full_name)
@@ -127,14 +142,17 @@ def peft_export(info: RunInfo, out: Path, *, base: Path | None = None, overwrite
     report = ExportReport(out_dir=out, kind="adapter", base_dir=base_dir)
 
     tensors: dict[str, torch.Tensor] = {}
-    target_modules = []
-    for mod in sorted(lora.linears):
-        full = _full(prefix, mod)
-        tensors[f"base_model.model.{full}.lora_A.weight"] = lora.reader.read(f"{mod}.lora_A").contiguous()
-        tensors[f"base_model.model.{full}.lora_B.weight"] = lora.reader.read(f"{mod}.lora_B").contiguous()
-        target_modules.append(full)
+    target_modules, target_parameters, rank_pattern, alpha_pattern = [], [], {}, {}
+    full_names = {mod: _full(prefix, mod) for mod in sorted(lora.linears)}
+    as_parameters = _peft_would_retarget(model, list(full_names.values()))
+    for mod, full in full_names.items():
+        # A linear PEFT would mistake for a pre-fusion expert is targeted through its weight parameter instead
+        # (a 2-D parameter target is plain LoRA: delta = B A * scaling).
+        target = f"{full}.weight" if full in as_parameters else full
+        tensors[f"base_model.model.{target}.lora_A.weight"] = lora.reader.read(f"{mod}.lora_A").contiguous()
+        tensors[f"base_model.model.{target}.lora_B.weight"] = lora.reader.read(f"{mod}.lora_B").contiguous()
+        (target_parameters if full in as_parameters else target_modules).append(target)
 
-    target_parameters, rank_pattern, alpha_pattern = [], {}, {}
     separate: dict[str, torch.Tensor] = {}
     r_e, alpha_e = cfg.get("expert_r") or 0, cfg.get("expert_alpha") or 0.0
     layout = spec.moe.in_memory if spec.moe else None

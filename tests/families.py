@@ -1,0 +1,133 @@
+"""Tiny checkpoints of every MoE family moefit trains, written by transformers itself (so the files have the hub's
+on-disk expert layout), and the reference math the family-parametrized tests compare moefit against.
+
+A new family gets tests/test_families.py's tests by adding its tiny config to CASES.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from moefit.assets import tiny_model_dir
+from moefit.lora import lora_parameters
+from moefit.models.expert_layout import fused_names, join_fused, part_projections
+from moefit.models.families import FamilySpec, family_for
+from moefit.models.hf_state import iter_hf_tensors
+from moefit.models.layers import MoefitLinear
+from moefit.moe.experts import EXPERT_PROJECTIONS, MoefitExperts
+from tests.test_engine_parity import CONFIGS as LLAMA4_CONFIGS
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+COMMON = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256,
+              max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+
+@dataclass(frozen=True)
+class Case:
+    """A tiny model of one family: its transformers config and causal-LM classes and their arguments."""
+
+    config_class: str
+    model_class: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def config(self, **overrides):
+        return getattr(transformers, self.config_class)(**{**COMMON, **self.kwargs, **overrides})
+
+    def spec(self) -> FamilySpec:
+        return family_for(self.config().model_type)
+
+
+LLAMA4 = dict(intermediate_size=64, intermediate_size_mlp=128, num_hidden_layers=3, attention_chunk_size=8,
+              use_qk_norm=True)
+CASES = {
+    **{f"llama4-{name}": Case("Llama4TextConfig", "Llama4ForCausalLM", {**LLAMA4, **kw})
+       for name, kw in LLAMA4_CONFIGS.items()},
+    # a dense layer between two MoE layers (mlp_only_layers), renormalised top-k as in Qwen3-30B-A3B
+    "qwen3_moe": Case("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=True, mlp_only_layers=[1])),
+    "qwen3_moe-unnormalized": Case("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=False)),
+    "mixtral": Case("MixtralConfig", "MixtralForCausalLM", dict(
+        intermediate_size=32, num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2)),
+}
+FAMILY_CASES = ("llama4-top2-4e-rope", "qwen3_moe", "mixtral")  # one case per family, for the slower tests
+
+
+def experts_override(case: Case, num_experts: int, top_k: int) -> dict[str, int]:
+    """Config arguments that set the number of routed experts and top-k of `case`'s family."""
+    moe = case.spec().moe
+    return {moe.num_experts: num_experts, moe.top_k: top_k}
+
+
+def tokenizer_ids() -> dict[str, int]:
+    """vocab_size and special ids that fit the shipped tiny tokenizer."""
+    tok = json.loads((tiny_model_dir() / "tokenizer.json").read_text())
+    ids = list(tok["model"]["vocab"].values()) + [t["id"] for t in tok.get("added_tokens", [])]
+    return dict(vocab_size=max(ids) + 9, pad_token_id=5, bos_token_id=0, eos_token_id=4)
+
+
+def write_checkpoint(path: Path, case: Case, seed: int = 0, tokenizer: bool = False, **overrides):
+    """`case`'s model with random fp32 weights, saved by transformers' save_pretrained into `path`; returns the
+    transformers model (eager attention, eval mode). Router and expert weights get a larger spread so routing is
+    decisive and the experts matter. `tokenizer`: ids of the shipped tiny tokenizer, whose files are copied."""
+    config = case.config(**({**tokenizer_ids(), **overrides} if tokenizer else overrides))
+    spec = family_for(config.model_type)
+    torch.manual_seed(seed)
+    model = getattr(transformers, case.model_class)(config).float().eval()
+    router = f".{spec.moe.router}.weight"
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if f".{spec.moe.experts}." in name or name.endswith(router):
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(path)
+    if tokenizer:
+        for f in TOKENIZER_FILES:
+            shutil.copy(tiny_model_dir() / f, Path(path) / f)
+    model.config._attn_implementation = "eager"
+    return model
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def reference_params(moe_model, merge: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """transformers' parameter dict holding moefit's dequantized frozen weights, plus deltas added by name."""
+    params = dict(iter_hf_tensors(moe_model, dtype=torch.float32))
+    for name, delta in (merge or {}).items():
+        params[name] = params[name] + delta
+    return params
+
+
+def randomize_lora(model, seed: int = 3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def lora_deltas(model) -> dict[str, torch.Tensor]:
+    """transformers-named weight deltas (its in-memory layout) as differentiable functions of moefit's LoRA
+    parameters: linear W += B A * s; expert e, projection p: W_p[e] ([out, in]) += (A_p[e] B_p[e])^T * s."""
+    layout = family_for(model.config.model_type).moe
+    deltas = {}
+    for name, m in model.hf.named_modules():
+        if isinstance(m, MoefitLinear) and m.lora_A is not None:
+            deltas[f"{name}.weight"] = (m.lora_B @ m.lora_A) * m.lora_scale
+        elif isinstance(m, MoefitExperts) and m.gate_lora_A is not None:
+            per = {p: torch.bmm(getattr(m, f"{p}_lora_A"), getattr(m, f"{p}_lora_B")).transpose(1, 2) * m.lora_scale
+                   for p in EXPERT_PROJECTIONS}
+            for part, tensor in fused_names(layout.in_memory).items():
+                deltas[f"{name}.{tensor}"] = torch.stack([
+                    join_fused(layout.in_memory, part, {p: per[p][e] for p in part_projections(part)})
+                    for e in range(m.num_experts)])
+    return deltas

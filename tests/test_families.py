@@ -1,0 +1,215 @@
+"""Every MoE family moefit trains, against transformers itself on tiny checkpoints that transformers writes (the
+hub's on-disk expert layout): fp32 logits and LoRA gradients, NF4 logits on the NF4-round-tripped weights, expert
+work independent of the number of experts, and `moefit train` -> `moefit export` (merged and PEFT adapter).
+
+The models come from tests/families.py: a family gets these tests by adding its tiny config there.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
+
+import moefit
+from moefit.lora import add_lora, load_adapter, lora_parameters
+from moefit.models.families import FusedExperts, PerExpert
+from moefit.moe.experts import MoefitExperts
+from tests.families import (
+    CASES,
+    FAMILY_CASES,
+    experts_override,
+    lora_deltas,
+    randomize_lora,
+    reference_params,
+    rel,
+    write_checkpoint,
+)
+
+
+def _load(path, quantization: str = "none"):
+    return moefit.load_model(str(path), quantization=quantization, dtype=torch.float32, attn_implementation="eager")
+
+
+def _ids(vocab: int, seed: int, shape=(2, 24)) -> torch.Tensor:
+    return torch.randint(3, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_checkpoint_holds_the_hub_expert_layout(tmp_path, case):
+    """What save_pretrained wrote is the layout the spec names first (the hub's), not transformers' in-memory one."""
+    write_checkpoint(tmp_path, CASES[case])
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    moe = CASES[case].spec().moe
+    hub = moe.on_disk[0]
+    if isinstance(hub, PerExpert):
+        assert any(k.endswith(f".{moe.experts}.0.{hub.gate}.weight") for k in keys), sorted(keys)[:8]
+        assert not any(k.endswith(f".{moe.experts}.gate_up_proj") for k in keys)
+    else:
+        assert isinstance(hub, FusedExperts) and any(k.endswith(f".{moe.experts}.{hub.gate_up}") for k in keys)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers_unquantized(tmp_path, case):
+    ref = write_checkpoint(tmp_path, CASES[case])
+    model = _load(tmp_path)
+    assert any(isinstance(m, MoefitExperts) for m in model.modules())
+    ids = _ids(ref.config.vocab_size, 1)
+    with torch.no_grad():
+        expected = ref(ids).logits
+        got = model(ids).logits
+    assert rel(got, expected) < 1e-4
+    out = model(ids, labels=ids)
+    assert abs(out.loss.item() - ref(ids, labels=ids).loss.item()) < 1e-4
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_lora_logits_and_gradients_match_transformers(tmp_path, case):
+    ref = write_checkpoint(tmp_path, CASES[case])
+    model = _load(tmp_path)
+    params = add_lora(model, r=4, alpha=8, dropout=0.0, expert_r=2)
+    assert any(n.endswith("gate_lora_A") for n in params)  # routed experts have LoRA too
+    randomize_lora(model)
+    model.train()
+    ids = _ids(ref.config.vocab_size, 2, (2, 20))
+    out = model(ids, labels=ids, return_logits=True)
+    out.loss.backward()
+    ours = {n: p.grad.clone() for n, p in params.items()}
+    for p in params.values():
+        p.grad = None
+
+    base = reference_params(model)
+    merged = {k: base[k] + v for k, v in lora_deltas(model).items()}
+    ref.train()
+    ref_out = functional_call(ref, {**base, **merged}, args=(ids,), kwargs={"labels": ids})
+    assert rel(out.logits.detach(), ref_out.logits.detach()) < 1e-4
+    ref_out.loss.backward()
+    for n, p in params.items():
+        assert p.grad is not None, n
+        assert rel(ours[n], p.grad) < 1e-4, n
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_nf4_logits_match_transformers_on_dequantized_weights(tmp_path, case):
+    ref = write_checkpoint(tmp_path, CASES[case])
+    model = _load(tmp_path, "nf4")
+    ids = _ids(ref.config.vocab_size, 4)
+    with torch.no_grad():
+        got = model(ids).logits
+        expected = functional_call(ref, reference_params(model), args=(ids,)).logits
+        original = ref(ids).logits
+    assert rel(got, expected) < 1e-4
+    assert rel(got, original) > 1e-3  # the NF4 path really quantized
+
+
+def _expert_work(tmp_path: Path, case: str, num_experts: int, top_k: int, tokens: int) -> tuple[int, int]:
+    """(FLOPs inside the routed-expert banks for one forward + backward, rows that reached them)."""
+    path = tmp_path / f"{case}-e{num_experts}k{top_k}"
+    write_checkpoint(path, CASES[case], **experts_override(CASES[case], num_experts, top_k))
+    model = _load(path, "nf4")
+    add_lora(model, r=4, alpha=8, dropout=0.0)
+    rows = []
+    for m in model.modules():
+        if isinstance(m, MoefitExperts):
+            m.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
+    ids = _ids(model.config.vocab_size, 0, (1, tokens))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(ids, labels=ids).loss.backward()
+    flops = sum(sum(v.values()) for k, v in counter.get_flop_counts().items()
+                if k.endswith(f".{CASES[case].spec().moe.experts}"))
+    return flops, sum(rows)
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_expert_work_scales_with_top_k_not_num_experts(tmp_path, case):
+    tokens = 32
+    f4k1, rows4k1 = _expert_work(tmp_path, case, 4, 1, tokens)
+    f8k1, rows8k1 = _expert_work(tmp_path, case, 8, 1, tokens)
+    f8k2, rows8k2 = _expert_work(tmp_path, case, 8, 2, tokens)
+    model_layers = sum(1 for m in _load(tmp_path / f"{case}-e4k1").modules() if isinstance(m, MoefitExperts))
+    assert rows4k1 == rows8k1 == model_layers * tokens  # only routed rows reach the experts: tokens x top_k
+    assert rows8k2 == 2 * model_layers * tokens
+    assert f4k1 > 0 and f8k1 == f4k1  # twice the experts, same work
+    assert f8k2 == 2 * f4k1  # twice top_k, twice the work
+
+
+# ------------------------------------------------------------------ moefit train -> moefit export
+
+
+@pytest.fixture(scope="module", params=FAMILY_CASES)
+def trained(request, tmp_path_factory) -> tuple[Path, Path]:
+    """(base checkpoint, run directory) of a short `moefit train` run (NF4, fp32, LoRA on attention, dense MLPs
+    and every routed expert) on the shipped chat data."""
+    from moefit.cli import main
+
+    tmp = tmp_path_factory.mktemp(request.param)
+    base = tmp / "base"
+    write_checkpoint(base, CASES[request.param], tokenizer=True)
+    run = tmp / "run"
+    sets = {"model": str(base), "train.max_length": 64, "train.grad_accum": 1, "train.max_steps": 3,
+            "train.eval_every": 100, "train.save_every": 100, "train.lr": 2e-2, "train.warmup_steps": 0,
+            "train.precision": "fp32", "train.num_threads": 2, "train.optimizer": "adamw", "lora.r": 4,
+            "lora.alpha": 8, "lora.dropout": 0.0, "lora.expert_r": 2}
+    args = ["train", "--output-dir", str(run), "--quiet"]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    assert main(args) == 0
+    assert (run / "adapter_model.safetensors").is_file()
+    return base, run
+
+
+def _trained_model(base: Path, run: Path, quantization: str):
+    model = _load(base, quantization)
+    load_adapter(model, run)
+    trained_b = [p for n, p in lora_parameters(model).items() if n.endswith("_lora_B") and p.abs().sum() > 0]
+    assert trained_b, "training left the routed experts' LoRA B at zero: the export test would not test them"
+    return model
+
+
+def test_train_then_merged_export_loads_in_transformers(trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from moefit.cli import main
+
+    base, run = trained
+    out = tmp_path / "merged"
+    assert main(["export", str(run), "--merge", "--out", str(out), "--dtype", "float32"]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    with safe_open(str(base / "model.safetensors"), "pt") as f:
+        assert set(index["weight_map"]) == set(f.keys())  # the hub layout, as the base
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = _ids(hf.config.vocab_size, 5)
+    with torch.no_grad():
+        got = hf(ids).logits
+        expected = _trained_model(base, run, "nf4")(ids, return_logits=True).logits
+        untrained = _load(base, "nf4")(ids, return_logits=True).logits
+    assert rel(got, expected) < 1e-3
+    assert rel(untrained, expected) > 10 * rel(got, expected)  # the adapter changed the model: the merge is seen
+
+
+def test_train_then_adapter_export_loads_in_peft(trained, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, run = trained
+    out = tmp_path / "adapter"
+    report = moefit.export(run, out, merge=False)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["target_parameters"]  # routed experts through PEFT's parameter targets, nothing left aside
+    assert not (out / "moefit_expert_lora.safetensors").exists()
+    hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager")
+    peft_model = PeftModel.from_pretrained(hf, out).eval()
+    assert sum(1 for n, p in peft_model.named_parameters() if "lora_" in n and p.abs().sum() > 0) \
+        == report.tensors_written
+    ids = _ids(hf.config.vocab_size, 6)
+    with torch.no_grad():
+        got = peft_model(input_ids=ids).logits
+        expected = _trained_model(base, run, "none")(ids, return_logits=True).logits
+    assert rel(got, expected) < 1e-3
