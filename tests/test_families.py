@@ -213,3 +213,21 @@ def test_train_then_adapter_export_loads_in_peft(trained, tmp_path):
         got = peft_model(input_ids=ids).logits
         expected = _trained_model(base, run, "none")(ids, return_logits=True).logits
     assert rel(got, expected) < 1e-3
+
+
+def test_train_refuses_a_family_it_cannot_train_before_reading_data(tmp_path, capsys):
+    from moefit.cli import main
+    from moefit.models.families import supported_names
+
+    model = tmp_path / "gpt-oss"
+    model.mkdir()
+    (model / "config.json").write_text(
+        (Path(moefit.__file__).parent / "models" / "presets" / "gpt-oss-20b.json").read_text())
+    missing_data = tmp_path / "no-such-data.jsonl"  # reading the data first would fail on this instead
+    rc = main(["train", "--set", f"model={model}", "--set", f"data.train={missing_data}", "--output-dir",
+               str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "'gpt_oss'" in err and "no-such-data" not in err
+    assert all(name in err for name in supported_names()) and "qwen3_moe" in err and "mixtral" in err
+    assert not (tmp_path / "run").exists()

@@ -12,8 +12,8 @@ from typing import Any
 from ...errors import MoefitError
 from .spec import FamilySpec, FusedExperts, MoESpec, PerExpert
 
-__all__ = ["FamilySpec", "FusedExperts", "MoESpec", "PerExpert", "SPECS", "family_for", "model_type_of",
-           "require_family", "supported_names"]
+__all__ = ["FamilySpec", "FusedExperts", "MoESpec", "PerExpert", "SPECS", "check_trainable", "family_for",
+           "model_type_of", "require_family", "supported_names"]
 
 
 def _discover() -> dict[str, FamilySpec]:
@@ -55,3 +55,20 @@ def require_family(config: Any, source: str = "config.json") -> FamilySpec:
         raise MoefitError(f"{source}: model type {model_type!r} is not one moefit can train yet (it trains: "
                           f"{', '.join(supported_names())}). `moefit plan` may still plan it.")
     return spec
+
+
+def check_trainable(model: str) -> FamilySpec | None:
+    """Refuse, from config.json alone, a model `moefit train` cannot train: before any data or weight is read.
+    `model` is what a run config's `model:` holds ('tiny', a directory, a hub id). None when its config.json cannot
+    be found here (the loader then says why)."""
+    import json
+
+    from ...errors import ConfigError
+    from ...plan.model_facts import resolve_config_path
+
+    try:
+        path = resolve_config_path(model)
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ConfigError, OSError, ValueError):
+        return None
+    return require_family(raw, str(path))
