@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from .errors import MoefitError
-from .models.expert_layout import match_expert_tensor, split_fused
+from .models.expert_layout import ExpertTensor, match_expert_tensor, split_fused, split_outputs
 from .models.families import FamilySpec, require_family
 from .models.layers import MoefitLinear
 from .moe.experts import EXPERT_PROJECTIONS, MoefitExperts
+from .quant.mxfp4 import dequantize_mxfp4
 from .safetensors_io import SafetensorsFile
 
 SKIP_PREFIXES = ("vision_model.", "multi_modal_projector.", "model.vision_model.", "model.multi_modal_projector.")
@@ -101,6 +102,8 @@ class _Filler:
             elif isinstance(module, MoefitExperts):
                 for proj in EXPERT_PROJECTIONS:
                     self.expected.update(f"{name}.{e}.{proj}" for e in range(module.num_experts))
+                    if module.has_bias:
+                        self.expected.update(f"{name}.{e}.{proj}_bias" for e in range(module.num_experts))
         skip_owners = tuple(n + "." for n, m in model.named_modules() if isinstance(m, (MoefitLinear, MoefitExperts)))
         for name, _ in model.named_parameters():
             if not name.startswith(skip_owners):
@@ -119,19 +122,13 @@ class _Filler:
         except AttributeError:
             return None
 
-    def fill(self, name: str, read, device: torch.device) -> None:
-        """`read(index=None)` returns the tensor (or one leading-dim slice of it)."""
+    def fill(self, name: str, read, device: torch.device, read_scales=None) -> None:
+        """`read(index=None)` returns the tensor (or one leading-dim slice of it); `read_scales(index)` the same
+        slice of an MXFP4 weight's scales tensor."""
         et = match_expert_tensor(name, self.spec)
         experts = self._module(et.module) if et else None
         if isinstance(experts, MoefitExperts):
-            if et.expert is not None:
-                getattr(experts, et.part).quantize_(read().to(device), expert=et.expert)
-                self._done(f"{et.module}.{et.expert}.{et.part}")
-                return
-            for e in range(experts.num_experts):  # one expert at a time from the fused tensor
-                for proj, w in split_fused(et.layout, et.part, read(e).to(device), experts.intermediate_size).items():
-                    getattr(experts, proj).quantize_(w, expert=e)
-                    self._done(f"{et.module}.{e}.{proj}")
+            self._fill_experts(experts, et, read, device, read_scales)
             return
         path, _, leaf = name.rpartition(".")
         module = self._module(path)
@@ -156,6 +153,30 @@ class _Filler:
             target.copy_(t)
         self._done(name)
 
+    def _fill_experts(self, experts: MoefitExperts, et: ExpertTensor, read, device: torch.device,
+                      read_scales) -> None:
+        """One expert at a time: a per-expert weight, or each expert's slice of a fused weight or bias."""
+        if et.kind == "scales":
+            return  # read together with its MXFP4 blocks
+        if et.kind == "bias" and not experts.has_bias:
+            raise MoefitError(f"checkpoint tensor {et.module}: an expert bias the model built from config.json has "
+                              "no place for.")
+        inter = experts.intermediate_size
+        for e in ([et.expert] if et.expert is not None else range(experts.num_experts)):
+            t = (read() if et.expert is not None else read(e)).to(device)
+            if et.kind == "bias":
+                for proj, b in split_outputs(et.layout, et.part, t, inter).items():
+                    getattr(experts, f"{proj}_bias")[e].copy_(b)
+                    self._done(f"{et.module}.{e}.{proj}_bias")
+                continue
+            if getattr(et.layout, "mxfp4", False):
+                t = dequantize_mxfp4(t, read_scales(e).to(device))
+            parts = {et.part: t} if et.expert is not None else split_fused(et.layout, et.part, t, inter)
+            for proj, w in parts.items():
+                getattr(experts, proj).quantize_(w, expert=e)
+                self._done(f"{et.module}.{e}.{proj}")
+            del t
+
     def _done(self, *names: str) -> None:
         self.filled.update(names)
 
@@ -177,14 +198,18 @@ def stream_weights(model: nn.Module, model_dir: Path, device: torch.device | str
     spec = require_family(model.config, str(model_dir / "config.json"))
     filler = _Filler(model, spec)
     report = LoadReport()
-    for key, name, f in iter_checkpoint(model_dir, spec):
+    entries = list(iter_checkpoint(model_dir, spec))  # headers only
+    where = {key: f for key, _, f in entries}
+    for key, name, f in entries:
         if name is None:
             report.tensors_skipped += 1
             if len(report.skipped_examples) < 3:
                 report.skipped_examples.append(key)
             continue
         report.largest_tensor_bytes = max(report.largest_tensor_bytes, f.nbytes(key))
-        filler.fill(name, lambda index=None, f=f, key=key: f.read(key, index), device)
+        scales = key.removesuffix("_blocks") + "_scales"  # an MXFP4 weight's other half, in whichever shard
+        filler.fill(name, lambda index=None, f=f, key=key: f.read(key, index), device,
+                    (lambda index, k=scales: where[k].read(k, index)) if scales in where else None)
         report.tensors_loaded += 1
     missing = [m for m in filler.missing() if not _tied_lm_head(m, model)]
     if missing:

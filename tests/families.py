@@ -58,8 +58,12 @@ CASES = {
         norm_topk_prob=False)),
     "mixtral": Case("MixtralConfig", "MixtralForCausalLM", dict(
         intermediate_size=32, num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2)),
+    # sliding + full attention layers with sinks; a small SwiGLU limit so the clamp is exercised
+    "gpt_oss": Case("GptOssConfig", "GptOssForCausalLM", dict(
+        intermediate_size=32, num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2, sliding_window=8,
+        swiglu_limit=0.1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 }
-FAMILY_CASES = ("llama4-top2-4e-rope", "qwen3_moe", "mixtral")  # one case per family, for the slower tests
+FAMILY_CASES = ("llama4-top2-4e-rope", "qwen3_moe", "mixtral", "gpt_oss")  # one case per family, for the slower tests
 
 
 def experts_override(case: Case, num_experts: int, top_k: int) -> dict[str, int]:
@@ -83,10 +87,10 @@ def write_checkpoint(path: Path, case: Case, seed: int = 0, tokenizer: bool = Fa
     spec = family_for(config.model_type)
     torch.manual_seed(seed)
     model = getattr(transformers, case.model_class)(config).float().eval()
-    router = f".{spec.moe.router}.weight"
+    router = f".{spec.moe.router}."
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if f".{spec.moe.experts}." in name or name.endswith(router):
+            if f".{spec.moe.experts}." in name or router in name:
                 p.normal_(0.0, 0.08)
     model.save_pretrained(path)
     if tokenizer:
@@ -131,3 +135,26 @@ def lora_deltas(model) -> dict[str, torch.Tensor]:
                     join_fused(layout.in_memory, part, {p: per[p][e] for p in part_projections(part)})
                     for e in range(m.num_experts)])
     return deltas
+
+
+def write_mxfp4_copy(src: Path, dst: Path) -> Path:
+    """gpt-oss's hub layout from a checkpoint save_pretrained wrote: fused expert weights as MXFP4 `*_blocks` /
+    `*_scales` ([E, out, in/32, 16] / [E, out, in/32]), biases and the rest unchanged, and the mxfp4
+    quantization_config the hub's config.json carries."""
+    from safetensors.torch import load_file, save_file
+
+    from moefit.quant.mxfp4 import quantize_mxfp4
+
+    dst.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for key, t in load_file(str(Path(src) / "model.safetensors")).items():
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, in, out] in memory and in bf16 files
+            out[key + "_blocks"], out[key + "_scales"] = quantize_mxfp4(t.transpose(1, 2).contiguous())
+        else:
+            out[key] = t
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((Path(src) / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst

@@ -29,6 +29,7 @@ from tests.families import (
     reference_params,
     rel,
     write_checkpoint,
+    write_mxfp4_copy,
 )
 
 
@@ -219,15 +220,36 @@ def test_train_refuses_a_family_it_cannot_train_before_reading_data(tmp_path, ca
     from moefit.cli import main
     from moefit.models.families import supported_names
 
-    model = tmp_path / "gpt-oss"
+    model = tmp_path / "deepseek-v3"
     model.mkdir()
     (model / "config.json").write_text(
-        (Path(moefit.__file__).parent / "models" / "presets" / "gpt-oss-20b.json").read_text())
+        (Path(moefit.__file__).parent / "models" / "presets" / "deepseek-v3.json").read_text())
     missing_data = tmp_path / "no-such-data.jsonl"  # reading the data first would fail on this instead
     rc = main(["train", "--set", f"model={model}", "--set", f"data.train={missing_data}", "--output-dir",
                str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2
-    assert "'gpt_oss'" in err and "no-such-data" not in err
+    assert "'deepseek_v3'" in err and "no-such-data" not in err
     assert all(name in err for name in supported_names()) and "qwen3_moe" in err and "mixtral" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_gpt_oss_mxfp4_checkpoint_matches_transformers_dequantized(tmp_path):
+    """The hub's MXFP4 experts: moefit decodes them at load (then NF4 or plain); transformers' own MXFP4
+    decoding of the same file gives the same logits."""
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    write_checkpoint(tmp_path / "bf16", CASES["gpt_oss"])
+    mx = write_mxfp4_copy(tmp_path / "bf16", tmp_path / "mxfp4")
+    ref = AutoModelForCausalLM.from_pretrained(mx, quantization_config=Mxfp4Config(dequantize=True),
+                                               dtype=torch.float32, attn_implementation="eager").eval()
+    model = _load(mx)
+    ids = _ids(ref.config.vocab_size, 7)
+    with torch.no_grad():
+        got, expected = model(ids).logits, ref(ids).logits
+        unquantized = _load(tmp_path / "bf16")(ids).logits
+    assert rel(got, expected) < 1e-4
+    assert rel(got, unquantized) > 1e-3  # the MXFP4 values really are the ones loaded
+    nf4 = _load(mx, "nf4")
+    with torch.no_grad():
+        assert rel(nf4(ids).logits, functional_call(ref, reference_params(nf4), args=(ids,)).logits) < 1e-4

@@ -197,7 +197,11 @@ def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: 
             _check_linear(lora, mod, t.shape)
             covered.add(mod)
             jobs.append((planned, _linear(reader, key, mod, merger, dtype)))
-        elif et and et.module in experts:
+        elif et and et.module in experts and et.kind == "weight":
+            if getattr(et.layout, "mxfp4", False):
+                raise MoefitError(f"{base_dir}: the routed experts are MXFP4 ({key}); a merged export writes them "
+                                  "in the base's own layout, which it cannot do for MXFP4 yet. Pass --base with a "
+                                  "bf16 copy of the model, or export the adapter (--adapter).")
             covered.add(et.module)
             jobs.append((planned, _experts(reader, key, et, experts[et.module], merger, dtype)))
         else:

@@ -15,6 +15,9 @@ Llama 4 `experts.gate_up_proj` [E, H, 2I] / `down_proj` [E, I, H] (slices [in, o
                ([2r, 2I]), so rank r' = 2 r_e and lora_alpha' = 2 alpha_e (same alpha/r scaling);
                down_proj: lhs_e = A_down[e] ([I, r_e]), rhs_e = B_down[e] ([r_e, H]), r' = r_e, alpha' = alpha_e.
 [out, in] slices: the same with lhs_e = blockdiag(B_gate[e]^T, B_up[e]^T), rhs_e = [A_gate[e]^T ; A_up[e]^T].
+Interleaved gate/up (gpt-oss) puts each projection's columns at its strided positions instead of a block. Where
+the experts module says `is_transposed` (gpt-oss), PEFT computes delta[e] = (B_e A_e)^T instead of B_e A_e, and
+lora_A / lora_B are laid out accordingly (`_put`).
 These ranks go in `rank_pattern` / `alpha_pattern`; `r` / `lora_alpha` are the attention ranks.
 PEFT refuses dropout on parameter targets, so such an adapter is written with lora_dropout 0 (inference is the
 same: dropout is off at inference).
@@ -32,7 +35,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import MoefitError
-from ..models.expert_layout import fused_names, part_projections
+from ..models.expert_layout import fused_names, output_index, part_projections
 from ..models.families import FusedExperts, require_family
 from ..rundir import RunInfo
 from .merge import ExportReport, LoraSource, copy_side_files
@@ -110,7 +113,8 @@ def _peft_factors(layout: FusedExperts, part: str, present: list[str], a: dict[s
                   b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """moefit's per-projection LoRA (A [E, in, r], B [E, r, out]) of the projections `present` in one fused
     tensor -> (lhs [E, d1, R], rhs [E, R, d2]) with lhs[e] @ rhs[e] = that tensor's delta slice [d1, d2], R =
-    r x len(present). Projections sit one after another along the fused tensor's output dimension (gate, up)."""
+    r x len(present). Each projection's outputs sit where the layout puts them (one after another, or
+    interleaved)."""
     num, in_dim, r = a[present[0]].shape
     width = b[present[0]].shape[2]
     out_total = width * len(part_projections(part))
@@ -121,12 +125,13 @@ def _peft_factors(layout: FusedExperts, part: str, present: list[str], a: dict[s
         lhs, rhs = torch.zeros(num, out_total, rank), torch.zeros(num, rank, in_dim)
     for i, p in enumerate(present):
         ranks = slice(i * r, (i + 1) * r)
-        off = part_projections(part).index(p) * width
-        outs = slice(off, off + width)
+        outs = output_index(layout, part, p, width)
         if layout.transposed:
-            lhs[:, :, ranks], rhs[:, ranks, outs] = a[p], b[p]
+            lhs[:, :, ranks] = a[p]
+            rhs[:, ranks, :].index_copy_(2, outs, b[p])
         else:
-            lhs[:, outs, ranks], rhs[:, ranks, :] = b[p].transpose(1, 2), a[p].transpose(1, 2)
+            lhs[:, :, ranks].index_copy_(1, outs, b[p].transpose(1, 2))
+            rhs[:, ranks, :] = a[p].transpose(1, 2)
     return lhs, rhs
 
 
@@ -171,7 +176,7 @@ def peft_export(info: RunInfo, out: Path, *, base: Path | None = None, overwrite
             if present:
                 lhs, rhs = _peft_factors(layout, part, present, a, b)
                 _put(tensors, target_parameters, rank_pattern, alpha_pattern, f"{full}.{pname}", lhs, rhs,
-                     alpha_e * len(present))
+                     alpha_e * len(present), peft_swaps=not getattr(model.get_submodule(full), "is_transposed", False))
     tensors = {k: v.to(_adapter_dtype(cfg)).contiguous() for k, v in tensors.items()}
 
     wrappers = _param_wrapper_keys(model, target_modules, target_parameters, cfg, rank_pattern, alpha_pattern)
@@ -217,14 +222,15 @@ def _adapter_dtype(cfg: dict) -> torch.dtype:
 
 
 def _put(tensors, target_parameters, rank_pattern, alpha_pattern, full_param: str, lhs: torch.Tensor,
-         rhs: torch.Tensor, alpha: float) -> None:
-    """lhs [E, out', r'], rhs [E, r', in'] -> PEFT's lora_B [out', r'*E] (rank-major, expert-minor) and lora_A
-    [E*r', in'] (expert-major)."""
-    num, out_f, rank = lhs.shape
-    lora_a = rhs.reshape(num * rank, rhs.shape[2])
-    lora_b = lhs.permute(1, 2, 0).reshape(out_f, rank * num)
-    tensors[f"base_model.model.{full_param}.lora_A.weight"] = lora_a
-    tensors[f"base_model.model.{full_param}.lora_B.weight"] = lora_b
+         rhs: torch.Tensor, alpha: float, peft_swaps: bool) -> None:
+    """lhs [E, d1, r'], rhs [E, r', d2] (delta[e] = lhs[e] @ rhs[e], param [E, d1, d2]) -> PEFT's lora_A [E*r', in]
+    (expert-major) and lora_B [out, r'*E] (rank-major, expert-minor). PEFT computes delta[e] = B_e A_e when it
+    swaps in/out (the parameter's module has no `is_transposed`, e.g. Llama 4, Qwen3-MoE), else (B_e A_e)^T
+    (gpt-oss)."""
+    num, _, rank = lhs.shape
+    a, b = (rhs, lhs) if peft_swaps else (lhs.transpose(1, 2), rhs.transpose(1, 2))  # A [E, r', in], B [E, out, r']
+    tensors[f"base_model.model.{full_param}.lora_A.weight"] = a.reshape(num * rank, a.shape[2])
+    tensors[f"base_model.model.{full_param}.lora_B.weight"] = b.permute(1, 2, 0).reshape(b.shape[1], rank * num)
     target_parameters.append(full_param)
     rank_pattern[full_param] = rank
     alpha_pattern[full_param] = alpha

@@ -37,7 +37,7 @@ def build_skeleton(config: PretrainedConfig, *, quant: QuantConfig, dtype: torch
                    device: torch.device | str, attn_implementation: str = "sdpa") -> nn.Module:
     config = text_config_of(config)
     spec = require_family(config)
-    config._attn_implementation = attn_implementation
+    config._attn_implementation = _attention_for(config, attn_implementation)
     config.use_cache = False
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -56,6 +56,16 @@ def build_skeleton(config: PretrainedConfig, *, quant: QuantConfig, dtype: torch
     return model
 
 
+def _attention_for(config: PretrainedConfig, wanted: str) -> str:
+    """`wanted`, or eager where the model class has no SDPA path (gpt-oss: its attention sinks)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if wanted == "sdpa" and cls is not None and not getattr(cls, "_supports_sdpa", True):
+        return "eager"
+    return wanted
+
+
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
@@ -67,13 +77,19 @@ def _replace_moe_blocks(model: nn.Module, config: PretrainedConfig, spec: Family
     moe = spec.moe
     if moe is None:
         return
+    if moe.hidden_act is not None and getattr(config, "hidden_act", moe.hidden_act) != moe.hidden_act:
+        from ..errors import MoefitError
+
+        raise MoefitError(f"config.json: hidden_act {config.hidden_act!r}; moefit's {spec.name} experts implement "
+                          f"{moe.hidden_act!r} only.")
     block_class = getattr(importlib.import_module(spec.modeling), moe.block_class)
     rule = RoutingRule(top_k=getattr(config, moe.top_k), fn=ROUTING[moe.routing],
                        normalize_topk=moe.normalize(config), scale_inputs=moe.scale_inputs)
     for name, module in list(model.named_modules()):
         if isinstance(module, block_class):
             experts = MoefitExperts(getattr(config, moe.num_experts), config.hidden_size,
-                                    getattr(config, moe.expert_intermediate), act=config.hidden_act, **kw)
+                                    getattr(config, moe.expert_intermediate), act=moe.activation,
+                                    act_kwargs=moe.activation_kwargs(config), bias=moe.in_memory.has_bias, **kw)
             shared = getattr(module, moe.shared_expert) if moe.shared_expert else None
             _set_module(model, name, MoefitMoE(
                 getattr(module, moe.router), experts, shared, rule, output_feeds_residual=moe.output_feeds_residual,

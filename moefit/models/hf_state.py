@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..moe.experts import MoefitExperts
-from .expert_layout import fused_names, join_fused, part_projections
+from .expert_layout import fused_bias_names, fused_names, join_fused, join_outputs, part_projections
 from .families import FusedExperts, require_family
 from .layers import MoefitLinear, is_lora_name
 
@@ -60,6 +60,10 @@ def fused_expert_tensors(m: MoefitExperts, layout: FusedExperts, merge_lora: boo
         out[name] = torch.stack([
             join_fused(layout, part, {p: expert_weight(m, p, e, merge_lora, dtype) for p in part_projections(part)})
             for e in range(m.num_experts)])
+    for part, name in fused_bias_names(layout).items():
+        out[name] = torch.stack([join_outputs(layout, part, {p: getattr(m, f"{p}_bias")[e].detach().to(dtype)
+                                                              for p in part_projections(part)})
+                                 for e in range(m.num_experts)])
     return out
 
 

@@ -57,7 +57,9 @@ class MoefitMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor):
         x = hidden_states.reshape(-1, self.hidden_dim)
-        logits = F.linear(x, getattr(self, self.router_name).weight.to(x.dtype))  # [T, E]
+        router = getattr(self, self.router_name)
+        bias = getattr(router, "bias", None)  # gpt-oss's router has one
+        logits = F.linear(x, router.weight.to(x.dtype), None if bias is None else bias.to(x.dtype))  # [T, E]
         top_i, weights = self.rule.route(logits)
         k = self.rule.top_k
         flat_expert = top_i.reshape(-1)
@@ -67,7 +69,7 @@ class MoefitMoE(nn.Module):
         # stops the CPU from queueing the next layer's kernels while the GPU works.
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, flat_expert, torch.ones_like(flat_expert))
-        groups = ExpertGroups(counts, None if x.is_cuda else counts.tolist())
+        groups = ExpertGroups(counts, None if x.is_cuda else counts.tolist(), row_expert=flat_expert[order])
         w = weights.reshape(-1)[order].to(x.dtype).unsqueeze(1)
         xs = x[token]
         experts = getattr(self, self.experts_name)

@@ -20,17 +20,34 @@ from .recompute import discarded_output
 EXPERT_PROJECTIONS = ("gate", "up", "down")
 
 
+def silu_glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Llama 4, Qwen3-MoE, Mixtral, GLM-4.5, DeepSeek-V3."""
+    return F.silu(gate) * up
+
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """gpt-oss: gate clamped above at `limit`, up to [-limit, limit]; gate * sigmoid(alpha gate) * (up + 1)."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(gate * alpha) * (up + 1)
+
+
+ACTIVATIONS = {"silu_glu": silu_glu, "clamped_swiglu": clamped_swiglu}
+
+
 class MoefitExperts(nn.Module):
     """Routed experts of one MoE layer: gate/up/down weights stored frozen per expert as [E, out, in].
 
     forward(x, groups): x holds the routed tokens sorted by expert (groups.counts[e] rows for expert e), already scaled
     by the router where the family scales inputs. Only those rows are computed: cost per token is independent of
-    the number of experts.
+    the number of experts. `act`: a name in ACTIVATIONS, with `act_kwargs`; `bias`: frozen per-expert biases
+    (gate_bias, up_bias [E, I], down_bias [E, H]; gpt-oss), added to each row by its expert (groups.row_expert).
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *, act: str = "silu",
-                 quantization: str = "nf4", dtype: torch.dtype = torch.bfloat16, blocksize: int = 64,
-                 double_quant: bool = True, device: torch.device | str | None = None):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *, act: str = "silu_glu",
+                 act_kwargs: dict | None = None, bias: bool = False, quantization: str = "nf4",
+                 dtype: torch.dtype = torch.bfloat16, blocksize: int = 64, double_quant: bool = True,
+                 device: torch.device | str | None = None):
         super().__init__()
         self.num_experts = num_experts
         self.hidden_size = hidden_size
@@ -40,8 +57,14 @@ class MoefitExperts(nn.Module):
         self.gate = make_weight((num_experts, intermediate_size, hidden_size), **kw)
         self.up = make_weight((num_experts, intermediate_size, hidden_size), **kw)
         self.down = make_weight((num_experts, hidden_size, intermediate_size), **kw)
-        if act != "silu":
-            raise ValueError(f"unsupported expert activation {act!r}")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unsupported expert activation {act!r} (known: {', '.join(ACTIVATIONS)})")
+        self.act, self.act_kwargs = ACTIVATIONS[act], dict(act_kwargs or {})
+        self.has_bias = bias
+        for p in EXPERT_PROJECTIONS:
+            width = hidden_size if p == "down" else intermediate_size
+            self.register_buffer(f"{p}_bias", torch.zeros(num_experts, width, dtype=dtype, device=device)
+                                 if bias else None)
         self.lora_scale = 0.0
         self.lora_dropout: nn.Module = nn.Identity()
         self.keep_gate_up = False  # set by MoefitCausalLM.enable_gradient_checkpointing
@@ -101,11 +124,16 @@ class MoefitExperts(nn.Module):
         delta = self._lora("up", x, groups)
         if delta is not None:
             up = up + delta
-        h = F.silu(gate) * up
+        if self.has_bias:
+            gate = gate + self.gate_bias[groups.row_expert].to(gate.dtype)
+            up = up + self.up_bias[groups.row_expert].to(up.dtype)
+        h = self.act(gate, up, **self.act_kwargs)
         if discard_output:
             out = discarded_output(h, self.hidden_size)
         else:
             out = frozen_expert_matmul(h, self.down, groups)
+            if self.has_bias:
+                out = out + self.down_bias[groups.row_expert].to(out.dtype)
         delta = self._lora("down", h, groups)
         if delta is not None:
             out = out + delta

@@ -37,4 +37,11 @@ def softmax_topk(logits: torch.Tensor, rule: RoutingRule) -> tuple[torch.Tensor,
     return top_i, weights
 
 
-ROUTING = {"sigmoid_of_topk_logits": sigmoid_of_topk_logits, "softmax_topk": softmax_topk}
+def softmax_of_topk_logits(logits: torch.Tensor, rule: RoutingRule) -> tuple[torch.Tensor, torch.Tensor]:
+    """gpt-oss: the top-k logits (router bias included), then a softmax over those k."""
+    top_v, top_i = torch.topk(logits, rule.top_k, dim=-1)
+    return top_i, torch.softmax(top_v.float(), dim=-1)
+
+
+ROUTING = {"sigmoid_of_topk_logits": sigmoid_of_topk_logits, "softmax_topk": softmax_topk,
+           "softmax_of_topk_logits": softmax_of_topk_logits}

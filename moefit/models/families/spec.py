@@ -13,15 +13,28 @@ from typing import Any
 
 @dataclass(frozen=True)
 class FusedExperts:
-    """All experts of a layer in two tensors, `<experts>.<gate_up>` (gate rows, then up rows) and `<experts>.<down>`.
+    """All experts of a layer in two tensors, `<experts>.<gate_up>` (gate outputs, then up outputs) and
+    `<experts>.<down>`.
 
     transposed=True: each expert's slice is [in, out] (Llama 4: gate_up_proj [E, H, 2I], down_proj [E, I, H]);
     False: [out, in] as nn.Linear weights (transformers 5's in-memory Qwen3-MoE / Mixtral: [E, 2I, H], [E, H, I]).
+    interleaved: gate and up alternate along the output (gpt-oss: gate = [..., 0::2], up = [..., 1::2]).
+    gate_up_bias / down_bias: names of per-expert bias tensors ([E, 2I], [E, H]), None when the family has none.
+    mxfp4: the weights are MXFP4 `<name>_blocks` [E, out, in/32, 16] (two FP4 values a byte) and `<name>_scales`
+    [E, out, in/32] (power-of-two exponents + 127), as gpt-oss ships them; moefit decodes them at load.
     """
 
     gate_up: str = "gate_up_proj"
     down: str = "down_proj"
     transposed: bool = False
+    interleaved: bool = False
+    gate_up_bias: str | None = None
+    down_bias: str | None = None
+    mxfp4: bool = False
+
+    @property
+    def has_bias(self) -> bool:
+        return self.gate_up_bias is not None
 
 
 @dataclass(frozen=True)
@@ -57,7 +70,12 @@ class MoESpec:
     normalize_topk: bool | str = False  # renormalise the top-k weights: a constant, or the config attribute saying so
     experts: str = "experts"  # attribute of the block holding the routed experts
     shared_expert: str | None = None  # attribute of the block holding the shared expert (an MLP of nn.Linear)
-    activation: str = "silu_glu"  # expert MLP: act(gate(x)) * up(x) -> down
+    activation: str = "silu_glu"  # expert MLP, a name in moe.experts.ACTIVATIONS
+    activation_args: tuple[tuple[str, str], ...] = ()  # (activation keyword, config attribute) pairs
+    hidden_act: str | None = "silu"  # the config's hidden_act the activation implements (None: not read)
+
+    def activation_kwargs(self, config: Any) -> dict[str, Any]:
+        return {kw: getattr(config, attr) for kw, attr in self.activation_args}
 
     def normalize(self, config: Any) -> bool:
         if isinstance(self.normalize_topk, str):
