@@ -13,6 +13,7 @@ fused `experts.gate_up_proj [E, H, 2I]`, Qwen3-MoE's `experts.E.gate_proj.weight
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +83,7 @@ def normalize_name(key: str, spec: FamilySpec) -> str | None:
 @dataclass
 class LoadReport:
     tensors_loaded: int = 0
-    tensors_skipped: int = 0  # vision tower / projector: not part of the text model
+    tensors_skipped: int = 0  # vision tower / projector, MTP layers: not part of the text model moefit builds
     skipped_examples: list[str] = field(default_factory=list)
     largest_tensor_bytes: int = 0
 
@@ -93,6 +94,9 @@ class _Filler:
     def __init__(self, model: nn.Module, spec: FamilySpec):
         self.model = model
         self.spec = spec
+        # Checkpoint tensors the model class itself declares it does not build (GLM-4.5's, DeepSeek-V3's MTP layer)
+        patterns = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()
+        self.ignore = re.compile("|".join(f"({p})" for p in patterns)) if patterns else None
         self.expected: set[str] = set()
         for name, module in model.named_modules():
             if isinstance(module, MoefitLinear):
@@ -122,14 +126,14 @@ class _Filler:
         except AttributeError:
             return None
 
-    def fill(self, name: str, read, device: torch.device, read_scales=None) -> None:
+    def fill(self, name: str, read, device: torch.device, read_scales=None) -> bool:
         """`read(index=None)` returns the tensor (or one leading-dim slice of it); `read_scales(index)` the same
-        slice of an MXFP4 weight's scales tensor."""
+        slice of an MXFP4 weight's scales tensor. False: a tensor the model class does not build, skipped."""
         et = match_expert_tensor(name, self.spec)
         experts = self._module(et.module) if et else None
         if isinstance(experts, MoefitExperts):
             self._fill_experts(experts, et, read, device, read_scales)
-            return
+            return True
         path, _, leaf = name.rpartition(".")
         module = self._module(path)
         if isinstance(module, MoefitLinear):
@@ -140,7 +144,9 @@ class _Filler:
             else:
                 raise MoefitError(f"checkpoint tensor {name!r} does not fit the model (unexpected {leaf!r}).")
             self._done(name)
-            return
+            return True
+        if (module is None or not hasattr(module, leaf)) and self.ignore is not None and self.ignore.search(name):
+            return False
         if module is None or not hasattr(module, leaf):
             raise MoefitError(f"checkpoint tensor {name!r} has no place in the model built from config.json; "
                               "the checkpoint and its config do not match.")
@@ -152,6 +158,7 @@ class _Filler:
         with torch.no_grad():
             target.copy_(t)
         self._done(name)
+        return True
 
     def _fill_experts(self, experts: MoefitExperts, et: ExpertTensor, read, device: torch.device,
                       read_scales) -> None:
@@ -201,15 +208,15 @@ def stream_weights(model: nn.Module, model_dir: Path, device: torch.device | str
     entries = list(iter_checkpoint(model_dir, spec))  # headers only
     where = {key: f for key, _, f in entries}
     for key, name, f in entries:
-        if name is None:
+        scales = key.removesuffix("_blocks") + "_scales"  # an MXFP4 weight's other half, in whichever shard
+        if name is None or not filler.fill(name, lambda index=None, f=f, key=key: f.read(key, index), device,
+                                           (lambda index, k=scales: where[k].read(k, index)) if scales in where
+                                           else None):
             report.tensors_skipped += 1
             if len(report.skipped_examples) < 3:
                 report.skipped_examples.append(key)
             continue
         report.largest_tensor_bytes = max(report.largest_tensor_bytes, f.nbytes(key))
-        scales = key.removesuffix("_blocks") + "_scales"  # an MXFP4 weight's other half, in whichever shard
-        filler.fill(name, lambda index=None, f=f, key=key: f.read(key, index), device,
-                    (lambda index, k=scales: where[k].read(k, index)) if scales in where else None)
         report.tensors_loaded += 1
     missing = [m for m in filler.missing() if not _tied_lm_head(m, model)]
     if missing:

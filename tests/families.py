@@ -62,8 +62,13 @@ CASES = {
     "gpt_oss": Case("GptOssConfig", "GptOssForCausalLM", dict(
         intermediate_size=32, num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2, sliding_window=8,
         swiglu_limit=0.1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # a dense first layer, 2 expert groups of 4 with 1 chosen, scaling 2.5, a shared expert, partial RoPE
+    "glm4_moe": Case("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
+        intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=2.5, n_shared_experts=1,
+        first_k_dense_replace=1, norm_topk_prob=True, attention_bias=True, partial_rotary_factor=0.5)),
 }
-FAMILY_CASES = ("llama4-top2-4e-rope", "qwen3_moe", "mixtral", "gpt_oss")  # one case per family, for the slower tests
+FAMILY_CASES = ("llama4-top2-4e-rope", "qwen3_moe", "mixtral", "gpt_oss", "glm4_moe")  # one case per family, for the slower tests
 
 
 def experts_override(case: Case, num_experts: int, top_k: int) -> dict[str, int]:
@@ -92,6 +97,9 @@ def write_checkpoint(path: Path, case: Case, seed: int = 0, tokenizer: bool = Fa
         for name, p in model.named_parameters():
             if f".{spec.moe.experts}." in name or router in name:
                 p.normal_(0.0, 0.08)
+        for name, b in model.named_buffers():  # a router's score-correction bias (GLM-4.5) decides the choice
+            if router in name and b.is_floating_point():
+                b.normal_(0.0, 0.1)
     model.save_pretrained(path)
     if tokenizer:
         for f in TOKENIZER_FILES:

@@ -253,3 +253,43 @@ def test_gpt_oss_mxfp4_checkpoint_matches_transformers_dequantized(tmp_path):
     nf4 = _load(mx, "nf4")
     with torch.no_grad():
         assert rel(nf4(ids).logits, functional_call(ref, reference_params(nf4), args=(ids,)).logits) < 1e-4
+
+
+def test_a_layer_the_model_class_does_not_build_is_skipped(tmp_path):
+    """GLM-4.5-Air's hub checkpoint holds an MTP layer (model.layers.46) that transformers does not build and lists
+    in _keys_to_ignore_on_load_unexpected: the loader skips it (and only it); a stray tensor still fails."""
+    from safetensors.torch import load_file, save_file
+
+    from moefit.errors import MoefitError
+
+    ref = write_checkpoint(tmp_path, CASES["glm4_moe"])
+    state = load_file(str(tmp_path / "model.safetensors"))
+    extra = {"model.layers.46.eh_proj.weight": torch.zeros(64, 128),
+             "model.layers.46.mlp.experts.0.gate_proj.weight": torch.zeros(32, 64)}
+    save_file({**state, **extra}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    model = _load(tmp_path)
+    assert model.load_report.tensors_skipped == len(extra)
+    ids = _ids(ref.config.vocab_size, 8)
+    with torch.no_grad():
+        assert rel(model(ids).logits, ref(ids).logits) < 1e-4
+    save_file({**state, "model.layers.0.mlp.stray.weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(MoefitError, match="no place in the model"):
+        _load(tmp_path)
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_checkpointed_gradients_equal_plain(tmp_path, case):
+    """Activation checkpointing with the recomputation shortcuts the family spec allows (skipped down projections,
+    kept gate/up outputs) gives the LoRA gradients of a run without it."""
+    from tests.test_recompute import _grads
+
+    write_checkpoint(tmp_path, CASES[case])
+    model = _load(tmp_path, "nf4")
+    add_lora(model, r=4, alpha=8, dropout=0.0)
+    randomize_lora(model)
+    batches = [_ids(model.config.vocab_size, 9, (2, 16))]
+    plain = _grads(model, batches, checkpointing=False)
+    for keep in (False, True):
+        recomputed = _grads(model, batches, checkpointing=True, keep=keep)
+        for n in plain:
+            assert torch.allclose(plain[n], recomputed[n], rtol=1e-5, atol=1e-7), (keep, n)

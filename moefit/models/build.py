@@ -84,7 +84,8 @@ def _replace_moe_blocks(model: nn.Module, config: PretrainedConfig, spec: Family
                           f"{moe.hidden_act!r} only.")
     block_class = getattr(importlib.import_module(spec.modeling), moe.block_class)
     rule = RoutingRule(top_k=getattr(config, moe.top_k), fn=ROUTING[moe.routing],
-                       normalize_topk=moe.normalize(config), scale_inputs=moe.scale_inputs)
+                       normalize_topk=moe.normalize(config), scale_inputs=moe.scale_inputs,
+                       fp32_logits=moe.router_fp32, options=moe.routing_options(config))
     for name, module in list(model.named_modules()):
         if isinstance(module, block_class):
             experts = MoefitExperts(getattr(config, moe.num_experts), config.hidden_size,
@@ -119,7 +120,9 @@ def _materialize_meta(model: nn.Module, dtype: torch.dtype, device: torch.device
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
             if p.is_meta:
-                setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device),
+                # fp32 where the model class asks for it against the build dtype (GLM-4.5's router weight)
+                keep = p.dtype if p.dtype == torch.float32 and p.is_floating_point() else dtype
+                setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=keep, device=device),
                                                    requires_grad=False))
         for name, b in list(module.named_buffers(recurse=False)):
             if b is not None and b.is_meta:

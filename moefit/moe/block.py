@@ -59,8 +59,9 @@ class MoefitMoE(nn.Module):
         x = hidden_states.reshape(-1, self.hidden_dim)
         router = getattr(self, self.router_name)
         bias = getattr(router, "bias", None)  # gpt-oss's router has one
-        logits = F.linear(x, router.weight.to(x.dtype), None if bias is None else bias.to(x.dtype))  # [T, E]
-        top_i, weights = self.rule.route(logits)
+        xr = x.float() if self.rule.fp32_logits else x
+        logits = F.linear(xr, router.weight.to(xr.dtype), None if bias is None else bias.to(xr.dtype))  # [T, E]
+        top_i, weights = self.rule.route(logits, router)
         k = self.rule.top_k
         flat_expert = top_i.reshape(-1)
         order = torch.argsort(flat_expert, stable=True)

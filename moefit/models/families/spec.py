@@ -67,6 +67,8 @@ class MoESpec:
     on_disk: tuple[FusedExperts | PerExpert, ...]  # expert layouts hub checkpoints use (the loader reads each)
     in_memory: FusedExperts  # how transformers holds the experts (names of its parameters; PEFT targets these)
     top_k: str = "num_experts_per_tok"  # config attribute
+    routing_args: tuple[tuple[str, str], ...] = ()  # (routing option, config attribute) pairs
+    router_fp32: bool = False  # router logits in fp32 from an fp32 router weight (as transformers does)
     normalize_topk: bool | str = False  # renormalise the top-k weights: a constant, or the config attribute saying so
     experts: str = "experts"  # attribute of the block holding the routed experts
     shared_expert: str | None = None  # attribute of the block holding the shared expert (an MLP of nn.Linear)
@@ -76,6 +78,9 @@ class MoESpec:
 
     def activation_kwargs(self, config: Any) -> dict[str, Any]:
         return {kw: getattr(config, attr) for kw, attr in self.activation_args}
+
+    def routing_options(self, config: Any) -> dict[str, Any]:
+        return {opt: getattr(config, attr) for opt, attr in self.routing_args}
 
     def normalize(self, config: Any) -> bool:
         if isinstance(self.normalize_topk, str):
