@@ -88,6 +88,11 @@ def fill_synthetic(model: nn.Module, *, std: float, seed: int = 0) -> None:
             p.fill_(1.0)
         else:
             p.copy_(randn(p.shape, p.dtype))
+    for module in root.modules():  # persistent buffers, e.g. GLM-4.5's router correction bias: zero, not garbage
+        for bname, b in module.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point() and bname not in module._non_persistent_buffers_set \
+                    and not isinstance(module, (MoefitLinear, MoefitExperts)):
+                b.zero_()
     table = root.get_input_embeddings().weight
     if not isinstance(table, nn.Parameter):  # a HostEmbedding's buffer
         table.copy_(randn(table.shape, table.dtype))
