@@ -307,3 +307,18 @@ def test_bench_builds_and_trains_a_synthetic_model_of_each_family(tmp_path, case
     assert all(torch.isfinite(b).all() for b in model.buffers() if b.is_floating_point())
     r = measure_training(model, seq_len=16, batch=1, steps=1, warmup=0, optimizer="adamw")
     assert r["tokens_per_s"] > 0 and torch.isfinite(torch.tensor(r["loss_first"]))
+
+
+def test_generate_from_the_run_equals_generate_from_its_merged_export(trained, tmp_path):
+    """`moefit generate` on the run directory (NF4 base + adapter) and on the merged export: the same greedy reply,
+    through the chat template (generation uses transformers' own loop over moefit's modules)."""
+    from moefit.generate import generate_reply, load_chat_model
+
+    _, run = trained
+    msg = [{"role": "user", "content": "When are you open?"}]
+    reply = generate_reply(load_chat_model(run, device="cpu"), msg, max_new_tokens=8, temperature=0)
+    assert reply
+    merged = tmp_path / "merged"
+    moefit.export(run, merged, dtype="float32")
+    assert generate_reply(load_chat_model(merged, device="cpu", quantization="none"), msg, max_new_tokens=8,
+                          temperature=0) == reply
