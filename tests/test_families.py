@@ -8,6 +8,7 @@ The models come from tests/families.py: a family gets these tests by adding its 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from moefit.moe.experts import MoefitExperts
 from tests.families import (
     CASES,
     FAMILY_CASES,
+    TOKENIZER_FILES,
     experts_override,
     lora_deltas,
     randomize_lora,
@@ -148,12 +150,16 @@ def test_expert_work_scales_with_top_k_not_num_experts(tmp_path, case):
 def trained(request, tmp_path_factory) -> tuple[Path, Path]:
     """(base checkpoint, run directory) of a short `moefit train` run (NF4, fp32, LoRA on attention, dense MLPs
     and every routed expert) on the shipped chat data."""
-    from moefit.cli import main
-
     tmp = tmp_path_factory.mktemp(request.param)
     base = tmp / "base"
     write_checkpoint(base, CASES[request.param], tokenizer=True)
-    run = tmp / "run"
+    return base, _moefit_train(base, tmp / "run")
+
+
+def _moefit_train(base: Path, run: Path) -> Path:
+    """`moefit train` of a few steps on `base` into `run`."""
+    from moefit.cli import main
+
     sets = {"model": str(base), "train.max_length": 64, "train.grad_accum": 1, "train.max_steps": 3,
             "train.eval_every": 100, "train.save_every": 100, "train.lr": 2e-2, "train.warmup_steps": 0,
             "train.precision": "fp32", "train.num_threads": 2, "train.optimizer": "adamw", "lora.r": 4,
@@ -163,7 +169,7 @@ def trained(request, tmp_path_factory) -> tuple[Path, Path]:
         args += ["--set", f"{k}={v}"]
     assert main(args) == 0
     assert (run / "adapter_model.safetensors").is_file()
-    return base, run
+    return run
 
 
 def _trained_model(base: Path, run: Path, quantization: str):
@@ -322,3 +328,26 @@ def test_generate_from_the_run_equals_generate_from_its_merged_export(trained, t
     moefit.export(run, merged, dtype="float32")
     assert generate_reply(load_chat_model(merged, device="cpu", quantization="none"), msg, max_new_tokens=8,
                           temperature=0) == reply
+
+
+def test_gpt_oss_mxfp4_base_trains_and_merges_into_a_plain_checkpoint(tmp_path):
+    """Trained on the hub's MXFP4 layout, the merged export holds the experts dequantized in transformers'
+    in-memory layout (no quantization_config): plain transformers loads it and gives moefit's logits."""
+    from transformers import AutoModelForCausalLM
+
+    write_checkpoint(tmp_path / "bf16", CASES["gpt_oss"], tokenizer=True)
+    base = write_mxfp4_copy(tmp_path / "bf16", tmp_path / "mxfp4")
+    for f in TOKENIZER_FILES:
+        shutil.copy(tmp_path / "bf16" / f, base / f)
+    run = _moefit_train(base, tmp_path / "run")
+    out = tmp_path / "merged"
+    report = moefit.export(run, out, dtype="float32")
+    assert any("MXFP4" in n for n in report.notes)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    assert hf.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.float32
+    ids = _ids(hf.config.vocab_size, 10)
+    with torch.no_grad():
+        got = hf(ids).logits
+        expected = _trained_model(base, run, "nf4")(ids, return_logits=True).logits
+    assert rel(got, expected) < 1e-3

@@ -12,6 +12,7 @@ original bf16 weights instead, which is the better result (no NF4 rounding) when
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -23,8 +24,8 @@ import torch
 
 from ..errors import MoefitError
 from ..loading import normalize_name
-from ..models.expert_layout import ExpertTensor, join_fused, match_expert_tensor, split_fused
-from ..models.families import FamilySpec
+from ..models.expert_layout import ExpertTensor, fused_names, join_fused, match_expert_tensor, split_fused
+from ..models.families import FamilySpec, FusedExperts, PerExpert
 from ..rundir import RunInfo
 from .safetensors_stream import NAMES, CheckpointReader, PlannedTensor, plan_shards, write_shard
 from .staging import check_out_dir, staged_dir
@@ -178,9 +179,17 @@ def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: 
     report = ExportReport(out_dir=out, kind="merged", base_dir=base_dir, dtype=str(dtype).removeprefix("torch."),
                           base_values="NF4-dequantized (what the run trained against)" if roundtrip
                           else "original weights")
+    dequantized = False  # MXFP4 experts written as the model's in-memory (bf16) tensors
     for key in sorted(reader.keys(), key=natural_key):
         t = reader.tensors[key]
         name = normalize_name(key, spec)
+        et = match_expert_tensor(name, spec) if name is not None else None
+        if et and et.module in experts and getattr(et.layout, "mxfp4", False) and et.kind != "bias":
+            covered.add(et.module)
+            dequantized = True
+            if et.kind == "weight":  # the scales go with it
+                jobs.append(_mxfp4_job(reader, key, et, spec.moe.in_memory, experts[et.module], merger, dtype))
+            continue
         floating = torch.empty((), dtype=_dt(t.dtype)).is_floating_point()
         keep = name is None or not floating
         planned = PlannedTensor(key, t.dtype if keep else out_dtype, t.shape)
@@ -192,18 +201,14 @@ def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: 
             jobs.append((planned, _copy(reader, key)))
             continue
         mod, _, leaf = name.rpartition(".")
-        et = match_expert_tensor(name, spec)
         if leaf == "weight" and mod in linears:
             _check_linear(lora, mod, t.shape)
             covered.add(mod)
             jobs.append((planned, _linear(reader, key, mod, merger, dtype)))
         elif et and et.module in experts and et.kind == "weight":
-            if getattr(et.layout, "mxfp4", False):
-                raise MoefitError(f"{base_dir}: the routed experts are MXFP4 ({key}); a merged export writes them "
-                                  "in the base's own layout, which it cannot do for MXFP4 yet. Pass --base with a "
-                                  "bf16 copy of the model, or export the adapter (--adapter).")
             covered.add(et.module)
-            jobs.append((planned, _experts(reader, key, et, experts[et.module], merger, dtype)))
+            jobs.append((planned, _experts(functools.partial(reader.read, key), t.shape[0], et, et.layout,
+                                           experts[et.module], merger, dtype)))
         else:
             jobs.append((planned, _cast(reader, key, dtype)))
     missing = sorted(lora.modules() - covered)
@@ -226,7 +231,10 @@ def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: 
         report.shards, report.tensors_written = len(shards), len(weight_map)
         index = {"metadata": {"total_size": report.total_bytes}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        _write_config(base_dir, tmp, dtype)
+        _write_config(base_dir, tmp, dtype, drop_quantization=dequantized)
+        if dequantized:
+            report.notes.append("the base's MXFP4 routed experts are written dequantized, in transformers' in-memory "
+                                "layout, and config.json's quantization_config is dropped: a plain bf16 checkpoint.")
         copy_side_files(base_dir, tmp, report, fallback=info.base_dir if base is not None else None)
         report.notes += info.notes
         provenance = {"moefit_export": "merged", "run": str(info.adapter_dir), "base": str(base_dir),
@@ -265,20 +273,45 @@ def _linear(reader, key, mod, merger: _Merger, dtype) -> Iterator[torch.Tensor]:
     yield merger.linear(reader.read(key), mod).to(dtype)
 
 
-def _experts(reader, key, et: ExpertTensor, inter: int, merger: _Merger, dtype) -> Iterator[torch.Tensor]:
-    """A routed-expert tensor in the checkpoint's own layout: one expert's weight, or a fused tensor of all
-    experts streamed one expert slice at a time."""
+def _experts(read_slice, num: int, et: ExpertTensor, out_layout: FusedExperts | PerExpert, inter: int,
+             merger: _Merger, dtype) -> Iterator[torch.Tensor]:
+    """A routed-expert weight with its LoRA delta merged: one expert's weight (per-expert layout), or a fused
+    tensor streamed one expert slice at a time (`read_slice(e)` gives the slice [out, in] or as stored), written
+    in `out_layout`."""
     if et.expert is not None:
-        yield merger.expert(reader.read(key), et.module, et.part, et.expert).to(dtype)
+        yield merger.expert(read_slice(None), et.module, et.part, et.expert).to(dtype)
         return
-    for e in range(reader.tensors[key].shape[0]):
-        parts = split_fused(et.layout, et.part, reader.read(key, e), inter)
+    for e in range(num):
+        parts = split_fused(et.layout, et.part, read_slice(e), inter)
         merged = {proj: merger.expert(w, et.module, proj, e) for proj, w in parts.items()}
-        yield join_fused(et.layout, et.part, merged).to(dtype)
+        yield join_fused(out_layout, et.part, merged).to(dtype)
 
 
-def _write_config(base_dir: Path, out: Path, dtype: torch.dtype) -> None:
+def _mxfp4_job(reader: CheckpointReader, key: str, et: ExpertTensor, out_layout: FusedExperts, inter: int,
+               merger: _Merger, dtype) -> tuple[PlannedTensor, Iterator[torch.Tensor]]:
+    """An MXFP4 fused weight (`<name>_blocks` + `<name>_scales`) -> the bf16 tensor transformers holds in memory
+    (`out_layout`), decoded and merged one expert at a time."""
+    from ..quant.mxfp4 import dequantize_mxfp4
+
+    blocks = reader.tensors[key].shape  # [E, out, in/32, 16]
+    scales = key.removesuffix("_blocks") + "_scales"
+    if scales not in reader:
+        raise MoefitError(f"{key}: MXFP4 blocks without their scales ({scales}) in the checkpoint.")
+    name = key.removesuffix(fused_names(et.layout)[et.part] + "_blocks") + fused_names(out_layout)[et.part]
+    out_f, in_f = blocks[1], blocks[2] * 32
+    shape = (blocks[0], in_f, out_f) if out_layout.transposed else (blocks[0], out_f, in_f)
+
+    def read(e: int) -> torch.Tensor:
+        return dequantize_mxfp4(reader.read(key, e), reader.read(scales, e))
+
+    return (PlannedTensor(name, NAMES[dtype], shape),
+            _experts(read, blocks[0], et, out_layout, inter, merger, dtype))
+
+
+def _write_config(base_dir: Path, out: Path, dtype: torch.dtype, drop_quantization: bool = False) -> None:
     cfg = json.loads((base_dir / "config.json").read_text())
+    if drop_quantization:
+        cfg.pop("quantization_config", None)
     name = str(dtype).removeprefix("torch.")
     for node in (cfg, cfg.get("text_config")):
         if isinstance(node, dict):
