@@ -22,11 +22,7 @@ from .errors import MoefitError
 from .models.causal_lm import MoefitCausalLM
 from .models.layers import MoefitLinear
 from .moe.experts import EXPERT_PROJECTIONS, MoefitExperts
-from .plan.model_facts import PRESETS_DIR
-
-
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+from .plan.model_facts import PRESETS, PRESETS_DIR
 
 
 def load_config_json(model: str):
@@ -41,7 +37,7 @@ def load_config_json(model: str):
         if path.is_dir():
             path = path / "config.json"
     if not path.is_file():
-        raise MoefitError(f"model {model!r}: not a preset ({', '.join(preset_names())}) and no config.json there.")
+        raise MoefitError(f"model {model!r}: not a preset ({', '.join(PRESETS)}) and no config.json there.")
     values = json.loads(path.read_text())
     model_type = values.pop("model_type")
     return text_config_of(AutoConfig.for_model(model_type, **values))
