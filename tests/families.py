@@ -67,8 +67,14 @@ CASES = {
         intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, n_routed_experts=8,
         num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=2.5, n_shared_experts=1,
         first_k_dense_replace=1, norm_topk_prob=True, attention_bias=True, partial_rotary_factor=0.5)),
+    # GLM-4.5's MoE with multi-head latent attention (low-rank q and kv, decoupled RoPE dims)
+    "deepseek_v3": Case("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        num_key_value_heads=4, head_dim=8, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=2.5, n_shared_experts=1,
+        first_k_dense_replace=1, norm_topk_prob=True, rope_scaling=None)),
 }
-FAMILY_CASES = ("llama4-top2-4e-rope", "qwen3_moe", "mixtral", "gpt_oss", "glm4_moe")  # one case per family, for the slower tests
+FAMILY_CASES = ("llama4-top2-4e-rope", "qwen3_moe", "mixtral", "gpt_oss", "glm4_moe", "deepseek_v3")  # one case per family, for the slower tests
 
 
 def experts_override(case: Case, num_experts: int, top_k: int) -> dict[str, int]:

@@ -226,16 +226,15 @@ def test_train_refuses_a_family_it_cannot_train_before_reading_data(tmp_path, ca
     from moefit.cli import main
     from moefit.models.families import supported_names
 
-    model = tmp_path / "deepseek-v3"
+    model = tmp_path / "olmoe"  # an MoE family moefit has no spec for
     model.mkdir()
-    (model / "config.json").write_text(
-        (Path(moefit.__file__).parent / "models" / "presets" / "deepseek-v3.json").read_text())
+    (model / "config.json").write_text(json.dumps({"model_type": "olmoe", "architectures": ["OlmoeForCausalLM"]}))
     missing_data = tmp_path / "no-such-data.jsonl"  # reading the data first would fail on this instead
     rc = main(["train", "--set", f"model={model}", "--set", f"data.train={missing_data}", "--output-dir",
                str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2
-    assert "'deepseek_v3'" in err and "no-such-data" not in err
+    assert "'olmoe'" in err and "no-such-data" not in err
     assert all(name in err for name in supported_names()) and "qwen3_moe" in err and "mixtral" in err
     assert not (tmp_path / "run").exists()
 
@@ -351,3 +350,15 @@ def test_gpt_oss_mxfp4_base_trains_and_merges_into_a_plain_checkpoint(tmp_path):
         got = hf(ids).logits
         expected = _trained_model(base, run, "nf4")(ids, return_logits=True).logits
     assert rel(got, expected) < 1e-3
+
+
+@pytest.mark.parametrize("case", [c for c in FAMILY_CASES if CASES[c].spec().lora_aliases])
+def test_lora_targets_reach_the_family_s_own_projections(tmp_path, case):
+    """q / k / v name the family's own attention projections (DeepSeek-V3's latent attention: q_a_proj, q_b_proj,
+    kv_a_proj_with_mqa, kv_b_proj): every one of them in the model gets LoRA."""
+    write_checkpoint(tmp_path, CASES[case])
+    model = _load(tmp_path)
+    params = add_lora(model, r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o"])
+    aliased = {leaf for _, leaves in CASES[case].spec().lora_aliases for leaf in leaves}
+    present = {n.split(".")[-1] for n, _ in model.hf.named_modules()} & aliased
+    assert present and present == {n.split(".")[-2] for n in params if n.split(".")[-2] in aliased}

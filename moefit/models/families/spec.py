@@ -100,4 +100,12 @@ class FamilySpec:
     # Checkpoint key fragments -> module path fragments, where the hub name differs from transformers' module
     # (Mixtral's `.block_sparse_moe.` is `.mlp.` in memory).
     key_renames: tuple[tuple[str, str], ...] = ()
+    # LoRA target (module leaf name, e.g. q_proj) -> the leaf names it means in this family, where they differ
+    # (DeepSeek-V3's latent attention: q_a_proj, q_b_proj, ...)
+    lora_aliases: tuple[tuple[str, tuple[str, ...]], ...] = ()
     notes: tuple[str, ...] = field(default=())
+
+    def lora_leaves(self, targets: list[str]) -> set[str]:
+        """Module leaf names that the LoRA targets (already *_proj names) cover in this family."""
+        aliases = dict(self.lora_aliases)
+        return {leaf for t in targets for leaf in aliases.get(t, (t,))}
