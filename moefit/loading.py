@@ -12,6 +12,7 @@ fused `experts.gate_up_proj [E, H, 2I]`, Qwen3-MoE's `experts.E.gate_proj.weight
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -26,8 +27,9 @@ from .models.expert_layout import ExpertTensor, match_expert_tensor, split_fused
 from .models.families import FamilySpec, require_family
 from .models.layers import MoefitLinear
 from .moe.experts import EXPERT_PROJECTIONS, MoefitExperts
+from .quant.fp8 import fp8_block_size
 from .quant.mxfp4 import dequantize_mxfp4
-from .safetensors_io import SafetensorsFile
+from .safetensors_io import CheckpointTensors, SafetensorsFile
 
 SKIP_PREFIXES = ("vision_model.", "multi_modal_projector.", "model.vision_model.", "model.multi_modal_projector.")
 
@@ -206,11 +208,13 @@ def stream_weights(model: nn.Module, model_dir: Path, device: torch.device | str
     filler = _Filler(model, spec)
     report = LoadReport()
     entries = list(iter_checkpoint(model_dir, spec))  # headers only
-    where = {key: f for key, _, f in entries}
+    tensors = CheckpointTensors({key: f for key, _, f in entries}, fp8_block_size(model.config))
     for key, name, f in entries:
+        if tensors.is_scale(key):
+            continue  # an FP8 weight's scales: read with it
         scales = key.removesuffix("_blocks") + "_scales"  # an MXFP4 weight's other half, in whichever shard
-        if name is None or not filler.fill(name, lambda index=None, f=f, key=key: f.read(key, index), device,
-                                           (lambda index, k=scales: where[k].read(k, index)) if scales in where
+        if name is None or not filler.fill(name, functools.partial(tensors.read, key), device,
+                                           functools.partial(tensors.read, scales) if scales in tensors.files
                                            else None):
             report.tensors_skipped += 1
             if len(report.skipped_examples) < 3:

@@ -172,3 +172,29 @@ def write_mxfp4_copy(src: Path, dst: Path) -> Path:
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
     return dst
+
+
+def write_fp8_copy(src: Path, dst: Path, block: tuple[int, int] = (32, 32)) -> Path:
+    """DeepSeek-V3's hub layout from a checkpoint save_pretrained wrote: every 2-D projection weight (attention,
+    dense and shared MLPs, each expert; not embeddings, norms, router) float8_e4m3fn with a `weight_scale_inv` per
+    block, and the fp8 quantization_config (a block smaller than the hub's 128 so the tiny weights span several)."""
+    from safetensors.torch import load_file, save_file
+
+    from moefit.quant.fp8 import quantize_fp8_blocks
+
+    dst.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for key, t in load_file(str(Path(src) / "model.safetensors")).items():
+        if key.endswith("_proj.weight") or key.endswith(("w1.weight", "w2.weight", "w3.weight")):
+            out[key], out[key + "_scale_inv"] = quantize_fp8_blocks(t, block)
+        else:
+            out[key] = t
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((Path(src) / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": list(block)}
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in TOKENIZER_FILES:
+        if (Path(src) / f).is_file():
+            shutil.copy(Path(src) / f, dst / f)
+    return dst

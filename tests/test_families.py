@@ -31,6 +31,7 @@ from tests.families import (
     reference_params,
     rel,
     write_checkpoint,
+    write_fp8_copy,
     write_mxfp4_copy,
 )
 
@@ -362,3 +363,30 @@ def test_lora_targets_reach_the_family_s_own_projections(tmp_path, case):
     aliased = {leaf for _, leaves in CASES[case].spec().lora_aliases for leaf in leaves}
     present = {n.split(".")[-1] for n, _ in model.hf.named_modules()} & aliased
     assert present and present == {n.split(".")[-2] for n in params if n.split(".")[-2] in aliased}
+
+
+def test_deepseek_fp8_checkpoint_matches_transformers_and_merges_into_a_plain_checkpoint(tmp_path):
+    """The hub's FP8 block-quantized weights: moefit decodes them at load (its logits = transformers' on its own
+    dequantizing load), trains on them, and the merged export is a plain checkpoint transformers loads."""
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+
+    write_checkpoint(tmp_path / "bf16", CASES["deepseek_v3"], tokenizer=True)
+    fp8 = write_fp8_copy(tmp_path / "bf16", tmp_path / "fp8")
+    ref = AutoModelForCausalLM.from_pretrained(fp8, quantization_config=FineGrainedFP8Config(dequantize=True),
+                                               dtype=torch.float32, attn_implementation="eager").eval()
+    ids = _ids(ref.config.vocab_size, 11)
+    with torch.no_grad():
+        got, expected = _load(fp8)(ids).logits, ref(ids).logits
+        unquantized = _load(tmp_path / "bf16")(ids).logits
+    assert rel(got, expected) < 1e-4
+    assert rel(got, unquantized) > 1e-3  # the FP8 values really are the ones loaded
+    run = _moefit_train(fp8, tmp_path / "run")
+    out = tmp_path / "merged"
+    moefit.export(run, out, dtype="float32")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert not any(k.endswith("_scale_inv") for k in index["weight_map"])
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        merged, trained = hf(ids).logits, _trained_model(fp8, run, "nf4")(ids, return_logits=True).logits
+    assert rel(merged, trained) < 1e-3

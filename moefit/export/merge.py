@@ -142,21 +142,24 @@ class _Merger:
         return out if delta is None else out + delta
 
 
-def _text_structure(base_dir: Path, info: RunInfo) -> tuple[set[str], dict[str, int], FamilySpec]:
+def _text_structure(base_dir: Path, info: RunInfo
+                    ) -> tuple[set[str], dict[str, int], FamilySpec, tuple[int, int]]:
     """Names of the quantized linears and of the routed-expert banks (with their intermediate size) of the
-    text model, as moefit builds it (on the meta device: nothing is allocated), and the family spec."""
+    text model, as moefit builds it (on the meta device: nothing is allocated), the family spec and the FP8
+    weight block of the checkpoint's quantization_config."""
     from transformers import AutoConfig
 
     from ..models.build import build_skeleton, text_config_of
     from ..models.families import require_family
     from ..models.layers import MoefitLinear
     from ..moe.experts import MoefitExperts
+    from ..quant.fp8 import fp8_block_size
 
     config = text_config_of(AutoConfig.from_pretrained(base_dir))
     skel = build_skeleton(config, quant=info.quant, dtype=info.compute_dtype, device="meta")
     linears = {n for n, m in skel.named_modules() if isinstance(m, MoefitLinear)}
     experts = {n: m.intermediate_size for n, m in skel.named_modules() if isinstance(m, MoefitExperts)}
-    return linears, experts, require_family(config, str(base_dir / "config.json"))
+    return linears, experts, require_family(config, str(base_dir / "config.json")), fp8_block_size(config)
 
 
 def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: torch.dtype = torch.bfloat16,
@@ -167,8 +170,8 @@ def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: 
     if not (base_dir / "config.json").is_file():
         raise MoefitError(f"{base_dir}: no config.json; --base must be the original model directory "
                           "(config.json + *.safetensors).")
-    reader = CheckpointReader(base_dir)
-    linears, experts, spec = _text_structure(base_dir, info)
+    linears, experts, spec, fp8_block = _text_structure(base_dir, info)
+    reader = CheckpointReader(base_dir, fp8_block=fp8_block)
     lora = LoraSource(info)
     roundtrip = base is None and info.quant.weights == "nf4"
     merger = _Merger(info, lora, roundtrip, device)
@@ -179,9 +182,12 @@ def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: 
     report = ExportReport(out_dir=out, kind="merged", base_dir=base_dir, dtype=str(dtype).removeprefix("torch."),
                           base_values="NF4-dequantized (what the run trained against)" if roundtrip
                           else "original weights")
-    dequantized = False  # MXFP4 experts written as the model's in-memory (bf16) tensors
+    dequantized = False  # MXFP4 experts or FP8 weights written decoded, in the output dtype
     for key in sorted(reader.keys(), key=natural_key):
         t = reader.tensors[key]
+        if reader.is_scale(key):  # an FP8 weight's scales: the weight is written decoded
+            dequantized = True
+            continue
         name = normalize_name(key, spec)
         et = match_expert_tensor(name, spec) if name is not None else None
         if et and et.module in experts and getattr(et.layout, "mxfp4", False) and et.kind != "bias":
@@ -191,11 +197,11 @@ def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: 
                 jobs.append(_mxfp4_job(reader, key, et, spec.moe.in_memory, experts[et.module], merger, dtype))
             continue
         floating = torch.empty((), dtype=_dt(t.dtype)).is_floating_point()
-        keep = name is None or not floating
+        keep = (name is None or not floating) and not reader.is_fp8(key)
         planned = PlannedTensor(key, t.dtype if keep else out_dtype, t.shape)
         if name is None:
             report.copied_through += 1
-            jobs.append((planned, _copy(reader, key)))
+            jobs.append((planned, _copy(reader, key) if keep else _cast(reader, key, dtype)))
             continue
         if keep:
             jobs.append((planned, _copy(reader, key)))
@@ -233,8 +239,9 @@ def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: 
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         _write_config(base_dir, tmp, dtype, drop_quantization=dequantized)
         if dequantized:
-            report.notes.append("the base's MXFP4 routed experts are written dequantized, in transformers' in-memory "
-                                "layout, and config.json's quantization_config is dropped: a plain bf16 checkpoint.")
+            report.notes.append("the base's quantized weights (MXFP4 routed experts, FP8 blocks) are written "
+                                "decoded (MXFP4 experts in transformers' in-memory layout) and config.json's "
+                                "quantization_config is dropped: a plain checkpoint in the output dtype.")
         copy_side_files(base_dir, tmp, report, fallback=info.base_dir if base is not None else None)
         report.notes += info.notes
         provenance = {"moefit_export": "merged", "run": str(info.adapter_dir), "base": str(base_dir),
