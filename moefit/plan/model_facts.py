@@ -230,7 +230,9 @@ def facts_from_config(raw: dict[str, Any], *, name: str = "model", source: str =
         qk_norm = 2 * head_dim
         step = cfg.get("decoder_sparse_step", 1) or 1
         mlp_only = set(cfg.get("mlp_only_layers") or [])
-        n_exp = need("num_experts")
+        # the hub's config.json says num_experts; transformers >= 5.2x writes num_local_experts (an alias)
+        n_exp = cfg["num_local_experts"] if "num_local_experts" in cfg and "num_experts" not in cfg \
+            else need("num_experts")
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
         max_window_layers = cfg.get("max_window_layers", n_layers)
         layers = tuple(
