@@ -7,7 +7,7 @@ name: `models.build` (which HF modules to replace and how), `moe.routing` (the r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -103,7 +103,6 @@ class FamilySpec:
     # LoRA target (module leaf name, e.g. q_proj) -> the leaf names it means in this family, where they differ
     # (DeepSeek-V3's latent attention: q_a_proj, q_b_proj, ...)
     lora_aliases: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    notes: tuple[str, ...] = field(default=())
 
     def lora_leaves(self, targets: list[str]) -> set[str]:
         """Module leaf names that the LoRA targets (already *_proj names) cover in this family."""
