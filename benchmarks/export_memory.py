@@ -106,7 +106,8 @@ def build_run(run: Path, base: Path, r: int = 8) -> None:
     from moefit.config import RunConfig, save_config
     from moefit.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
     from moefit.models.build import build_skeleton
-    from moefit.models.layers import MoefitExperts, MoefitLinear
+    from moefit.models.layers import MoefitLinear
+    from moefit.moe.experts import MoefitExperts
 
     run.mkdir(parents=True, exist_ok=True)
     cfg = RunConfig(model=str(base))

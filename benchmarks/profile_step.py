@@ -50,7 +50,7 @@ def main() -> int:
     args = ap.parse_args()
     from moefit.bench import build_synthetic_model, cuda_time, measure_training, profiled_kernel_seconds
     from moefit.config import LoraConfig
-    from moefit.models.layers import MoefitExperts
+    from moefit.moe.experts import MoefitExperts
     from moefit.moe.grouped import _GROUPED_MM, offsets_from_counts
 
     m = build_synthetic_model("llama4-scout", num_layers=args.layers, lora=LoraConfig(r=32, alpha=64))

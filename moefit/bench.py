@@ -20,13 +20,9 @@ from torch import nn
 from .config import LoraConfig, QuantConfig
 from .errors import MoefitError
 from .models.causal_lm import MoefitCausalLM
-from .models.layers import EXPERT_PROJECTIONS, MoefitExperts, MoefitLinear
-
-PRESETS_DIR = Path(__file__).resolve().parent / "models" / "presets"
-
-
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+from .models.layers import MoefitLinear
+from .moe.experts import EXPERT_PROJECTIONS, MoefitExperts
+from .plan.model_facts import PRESETS, PRESETS_DIR
 
 
 def load_config_json(model: str):
@@ -41,7 +37,7 @@ def load_config_json(model: str):
         if path.is_dir():
             path = path / "config.json"
     if not path.is_file():
-        raise MoefitError(f"model {model!r}: not a preset ({', '.join(preset_names())}) and no config.json there.")
+        raise MoefitError(f"model {model!r}: not a preset ({', '.join(PRESETS)}) and no config.json there.")
     values = json.loads(path.read_text())
     model_type = values.pop("model_type")
     return text_config_of(AutoConfig.for_model(model_type, **values))
@@ -88,6 +84,11 @@ def fill_synthetic(model: nn.Module, *, std: float, seed: int = 0) -> None:
             p.fill_(1.0)
         else:
             p.copy_(randn(p.shape, p.dtype))
+    for module in root.modules():  # persistent buffers, e.g. GLM-4.5's router correction bias: zero, not garbage
+        for bname, b in module.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point() and bname not in module._non_persistent_buffers_set \
+                    and not isinstance(module, (MoefitLinear, MoefitExperts)):
+                b.zero_()
     table = root.get_input_embeddings().weight
     if not isinstance(table, nn.Parameter):  # a HostEmbedding's buffer
         table.copy_(randn(table.shape, table.dtype))
@@ -238,20 +239,8 @@ def cuda_time(fn, reps: int = 10, warmup: int = 2) -> float:
 
 
 def active_params_per_token(config) -> int:
-    """Parameters one token touches (attention, shared expert, top_k routed experts, lm_head), for the
-    6 x active-params FLOP ceiling."""
-    h = config.hidden_size
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
-    hd = getattr(config, "head_dim", None) or h // heads
-    attn = h * hd * (heads + 2 * kv) + heads * hd * h
-    total = config.vocab_size * h  # lm_head
-    moe_layers = set(getattr(config, "moe_layers", None) or [])
-    for layer in range(config.num_hidden_layers):
-        total += attn
-        if config.model_type == "llama4_text" and layer in moe_layers:
-            i = config.intermediate_size
-            total += 3 * h * i * (1 + config.num_experts_per_tok) + h * config.num_local_experts
-        else:
-            i = getattr(config, "intermediate_size_mlp", None) or config.intermediate_size
-            total += 3 * h * i
-    return total
+    """Parameters one token touches (attention, shared expert, top_k routed experts, router, lm_head), for the
+    6 x active-params FLOP ceiling: the planner's count (plan.model_facts) of this transformers config."""
+    from .plan.model_facts import facts_from_config
+
+    return facts_from_config(config.to_dict()).active_params_per_token()

@@ -131,7 +131,7 @@ class EngineConfig:
     expert_matmul: Literal["dequant", "fused"] = "dequant"  # fused: Triton grouped GEMM straight from NF4 (CUDA)
     nf4_gemm_variant: NF4GemmVariant = "select-join"  # the fused kernel's NF4 decode - weight-tile layout
     nf4_decoder: Literal["bnb", "triton"] = "bnb"  # triton: moefit's NF4 decoder, bit-identical to bitsandbytes
-    recompute_skip: bool = True  # skip the frozen projections the recomputation does not need (models/recompute.py)
+    recompute_skip: bool = True  # skip the frozen projections the recomputation does not need (moe/recompute.py)
 
 
 @dataclass

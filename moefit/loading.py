@@ -3,16 +3,16 @@
 Neither host RAM nor the GPU ever holds the bf16 model: each tensor is read (fused expert tensors one expert at a
 time, through safetensors slices), moved to the device, quantized into its NF4 storage and dropped.
 
-Layouts understood:
-  * `Llama4ForCausalLM` (`model.layers.N...`, `lm_head.weight`) and `Llama4ForConditionalGeneration`
-    (`language_model.model.layers.N...`; the vision tower and projector are skipped and counted);
-  * routed experts fused (`experts.gate_up_proj [E, H, 2I]`, `experts.down_proj [E, I, H]`) or per expert
-    (`experts.E.{gate,up,down}_proj.weight`, as in per-expert checkpoints);
-  * dense Llama (`LlamaForCausalLM`).
+Layouts understood: those the model's family spec lists (models.families): causal-LM keys (`model.layers.N...`,
+`lm_head.weight`) and multimodal wrappers' (`language_model.model.layers.N...`; the vision tower and projector are
+skipped and counted); routed experts in each on-disk layout of the family (models.expert_layout), e.g. Llama 4's
+fused `experts.gate_up_proj [E, H, 2I]`, Qwen3-MoE's `experts.E.gate_proj.weight`, Mixtral's
+`block_sparse_moe.experts.E.w1.weight`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -23,12 +23,15 @@ import torch
 from torch import nn
 
 from .errors import MoefitError
-from .models.layers import MoefitExperts, MoefitLinear
-from .safetensors_io import SafetensorsFile
+from .models.expert_layout import ExpertTensor, match_expert_tensor, split_fused, split_outputs
+from .models.families import FamilySpec, require_family
+from .models.layers import MoefitLinear
+from .moe.experts import EXPERT_PROJECTIONS, MoefitExperts
+from .quant.fp8 import fp8_block_size
+from .quant.mxfp4 import dequantize_mxfp4
+from .safetensors_io import CheckpointTensors, SafetensorsFile
 
 SKIP_PREFIXES = ("vision_model.", "multi_modal_projector.", "model.vision_model.", "model.multi_modal_projector.")
-_FUSED = re.compile(r"^(?P<mod>.+\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
-_PER_EXPERT = re.compile(r"^(?P<mod>.+\.experts)\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
 
 
 def resolve_source(source: str) -> Path:
@@ -66,21 +69,23 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def normalize_name(key: str) -> str | None:
+def normalize_name(key: str, spec: FamilySpec) -> str | None:
     """Checkpoint key -> name inside the text-only causal LM, or None for tensors text training skips."""
     if key.startswith(SKIP_PREFIXES):
         return None
     if key.startswith("language_model."):
-        return key[len("language_model."):]
-    if key.startswith("model.language_model."):
-        return "model." + key[len("model.language_model."):]
+        key = key[len("language_model."):]
+    elif key.startswith("model.language_model."):
+        key = "model." + key[len("model.language_model."):]
+    for on_disk, in_model in spec.key_renames:
+        key = key.replace(on_disk, in_model)
     return key
 
 
 @dataclass
 class LoadReport:
     tensors_loaded: int = 0
-    tensors_skipped: int = 0  # vision tower / projector: not part of the text model
+    tensors_skipped: int = 0  # vision tower / projector, MTP layers: not part of the text model moefit builds
     skipped_examples: list[str] = field(default_factory=list)
     largest_tensor_bytes: int = 0
 
@@ -88,8 +93,12 @@ class LoadReport:
 class _Filler:
     """Knows where each checkpoint tensor goes and which targets are still empty."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, spec: FamilySpec):
         self.model = model
+        self.spec = spec
+        # Checkpoint tensors the model class itself declares it does not build (GLM-4.5's, DeepSeek-V3's MTP layer)
+        patterns = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()
+        self.ignore = re.compile("|".join(f"({p})" for p in patterns)) if patterns else None
         self.expected: set[str] = set()
         for name, module in model.named_modules():
             if isinstance(module, MoefitLinear):
@@ -97,8 +106,10 @@ class _Filler:
                 if module.bias is not None:
                     self.expected.add(f"{name}.bias")
             elif isinstance(module, MoefitExperts):
-                for proj in ("gate", "up", "down"):
+                for proj in EXPERT_PROJECTIONS:
                     self.expected.update(f"{name}.{e}.{proj}" for e in range(module.num_experts))
+                    if module.has_bias:
+                        self.expected.update(f"{name}.{e}.{proj}_bias" for e in range(module.num_experts))
         skip_owners = tuple(n + "." for n, m in model.named_modules() if isinstance(m, (MoefitLinear, MoefitExperts)))
         for name, _ in model.named_parameters():
             if not name.startswith(skip_owners):
@@ -117,32 +128,14 @@ class _Filler:
         except AttributeError:
             return None
 
-    def fill(self, name: str, read, device: torch.device) -> None:
-        """`read(index=None)` returns the tensor (or one leading-dim slice of it)."""
-        m = _FUSED.match(name)
-        if m:
-            experts = self._module(m["mod"])
-            if isinstance(experts, MoefitExperts):
-                inter = experts.intermediate_size
-                for e in range(experts.num_experts):
-                    w = read(e).to(device)  # [H, 2I] or [I, H]
-                    if m["proj"] == "gate_up_proj":
-                        experts.gate.quantize_(w[:, :inter].t(), expert=e)
-                        experts.up.quantize_(w[:, inter:].t(), expert=e)
-                        self._done(f"{m['mod']}.{e}.gate", f"{m['mod']}.{e}.up")
-                    else:
-                        experts.down.quantize_(w.t(), expert=e)
-                        self._done(f"{m['mod']}.{e}.down")
-                    del w
-                return
-        m = _PER_EXPERT.match(name)
-        if m:
-            experts = self._module(m["mod"])
-            if isinstance(experts, MoefitExperts):
-                e = int(m["e"])
-                getattr(experts, m["proj"]).quantize_(read().to(device), expert=e)
-                self._done(f"{m['mod']}.{e}.{m['proj']}")
-                return
+    def fill(self, name: str, read, device: torch.device, read_scales=None) -> bool:
+        """`read(index=None)` returns the tensor (or one leading-dim slice of it); `read_scales(index)` the same
+        slice of an MXFP4 weight's scales tensor. False: a tensor the model class does not build, skipped."""
+        et = match_expert_tensor(name, self.spec)
+        experts = self._module(et.module) if et else None
+        if isinstance(experts, MoefitExperts):
+            self._fill_experts(experts, et, read, device, read_scales)
+            return True
         path, _, leaf = name.rpartition(".")
         module = self._module(path)
         if isinstance(module, MoefitLinear):
@@ -153,7 +146,9 @@ class _Filler:
             else:
                 raise MoefitError(f"checkpoint tensor {name!r} does not fit the model (unexpected {leaf!r}).")
             self._done(name)
-            return
+            return True
+        if (module is None or not hasattr(module, leaf)) and self.ignore is not None and self.ignore.search(name):
+            return False
         if module is None or not hasattr(module, leaf):
             raise MoefitError(f"checkpoint tensor {name!r} has no place in the model built from config.json; "
                               "the checkpoint and its config do not match.")
@@ -165,6 +160,31 @@ class _Filler:
         with torch.no_grad():
             target.copy_(t)
         self._done(name)
+        return True
+
+    def _fill_experts(self, experts: MoefitExperts, et: ExpertTensor, read, device: torch.device,
+                      read_scales) -> None:
+        """One expert at a time: a per-expert weight, or each expert's slice of a fused weight or bias."""
+        if et.kind == "scales":
+            return  # read together with its MXFP4 blocks
+        if et.kind == "bias" and not experts.has_bias:
+            raise MoefitError(f"checkpoint tensor {et.module}: an expert bias the model built from config.json has "
+                              "no place for.")
+        inter = experts.intermediate_size
+        for e in ([et.expert] if et.expert is not None else range(experts.num_experts)):
+            t = (read() if et.expert is not None else read(e)).to(device)
+            if et.kind == "bias":
+                for proj, b in split_outputs(et.layout, et.part, t, inter).items():
+                    getattr(experts, f"{proj}_bias")[e].copy_(b)
+                    self._done(f"{et.module}.{e}.{proj}_bias")
+                continue
+            if getattr(et.layout, "mxfp4", False):
+                t = dequantize_mxfp4(t, read_scales(e).to(device))
+            parts = {et.part: t} if et.expert is not None else split_fused(et.layout, et.part, t, inter)
+            for proj, w in parts.items():
+                getattr(experts, proj).quantize_(w, expert=e)
+                self._done(f"{et.module}.{e}.{proj}")
+            del t
 
     def _done(self, *names: str) -> None:
         self.filled.update(names)
@@ -173,27 +193,34 @@ class _Filler:
         return sorted(self.expected - self.filled)
 
 
-def iter_checkpoint(model_dir: Path) -> Iterator[tuple[str, str | None, SafetensorsFile]]:
+def iter_checkpoint(model_dir: Path, spec: FamilySpec) -> Iterator[tuple[str, str | None, SafetensorsFile]]:
     """(checkpoint key, normalized name or None, its file), shard by shard."""
     for path in safetensors_files(model_dir):
         f = SafetensorsFile(path)
         for key in f.keys():
-            yield key, normalize_name(key), f
+            yield key, normalize_name(key, spec), f
 
 
 @torch.no_grad()
 def stream_weights(model: nn.Module, model_dir: Path, device: torch.device | str) -> LoadReport:
     device = torch.device(device)
-    filler = _Filler(model)
+    spec = require_family(model.config, str(model_dir / "config.json"))
+    filler = _Filler(model, spec)
     report = LoadReport()
-    for key, name, f in iter_checkpoint(model_dir):
-        if name is None:
+    entries = list(iter_checkpoint(model_dir, spec))  # headers only
+    tensors = CheckpointTensors({key: f for key, _, f in entries}, fp8_block_size(model.config))
+    for key, name, f in entries:
+        if tensors.is_scale(key):
+            continue  # an FP8 weight's scales: read with it
+        scales = key.removesuffix("_blocks") + "_scales"  # an MXFP4 weight's other half, in whichever shard
+        if name is None or not filler.fill(name, functools.partial(tensors.read, key), device,
+                                           functools.partial(tensors.read, scales) if scales in tensors.files
+                                           else None):
             report.tensors_skipped += 1
             if len(report.skipped_examples) < 3:
                 report.skipped_examples.append(key)
             continue
         report.largest_tensor_bytes = max(report.largest_tensor_bytes, f.nbytes(key))
-        filler.fill(name, lambda index=None, f=f, key=key: f.read(key, index), device)
         report.tensors_loaded += 1
     missing = [m for m in filler.missing() if not _tied_lm_head(m, model)]
     if missing:

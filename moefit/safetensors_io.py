@@ -111,3 +111,31 @@ class SafetensorsFile:
         if math.prod(shape) == 0:
             return torch.empty(shape, dtype=dtype)
         return buf.view(dtype).reshape(shape)
+
+
+class CheckpointTensors:
+    """The tensors of a checkpoint's files by key ({key: SafetensorsFile}), read one at a time (or one leading-dim
+    slice). FP8 block-quantized weights (a `<key>_scale_inv` beside them) are read decoded, in fp32; their scale
+    tensors are not tensors of their own (`is_scale`)."""
+
+    def __init__(self, files: dict[str, SafetensorsFile], fp8_block: tuple[int, int] = (128, 128)):
+        from .quant.fp8 import SCALE_SUFFIX
+
+        self.files = files
+        self.fp8_block = fp8_block
+        self.suffix = SCALE_SUFFIX
+
+    def is_scale(self, key: str) -> bool:
+        return key.endswith(self.suffix) and key.removesuffix(self.suffix) in self.files
+
+    def is_fp8(self, key: str) -> bool:
+        return key + self.suffix in self.files
+
+    def read(self, key: str, index: int | None = None) -> torch.Tensor:
+        t = self.files[key].read(key, index)
+        if self.is_fp8(key):
+            from .quant.fp8 import dequantize_fp8_blocks
+
+            scale = key + self.suffix
+            t = dequantize_fp8_blocks(t, self.files[scale].read(scale, index), self.fp8_block)
+        return t

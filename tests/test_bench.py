@@ -8,7 +8,7 @@ import torch
 from moefit.bench import active_params_per_token, build_synthetic_model, load_config_json, measure_training
 from moefit.cli import main
 from moefit.config import LoraConfig
-from moefit.models.layers import MoefitExperts
+from moefit.moe.experts import MoefitExperts
 from tests.test_engine_parity import tiny_config
 
 

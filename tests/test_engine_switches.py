@@ -11,7 +11,8 @@ import yaml
 from moefit import engine_switches
 from moefit.config import EngineConfig, load_config
 from moefit.errors import ConfigError
-from moefit.models import load_model, recompute
+from moefit.models import load_model
+from moefit.moe import recompute
 from moefit.quant import nf4_grouped_mm, triton_nf4
 
 

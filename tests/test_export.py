@@ -23,8 +23,8 @@ from moefit.assets import tiny_model_dir
 from moefit.config import LoraConfig, RunConfig, TrainConfig, save_config
 from moefit.errors import MoefitError
 from moefit.lora import add_lora, load_adapter, lora_parameters, save_adapter
+from tests.families import TOKENIZER_FILES, rel, tokenizer_ids
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 TEXT = dict(hidden_size=64, intermediate_size=64, intermediate_size_mlp=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_chunk_size=16,
             max_position_embeddings=256, num_local_experts=4, num_experts_per_tok=1, use_qk_norm=True,
@@ -33,15 +33,8 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_att
               patch_size=14, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64)
 
 
-def tokenizer_vocab() -> int:
-    """One more than the largest token id of the shipped tiny tokenizer."""
-    tok = json.loads((tiny_model_dir() / "tokenizer.json").read_text())
-    ids = list(tok["model"]["vocab"].values()) + [t["id"] for t in tok.get("added_tokens", [])]
-    return max(ids) + 1
-
-
 def _ids(tok_ids: dict) -> dict:
-    return dict(vocab_size=tokenizer_vocab() + 8, pad_token_id=5, bos_token_id=0, eos_token_id=4, **tok_ids)
+    return {**tokenizer_ids(), **tok_ids}
 
 
 def write_base(path: Path, conditional: bool = False, seed: int = 0) -> Path:
@@ -94,10 +87,6 @@ def trained_model(run: Path, quantization: str = "nf4"):
                               attn_implementation="eager")
     load_adapter(model, run)
     return model
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import moefit
 from moefit.config import LoraConfig, QuantConfig, RunConfig, TrainConfig
 from moefit.errors import MoefitError
 from moefit.models.host_embedding import HostEmbedding
-from tests.test_engine_parity import CONFIGS, rel, tiny_config, write_checkpoint
+from tests.families import rel
+from tests.test_engine_parity import CONFIGS, tiny_config, write_checkpoint
 
 
 def test_host_embedding_model_matches_and_holds_no_embedding_parameter(tmp_path):

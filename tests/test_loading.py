@@ -14,7 +14,8 @@ from transformers import Llama4Config, Llama4ForConditionalGeneration
 
 import moefit
 from moefit.errors import MoefitError
-from tests.test_engine_parity import CONFIGS, rel, tiny_config, write_checkpoint
+from tests.families import rel
+from tests.test_engine_parity import CONFIGS, tiny_config, write_checkpoint
 
 
 def _load(path, **kw):

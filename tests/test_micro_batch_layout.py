@@ -9,7 +9,8 @@ import torch
 
 import moefit
 from moefit.lora import add_lora
-from tests.test_engine_parity import CONFIGS, _randomize_lora, tiny_config, write_checkpoint
+from tests.families import randomize_lora
+from tests.test_engine_parity import CONFIGS, tiny_config, write_checkpoint
 
 
 def _step_grads(model, seqs: torch.Tensor, labels: torch.Tensor, micro_batch: int) -> dict[str, torch.Tensor]:
@@ -29,7 +30,7 @@ def test_lora_gradients_do_not_depend_on_the_micro_batch_layout(tmp_path, name):
     write_checkpoint(tmp_path, cfg)
     model = moefit.load_model(str(tmp_path), quantization="nf4", dtype=torch.float32)
     add_lora(model, r=4, alpha=8, dropout=0.0, targets=["q", "k", "v", "o", "gate", "up", "down"])
-    _randomize_lora(model)
+    randomize_lora(model)
     model.enable_gradient_checkpointing(keep_routed_gate_up=True)
     model.train()
     gen = torch.Generator().manual_seed(5)

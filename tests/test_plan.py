@@ -18,7 +18,14 @@ GIB = 2**30
 # Totals computed with transformers on the meta device (presets/SOURCES.md).
 KNOWN_TOTALS = {
     "llama4-scout": 107.77e9, "llama4-maverick": 400.71e9, "mixtral-8x7b": 46.70e9, "qwen3-30b-a3b": 30.53e9,
-    "llama3.1-8b": 8.03e9, "llama3.1-70b": 70.55e9, "gpt-oss-20b": 20.91e9,
+    "llama3.1-8b": 8.03e9, "llama3.1-70b": 70.55e9, "gpt-oss-20b": 20.91e9, "qwen3-235b-a22b": 235.09e9,
+    "gpt-oss-120b": 116.83e9, "mixtral-8x22b": 140.62e9, "glm-4.5-air": 106.85e9, "deepseek-v3": 671.03e9,
+}
+# What each model card publishes (presets/SOURCES.md); the Llama 4 cards count the multimodal model.
+CARD_TOTALS = {
+    "llama4-scout": 109e9, "llama4-maverick": 400e9, "mixtral-8x7b": 46.7e9, "mixtral-8x22b": 141e9,
+    "qwen3-30b-a3b": 30.5e9, "qwen3-235b-a22b": 235e9, "gpt-oss-20b": 21e9, "gpt-oss-120b": 117e9,
+    "glm-4.5-air": 106e9, "deepseek-v3": 671e9, "llama3.1-8b": 8e9, "llama3.1-70b": 70e9,
 }
 
 
@@ -26,6 +33,35 @@ KNOWN_TOTALS = {
 def test_parameter_totals_match_transformers(name):
     total = load_model_facts(name).total_params()
     assert abs(total - KNOWN_TOTALS[name]) / KNOWN_TOTALS[name] <= 0.001
+
+
+def _vision_params(name: str) -> int:
+    """Parameters of the vision tower and projector of a multimodal preset (transformers, meta device)."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from moefit.plan.model_facts import resolve_config_path
+
+    path = resolve_config_path(name)
+    if "vision_config" not in json.loads(path.read_text()):
+        return 0
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path))
+    return sum(p.numel() for n, p in model.named_parameters() if "vision" in n or "projector" in n)
+
+
+def test_every_preset_has_a_card_count():
+    from moefit.plan.model_facts import PRESETS
+
+    assert set(PRESETS) == set(CARD_TOTALS) == set(KNOWN_TOTALS)
+
+
+@pytest.mark.parametrize("name", sorted(CARD_TOTALS))
+def test_parameter_totals_match_model_cards(name):
+    total = load_model_facts(name).total_params() + _vision_params(name)
+    assert abs(total - CARD_TOTALS[name]) / CARD_TOTALS[name] <= 0.01
 
 
 def test_scout_groups_and_active_params():

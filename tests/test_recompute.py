@@ -1,4 +1,4 @@
-"""Activation checkpointing with moefit's recomputation shortcut (models.recompute): the LoRA gradients equal
+"""Activation checkpointing with moefit's recomputation shortcut (moe.recompute): the LoRA gradients equal
 those of a run without checkpointing, and the recomputation really skips the MoE layers' frozen down
 projections."""
 
@@ -9,8 +9,9 @@ import torch
 
 import moefit
 from moefit.lora import add_lora
-from moefit.models.layers import MoefitExperts
-from tests.test_engine_parity import CONFIGS, _randomize_lora, tiny_config, write_checkpoint
+from moefit.moe.experts import MoefitExperts
+from tests.families import randomize_lora
+from tests.test_engine_parity import CONFIGS, tiny_config, write_checkpoint
 
 
 def _count_dequantize(store, calls: dict[str, int], key: str) -> None:
@@ -49,7 +50,7 @@ def test_checkpointed_gradients_equal_plain_and_down_projections_run_twice_not_t
     model = moefit.load_model(str(tmp_path), quantization="nf4", dtype=torch.float32)
     add_lora(model, r=4, alpha=8, dropout=dropout, targets=["q", "k", "v", "o", "gate", "up", "down"],
              routed_experts=routed)  # without routed-expert LoRA the routed output requires grad only through x
-    _randomize_lora(model)
+    randomize_lora(model)
     ids = torch.randint(3, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
 
     calls = {"routed_down": 0, "shared_down": 0}
@@ -80,7 +81,7 @@ def test_kept_gate_up_outputs_give_the_same_gradients_with_two_forwards_before_b
     write_checkpoint(tmp_path, cfg)
     model = moefit.load_model(str(tmp_path), quantization="nf4", dtype=torch.float32)
     add_lora(model, r=4, alpha=8, dropout=0.1, targets=["q", "k", "v", "o", "gate", "up", "down"])
-    _randomize_lora(model)
+    randomize_lora(model)
     gen = torch.Generator().manual_seed(2)
     ids_a = torch.randint(3, cfg.vocab_size, (2, 24), generator=gen)
     ids_b = torch.randint(3, cfg.vocab_size, (1, 17), generator=gen)

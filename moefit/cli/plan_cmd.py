@@ -14,8 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "it fits each GPU and with what margin, the largest sequence / batch that fit, step time, run time, cost, "
         "and the minimum / recommended / ideal hardware. Options override the run config.")
     p.add_argument("config", nargs="?", help="run config (YAML); default: moefit's defaults")
-    p.add_argument("--model", help="preset (llama4-scout, llama4-maverick, mixtral-8x7b, qwen3-30b-a3b, "
-                   "llama3.1-8b, llama3.1-70b, gpt-oss-20b), a model directory / config.json, or a hub id")
+    from ..plan.model_facts import PRESETS
+
+    p.add_argument("--model", help=f"preset ({', '.join(PRESETS)}), a model directory / config.json, or a hub id")
     p.add_argument("--gpu", nargs="+", action="extend", metavar="NAME",
                    help="GPU(s) to check (h100-80gb, h100-94gb, h200, a100-80gb, a100-40gb, l40s, rtx4090); "
                    "default: plan.gpu, else the whole catalogue")

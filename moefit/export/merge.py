@@ -12,6 +12,7 @@ original bf16 weights instead, which is the better result (no NF4 rounding) when
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -22,7 +23,9 @@ from pathlib import Path
 import torch
 
 from ..errors import MoefitError
-from ..loading import _FUSED, _PER_EXPERT, normalize_name
+from ..loading import normalize_name
+from ..models.expert_layout import ExpertTensor, fused_names, join_fused, match_expert_tensor, split_fused
+from ..models.families import FamilySpec, FusedExperts, PerExpert
 from ..rundir import RunInfo
 from .safetensors_stream import NAMES, CheckpointReader, PlannedTensor, plan_shards, write_shard
 from .staging import check_out_dir, staged_dir
@@ -139,19 +142,24 @@ class _Merger:
         return out if delta is None else out + delta
 
 
-def _text_structure(base_dir: Path, info: RunInfo) -> tuple[set[str], dict[str, int]]:
+def _text_structure(base_dir: Path, info: RunInfo
+                    ) -> tuple[set[str], dict[str, int], FamilySpec, tuple[int, int]]:
     """Names of the quantized linears and of the routed-expert banks (with their intermediate size) of the
-    text model, as moefit builds it (on the meta device: nothing is allocated)."""
+    text model, as moefit builds it (on the meta device: nothing is allocated), the family spec and the FP8
+    weight block of the checkpoint's quantization_config."""
     from transformers import AutoConfig
 
     from ..models.build import build_skeleton, text_config_of
-    from ..models.layers import MoefitExperts, MoefitLinear
+    from ..models.families import require_family
+    from ..models.layers import MoefitLinear
+    from ..moe.experts import MoefitExperts
+    from ..quant.fp8 import fp8_block_size
 
     config = text_config_of(AutoConfig.from_pretrained(base_dir))
     skel = build_skeleton(config, quant=info.quant, dtype=info.compute_dtype, device="meta")
     linears = {n for n, m in skel.named_modules() if isinstance(m, MoefitLinear)}
     experts = {n: m.intermediate_size for n, m in skel.named_modules() if isinstance(m, MoefitExperts)}
-    return linears, experts
+    return linears, experts, require_family(config, str(base_dir / "config.json")), fp8_block_size(config)
 
 
 def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: torch.dtype = torch.bfloat16,
@@ -162,8 +170,8 @@ def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: 
     if not (base_dir / "config.json").is_file():
         raise MoefitError(f"{base_dir}: no config.json; --base must be the original model directory "
                           "(config.json + *.safetensors).")
-    reader = CheckpointReader(base_dir)
-    linears, experts = _text_structure(base_dir, info)
+    linears, experts, spec, fp8_block = _text_structure(base_dir, info)
+    reader = CheckpointReader(base_dir, fp8_block=fp8_block)
     lora = LoraSource(info)
     roundtrip = base is None and info.quant.weights == "nf4"
     merger = _Merger(info, lora, roundtrip, device)
@@ -174,33 +182,39 @@ def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: 
     report = ExportReport(out_dir=out, kind="merged", base_dir=base_dir, dtype=str(dtype).removeprefix("torch."),
                           base_values="NF4-dequantized (what the run trained against)" if roundtrip
                           else "original weights")
+    dequantized = False  # MXFP4 experts or FP8 weights written decoded, in the output dtype
     for key in sorted(reader.keys(), key=natural_key):
         t = reader.tensors[key]
-        name = normalize_name(key)
+        if reader.is_scale(key):  # an FP8 weight's scales: the weight is written decoded
+            dequantized = True
+            continue
+        name = normalize_name(key, spec)
+        et = match_expert_tensor(name, spec) if name is not None else None
+        if et and et.module in experts and getattr(et.layout, "mxfp4", False) and et.kind != "bias":
+            covered.add(et.module)
+            dequantized = True
+            if et.kind == "weight":  # the scales go with it
+                jobs.append(_mxfp4_job(reader, key, et, spec.moe.in_memory, experts[et.module], merger, dtype))
+            continue
         floating = torch.empty((), dtype=_dt(t.dtype)).is_floating_point()
-        keep = name is None or not floating
+        keep = (name is None or not floating) and not reader.is_fp8(key)
         planned = PlannedTensor(key, t.dtype if keep else out_dtype, t.shape)
         if name is None:
             report.copied_through += 1
-            jobs.append((planned, _copy(reader, key)))
+            jobs.append((planned, _copy(reader, key) if keep else _cast(reader, key, dtype)))
             continue
         if keep:
             jobs.append((planned, _copy(reader, key)))
             continue
         mod, _, leaf = name.rpartition(".")
-        fused, per_expert = _FUSED.match(name), _PER_EXPERT.match(name)
         if leaf == "weight" and mod in linears:
             _check_linear(lora, mod, t.shape)
             covered.add(mod)
             jobs.append((planned, _linear(reader, key, mod, merger, dtype)))
-        elif fused and fused["mod"] in experts:
-            covered.add(fused["mod"])
-            jobs.append((planned, _fused(reader, key, fused["mod"], fused["proj"], experts[fused["mod"]],
-                                         merger, dtype)))
-        elif per_expert and per_expert["mod"] in experts:
-            covered.add(per_expert["mod"])
-            jobs.append((planned, _one_expert(reader, key, per_expert["mod"], per_expert["proj"],
-                                              int(per_expert["e"]), merger, dtype)))
+        elif et and et.module in experts and et.kind == "weight":
+            covered.add(et.module)
+            jobs.append((planned, _experts(functools.partial(reader.read, key), t.shape[0], et, et.layout,
+                                           experts[et.module], merger, dtype)))
         else:
             jobs.append((planned, _cast(reader, key, dtype)))
     missing = sorted(lora.modules() - covered)
@@ -223,7 +237,11 @@ def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: 
         report.shards, report.tensors_written = len(shards), len(weight_map)
         index = {"metadata": {"total_size": report.total_bytes}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        _write_config(base_dir, tmp, dtype)
+        _write_config(base_dir, tmp, dtype, drop_quantization=dequantized)
+        if dequantized:
+            report.notes.append("the base's quantized weights (MXFP4 routed experts, FP8 blocks) are written "
+                                "decoded (MXFP4 experts in transformers' in-memory layout) and config.json's "
+                                "quantization_config is dropped: a plain checkpoint in the output dtype.")
         copy_side_files(base_dir, tmp, report, fallback=info.base_dir if base is not None else None)
         report.notes += info.notes
         provenance = {"moefit_export": "merged", "run": str(info.adapter_dir), "base": str(base_dir),
@@ -262,27 +280,45 @@ def _linear(reader, key, mod, merger: _Merger, dtype) -> Iterator[torch.Tensor]:
     yield merger.linear(reader.read(key), mod).to(dtype)
 
 
-def _fused(reader, key, mod, proj, inter, merger: _Merger, dtype) -> Iterator[torch.Tensor]:
-    """HF Llama 4 fused layout, one expert at a time: gate_up_proj [E, H, 2I] (gate | up), down_proj [E, I, H]."""
-    num = reader.tensors[key].shape[0]
+def _experts(read_slice, num: int, et: ExpertTensor, out_layout: FusedExperts | PerExpert, inter: int,
+             merger: _Merger, dtype) -> Iterator[torch.Tensor]:
+    """A routed-expert weight with its LoRA delta merged: one expert's weight (per-expert layout), or a fused
+    tensor streamed one expert slice at a time (`read_slice(e)` gives the slice [out, in] or as stored), written
+    in `out_layout`."""
+    if et.expert is not None:
+        yield merger.expert(read_slice(None), et.module, et.part, et.expert).to(dtype)
+        return
     for e in range(num):
-        s = reader.read(key, e)
-        if proj == "gate_up_proj":
-            if s.shape[1] != 2 * inter:
-                raise MoefitError(f"{key}: expert slice {tuple(s.shape)} does not match intermediate size {inter}.")
-            gate = merger.expert(s[:, :inter].t(), mod, "gate", e)
-            up = merger.expert(s[:, inter:].t(), mod, "up", e)
-            yield torch.cat([gate.t(), up.t()], dim=1).to(dtype)
-        else:
-            yield merger.expert(s.t(), mod, "down", e).t().to(dtype)
+        parts = split_fused(et.layout, et.part, read_slice(e), inter)
+        merged = {proj: merger.expert(w, et.module, proj, e) for proj, w in parts.items()}
+        yield join_fused(out_layout, et.part, merged).to(dtype)
 
 
-def _one_expert(reader, key, mod, proj, e, merger: _Merger, dtype) -> Iterator[torch.Tensor]:
-    yield merger.expert(reader.read(key), mod, proj, e).to(dtype)
+def _mxfp4_job(reader: CheckpointReader, key: str, et: ExpertTensor, out_layout: FusedExperts, inter: int,
+               merger: _Merger, dtype) -> tuple[PlannedTensor, Iterator[torch.Tensor]]:
+    """An MXFP4 fused weight (`<name>_blocks` + `<name>_scales`) -> the bf16 tensor transformers holds in memory
+    (`out_layout`), decoded and merged one expert at a time."""
+    from ..quant.mxfp4 import dequantize_mxfp4
+
+    blocks = reader.tensors[key].shape  # [E, out, in/32, 16]
+    scales = key.removesuffix("_blocks") + "_scales"
+    if scales not in reader:
+        raise MoefitError(f"{key}: MXFP4 blocks without their scales ({scales}) in the checkpoint.")
+    name = key.removesuffix(fused_names(et.layout)[et.part] + "_blocks") + fused_names(out_layout)[et.part]
+    out_f, in_f = blocks[1], blocks[2] * 32
+    shape = (blocks[0], in_f, out_f) if out_layout.transposed else (blocks[0], out_f, in_f)
+
+    def read(e: int) -> torch.Tensor:
+        return dequantize_mxfp4(reader.read(key, e), reader.read(scales, e))
+
+    return (PlannedTensor(name, NAMES[dtype], shape),
+            _experts(read, blocks[0], et, out_layout, inter, merger, dtype))
 
 
-def _write_config(base_dir: Path, out: Path, dtype: torch.dtype) -> None:
+def _write_config(base_dir: Path, out: Path, dtype: torch.dtype, drop_quantization: bool = False) -> None:
     cfg = json.loads((base_dir / "config.json").read_text())
+    if drop_quantization:
+        cfg.pop("quantization_config", None)
     name = str(dtype).removeprefix("torch.")
     for node in (cfg, cfg.get("text_config")):
         if isinstance(node, dict):

@@ -1,22 +1,28 @@
 """Adapter export in PEFT's format (`peft.PeftModel.from_pretrained(base, DIR)` loads it).
 
 Attention, shared-expert and dense-MLP LoRA are PEFT's own layout (lora_A [r, in], lora_B [out, r]) under the
-base model class's module names. Routed experts of Llama 4 map exactly onto PEFT's `target_parameters` LoRA on the
-fused `experts.gate_up_proj` [E, H, 2I] and `experts.down_proj` [E, I, H] (peft >= 0.17; checked with 0.21):
+base model class's module names. Routed experts map exactly onto PEFT's `target_parameters` LoRA on the fused
+tensors transformers holds in memory (the family spec's `in_memory` layout; peft >= 0.17, checked with 0.21):
+Llama 4 `experts.gate_up_proj` [E, H, 2I] / `down_proj` [E, I, H] (slices [in, out]); Qwen3-MoE and Mixtral
+`experts.gate_up_proj` [E, 2I, H] / `down_proj` [E, H, I] (slices [out, in], as nn.Linear).
 
   PEFT, per expert e:   delta[e] = scaling * lhs_e @ rhs_e  with
                         rhs_e = lora_A.weight.reshape(E, r', in')[e]          (in' = param.shape[2])
                         lhs_e = lora_B.weight.reshape(out', r', E)[:, :, e]   (out' = param.shape[1])
   moefit, per expert e: delta_gate[e]^T = A_gate[e] @ B_gate[e] * s  ([H, I]), same for up and down.
 
-gate_up_proj:  lhs_e = [A_gate[e] | A_up[e]] ([H, 2r]), rhs_e = blockdiag(B_gate[e], B_up[e]) ([2r, 2I]),
-               so rank r' = 2 r_e and lora_alpha' = 2 alpha_e (same alpha/r scaling).
-down_proj:     lhs_e = A_down[e] ([I, r_e]), rhs_e = B_down[e] ([r_e, H]), r' = r_e, alpha' = alpha_e.
+[in, out] slices, gate_up_proj: lhs_e = [A_gate[e] | A_up[e]] ([H, 2r]), rhs_e = blockdiag(B_gate[e], B_up[e])
+               ([2r, 2I]), so rank r' = 2 r_e and lora_alpha' = 2 alpha_e (same alpha/r scaling);
+               down_proj: lhs_e = A_down[e] ([I, r_e]), rhs_e = B_down[e] ([r_e, H]), r' = r_e, alpha' = alpha_e.
+[out, in] slices: the same with lhs_e = blockdiag(B_gate[e]^T, B_up[e]^T), rhs_e = [A_gate[e]^T ; A_up[e]^T].
+Interleaved gate/up (gpt-oss) puts each projection's columns at its strided positions instead of a block. Where
+the experts module says `is_transposed` (gpt-oss), PEFT computes delta[e] = (B_e A_e)^T instead of B_e A_e, and
+lora_A / lora_B are laid out accordingly (`_put`).
 These ranks go in `rank_pattern` / `alpha_pattern`; `r` / `lora_alpha` are the attention ranks.
 PEFT refuses dropout on parameter targets, so such an adapter is written with lora_dropout 0 (inference is the
 same: dropout is off at inference).
 
-Other expert layouts (per-expert checkpoints) get the routed-expert LoRA in `moefit_expert_lora.safetensors` in
+A family whose transformers class holds experts otherwise gets the routed-expert LoRA in `moefit_expert_lora.safetensors` in
 moefit's own layout, described in `moefit_expert_lora.json`.
 """
 
@@ -29,6 +35,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import MoefitError
+from ..models.expert_layout import fused_names, output_index, part_projections
+from ..models.families import FusedExperts, require_family
 from ..rundir import RunInfo
 from .merge import ExportReport, LoraSource, copy_side_files
 from .staging import check_out_dir, staged_dir
@@ -40,8 +48,8 @@ EXPERT_LAYOUT = {
     "tensors": "<experts module>.{gate,up,down}_lora_A [E, in, r] and .{gate,up,down}_lora_B [E, r, out] "
                "(module names of the text causal LM, e.g. model.layers.0.feed_forward.experts)",
     "delta": "for expert e and projection p: W_p[e] (nn.Linear layout [out, in]) += (A_p[e] @ B_p[e]).T * scale",
-    "hf_fused": "Llama 4 fused tensors: gate_up_proj[e] = [W_gate[e].T | W_up[e].T] ([H, 2I]); "
-                "down_proj[e] = W_down[e].T ([I, H])",
+    "hf_fused": "fused tensors: gate_up_proj[e] = [W_gate[e] ; W_up[e]] ([2I, H]), down_proj[e] = W_down[e] "
+                "([H, I]); Llama 4 stores the transposes ([H, 2I], [I, H])",
 }
 
 
@@ -77,13 +85,54 @@ def _full(prefix: str, text_name: str) -> str:
     return prefix + text_name
 
 
-def _fused_experts_params(model, full_name: str) -> bool:
+def _peft_would_retarget(model, target_modules: list[str]) -> set[str]:
+    """The target modules that PEFT's transformers-v5 config conversion would rewrite when loading the adapter.
+    For Qwen-style and Mixtral-style MoE models it takes every target named `*.gate_proj` / `*.up_proj` /
+    `*.down_proj` (`w1`/`w3`/`w2`) for a pre-fusion expert and turns it into an expert parameter target, so a dense
+    MLP's LoRA (Qwen3's `mlp_only_layers`) would silently not load. Asks PEFT itself, on the meta model."""
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:  # a PEFT without that conversion leaves every target as it is
+        return set()
+    probe = LoraConfig(r=1, target_modules=list(target_modules))
+    convert_peft_config_for_transformers(probe, model=model, conversions=None)
+    return set(target_modules) - set(probe.target_modules or ())
+
+
+def _fused_experts_params(model, full_name: str, layout: FusedExperts) -> bool:
     try:
         m = model.get_submodule(full_name)
     except AttributeError:
         return False
     return all(isinstance(getattr(m, p, None), torch.nn.Parameter) and getattr(m, p).dim() == 3
-               for p in ("gate_up_proj", "down_proj"))
+               for p in fused_names(layout).values())
+
+
+def _peft_factors(layout: FusedExperts, part: str, present: list[str], a: dict[str, torch.Tensor],
+                  b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """moefit's per-projection LoRA (A [E, in, r], B [E, r, out]) of the projections `present` in one fused
+    tensor -> (lhs [E, d1, R], rhs [E, R, d2]) with lhs[e] @ rhs[e] = that tensor's delta slice [d1, d2], R =
+    r x len(present). Each projection's outputs sit where the layout puts them (one after another, or
+    interleaved)."""
+    num, in_dim, r = a[present[0]].shape
+    width = b[present[0]].shape[2]
+    out_total = width * len(part_projections(part))
+    rank = r * len(present)
+    if layout.transposed:  # slice [in, out]: delta^T = A @ B
+        lhs, rhs = torch.zeros(num, in_dim, rank), torch.zeros(num, rank, out_total)
+    else:  # slice [out, in]: delta = B^T @ A^T
+        lhs, rhs = torch.zeros(num, out_total, rank), torch.zeros(num, rank, in_dim)
+    for i, p in enumerate(present):
+        ranks = slice(i * r, (i + 1) * r)
+        outs = output_index(layout, part, p, width)
+        if layout.transposed:
+            lhs[:, :, ranks] = a[p]
+            rhs[:, ranks, :].index_copy_(2, outs, b[p])
+        else:
+            lhs[:, :, ranks].index_copy_(1, outs, b[p].transpose(1, 2))
+            rhs[:, ranks, :] = a[p].transpose(1, 2)
+    return lhs, rhs
 
 
 def peft_export(info: RunInfo, out: Path, *, base: Path | None = None, overwrite: bool = False) -> ExportReport:
@@ -93,43 +142,41 @@ def peft_export(info: RunInfo, out: Path, *, base: Path | None = None, overwrite
     lora = LoraSource(info)
     cfg = info.adapter_config
     model, arch = _meta_model(base_dir)
+    spec = require_family(model.config, str(base_dir / "config.json"))
     prefix = _text_prefix(model)
     report = ExportReport(out_dir=out, kind="adapter", base_dir=base_dir)
 
     tensors: dict[str, torch.Tensor] = {}
-    target_modules = []
-    for mod in sorted(lora.linears):
-        full = _full(prefix, mod)
-        tensors[f"base_model.model.{full}.lora_A.weight"] = lora.reader.read(f"{mod}.lora_A").contiguous()
-        tensors[f"base_model.model.{full}.lora_B.weight"] = lora.reader.read(f"{mod}.lora_B").contiguous()
-        target_modules.append(full)
+    target_modules, target_parameters, rank_pattern, alpha_pattern = [], [], {}, {}
+    full_names = {mod: _full(prefix, mod) for mod in sorted(lora.linears)}
+    as_parameters = _peft_would_retarget(model, list(full_names.values()))
+    for mod, full in full_names.items():
+        # A linear PEFT would mistake for a pre-fusion expert is targeted through its weight parameter instead
+        # (a 2-D parameter target is plain LoRA: delta = B A * scaling).
+        target = f"{full}.weight" if full in as_parameters else full
+        tensors[f"base_model.model.{target}.lora_A.weight"] = lora.reader.read(f"{mod}.lora_A").contiguous()
+        tensors[f"base_model.model.{target}.lora_B.weight"] = lora.reader.read(f"{mod}.lora_B").contiguous()
+        (target_parameters if full in as_parameters else target_modules).append(target)
 
-    target_parameters, rank_pattern, alpha_pattern = [], {}, {}
     separate: dict[str, torch.Tensor] = {}
     r_e, alpha_e = cfg.get("expert_r") or 0, cfg.get("expert_alpha") or 0.0
+    layout = spec.moe.in_memory if spec.moe else None
     for mod in sorted(lora.experts):
         full = _full(prefix, mod)
         projs = lora.experts[mod]
-        if not _fused_experts_params(model, full):
+        if layout is None or not _fused_experts_params(model, full, layout):
             for p in sorted(projs):
                 for leaf in (f"{p}_lora_A", f"{p}_lora_B"):
                     separate[f"{mod}.{leaf}"] = lora.reader.read(f"{mod}.{leaf}").contiguous()
             continue
         a = {p: lora.reader.read(f"{mod}.{p}_lora_A").float() for p in projs}  # [E, in, r]
         b = {p: lora.reader.read(f"{mod}.{p}_lora_B").float() for p in projs}  # [E, r, out]
-        gu = [p for p in ("gate", "up") if p in projs]
-        if gu:
-            lhs = torch.cat([a[p] for p in gu], dim=2)  # [E, H, r*len]
-            inter = b[gu[0]].shape[2]
-            rhs = torch.zeros(lhs.shape[0], lhs.shape[2], 2 * inter)
-            for i, p in enumerate(gu):
-                col = 0 if p == "gate" else inter
-                rhs[:, i * r_e:(i + 1) * r_e, col:col + inter] = b[p]
-            _put(tensors, target_parameters, rank_pattern, alpha_pattern, f"{full}.gate_up_proj", lhs, rhs,
-                 alpha_e * len(gu))
-        if "down" in projs:
-            _put(tensors, target_parameters, rank_pattern, alpha_pattern, f"{full}.down_proj", a["down"],
-                 b["down"], alpha_e)
+        for part, pname in fused_names(layout).items():
+            present = [p for p in part_projections(part) if p in projs]
+            if present:
+                lhs, rhs = _peft_factors(layout, part, present, a, b)
+                _put(tensors, target_parameters, rank_pattern, alpha_pattern, f"{full}.{pname}", lhs, rhs,
+                     alpha_e * len(present), peft_swaps=not getattr(model.get_submodule(full), "is_transposed", False))
     tensors = {k: v.to(_adapter_dtype(cfg)).contiguous() for k, v in tensors.items()}
 
     wrappers = _param_wrapper_keys(model, target_modules, target_parameters, cfg, rank_pattern, alpha_pattern)
@@ -175,14 +222,15 @@ def _adapter_dtype(cfg: dict) -> torch.dtype:
 
 
 def _put(tensors, target_parameters, rank_pattern, alpha_pattern, full_param: str, lhs: torch.Tensor,
-         rhs: torch.Tensor, alpha: float) -> None:
-    """lhs [E, out', r'], rhs [E, r', in'] -> PEFT's lora_B [out', r'*E] (rank-major, expert-minor) and lora_A
-    [E*r', in'] (expert-major)."""
-    num, out_f, rank = lhs.shape
-    lora_a = rhs.reshape(num * rank, rhs.shape[2])
-    lora_b = lhs.permute(1, 2, 0).reshape(out_f, rank * num)
-    tensors[f"base_model.model.{full_param}.lora_A.weight"] = lora_a
-    tensors[f"base_model.model.{full_param}.lora_B.weight"] = lora_b
+         rhs: torch.Tensor, alpha: float, peft_swaps: bool) -> None:
+    """lhs [E, d1, r'], rhs [E, r', d2] (delta[e] = lhs[e] @ rhs[e], param [E, d1, d2]) -> PEFT's lora_A [E*r', in]
+    (expert-major) and lora_B [out, r'*E] (rank-major, expert-minor). PEFT computes delta[e] = B_e A_e when it
+    swaps in/out (the parameter's module has no `is_transposed`, e.g. Llama 4, Qwen3-MoE), else (B_e A_e)^T
+    (gpt-oss)."""
+    num, _, rank = lhs.shape
+    a, b = (rhs, lhs) if peft_swaps else (lhs.transpose(1, 2), rhs.transpose(1, 2))  # A [E, r', in], B [E, out, r']
+    tensors[f"base_model.model.{full_param}.lora_A.weight"] = a.reshape(num * rank, a.shape[2])
+    tensors[f"base_model.model.{full_param}.lora_B.weight"] = b.permute(1, 2, 0).reshape(b.shape[1], rank * num)
     target_parameters.append(full_param)
     rank_pattern[full_param] = rank
     alpha_pattern[full_param] = alpha

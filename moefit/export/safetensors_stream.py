@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MoefitError
-from ..safetensors_io import SafetensorsFile
+from ..safetensors_io import CheckpointTensors, SafetensorsFile
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -39,9 +39,11 @@ class TensorInfo:
 
 class CheckpointReader:
     """Every tensor of a checkpoint directory (sharded or not) or of the given files, read on demand with plain
-    file reads (see moefit.safetensors_io)."""
+    file reads (see moefit.safetensors_io). FP8 block-quantized weights are read decoded (fp32) with the scales
+    beside them (`fp8_block`: the config's weight block); `is_scale` tells those scale tensors."""
 
-    def __init__(self, model_dir: Path | None = None, files: list[Path] | None = None):
+    def __init__(self, model_dir: Path | None = None, files: list[Path] | None = None,
+                 fp8_block: tuple[int, int] = (128, 128)):
         from ..loading import safetensors_files
 
         self.tensors: dict[str, TensorInfo] = {}
@@ -52,6 +54,8 @@ class CheckpointReader:
                 if name not in DTYPES:
                     raise MoefitError(f"{path}: tensor {key!r} has dtype {name}, which moefit cannot read.")
                 self.tensors[key] = TensorInfo(f, name, f.shape(key))
+        self._reads = CheckpointTensors({k: t.file for k, t in self.tensors.items()}, fp8_block)
+        self.is_scale, self.is_fp8 = self._reads.is_scale, self._reads.is_fp8
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -61,7 +65,7 @@ class CheckpointReader:
 
     def read(self, name: str, index: int | None = None) -> torch.Tensor:
         """The tensor, or its `index`-th slice along the first dimension (one expert of a fused tensor)."""
-        return self.tensors[name].file.read(name, index)
+        return self._reads.read(name, index)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,9 @@ from torch import nn
 from ..config import LoraConfig, normalize_targets
 from ..errors import MoefitError
 from ..models import resolve_dtype
-from ..models.layers import EXPERT_PROJECTIONS, MoefitExperts, MoefitLinear, is_lora_name
+from ..models.families import family_for
+from ..models.layers import MoefitLinear, is_lora_name
+from ..moe.experts import EXPERT_PROJECTIONS, MoefitExperts
 from ..rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config, read_adapter_weights
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "add_lora", "adapter_config", "load_adapter", "load_lora_state_dict",
@@ -56,8 +58,9 @@ def add_lora(model: nn.Module, r: int | None = None, alpha: float | None = None,
     generator = torch.Generator().manual_seed(seed)
     r_e = r if expert_r is None else expert_r
     alpha_e = expert_alpha if expert_alpha is not None else alpha * r_e / r if r_e else 0.0
-    leaf_targets = set(targets)
-    expert_projs = tuple(p for p in EXPERT_PROJECTIONS if f"{p}_proj" in leaf_targets)
+    expert_projs = tuple(p for p in EXPERT_PROJECTIONS if f"{p}_proj" in targets)
+    spec = family_for(getattr(root.config, "model_type", None))
+    leaf_targets = spec.lora_leaves(targets) if spec else set(targets)
     placed = 0
     for name, module in root.named_modules():
         if isinstance(module, MoefitLinear) and name.rsplit(".", 1)[-1] in leaf_targets:

@@ -3,28 +3,42 @@
 from __future__ import annotations
 
 import dataclasses
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..config import EngineConfig, QuantConfig
-from .causal_lm import CausalLMOutput, MoefitCausalLM
 
-__all__ = ["CausalLMOutput", "MoefitCausalLM", "load", "load_model"]
+if TYPE_CHECKING:
+    import torch
 
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-           "float32": torch.float32, "fp32": torch.float32}
+    from .causal_lm import MoefitCausalLM
+
+# torch is imported on first use: `models.families` (the family specs) is read by the torch-free planner.
+__all__ = ["CausalLMOutput", "MoefitCausalLM", "load", "load_model", "resolve_dtype"]
+
+_DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+                "float32": "float32", "fp32": "float32"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("CausalLMOutput", "MoefitCausalLM"):
+        from . import causal_lm
+
+        return getattr(causal_lm, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
-        return _DTYPES[dtype]
+        return getattr(torch, _DTYPE_NAMES[dtype])
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}") from None
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPE_NAMES)}") from None
 
 
-def load_model(source: str = "tiny", quantization: str = "nf4", dtype: torch.dtype | str = torch.bfloat16,
+def load_model(source: str = "tiny", quantization: str = "nf4", dtype: torch.dtype | str = "bfloat16",
                device: torch.device | str = "cpu", quant: QuantConfig | None = None,
                attn_implementation: str = "sdpa", engine: EngineConfig | None = None) -> MoefitCausalLM:
     """Load a causal LM for QLoRA training: `source` is 'tiny', a local directory (config.json + safetensors,
@@ -35,6 +49,7 @@ def load_model(source: str = "tiny", quantization: str = "nf4", dtype: torch.dty
     from .. import engine_switches
     from ..loading import resolve_source, stream_weights
     from .build import build_skeleton, text_config_of, tie_if_needed
+    from .causal_lm import MoefitCausalLM
 
     engine_switches.use(engine or engine_switches.current())
     dtype = resolve_dtype(dtype)

@@ -8,17 +8,19 @@ compute dtype; the loader (or the synthetic-weight builder) then fills every ten
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from ..config import QuantConfig
-from ..moe import OUTPUT_FEEDS_RESIDUAL
-from ..moe.block import MoefitMoE, RoutingRule
+from ..moe.block import MoefitMoE
+from ..moe.experts import MoefitExperts
+from ..moe.routing import ROUTING, RoutingRule
+from .families import FamilySpec, require_family
 from .host_embedding import HostEmbedding
-from .layers import MoefitExperts, MoefitLinear
-
-SUPPORTED_MODEL_TYPES = ("llama4_text", "llama")
+from .layers import MoefitLinear
 
 
 def text_config_of(config: PretrainedConfig) -> PretrainedConfig:
@@ -34,20 +36,14 @@ def _keep_unquantized(name: str, keep: list[str]) -> bool:
 def build_skeleton(config: PretrainedConfig, *, quant: QuantConfig, dtype: torch.dtype,
                    device: torch.device | str, attn_implementation: str = "sdpa") -> nn.Module:
     config = text_config_of(config)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        from ..errors import MoefitError
-
-        raise MoefitError(
-            f"model type {model_type!r} is not supported yet by moefit's engine "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}). `moefit plan` still works for it.")
-    config._attn_implementation = attn_implementation
+    spec = require_family(config)
+    config._attn_implementation = _attention_for(config, attn_implementation)
     config.use_cache = False
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     kw = dict(quantization=quant.weights, dtype=dtype, blocksize=quant.blocksize, double_quant=quant.double_quant,
               device=device)
-    _replace_moe_blocks(model, config, kw)
+    _replace_moe_blocks(model, config, spec, kw)
     _replace_linears(model, quant.keep_unquantized, kw)
     if quant.embeddings_on_host:
         _embeddings_to_host(model, config, dtype, device)
@@ -60,23 +56,46 @@ def build_skeleton(config: PretrainedConfig, *, quant: QuantConfig, dtype: torch
     return model
 
 
+def _attention_for(config: PretrainedConfig, wanted: str) -> str:
+    """`wanted`, or eager where the model class has no SDPA path (gpt-oss: its attention sinks)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if wanted == "sdpa" and cls is not None and not getattr(cls, "_supports_sdpa", True):
+        return "eager"
+    return wanted
+
+
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-def _replace_moe_blocks(model: nn.Module, config: PretrainedConfig, kw: dict) -> None:
-    if config.model_type != "llama4_text":
+def _replace_moe_blocks(model: nn.Module, config: PretrainedConfig, spec: FamilySpec, kw: dict) -> None:
+    """Every instance of the family's MoE block class -> a MoefitMoE with the spec's routing rule, keeping the
+    block's router and shared expert (their linears become MoefitLinear afterwards)."""
+    moe = spec.moe
+    if moe is None:
         return
-    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+    if moe.hidden_act is not None and getattr(config, "hidden_act", moe.hidden_act) != moe.hidden_act:
+        from ..errors import MoefitError
 
-    rule = RoutingRule(top_k=config.num_experts_per_tok, score="sigmoid", scale_inputs=True)
+        raise MoefitError(f"config.json: hidden_act {config.hidden_act!r}; moefit's {spec.name} experts implement "
+                          f"{moe.hidden_act!r} only.")
+    block_class = getattr(importlib.import_module(spec.modeling), moe.block_class)
+    rule = RoutingRule(top_k=getattr(config, moe.top_k), fn=ROUTING[moe.routing],
+                       normalize_topk=moe.normalize(config), scale_inputs=moe.scale_inputs,
+                       fp32_logits=moe.router_fp32, options=moe.routing_options(config))
     for name, module in list(model.named_modules()):
-        if isinstance(module, Llama4TextMoe):
-            experts = MoefitExperts(config.num_local_experts, config.hidden_size, config.intermediate_size,
-                                    act=config.hidden_act, **kw)
-            _set_module(model, name, MoefitMoE(module.router, experts, module.shared_expert, rule,
-                                               output_feeds_residual=config.model_type in OUTPUT_FEEDS_RESIDUAL))
+        if isinstance(module, block_class):
+            experts = MoefitExperts(getattr(config, moe.num_experts), config.hidden_size,
+                                    getattr(config, moe.expert_intermediate), act=moe.activation,
+                                    act_kwargs=moe.activation_kwargs(config), bias=moe.in_memory.has_bias, **kw)
+            shared = getattr(module, moe.shared_expert) if moe.shared_expert else None
+            _set_module(model, name, MoefitMoE(
+                getattr(module, moe.router), experts, shared, rule, output_feeds_residual=moe.output_feeds_residual,
+                router_name=moe.router, shared_name=moe.shared_expert or "shared_expert", experts_name=moe.experts,
+                return_router_logits=moe.returns_router_logits))
 
 
 def _embeddings_to_host(model: nn.Module, config: PretrainedConfig, dtype: torch.dtype,
@@ -101,7 +120,9 @@ def _materialize_meta(model: nn.Module, dtype: torch.dtype, device: torch.device
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
             if p.is_meta:
-                setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device),
+                # fp32 where the model class asks for it against the build dtype (GLM-4.5's router weight)
+                keep = p.dtype if p.dtype == torch.float32 and p.is_floating_point() else dtype
+                setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=keep, device=device),
                                                    requires_grad=False))
         for name, b in list(module.named_buffers(recurse=False)):
             if b is not None and b.is_meta:

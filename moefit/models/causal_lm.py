@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import recompute
-from .layers import MoefitExperts
+from ..moe import recompute
+from ..moe.experts import MoefitExperts
 from .loss import DEFAULT_CHUNK, chunked_cross_entropy_sum
 
 

@@ -1,4 +1,5 @@
-"""moefit model -> tensors under the base checkpoint's own names and layout (fused experts for Llama 4).
+"""moefit model -> tensors under transformers' own parameter names and in-memory layout (the family spec's
+`in_memory` expert layout: fused experts), e.g. to run the HF model class with moefit's weights.
 
 Used by the merged export and by parity tests. It yields one tensor at a time (dequantized NF4, optionally with the
 LoRA delta merged in), so a caller can write shards without the whole bf16 model in memory.
@@ -11,7 +12,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .layers import MoefitExperts, MoefitLinear, is_lora_name
+from ..moe.experts import MoefitExperts
+from .expert_layout import fused_bias_names, fused_names, join_fused, join_outputs, part_projections
+from .families import FusedExperts, require_family
+from .layers import MoefitLinear, is_lora_name
 
 
 def _lora_delta_linear(m: MoefitLinear) -> torch.Tensor | None:
@@ -48,19 +52,26 @@ def expert_weight(m: MoefitExperts, proj: str, e: int, merge_lora: bool, dtype: 
 
 
 @torch.no_grad()
-def fused_expert_tensors(m: MoefitExperts, merge_lora: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """HF Llama 4 layout: gate_up_proj [E, H, 2I], down_proj [E, I, H]."""
-    gate_up = torch.stack([torch.cat([expert_weight(m, "gate", e, merge_lora, dtype).t(),
-                                      expert_weight(m, "up", e, merge_lora, dtype).t()], dim=1)
-                           for e in range(m.num_experts)])
-    down = torch.stack([expert_weight(m, "down", e, merge_lora, dtype).t() for e in range(m.num_experts)])
-    return {"gate_up_proj": gate_up, "down_proj": down}
+def fused_expert_tensors(m: MoefitExperts, layout: FusedExperts, merge_lora: bool, dtype: torch.dtype
+                         ) -> dict[str, torch.Tensor]:
+    """The bank as fused tensors of `layout` (e.g. Llama 4: gate_up_proj [E, H, 2I], down_proj [E, I, H])."""
+    out = {}
+    for part, name in fused_names(layout).items():
+        out[name] = torch.stack([
+            join_fused(layout, part, {p: expert_weight(m, p, e, merge_lora, dtype) for p in part_projections(part)})
+            for e in range(m.num_experts)])
+    for part, name in fused_bias_names(layout).items():
+        out[name] = torch.stack([join_outputs(layout, part, {p: getattr(m, f"{p}_bias")[e].detach().to(dtype)
+                                                              for p in part_projections(part)})
+                                 for e in range(m.num_experts)])
+    return out
 
 
 def iter_hf_tensors(model: nn.Module, *, merge_lora: bool = False, dtype: torch.dtype = torch.bfloat16,
                     device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) in the causal LM's own naming (`model.layers.N...`, `lm_head.weight`), in module order."""
     root = getattr(model, "hf", model)
+    spec = require_family(root.config)
     owners = {}
     for name, module in root.named_modules():
         if isinstance(module, (MoefitLinear, MoefitExperts)):
@@ -73,7 +84,7 @@ def iter_hf_tensors(model: nn.Module, *, merge_lora: bool = False, dtype: torch.
                 if module.bias is not None:
                     yield f"{name}.bias", module.bias.detach().to(device=device, dtype=dtype)
             else:
-                for leaf, t in fused_expert_tensors(module, merge_lora, dtype).items():
+                for leaf, t in fused_expert_tensors(module, spec.moe.in_memory, merge_lora, dtype).items():
                     yield f"{name}.{leaf}", t.to(device)
             continue
         if any(name.startswith(o + ".") for o in owners if o):

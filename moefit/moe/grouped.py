@@ -32,12 +32,15 @@ def offsets_from_counts(counts: torch.Tensor) -> torch.Tensor:
 
 class ExpertGroups:
     """How routed rows are grouped: `counts[e]` rows for expert e, their int32 end offsets (for the grouped
-    kernel, computed once per MoE layer) and, lazily, the counts as Python ints (for the per-expert loop)."""
+    kernel, computed once per MoE layer), lazily the counts as Python ints (for the per-expert loop), and
+    `row_expert`, each row's expert (for per-expert biases), when the caller has it."""
 
-    def __init__(self, counts: torch.Tensor, counts_cpu: list[int] | None = None):
+    def __init__(self, counts: torch.Tensor, counts_cpu: list[int] | None = None,
+                 row_expert: torch.Tensor | None = None):
         self.counts = counts
         self.offs = offsets_from_counts(counts)
         self._cpu = counts_cpu
+        self.row_expert = row_expert
 
     @property
     def sizes(self) -> list[int]:

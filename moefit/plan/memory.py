@@ -358,7 +358,7 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
     rotary = 2 * _r(T * f.head_dim * BF16)
     scale = cm["working_set_scale"]
     # The routed experts' frozen gate/up outputs kept from each MoE layer's first pass for its recomputation
-    # (models.recompute): alive from the forward until that layer's backward.
+    # (moe.recompute): alive from the forward until that layer's backward.
     kept_layer = 2 * _r(T * f.top_k * f.expert_intermediate * BF16) \
         if shape.gradient_checkpointing and shape.keep_routed_gate_up and f.num_experts else 0
     kept = [kept_layer if la.moe else 0 for la in f.layers]

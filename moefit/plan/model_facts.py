@@ -1,8 +1,9 @@
 """What the planner needs to know about a model, read from its config.json alone (no torch, no transformers).
 
 Counts every parameter by group (attention, routed experts, shared experts, dense MLP, embeddings, lm_head,
-norms / router / biases) for the architectures moefit supports: dense Llama, Mixtral, Qwen3-MoE, gpt-oss and
-Llama 4 (MoE on every layer, as Scout, or interleaved with dense layers, as Maverick). The few defaults that
+norms / router / biases) for the architectures moefit plans: dense Llama, Mixtral, Qwen3-MoE, gpt-oss, Llama 4
+(MoE on every layer, as Scout, or interleaved with dense layers, as Maverick), GLM-4.5 and DeepSeek-V3 (dense first
+layers, shared expert; DeepSeek's multi-head latent attention). The few defaults that
 transformers' config classes fill in at load time are replicated here (see `_llama4_moe_layers` and friends).
 """
 
@@ -16,8 +17,7 @@ from typing import Any
 from ..errors import ConfigError
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "models" / "presets"
-PRESETS = ("llama4-scout", "llama4-maverick", "mixtral-8x7b", "qwen3-30b-a3b", "llama3.1-8b", "llama3.1-70b",
-           "gpt-oss-20b")
+PRESETS = tuple(sorted(p.stem for p in PRESETS_DIR.glob("*.json")))  # presets/SOURCES.md says where each came from
 # Hub ids whose config.json ships as a preset (presets/SOURCES.md), so they plan without network.
 HUB_ALIASES = {
     "meta-llama/llama-4-scout-17b-16e-instruct": "llama4-scout",
@@ -32,8 +32,14 @@ HUB_ALIASES = {
     "meta-llama/llama-3.1-70b-instruct": "llama3.1-70b",
     "meta-llama/llama-3.1-70b": "llama3.1-70b",
     "openai/gpt-oss-20b": "gpt-oss-20b",
+    "openai/gpt-oss-120b": "gpt-oss-120b",
+    "qwen/qwen3-235b-a22b": "qwen3-235b-a22b",
+    "mistralai/mixtral-8x22b-v0.1": "mixtral-8x22b",
+    "zai-org/glm-4.5-air": "glm-4.5-air",
+    "deepseek-ai/deepseek-v3": "deepseek-v3",
 }
-FAMILIES = ("llama", "mixtral", "qwen3_moe", "gpt_oss", "llama4_text")
+# The families the planner counts (`moefit train` trains those in models.families).
+FAMILIES = ("llama", "mixtral", "qwen3_moe", "gpt_oss", "llama4_text", "glm4_moe", "deepseek_v3")
 
 
 @dataclass(frozen=True)
@@ -224,7 +230,9 @@ def facts_from_config(raw: dict[str, Any], *, name: str = "model", source: str =
         qk_norm = 2 * head_dim
         step = cfg.get("decoder_sparse_step", 1) or 1
         mlp_only = set(cfg.get("mlp_only_layers") or [])
-        n_exp = need("num_experts")
+        # the hub's config.json says num_experts; transformers >= 5.2x writes num_local_experts (an alias)
+        n_exp = cfg["num_local_experts"] if "num_local_experts" in cfg and "num_experts" not in cfg \
+            else need("num_experts")
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
         max_window_layers = cfg.get("max_window_layers", n_layers)
         layers = tuple(
@@ -244,6 +252,8 @@ def facts_from_config(raw: dict[str, Any], *, name: str = "model", source: str =
                           top_k=cfg.get("num_experts_per_tok") or need("experts_per_token"),
                           expert_intermediate=need("intermediate_size"), expert_bias=True, router_bias=True,
                           **common)
+    if family in ("glm4_moe", "deepseek_v3"):
+        return _deepseek_style(cfg, family, need, common)
     # llama4_text: qk-norm is a parameter-free L2 norm; every MoE layer has a shared expert.
     moe_layers = set(_llama4_moe_layers(cfg, n_layers))
     rope = _llama4_no_rope_layers(cfg, n_layers)
@@ -272,3 +282,31 @@ def _llama4_no_rope_layers(cfg: dict[str, Any], n_layers: int) -> list[int]:
         return list(given)
     interval = cfg.get("no_rope_layer_interval", 4)
     return [int((i + 1) % interval != 0) for i in range(n_layers)]
+
+
+def _deepseek_style(cfg: dict[str, Any], family: str, need, common: dict[str, Any]) -> ModelFacts:
+    """GLM-4.5 / DeepSeek-V3: the first `first_k_dense_replace` layers dense, then routed experts plus
+    `n_shared_experts` shared ones (one MLP of n x moe_intermediate_size) and a router with a score-correction
+    bias. GLM-4.5: GQA with q/k/v biases (none on o). DeepSeek-V3: multi-head latent attention (low-rank q and kv
+    with their norms); its heads are counted as full heads of qk_nope + qk_rope dims, as transformers runs them."""
+    h, n_layers, heads = common["hidden"], need("num_hidden_layers"), common["heads"]
+    bias_on = bool(cfg.get("attention_bias"))
+    if family == "deepseek_v3":
+        nope, rope, v_dim, kv_rank = need("qk_nope_head_dim"), need("qk_rope_head_dim"), need("v_head_dim"), \
+            need("kv_lora_rank")
+        q_rank = cfg.get("q_lora_rank")
+        qk = nope + rope
+        q = h * q_rank + q_rank * heads * qk if q_rank else h * heads * qk
+        attn = q + h * (kv_rank + rope) + kv_rank * heads * (nope + v_dim) + heads * v_dim * h
+        extra = (q_rank or 0) + kv_rank + (((q_rank or 0) + kv_rank + rope + h) if bias_on else 0)
+        common = {**common, "head_dim": qk, "kv_heads": heads}
+    else:
+        q, kvd = heads * common["head_dim"], common["kv_heads"] * common["head_dim"]
+        attn = 2 * h * q + 2 * h * kvd
+        extra = (q + 2 * kvd if bias_on else 0) + (2 * common["head_dim"] if cfg.get("use_qk_norm") else 0)
+    first_dense = int(cfg.get("first_k_dense_replace") or 0)
+    layers = tuple(Layer(attn, extra, i >= first_dense, need("intermediate_size"), None) for i in range(n_layers))
+    inter = need("moe_intermediate_size")
+    return ModelFacts(layers=layers, num_experts=need("n_routed_experts"), top_k=need("num_experts_per_tok"),
+                      expert_intermediate=inter, shared_intermediate=inter * int(cfg.get("n_shared_experts") or 0),
+                      router_bias=True, **common)

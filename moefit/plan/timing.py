@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..moe import OUTPUT_FEEDS_RESIDUAL
+from ..models.families import family_for
 from .gpus import Gpu
 from .memory import RunShape, lora_tensors
 from .model_facts import Layer, ModelFacts
@@ -90,8 +90,10 @@ def weight_passes(f: ModelFacts, shape: RunShape) -> dict[str, float]:
     projections (gate, up, down each a third of an MLP's parameters)."""
     if not shape.gradient_checkpointing:
         return dict.fromkeys(("attention", "routed_experts", "shared_experts", "dense_mlp", "router", "lm_head"), 2.0)
-    skip_down = f.family in OUTPUT_FEEDS_RESIDUAL
-    routed_recompute = (0 if shape.keep_routed_gate_up else 2) + (0 if skip_down else 1)  # of gate, up, down
+    moe = getattr(family_for(f.family), "moe", None)  # the engine skips only what the family spec allows
+    skip_down = bool(moe and moe.output_feeds_residual)
+    skip_routed_down = skip_down and moe.scale_inputs  # output-scaled experts: backward reads the output (d/dw)
+    routed_recompute = (0 if shape.keep_routed_gate_up else 2) + (0 if skip_routed_down else 1)  # of gate, up, down
     shared_recompute = 2 + (0 if skip_down else 1)
     return {"attention": 3.0, "routed_experts": 2 + routed_recompute / 3, "shared_experts": 2 + shared_recompute / 3,
             "dense_mlp": 3.0, "router": 3.0, "lm_head": 3.0}  # lm_head: the chunked loss's 3 GEMMs

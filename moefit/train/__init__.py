@@ -20,6 +20,7 @@ from typing import Any
 
 from ..config import RunConfig, apply_overrides, load_config, save_config
 from ..errors import ConfigError, MoefitError, WorkersFailed
+from ..models.families import check_trainable
 from . import checkpoint
 from .loop import RunResult, run
 from .smoke import SmokeResult
@@ -113,9 +114,11 @@ def train(
                               f"--resume RUN_DIR{_newest_run_hint()}.")
         resume_from = checkpoint.resolve_resume(True if resume is True else Path(resume), base)
         cfg = resolve_config(config, overrides, saved_run=checkpoint.run_dir_of(resume_from))
+        check_trainable(cfg.model)
         return run(cfg, resume_from=resume_from, smoke=smoke, smoke_steps=steps, force=force,
                    stop_after=stop_after, echo=echo)
     cfg = resolve_config(config, overrides)
+    check_trainable(cfg.model)  # a family the engine cannot train fails here, before the data is read
     return run(cfg, run_dir=Path(output_dir) if output_dir is not None else None, smoke=smoke, smoke_steps=steps,
                force=force, stop_after=stop_after, echo=echo, overwrite=overwrite)
 
@@ -144,6 +147,7 @@ def _train_on_workers(config: RunConfig | str | Path | None, gpus: int, output_d
             raise MoefitError(problem)
         run_dir = chosen
         argv += ["--output-dir", str(run_dir)] + (["--overwrite"] if overwrite else [])
+    check_trainable(cfg.model)  # before any worker starts
     if smoke:
         argv += ["--smoke"] + (["--steps", str(steps)] if steps is not None else [])
     argv += ["--force"] if force else []
