@@ -96,7 +96,9 @@ def fill_synthetic(model: nn.Module, *, std: float, seed: int = 0) -> None:
 
 def build_synthetic_model(model: str, *, num_layers: int | None = None, quant: QuantConfig | None = None,
                           lora: LoraConfig | None = None, device: str | torch.device = "cuda",
-                          dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> MoefitCausalLM:
+                          dtype: torch.dtype = torch.bfloat16, seed: int = 0, expert_shard=None) -> MoefitCausalLM:
+    """`expert_shard` (moefit.parallel.expert_parallel.ExpertShard): build only that slice of the routed experts
+    (attach the dispatch before running it)."""
     from .lora import add_lora
     from .models.build import build_skeleton
 
@@ -104,12 +106,18 @@ def build_synthetic_model(model: str, *, num_layers: int | None = None, quant: Q
     config = load_config_json(model)
     if num_layers is not None:
         truncate_layers(config, num_layers)
-    hf = build_skeleton(config, quant=quant, dtype=dtype, device=device)
+    hf = build_skeleton(config, quant=quant, dtype=dtype, device=device, expert_shard=expert_shard)
     fill_synthetic(hf, std=getattr(config, "initializer_range", 0.02), seed=seed)
     out = MoefitCausalLM(hf, source=model, source_dir=None, quantization=quant.weights, dtype=dtype)
     if lora is not None:
         add_lora(out, cfg=lora)
     return out
+
+
+def _lora(model: nn.Module) -> dict[str, nn.Parameter]:
+    from .lora import lora_parameters
+
+    return lora_parameters(model)
 
 
 def _make_optimizer(params: list[nn.Parameter], name: str, lr: float = 1e-5):
@@ -147,7 +155,10 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
         model.enable_gradient_checkpointing(keep_routed_gate_up=keep_routed_gate_up)
     model.train()
     ctx = current_context()
-    wrapped = wrap_model(model, ctx)
+    from .parallel.expert_parallel import expert_lora_names
+
+    held = expert_lora_names(model)  # the experts' own LoRA (expert parallelism): complete on its rank
+    wrapped = wrap_model(model, ctx, exclude={id(p) for n, p in _lora(model).items() if n in held})
     opt = _make_optimizer(params, optimizer)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     vocab = model.config.vocab_size

@@ -24,7 +24,7 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
           rank: int = 32, expert_rank: int | None = None, targets: list[str] | None = None,
           optimizer: str = "adamw_8bit", steps: int = 3, warmup: int = 1, device: str = "cuda",
           embeddings_on_host: bool = False, grad_accum: int = 1, keep_routed_gate_up: bool = False,
-          engine: EngineConfig | None = None) -> dict[str, Any]:
+          engine: EngineConfig | None = None, expert_parallel: int = 1) -> dict[str, Any]:
     """Build once, measure each sequence length. Under torchrun (`moefit bench --gpus N`) every rank does the same
     with DDP over the LoRA parameters; the result (on every rank) holds each rank's peak memory and the total
     tokens/s of the ranks, against the plan for N GPUs."""
@@ -49,7 +49,19 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
     engine_switches.use(engine or EngineConfig())
     t0 = time.perf_counter()
     quant = QuantConfig(embeddings_on_host=embeddings_on_host)
-    m = build_synthetic_model(model, num_layers=layers, quant=quant, lora=lora, device=device)
+    ep = None
+    if expert_parallel > 1:  # each rank builds only its slice of the routed experts
+        from .parallel.expert_parallel import ExpertParallel, attach_dispatch
+        from .plan.model_facts import load_model_facts
+
+        if ctx.world_size % expert_parallel:
+            raise MoefitError(f"--expert-parallel {expert_parallel} needs a multiple of that many GPUs (--gpus), "
+                              f"got {ctx.world_size}.")
+        ep = ExpertParallel.create(ctx.rank, ctx.world_size, expert_parallel, load_model_facts(model).num_experts)
+    m = build_synthetic_model(model, num_layers=layers, quant=quant, lora=lora, device=device,
+                              expert_shard=ep.shard if ep else None)
+    if ep:
+        attach_dispatch(m, ep.shard, ep.group)
     build_s = time.perf_counter() - t0
     ceiling = matmul_tflops(device) if device.startswith("cuda") else None
     active = active_params_per_token(m.config)
@@ -68,11 +80,12 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
             if ceiling else 0.0
         train = TrainConfig(max_length=seq, batch_size=batch, grad_accum=grad_accum, optimizer=optimizer,
                             keep_routed_gate_up=keep_routed_gate_up)
-        r["planned_peak_bytes"], r["plan_note"] = _planned_peak(model, layers, lora, quant, train, ctx.world_size)
+        r["planned_peak_bytes"], r["plan_note"] = _planned_peak(model, layers, lora, quant, train, ctx.world_size,
+                                                                expert_parallel)
         runs.append(r)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
     return {"model": model, "layers": m.config.num_hidden_layers, "build_s": build_s, "device_name": name,
-            "world_size": ctx.world_size,
+            "world_size": ctx.world_size, "expert_parallel": expert_parallel,
             "embeddings_on_host": embeddings_on_host, "keep_routed_gate_up": keep_routed_gate_up,
             "matmul_tflops": ceiling, "active_params_per_token": active, "lora": lora.__dict__,
             "engine": engine_switches.current().__dict__, "versions": versions(), "runs": runs}
@@ -93,14 +106,14 @@ def _combine_ranks(per_rank: list[dict[str, Any]], world_size: int) -> dict[str,
 
 
 def _planned_peak(model: str, layers: int | None, lora: LoraConfig, quant: QuantConfig, train: TrainConfig,
-                  num_gpus: int = 1) -> tuple[int | None, str | None]:
+                  num_gpus: int = 1, expert_parallel: int = 1) -> tuple[int | None, str | None]:
     """(planned peak allocated bytes, None) or (None, why there is no plan figure)."""
     if layers is not None:
         return None, "no plan figure for a model cut to --layers (the plan describes the whole model)"
     from .plan import plan
 
     cfg = RunConfig(model=model, lora=lora, quantization=quant, train=train)
-    cfg.plan.num_gpus = num_gpus
+    cfg.plan.num_gpus, cfg.parallel.expert = num_gpus, expert_parallel
     try:
         p = plan(cfg, gpus=["h200"], search=False)
     except MoefitError as e:  # e.g. a config the planner does not know: the measurement still stands

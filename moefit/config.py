@@ -119,6 +119,13 @@ class PlanConfig:
     dataset_tokens: int | None = None  # for run time / cost when the data is not at hand
 
 
+@dataclass
+class ParallelConfig:
+    # Expert parallelism: every MoE layer's routed experts split over this many GPUs (it must divide the number
+    # of experts); the rest of the model is replicated. GPUs = data-parallel replicas x expert.
+    expert: int = 1
+
+
 NF4GemmVariant = Literal["select-join", "select-gather", "lut-join", "lut-gather", "select-split", "shfl-split",
                          "shfl-join"]
 
@@ -144,6 +151,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     smoke: SmokeConfig = field(default_factory=SmokeConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -269,6 +277,7 @@ def _check_values(cfg: RunConfig) -> None:
     need(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}.")
     need(cfg.smoke.steps >= 2, "smoke.steps", "must be at least 2 (the loss needs a start and an end).")
     need(cfg.plan.num_gpus >= 1, "plan.num_gpus", "must be at least 1.")
+    need(cfg.parallel.expert >= 1, "parallel.expert", "must be at least 1 (1 = every GPU holds every expert).")
 
 
 def _validated(values: dict[str, Any]) -> RunConfig:

@@ -21,20 +21,27 @@ from .errors import DataError
 
 @torch.no_grad()
 def heldout_sums(model: Any, sequences: list[dict], batch_size: int, pad_id: int, device: torch.device,
-                 max_batches: int | None = None, rank: int = 0, world_size: int = 1) -> tuple[float, int]:
+                 max_batches: int | None = None, rank: int = 0, world_size: int = 1,
+                 equal_passes: bool = False) -> tuple[float, int]:
     """(summed loss, label tokens) over `sequences` in batches of `batch_size`; with several ranks, rank r takes
-    batches r, r + world_size, ... (sum the ranks' results for the whole set)."""
+    batches r, r + world_size, ... (sum the ranks' results for the whole set). `equal_passes`: every rank runs
+    the same number of forward passes (expert parallelism: each pass is a collective), a rank short of a batch
+    runs the first one again and does not count it."""
     from .data import collate
 
     loss_sum, tokens = 0.0, 0
     starts = range(0, len(sequences), batch_size)
     if max_batches is not None:
         starts = starts[:max_batches]
-    for i in starts[rank::world_size]:
+    mine = list(starts[rank::world_size])
+    passes = -(-len(starts) // world_size) if equal_passes else len(mine)
+    for n in range(passes):
+        i = mine[n] if n < len(mine) else starts[0]
         batch = {k: v.to(device) for k, v in collate(sequences[i:i + batch_size], pad_id=pad_id).items()}
         out = model(**batch)
-        loss_sum += float(out.loss_sum)
-        tokens += int(out.num_tokens)
+        if n < len(mine):
+            loss_sum += float(out.loss_sum)
+            tokens += int(out.num_tokens)
     return loss_sum, tokens
 
 

@@ -106,10 +106,11 @@ class _Filler:
                 if module.bias is not None:
                     self.expected.add(f"{name}.bias")
             elif isinstance(module, MoefitExperts):
+                owned = range(module.expert_offset, module.expert_offset + module.num_experts)
                 for proj in EXPERT_PROJECTIONS:
-                    self.expected.update(f"{name}.{e}.{proj}" for e in range(module.num_experts))
+                    self.expected.update(f"{name}.{e}.{proj}" for e in owned)
                     if module.has_bias:
-                        self.expected.update(f"{name}.{e}.{proj}_bias" for e in range(module.num_experts))
+                        self.expected.update(f"{name}.{e}.{proj}_bias" for e in owned)
         skip_owners = tuple(n + "." for n, m in model.named_modules() if isinstance(m, (MoefitLinear, MoefitExperts)))
         for name, _ in model.named_parameters():
             if not name.startswith(skip_owners):
@@ -171,18 +172,23 @@ class _Filler:
             raise MoefitError(f"checkpoint tensor {et.module}: an expert bias the model built from config.json has "
                               "no place for.")
         inter = experts.intermediate_size
-        for e in ([et.expert] if et.expert is not None else range(experts.num_experts)):
+        # Only the experts this module holds are read (expert parallelism: a rank reads its own slice).
+        owned = range(experts.expert_offset, experts.expert_offset + experts.num_experts)
+        for e in ([et.expert] if et.expert is not None else owned):
+            if e not in owned:
+                continue
+            local = e - experts.expert_offset
             t = (read() if et.expert is not None else read(e)).to(device)
             if et.kind == "bias":
                 for proj, b in split_outputs(et.layout, et.part, t, inter).items():
-                    getattr(experts, f"{proj}_bias")[e].copy_(b)
+                    getattr(experts, f"{proj}_bias")[local].copy_(b)
                     self._done(f"{et.module}.{e}.{proj}_bias")
                 continue
             if getattr(et.layout, "mxfp4", False):
                 t = dequantize_mxfp4(t, read_scales(e).to(device))
             parts = {et.part: t} if et.expert is not None else split_fused(et.layout, et.part, t, inter)
             for proj, w in parts.items():
-                getattr(experts, proj).quantize_(w, expert=e)
+                getattr(experts, proj).quantize_(w, expert=local)
                 self._done(f"{et.module}.{e}.{proj}")
             del t
 

@@ -65,3 +65,24 @@ def test_weights_and_lora_match_a_built_model(family, expert_r):
         w.numel() * 2 for mod in model.modules() for n, w in mod.named_buffers(recurse=False)
         if n == "packed") + sum(b.numel() for mod in model.modules() for n, b in mod.named_buffers(recurse=False)
                                 if n.endswith("bias"))  # linear, expert (gpt-oss) and router-correction biases
+
+
+@pytest.mark.parametrize("family", ["llama4_text", "qwen3_moe", "gpt_oss"])
+def test_one_gpus_share_under_expert_parallelism_matches_a_built_shard(family):
+    """parallel.expert 2: the planner's per-GPU weights and LoRA equal a model built with half the experts."""
+    from moefit.lora import add_lora
+    from moefit.models.build import build_skeleton
+    from moefit.parallel.expert_parallel import ExpertShard
+
+    quant, lora = QuantConfig(), LoraConfig(r=8, expert_r=4)
+    facts = facts_from_config(TINY[family], name=f"tiny-{family}")
+    model = build_skeleton(_hf_config(TINY[family]), quant=quant, dtype=torch.bfloat16, device="cpu",
+                           expert_shard=ExpertShard(1, 2, facts.num_experts))
+    frozen = [t for n, t in list(model.named_parameters()) + list(model.named_buffers()) if "inv_freq" not in n]
+    real_frozen = sum(t.numel() * t.element_size() for t in frozen)
+    real_trainable = sum(p.numel() for p in add_lora(model, cfg=lora).values())
+    m = estimate_memory(facts, RunShape(seq_len=64, quant=quant, lora=lora, num_gpus=2, expert_parallel=2),
+                        load_calibration())
+    planned_frozen = sum(c.bytes for c in m.components if c.kind == "weights")
+    assert m.trainable_params == real_trainable
+    assert real_frozen <= planned_frozen <= real_frozen + 512 * len(frozen)

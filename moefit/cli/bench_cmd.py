@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="an engine setting of the run config's engine: section, e.g. --engine expert_matmul=fused "
                         "(see docs/engine.md); repeatable; recorded in the results")
     p.add_argument("--device", default="cuda", help="device (default cuda)")
+    p.add_argument("--expert-parallel", type=int, default=1, metavar="N",
+                   help="with --gpus: split every MoE layer's routed experts over N of the GPUs (parallel.expert), "
+                        "each building only its slice")
     p.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="measure data-parallel training on N GPUs of this host (one process each, DDP over the "
                         "LoRA parameters, as `moefit train --gpus N`); per-GPU memory against `moefit plan "
@@ -78,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
                     expert_rank=args.expert_rank, targets=args.targets.split(","), optimizer=args.optimizer,
                     steps=args.steps, warmup=args.warmup, device=args.device,
                     embeddings_on_host=args.embeddings_on_host, grad_accum=args.grad_accum,
-                    keep_routed_gate_up=args.keep_routed_gate_up, engine=parse(args.engine))
+                    keep_routed_gate_up=args.keep_routed_gate_up, engine=parse(args.engine),
+                    expert_parallel=args.expert_parallel)
     if not context_from_env().is_main:
         return 0  # rank 0 prints for all
     if args.json:

@@ -21,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="GPU(s) to check (h100-80gb, h100-94gb, h200, a100-80gb, a100-40gb, l40s, rtx4090); "
                    "default: plan.gpu, else the whole catalogue")
     p.add_argument("--num-gpus", type=int, help="GPUs in data parallel (plan.num_gpus)")
+    p.add_argument("--expert-parallel", type=int, metavar="N",
+                   help="split every MoE layer's routed experts over N GPUs (parallel.expert; memory per GPU)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (train.max_length)")
     p.add_argument("--batch", type=int, help="sequences per micro-batch (train.batch_size)")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (train.grad_accum)")
@@ -45,7 +47,7 @@ def run_plan(args: argparse.Namespace) -> int:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
     result = plan(cfg, gpus=gpus, model=args.model, seq_len=args.seq_len, batch=args.batch,
                   grad_accum=args.grad_accum, rank=args.rank, expert_rank=args.expert_rank, targets=targets,
-                  steps=args.steps, epochs=args.epochs, tokens=args.tokens, num_gpus=args.num_gpus,
+                  steps=args.steps, epochs=args.epochs, tokens=args.tokens, num_gpus=args.num_gpus, expert_parallel=args.expert_parallel,
                   price_per_gpu_hour=args.price)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.render())
     return 0 if result.fits else 1

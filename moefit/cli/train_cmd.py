@@ -86,6 +86,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="train data-parallel in N processes on this host, one per GPU (CPU processes with gloo "
                         "when there is no GPU). Each optimizer step takes batch_size x grad_accum x N sequences; "
                         "the loss is averaged over all of its label tokens. Under torchrun, leave it out.")
+    p.add_argument("--expert-parallel", type=int, metavar="N",
+                   help="split every MoE layer's routed experts over N of the GPUs (sets parallel.expert; N divides "
+                        "the number of experts and the number of GPUs): for a model whose experts do not fit one GPU.")
     p.add_argument("--quiet", action="store_true",
                    help="print nothing while training (train.log in the run directory still gets everything).")
     p.set_defaults(func=handle)
@@ -100,6 +103,8 @@ def handle(args: argparse.Namespace) -> int:
     overrides = _parse_set(args.set)
     if args.max_steps is not None:
         overrides["train.max_steps"] = args.max_steps
+    if args.expert_parallel is not None:
+        overrides["parallel.expert"] = args.expert_parallel
     ctx = context_from_env()
     try:
         result = train(args.config, output_dir=args.output_dir, resume=args.resume, smoke=args.smoke,

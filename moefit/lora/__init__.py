@@ -114,10 +114,12 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
             "model_type": getattr(_root(model).config, "model_type", None), **info}
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
+def save_adapter(model: nn.Module, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """adapter_config.json + adapter_model.safetensors of `model`'s LoRA (or of `state`, the whole model's LoRA
+    when this process holds a slice of the experts)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {n: t.contiguous().cpu() for n, t in lora_state_dict(model).items()}
+    state = {n: t.contiguous().cpu() for n, t in (lora_state_dict(model) if state is None else state).items()}
     save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (out / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(model), indent=2) + "\n")
     return out

@@ -40,10 +40,13 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 def load_model(source: str = "tiny", quantization: str = "nf4", dtype: torch.dtype | str = "bfloat16",
                device: torch.device | str = "cpu", quant: QuantConfig | None = None,
-               attn_implementation: str = "sdpa", engine: EngineConfig | None = None) -> MoefitCausalLM:
+               attn_implementation: str = "sdpa", engine: EngineConfig | None = None,
+               expert_shard=None) -> MoefitCausalLM:
     """Load a causal LM for QLoRA training: `source` is 'tiny', a local directory (config.json + safetensors,
     no tokenizer needed) or a hub id. Frozen weights are NF4 (`quantization="nf4"`) or plain ("none").
-    `engine` (config `engine:`) picks the kernels for this process; None keeps the current ones."""
+    `engine` (config `engine:`) picks the kernels for this process; None keeps the current ones.
+    `expert_shard` (a moefit.parallel.expert_parallel.ExpertShard): build and read only that slice of every MoE
+    layer's routed experts; attach the dispatch with `expert_parallel.attach_dispatch` before running it."""
     from transformers import AutoConfig
 
     from .. import engine_switches
@@ -58,7 +61,8 @@ def load_model(source: str = "tiny", quantization: str = "nf4", dtype: torch.dty
         quant = dataclasses.replace(quant, weights=quantization)
     model_dir = resolve_source(source)
     config = text_config_of(AutoConfig.from_pretrained(model_dir))
-    hf = build_skeleton(config, quant=quant, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    hf = build_skeleton(config, quant=quant, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                        expert_shard=expert_shard)
     report = stream_weights(hf, model_dir, device)
     tie_if_needed(hf, hf.config)
     model = MoefitCausalLM(hf, source=source, source_dir=model_dir, quantization=quant.weights, dtype=dtype)

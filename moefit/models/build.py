@@ -9,6 +9,7 @@ compute dtype; the loader (or the synthetic-weight builder) then fills every ten
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,6 +23,9 @@ from .families import FamilySpec, require_family
 from .host_embedding import HostEmbedding
 from .layers import MoefitLinear
 
+if TYPE_CHECKING:
+    from ..parallel.expert_parallel import ExpertShard
+
 
 def text_config_of(config: PretrainedConfig) -> PretrainedConfig:
     """Llama4Config (multimodal) -> its text config; text configs unchanged."""
@@ -34,7 +38,10 @@ def _keep_unquantized(name: str, keep: list[str]) -> bool:
 
 
 def build_skeleton(config: PretrainedConfig, *, quant: QuantConfig, dtype: torch.dtype,
-                   device: torch.device | str, attn_implementation: str = "sdpa") -> nn.Module:
+                   device: torch.device | str, attn_implementation: str = "sdpa",
+                   expert_shard: ExpertShard | None = None) -> nn.Module:
+    """The HF model with moefit's modules, weights empty. `expert_shard`: build only that slice of every MoE
+    layer's routed experts (expert parallelism)."""
     config = text_config_of(config)
     spec = require_family(config)
     config._attn_implementation = _attention_for(config, attn_implementation)
@@ -43,7 +50,7 @@ def build_skeleton(config: PretrainedConfig, *, quant: QuantConfig, dtype: torch
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     kw = dict(quantization=quant.weights, dtype=dtype, blocksize=quant.blocksize, double_quant=quant.double_quant,
               device=device)
-    _replace_moe_blocks(model, config, spec, kw)
+    _replace_moe_blocks(model, config, spec, kw, expert_shard)
     _replace_linears(model, quant.keep_unquantized, kw)
     if quant.embeddings_on_host:
         _embeddings_to_host(model, config, dtype, device)
@@ -71,7 +78,8 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-def _replace_moe_blocks(model: nn.Module, config: PretrainedConfig, spec: FamilySpec, kw: dict) -> None:
+def _replace_moe_blocks(model: nn.Module, config: PretrainedConfig, spec: FamilySpec, kw: dict,
+                        shard: ExpertShard | None = None) -> None:
     """Every instance of the family's MoE block class -> a MoefitMoE with the spec's routing rule, keeping the
     block's router and shared expert (their linears become MoefitLinear afterwards)."""
     moe = spec.moe
@@ -88,14 +96,20 @@ def _replace_moe_blocks(model: nn.Module, config: PretrainedConfig, spec: Family
                        fp32_logits=moe.router_fp32, options=moe.routing_options(config))
     for name, module in list(model.named_modules()):
         if isinstance(module, block_class):
-            experts = MoefitExperts(getattr(config, moe.num_experts), config.hidden_size,
+            total = getattr(config, moe.num_experts)
+            if shard is not None and shard.num_experts != total:
+                raise ValueError(f"expert shard of {shard.num_experts} experts for a model with {total}")
+            experts = MoefitExperts(shard.local if shard else total, config.hidden_size,
                                     getattr(config, moe.expert_intermediate), act=moe.activation,
-                                    act_kwargs=moe.activation_kwargs(config), bias=moe.in_memory.has_bias, **kw)
+                                    act_kwargs=moe.activation_kwargs(config), bias=moe.in_memory.has_bias,
+                                    expert_offset=shard.start if shard else 0, total_experts=total, **kw)
             shared = getattr(module, moe.shared_expert) if moe.shared_expert else None
-            _set_module(model, name, MoefitMoE(
+            block = MoefitMoE(
                 getattr(module, moe.router), experts, shared, rule, output_feeds_residual=moe.output_feeds_residual,
                 router_name=moe.router, shared_name=moe.shared_expert or "shared_expert", experts_name=moe.experts,
-                return_router_logits=moe.returns_router_logits))
+                return_router_logits=moe.returns_router_logits)
+            block.num_experts = total  # routing is over every expert; the dispatch sends rows to their owner
+            _set_module(model, name, block)
 
 
 def _embeddings_to_host(model: nn.Module, config: PretrainedConfig, dtype: torch.dtype,

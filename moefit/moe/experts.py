@@ -47,9 +47,13 @@ class MoefitExperts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *, act: str = "silu_glu",
                  act_kwargs: dict | None = None, bias: bool = False, quantization: str = "nf4",
                  dtype: torch.dtype = torch.bfloat16, blocksize: int = 64, double_quant: bool = True,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, expert_offset: int = 0, total_experts: int | None = None):
         super().__init__()
-        self.num_experts = num_experts
+        self.num_experts = num_experts  # held here
+        # Expert parallelism: this module holds experts [expert_offset, expert_offset + num_experts) of the layer's
+        # total_experts (moefit.parallel.expert_parallel); checkpoints and adapters name experts globally.
+        self.expert_offset = expert_offset
+        self.total_experts = num_experts if total_experts is None else total_experts
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         kw = dict(quantization=quantization, dtype=dtype, blocksize=blocksize, double_quant=double_quant,
@@ -82,9 +86,12 @@ class MoefitExperts(nn.Module):
         device = self.gate.packed.device if hasattr(self.gate, "packed") else self.gate.weight.device
         for p in projections:
             fan_in, fan_out = self.projection_shape(p)
-            a = torch.empty(self.num_experts, r, fan_in, dtype=torch.float32)
-            for e in range(self.num_experts):  # same init as a per-expert nn.Linear LoRA
+            # Every expert of the layer is initialised (same init as a per-expert nn.Linear LoRA), this module keeps
+            # its own: a rank holding a slice gets the values a one-GPU run has for those experts.
+            a = torch.empty(self.total_experts, r, fan_in, dtype=torch.float32)
+            for e in range(self.total_experts):
                 nn.init.kaiming_uniform_(a[e], a=math.sqrt(5), generator=generator)
+            a = a[self.expert_offset:self.expert_offset + self.num_experts]
             setattr(self, f"{p}_lora_A", nn.Parameter(a.transpose(1, 2).contiguous().to(device=device, dtype=dtype)))
             setattr(self, f"{p}_lora_B",
                     nn.Parameter(torch.zeros(self.num_experts, r, fan_out, dtype=dtype, device=device)))

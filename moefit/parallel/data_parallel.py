@@ -52,23 +52,24 @@ def _sum_allreduce_hook(process_group, bucket):  # no annotations: DDP checks th
     return fut.then(lambda f: f.value()[0])
 
 
-def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
+def wrap_model(model: nn.Module, ctx: DistContext, exclude: set[int] | None = None) -> nn.Module:
     """DistributedDataParallel over the trainable (LoRA) parameters. The frozen NF4 weights and buffers are left
     out of DDP entirely: every rank loads the same weights, they are never broadcast (100 GB on a large model)
     and may live on another device (the input embedding in host memory). Gradients are views into DDP's
     buckets (no second copy of them); each bucket is summed over the ranks as soon as backward fills it."""
-    if not ctx.enabled:
+    exclude = exclude or set()  # ids of trainable parameters reduced elsewhere (expert parallelism's experts)
+    if not ctx.enabled or not any(p.requires_grad and id(p) not in exclude for p in model.parameters()):
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad or id(p) in exclude]
     frozen += [n for n, _ in model.named_buffers()]
     DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
     # Gradients that exist when DDP builds its buckets become views of them right away. Without this, the
     # accumulation micro-steps before the first all-reduce would hold the gradients twice (their own tensors and
     # the buckets): 4 GiB more on Llama 4 Scout. Keep them by zeroing in place (`zero_grad(set_to_none=False)`).
     for p in model.parameters():
-        if p.requires_grad and p.grad is None:
+        if p.requires_grad and p.grad is None and id(p) not in exclude:
             p.grad = torch.zeros_like(p)
     ddp = DDP(model, device_ids=None, gradient_as_bucket_view=True)  # no buffers: nothing to broadcast
     ddp.register_comm_hook(None, _sum_allreduce_hook)

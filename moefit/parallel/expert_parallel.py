@@ -8,8 +8,10 @@ over all ranks: every rank runs its own micro-batches, so the experts of a rank 
 The gradient of a local expert's LoRA is complete on its rank (the rows of every rank reached it); the replicated
 LoRA gradients are summed over the ranks as in data parallelism.
 
-`shard_experts(model, shard)` cuts a built model's routed experts down to the local slice and installs the
-dispatch; `MoefitMoE` calls the dispatch in place of its experts.
+`moefit.load_model(..., expert_shard=shard)` builds and reads only the local slice of the experts (no rank ever
+holds the others); `attach_dispatch(model, shard, group)` then routes through the expert group. `shard_experts`
+cuts an already built whole model down to its slice (tests, synthetic benchmarks). `MoefitMoE` calls the dispatch
+in place of its experts.
 """
 
 from __future__ import annotations
@@ -101,26 +103,143 @@ def _slice_param(module: nn.Module, name: str, start: int, stop: int) -> None:
         setattr(module, name, part)
 
 
-def shard_experts(model: nn.Module, shard: ExpertShard, group: dist.ProcessGroup | None = None) -> int:
-    """Keep only this rank's experts in every routed-expert module of `model` (their frozen weights, biases and
-    LoRA) and route through the expert group. Returns the number of MoE layers sharded."""
+def _moe_blocks(model: nn.Module):
     from ..moe.block import MoefitMoE
 
+    for block in model.modules():
+        if isinstance(block, MoefitMoE):
+            yield block, getattr(block, block.experts_name)
+
+
+def attach_dispatch(model: nn.Module, shard: ExpertShard, group: dist.ProcessGroup | None = None) -> int:
+    """Route every MoE layer of a model built with `expert_shard=shard` through the expert group; returns the
+    number of MoE layers."""
     dispatch = ExpertDispatch(shard, group)
     n = 0
-    for block in model.modules():
-        if not isinstance(block, MoefitMoE):
-            continue
-        experts = getattr(block, block.experts_name) if hasattr(block, "experts_name") else block.experts
+    for block, experts in _moe_blocks(model):
+        if (experts.expert_offset, experts.num_experts, experts.total_experts) != \
+                (shard.start, shard.local, shard.num_experts):
+            raise ValueError(f"an MoE layer holds experts {experts.expert_offset}..{experts.expert_offset + experts.num_experts - 1}"
+                             f" of {experts.total_experts}; the shard is {shard}")
+        block.expert_dispatch = dispatch
+        n += 1
+    return n
+
+
+def shard_experts(model: nn.Module, shard: ExpertShard, group: dist.ProcessGroup | None = None) -> int:
+    """Keep only this rank's experts in every routed-expert module of a whole `model` (their frozen weights,
+    biases and LoRA) and route through the expert group. Returns the number of MoE layers sharded."""
+    for _, experts in _moe_blocks(model):
         if experts.num_experts != shard.num_experts:
             raise ValueError(f"an MoE layer has {experts.num_experts} experts, the shard expects {shard.num_experts}")
         start, stop = shard.start, shard.start + shard.local
         for proj in ("gate", "up", "down"):
-            weight = getattr(experts, proj)
-            setattr(experts, proj, weight.select_experts(start, stop))
+            setattr(experts, proj, getattr(experts, proj).select_experts(start, stop))
             for suffix in ("bias", "lora_A", "lora_B"):
                 _slice_param(experts, f"{proj}_{suffix}", start, stop)
-        experts.num_experts = shard.local
-        block.expert_dispatch = dispatch
-        n += 1
-    return n
+        experts.num_experts, experts.expert_offset, experts.total_experts = shard.local, start, shard.num_experts
+    return attach_dispatch(model, shard, group)
+
+
+def expert_lora_names(model: nn.Module) -> set[str]:
+    """Names of the routed experts' LoRA parameters, as `moefit.lora.lora_parameters(model)` names them (held per
+    rank under expert parallelism)."""
+    from ..lora import _root, lora_parameters
+    from ..moe.experts import MoefitExperts
+
+    owners = tuple(n + "." for n, m in _root(model).named_modules() if isinstance(m, MoefitExperts))
+    return {n for n in lora_parameters(model) if n.startswith(owners)}
+
+
+# ------------------------------------------------------------------------------------------ training with it
+
+@dataclass
+class ExpertParallel:
+    """This rank's place in an expert-parallel run of `world` ranks: expert groups of `size` consecutive ranks
+    (rank r holds slice r % size), replicated `world / size` times; each replica group (the ranks holding the same
+    slice) sums its experts' gradients as data parallelism does."""
+
+    shard: ExpertShard
+    group: dist.ProcessGroup | None  # this rank's expert group (the all-to-all goes here)
+    replica_group: dist.ProcessGroup | None  # ranks holding the same experts; None with one replica
+    rank: int
+    world: int
+
+    @classmethod
+    def create(cls, rank: int, world: int, size: int, num_experts: int) -> ExpertParallel:
+        """Every rank must call this (it creates the process groups collectively)."""
+        if size < 2:
+            raise ValueError("expert parallelism needs a size of at least 2")
+        if world % size:
+            raise ValueError(f"{world} processes cannot form expert groups of {size}: the number of GPUs must be a "
+                             f"multiple of parallel.expert ({size}).")
+        shard = ExpertShard(rank % size, size, num_experts)
+        group = replica = None
+        for d in range(world // size):  # every rank creates every group, in the same order
+            g = dist.new_group(list(range(d * size, (d + 1) * size)))
+            if rank // size == d:
+                group = g
+        if world > size:
+            for j in range(size):
+                g = dist.new_group(list(range(j, world, size)))
+                if rank % size == j:
+                    replica = g
+        return cls(shard, group, replica, rank, world)
+
+    def reduce_expert_grads(self, params: list[nn.Parameter]) -> None:
+        """Sum the routed experts' gradients over the replicas holding the same experts (one flat all-reduce)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if self.replica_group is None or not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.replica_group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, replicated: list[nn.Parameter], experts: list[nn.Parameter], max_norm: float
+                        ) -> float:
+        """torch's clip_grad_norm_ over the whole model's LoRA: the replicated gradients (the same on every rank)
+        and every rank's own experts' gradients (summed over the expert group)."""
+        def sq(params):
+            gs = [p.grad.float().norm() ** 2 for p in params if p.grad is not None]
+            return torch.stack(gs).sum() if gs else torch.zeros(())
+
+        local = sq(experts).to(next(iter(experts + replicated)).device)
+        dist.all_reduce(local, group=self.group)
+        total = (sq(replicated).to(local.device) + local).sqrt()
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for p in replicated + experts:
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.dtype))
+        return float(total)
+
+    def whole_lora_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The LoRA state of the whole model on rank 0 (None elsewhere): the routed experts' slices of the first
+        expert group put together, the rest as this rank has it. Every rank must call it."""
+        names = sorted(expert_lora_names(model))
+        mine = {n: state[n].detach().cpu() for n in names}
+        gathered = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        if self.rank != 0:
+            return None
+        whole = dict(state)
+        for n in names:
+            whole[n] = torch.cat([gathered[r][n] for r in range(self.shard.size)], dim=0)
+        return whole
+
+
+def local_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A whole model's LoRA state cut to the experts this model holds (the same dict when it holds them all)."""
+    from ..lora import _root
+    from ..moe.experts import MoefitExperts
+
+    out = dict(state)
+    for name, m in _root(model).named_modules():
+        if not isinstance(m, MoefitExperts) or m.num_experts == m.total_experts:
+            continue
+        for key in [k for k in state if k.startswith(name + ".")]:
+            out[key] = state[key][m.expert_offset:m.expert_offset + m.num_experts]
+    return out

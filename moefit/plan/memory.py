@@ -58,7 +58,8 @@ class RunShape:
     optimizer: str = "adamw_8bit"
     gradient_checkpointing: bool = True
     keep_routed_gate_up: bool = False  # TrainConfig.keep_routed_gate_up
-    num_gpus: int = 1  # data-parallel ranks, each holding the whole model
+    num_gpus: int = 1  # GPUs of the run (data-parallel replicas x expert_parallel)
+    expert_parallel: int = 1  # GPUs sharing each MoE layer's routed experts (parallel.expert)
 
     @property
     def tokens(self) -> int:
@@ -111,13 +112,19 @@ def nf4_bytes(slice_numel: int, slices: int, quant: QuantConfig) -> tuple[int, i
     return packed, consts
 
 
-def _quantized_modules(f: ModelFacts) -> dict[str, list[tuple[int, int]]]:
-    """Per group, the NF4 modules as (slice numel, slices): what the engine quantizes, module by module."""
+def local_experts(f: ModelFacts, expert_parallel: int = 1) -> int:
+    """Routed experts per MoE layer that one GPU holds."""
+    return f.num_experts // max(expert_parallel, 1)
+
+
+def _quantized_modules(f: ModelFacts, expert_parallel: int = 1) -> dict[str, list[tuple[int, int]]]:
+    """Per group, the NF4 modules as (slice numel, slices) that one GPU holds: what the engine quantizes, module by
+    module (under expert parallelism, its slice of the routed experts)."""
     h, mods = f.hidden, {"attention": [], "routed_experts": [], "shared_experts": [], "dense_mlp": []}
     for la in f.layers:
         mods["attention"] += [(h * f.q_dim, 1), (h * f.kv_dim, 1), (h * f.kv_dim, 1), (f.q_dim * h, 1)]
         if la.moe:
-            mods["routed_experts"] += [(f.expert_intermediate * h, f.num_experts)] * 3  # gate, up, down
+            mods["routed_experts"] += [(f.expert_intermediate * h, local_experts(f, expert_parallel))] * 3
             if f.shared_intermediate:
                 mods["shared_experts"] += [(h * f.shared_intermediate, 1)] * 3
         else:
@@ -125,7 +132,7 @@ def _quantized_modules(f: ModelFacts) -> dict[str, list[tuple[int, int]]]:
     return mods
 
 
-def weight_components(f: ModelFacts, quant: QuantConfig) -> tuple[list[Component], int]:
+def weight_components(f: ModelFacts, quant: QuantConfig, expert_parallel: int = 1) -> tuple[list[Component], int]:
     """Frozen weights by group, and the allocator's segment rounding on them (reserved, not allocated)."""
     comps, waste = [], 0
     keep = set(quant.keep_unquantized)
@@ -134,7 +141,7 @@ def weight_components(f: ModelFacts, quant: QuantConfig) -> tuple[list[Component
               "shared_experts": "shared experts", "dense_mlp": "dense MLP"}
     consts_total = 0
     fmt = "NF4" if quant.weights == "nf4" else "bf16"
-    for group, modules in _quantized_modules(f).items():
+    for group, modules in _quantized_modules(f, expert_parallel).items():
         if not modules:
             continue
         data = 0
@@ -146,8 +153,11 @@ def weight_components(f: ModelFacts, quant: QuantConfig) -> tuple[list[Component
             data += packed
             consts_total += consts
             waste += _segment_waste(packed)
+        share = f", 1/{expert_parallel} of {groups[group] / 1e9:.2f} B on this GPU" \
+            if group == "routed_experts" and expert_parallel > 1 else ""
+        held = groups[group] / (expert_parallel if group == "routed_experts" else 1)
         comps.append(Component(f"weights_{group}", f"{fmt} weights: {labels[group]}", data, "weights",
-                               f"{groups[group] / 1e9:.2f} B params"))
+                               f"{held / 1e9:.2f} B params{share}"))
     if consts_total:
         per = "double-quantized" if quant.double_quant else "fp32"
         comps.append(Component("quant_constants", "quantization constants", consts_total, "weights",
@@ -203,7 +213,8 @@ def _layer_lora(f: ModelFacts, la: Layer, shape: RunShape) -> list[int]:
         emlp = {"gate": (h, ei), "up": (h, ei), "down": (ei, h)}
         for name, (i_dim, o_dim) in emlp.items():
             if name in t:
-                ts += [f.num_experts * i_dim * re, f.num_experts * re * o_dim]
+                e_here = local_experts(f, shape.expert_parallel)  # one GPU's share under expert parallelism
+                ts += [e_here * i_dim * re, e_here * re * o_dim]
     return ts
 
 
@@ -276,7 +287,9 @@ def layer_working_set(f: ModelFacts, la: Layer, shape: RunShape) -> tuple[dict[s
             s["experts lora down input [T*k,I]"] = lora_inputs(1 if "down" in t else 0, Tk, ei) if drop else 0
             s["experts lora x@A [T*k,r_e]"] = sum(1 for x in ("gate", "up", "down") if x in t) * _r(Tk * re * BF16)
         s["experts gate, up, act [T*k,3I]"] = 3 * _r(Tk * ei * BF16) + _r(Tk * ei * BF16)
-        phases["routed experts backward"] = (_r(E * ei * h * BF16) + 3 * _r(Tk * ei * BF16)
+        if shape.expert_parallel > 1:  # rows received from the other GPUs and their regrouped copy
+            s["all-to-all received rows [T*k,H] x2"] = 2 * _r(Tk * h * BF16)
+        phases["routed experts backward"] = (_r(local_experts(f, shape.expert_parallel) * ei * h * BF16) + 3 * _r(Tk * ei * BF16)
                                              + 2 * _r(Tk * h * BF16) + 2 * _r(T * h * BF16))
     if mlp_phase:
         phases["shared expert / MLP backward"] = mlp_phase
@@ -314,10 +327,10 @@ _STATIC: dict[tuple, tuple] = {}
 def _static_parts(f: ModelFacts, shape: RunShape) -> tuple:
     """Weights, LoRA, gradients and optimizer state: independent of sequence length and batch, so computed
     once per (model, quantization, LoRA, optimizer) while the planner searches shapes."""
-    key = (f, repr(shape.quant), repr(shape.lora), shape.optimizer)
+    key = (f, repr(shape.quant), repr(shape.lora), shape.optimizer, shape.expert_parallel)
     if key in _STATIC:
         return _STATIC[key]
-    comps, persistent_waste = weight_components(f, shape.quant)
+    comps, persistent_waste = weight_components(f, shape.quant, shape.expert_parallel)
     param_bytes = FP32 if shape.lora.dtype == "float32" else BF16
     distinct = {la: _layer_lora(f, la, shape) for la in set(f.layers)}  # layers repeat: count each kind once
 

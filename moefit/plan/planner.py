@@ -82,7 +82,8 @@ def _shape(cfg: RunConfig) -> RunShape:
     t = cfg.train
     return RunShape(seq_len=t.max_length, batch=t.batch_size, grad_accum=t.grad_accum, quant=cfg.quantization,
                     lora=cfg.lora, optimizer=t.optimizer, gradient_checkpointing=t.gradient_checkpointing,
-                    keep_routed_gate_up=t.keep_routed_gate_up, num_gpus=cfg.plan.num_gpus)
+                    keep_routed_gate_up=t.keep_routed_gate_up, num_gpus=cfg.plan.num_gpus,
+                    expert_parallel=cfg.parallel.expert)
 
 
 def _with(shape: RunShape, **kw: Any) -> RunShape:
@@ -209,6 +210,20 @@ class _Planner:
                 f"{mem.total / gib:.1f} GiB of {fit.gpu.memory_bytes / gib:.1f} (margin "
                 f"{(fit.gpu.memory_bytes - mem.total) / gib:.1f} GiB instead of {fit.margin_bytes / gib:.1f}).")
 
+    def expert_parallel_fit(self, gpu: Gpu, most: int = 64) -> tuple[int, MemoryEstimate] | None:
+        """The fewest GPUs of this kind that hold the run with the routed experts split over them (expert
+        parallelism; the count divides the number of experts), with the per-GPU memory; None if none up to `most`."""
+        f, s = self.facts, self.shape
+        if not f.num_experts:
+            return None
+        for n in range(max(2, s.expert_parallel + 1), min(f.num_experts, most) + 1):
+            if f.num_experts % n:
+                continue
+            cand = _with(s, expert_parallel=n, num_gpus=max(n, s.num_gpus))
+            if self.fits(cand, gpu):
+                return n, self.memory(cand)
+        return None
+
     def suggestion(self, fit: GpuFit) -> str | None:
         if fit.fits:
             return None
@@ -225,6 +240,11 @@ class _Planner:
                     ideas.append(f"a smaller expert rank: lora.expert_r {cand} fits (--expert-rank {cand})"
                                  if cand else "no LoRA on routed experts: lora.expert_r 0 fits (--expert-rank 0)")
                     break
+        ep = self.expert_parallel_fit(fit.gpu)
+        if ep is not None:
+            n, mem = ep
+            ideas.append(f"expert parallelism: {n}x {fit.gpu.label} with parallel.expert {n} (--expert-parallel {n} "
+                         f"--num-gpus {n}), {mem.total / 2**30:.1f} GiB per GPU")
         bigger = sorted((get_gpu(n, self.cfg.plan.price_per_gpu_hour) for n in gpu_names()),
                         key=lambda g: g.memory_bytes)
         for g in bigger:
@@ -247,6 +267,7 @@ def _merge_kwargs(cfg: RunConfig | None, kw: dict[str, Any]) -> RunConfig:
         "targets": ("lora", "targets"), "steps": ("train", "max_steps"), "epochs": ("train", "epochs"),
         "tokens": ("plan", "dataset_tokens"), "optimizer": ("train", "optimizer"),
         "num_gpus": ("plan", "num_gpus"), "price_per_gpu_hour": ("plan", "price_per_gpu_hour"),
+        "expert_parallel": ("parallel", "expert"),
         "routed_experts": ("lora", "routed_experts"), "lora_dtype": ("lora", "dtype"),
         "quantization": ("quantization", "weights"), "double_quant": ("quantization", "double_quant"),
     }
@@ -275,6 +296,11 @@ def plan(cfg: RunConfig | str | None = None, *, gpus: list[str] | str | None = N
 
         cfg = load_config(cfg)
     cfg = _merge_kwargs(cfg, kwargs)
+    if cfg.parallel.expert > cfg.plan.num_gpus:  # expert parallelism takes that many GPUs at least
+        cfg.plan.num_gpus = cfg.parallel.expert
+    if cfg.plan.num_gpus % cfg.parallel.expert:
+        raise ConfigError(f"plan.num_gpus {cfg.plan.num_gpus} is not a multiple of parallel.expert "
+                          f"{cfg.parallel.expert}: GPUs = data-parallel replicas x expert.")
     if isinstance(gpus, str):
         gpus = [gpus]
     requested = bool(gpus) or cfg.plan.gpu is not None

@@ -33,7 +33,7 @@ def _settings(plan) -> dict[str, Any]:
         "tokens_per_micro_step": s.tokens, "lora_rank": lo.r, "expert_rank": s.expert_rank,
         "targets": _targets(s), "lora_dtype": lo.dtype, "optimizer": s.optimizer,
         "weights": q.weights, "double_quant": q.double_quant, "blocksize": q.blocksize,
-        "gradient_checkpointing": s.gradient_checkpointing, "num_gpus": plan.cfg.plan.num_gpus,
+        "gradient_checkpointing": s.gradient_checkpointing, "num_gpus": plan.cfg.plan.num_gpus, "expert_parallel": s.expert_parallel,
     }
 
 
@@ -56,7 +56,8 @@ def plan_to_dict(plan) -> dict[str, Any]:
             "time_breakdown_s": None if st is None else {
                 "compute": round(st.compute_s, 4), "dequant_memory": round(st.memory_s, 4),
                 "per_layer_overhead": round(st.overhead_s, 4), "optimizer": round(st.optimizer_s, 4),
-                "allreduce": round(st.allreduce_s, 4), "flops_per_micro_step": st.flops_per_micro_step,
+                "allreduce": round(st.allreduce_s, 4), "alltoall": round(st.alltoall_s, 4),
+                "flops_per_micro_step": st.flops_per_micro_step,
                 "bytes_per_micro_step": st.bytes_per_micro_step},
         })
     return {
@@ -86,8 +87,9 @@ def plan_to_dict(plan) -> dict[str, Any]:
 
 
 def extrapolated(plan, num_gpus: int) -> bool:
-    """Whether a figure for `num_gpus` GPUs goes beyond the data-parallel runs the constants were measured on."""
-    return num_gpus > plan.calibration.get("data_parallel_measured_gpus", 1)
+    """Whether a figure for `num_gpus` GPUs goes beyond the multi-GPU runs the constants were measured on (data
+    parallel up to data_parallel_measured_gpus; expert parallel not yet)."""
+    return num_gpus > plan.calibration.get("data_parallel_measured_gpus", 1) or plan.shape.expert_parallel > 1
 
 
 def _lora_grad_bytes(m) -> int:
@@ -134,14 +136,23 @@ def render_plan(plan) -> str:
     n = s.num_gpus
     if n > 1:
         timed = [g.step for g in plan.gpus if g.step is not None]
-        ar = f"; all-reduce of the {gib(_lora_grad_bytes(m)):.2f} GiB of LoRA gradients once per step: " + \
+        what = "the replicated part of the LoRA gradients" if s.expert_parallel > 1 else \
+            f"the {gib(_lora_grad_bytes(m)):.2f} GiB of LoRA gradients"
+        ar = f"; all-reduce of {what} once per step: " + \
             ", ".join(f"{st.allreduce_s * 1e3:.0f} ms" for st in timed) if timed else ""
         lines.append(f"data parallel: {n} GPUs, {s.batch * s.grad_accum * n} sequences per optimizer step (batch "
                      f"{s.batch} x grad_accum {s.grad_accum} x {n}); memory above is per GPU{ar}")
-        if extrapolated(plan, n):
+        if n > plan.calibration.get("data_parallel_measured_gpus", 1):
             lines.append(f"  {n} GPUs is extrapolated: data parallel was measured on up to "
                          f"{plan.calibration.get('data_parallel_measured_gpus', 1)} GPUs "
                          "(calibration.json data_parallel_measured_gpus).")
+    if s.expert_parallel > 1:
+        f_e = plan.model.num_experts
+        a2a = ", ".join(f"{g.step.alltoall_s * 1e3:.0f} ms" for g in plan.gpus if g.step is not None)
+        lines.append(f"expert parallel: each MoE layer's {f_e} routed experts split over {s.expert_parallel} GPUs "
+                     f"({f_e // s.expert_parallel} each; memory above is per GPU), {n // s.expert_parallel} "
+                     f"replica(s); all-to-all of the routed rows per optimizer step: {a2a or '-'}. Not measured on "
+                     "GPUs yet: memory counted, time extrapolated.")
     lines.append("")
     lines.append(f"run length: {plan.steps if plan.steps else '?'} steps ({plan.steps_source})")
     if plan.hardware:

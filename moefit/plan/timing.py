@@ -26,6 +26,7 @@ Per optimizer step: grad_accum micro-steps, the optimizer update (read/write of 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,7 @@ class StepTime:
     overhead_s: float  # host overhead per layer pass
     optimizer_s: float
     allreduce_s: float
+    alltoall_s: float = 0.0  # expert parallelism: routed rows to their experts' GPUs and back, per optimizer step
 
 
 def _attention_pairs(seq: int, span: int | None) -> float:
@@ -68,7 +70,9 @@ def masked_attention(la: Layer, seq: int) -> bool:
 
 
 def lora_active_params(f: ModelFacts, shape: RunShape) -> float:
+    """LoRA parameters one token passes through (per token, the same with or without expert parallelism)."""
     total = 0.0
+    shape = dataclasses.replace(shape, expert_parallel=1)
     for (i, ts) in lora_tensors(f, shape):
         la = f.layers[i]
         n = sum(ts)
@@ -125,7 +129,8 @@ def time_work(f: ModelFacts, shape: RunShape, weight_bytes: dict[str, int]) -> d
         for k in ("attention", "routed_experts", "shared_experts", "dense_mlp"):
             if g[k]:  # NF4 + its share of the constants read, bf16 written
                 stored = weight_bytes.get(f"weights_{k}", 0) + consts * g[k] / quantized
-                dequant += wp[k] * (stored + 2 * g[k])
+                written = g[k] / (shape.expert_parallel if k == "routed_experts" else 1)  # the GPU's own experts
+                dequant += wp[k] * (stored + 2 * written)
     expert_lora = f.moe_layers if (shape.expert_rank and f.num_experts and
                                    {"gate", "up", "down"} & shape.targets) else 0
     return {"matmul": matmul, "attention": attn, "masked_attention": masked, "dequant": dequant,
@@ -161,6 +166,29 @@ def allreduce_seconds(nbytes: float, num_gpus: int, gpu: Gpu, ct: dict[str, Any]
     return 2 * (num_gpus - 1) / num_gpus * nbytes / (gpu.interconnect_gbs * 1e9 * ct["allreduce_bus_efficiency"])
 
 
+def routed_lora_params(f: ModelFacts, shape: RunShape) -> int:
+    """Routed-expert LoRA parameters one GPU holds (its share of the experts under expert parallelism)."""
+    re = shape.expert_rank
+    if not (re and f.num_experts):
+        return 0
+    from .memory import local_experts
+
+    per = sum(re * (f.hidden + f.expert_intermediate) for x in ("gate", "up", "down") if x in shape.targets)
+    return f.moe_layers * local_experts(f, shape.expert_parallel) * per
+
+
+def alltoall_seconds(f: ModelFacts, shape: RunShape, gpu: Gpu, ct: dict[str, Any]) -> float:
+    """One micro-step's all-to-all traffic under expert parallelism: every MoE layer sends its T x top_k routed rows
+    (bf16, hidden wide) to their experts' GPUs and takes them back, in the forward, the recomputation and the
+    backward; (N-1)/N of the rows leave the GPU. Not counted: the host's wait for each layer's row counts."""
+    n = shape.expert_parallel
+    if n <= 1 or not f.num_experts or not gpu.interconnect_gbs:
+        return 0.0
+    passes = 3 if shape.gradient_checkpointing else 2
+    nbytes = f.moe_layers * passes * 2 * shape.tokens * f.top_k * f.hidden * 2 * (n - 1) / n
+    return nbytes / (gpu.interconnect_gbs * 1e9 * ct["alltoall_bus_efficiency"])
+
+
 def step_time(f: ModelFacts, shape: RunShape, gpu: Gpu, calib: dict[str, Any], weight_bytes: dict[str, int],
               num_gpus: int = 1) -> StepTime | None:
     """None when the GPU's peak rates are unknown (a GPU outside the catalogue)."""
@@ -175,9 +203,15 @@ def step_time(f: ModelFacts, shape: RunShape, gpu: Gpu, calib: dict[str, Any], w
     micro = compute + sec["dequant"] + overhead
     n_train, optimizer = optimizer_seconds(f, shape, gpu, ct)
     param_bytes = 4 if shape.lora.dtype == "float32" else 2
-    allreduce = allreduce_seconds(n_train * param_bytes, num_gpus, gpu, ct)
-    step = shape.grad_accum * micro + optimizer + allreduce
+    # Replicated LoRA is summed over every GPU; routed-expert LoRA (one GPU's share) over the GPUs holding the
+    # same experts only: none to sum with a single replica.
+    routed = routed_lora_params(f, shape)
+    replicas = num_gpus // max(shape.expert_parallel, 1)
+    allreduce = allreduce_seconds((n_train - routed) * param_bytes, num_gpus, gpu, ct) + \
+        allreduce_seconds(routed * param_bytes, replicas, gpu, ct)
+    alltoall = shape.grad_accum * alltoall_seconds(f, shape, gpu, ct)
+    step = shape.grad_accum * micro + optimizer + allreduce + alltoall
     tokens = shape.tokens * shape.grad_accum * num_gpus
     flops = work["matmul"] + work["attention"] + work["masked_attention"]
     return StepTime(micro, step, tokens / step, flops, work["dequant"], compute, sec["dequant"], overhead,
-                    optimizer, allreduce)
+                    optimizer, allreduce, alltoall)

@@ -41,6 +41,7 @@ class TrainerState:
     train_time_s: float
     start_eval_loss: float | None
     world_size: int = 1  # data-parallel ranks that wrote it (checkpoints older than multi-GPU training: 1)
+    expert_parallel: int = 1  # parallel.expert of the run that wrote it
     sequences_per_step: int | None = None  # batch_size x grad_accum x world_size
 
 
@@ -86,10 +87,13 @@ def save_checkpoint(
     scaler: Any | None = None,
     rank_rngs: list[dict[str, Any]] | None = None,
     identity: dict[str, Any] | None = None,
+    adapter_state: dict[str, torch.Tensor] | None = None,
+    rank_optimizers: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write `checkpoints_dir/step-N/` atomically and return its path. `rank_rngs`: every data-parallel rank's
     `capture_rng()`, in rank order (default: this process's). `identity` (verify.run_identity) goes into the
-    manifest with every file's checksum."""
+    manifest with every file's checksum. Expert parallelism: `adapter_state` is the whole model's LoRA (the
+    adapter holds every expert, as a one-GPU run's does) and `rank_optimizers` every rank's optimizer state."""
     from ..lora import save_adapter
 
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -98,8 +102,9 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_adapter(model, tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_adapter(model, tmp, state=adapter_state)
+    for rank, opt_state in enumerate(rank_optimizers or [optimizer.state_dict()]):
+        torch.save(opt_state, tmp / optimizer_file(rank))
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     for rank, rng in enumerate(rank_rngs or [capture_rng()]):
         torch.save(rng, tmp / rng_file(rank))
@@ -121,6 +126,12 @@ def save_checkpoint(
 
 def rng_file(rank: int) -> str:
     return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
+
+
+def optimizer_file(rank: int) -> str:
+    """Each rank's optimizer state when they differ (expert parallelism); rank 0's (all of them in data
+    parallelism) is optimizer.pt."""
+    return "optimizer.pt" if rank == 0 else f"optimizer-rank{rank}.pt"
 
 
 def read_trainer_state(checkpoint: Path) -> TrainerState:
@@ -215,9 +226,14 @@ def _load_checkpoint(
     from safetensors.torch import load_file
 
     from ..lora import ADAPTER_WEIGHTS, load_lora_state_dict
+    from ..parallel.expert_parallel import local_lora_state
 
-    load_lora_state_dict(model, load_file(str(checkpoint / ADAPTER_WEIGHTS)))  # checks names and shapes
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
+    # The adapter holds every expert; a rank holding a slice of them takes its own (checks names and shapes).
+    load_lora_state_dict(model, local_lora_state(model, load_file(str(checkpoint / ADAPTER_WEIGHTS))))
+    opt_path = checkpoint / optimizer_file(rank)
+    if not opt_path.is_file():
+        opt_path = checkpoint / "optimizer.pt"  # data parallelism: the same state on every rank
+    optimizer.load_state_dict(torch.load(opt_path, map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
     if scaler is not None and (checkpoint / "scaler.pt").is_file():
         scaler.load_state_dict(torch.load(checkpoint / "scaler.pt", weights_only=True))

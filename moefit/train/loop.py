@@ -24,6 +24,7 @@ import torch
 from ..config import RunConfig, save_config
 from ..errors import DataError, MoefitError
 from ..parallel import dist as pdist
+from ..parallel import expert_parallel
 from ..parallel.data_parallel import grad_sync, take_step, wrap_model
 from . import checkpoint as ckpt
 from . import failures, preempt, rundir_guard, verify
@@ -106,16 +107,17 @@ def _label_tokens(labels: torch.Tensor) -> int:
 
 @torch.no_grad()
 def evaluate(model: Any, examples: list[dict], batch_size: int, pad_id: int, device: torch.device,
-             max_batches: int | None, ctx: pdist.DistContext = pdist.SINGLE) -> tuple[float, int]:
+             max_batches: int | None, ctx: pdist.DistContext = pdist.SINGLE, equal_passes: bool = False
+             ) -> tuple[float, int]:
     """Token-weighted mean loss over the held-out examples; returns (loss, label tokens). With several ranks each
-    evaluates its share of the batches and the sums are added up."""
+    evaluates its share of the batches and the sums are added up (`equal_passes` under expert parallelism)."""
     from ..evaluate import heldout_sums
 
     was_training = model.training
     model.eval()
     try:
         loss_sum, tokens = heldout_sums(model, examples, batch_size, pad_id, device, max_batches,
-                                        ctx.rank, ctx.world_size)
+                                        ctx.rank, ctx.world_size, equal_passes)
     finally:
         model.train(was_training)
     loss_sum, tokens = pdist.all_reduce_sum([loss_sum, float(tokens)], ctx)
@@ -123,6 +125,28 @@ def evaluate(model: Any, examples: list[dict], batch_size: int, pad_id: int, dev
 
 
 # ------------------------------------------------------------------------------------------------- run
+
+def _expert_parallel(cfg: RunConfig, ctx: pdist.DistContext, say: Any) -> expert_parallel.ExpertParallel | None:
+    """The expert-parallel layout of this run (parallel.expert > 1), its process groups created; None without."""
+    size = cfg.parallel.expert
+    if size <= 1:
+        return None
+    from ..plan.model_facts import load_model_facts
+
+    if ctx.world_size < size:
+        raise MoefitError(f"parallel.expert is {size} but this run has {ctx.world_size} process(es): start at least "
+                          f"{size} (moefit train --gpus {size}, or torchrun --nproc-per-node {size}).")
+    experts = load_model_facts(cfg.model).num_experts
+    if not experts:
+        raise MoefitError(f"parallel.expert is {size} but {cfg.model} has no routed experts: leave it at 1.")
+    try:
+        ep = expert_parallel.ExpertParallel.create(ctx.rank, ctx.world_size, size, experts)
+    except ValueError as e:
+        raise MoefitError(f"parallel.expert: {e}") from None
+    say(f"expert parallel: {size} GPUs share each MoE layer's {experts} routed experts ({experts // size} each), "
+        f"{ctx.world_size // size} replica(s)")
+    return ep
+
 
 def _match_sequences_per_step(cfg: RunConfig, saved: ckpt.TrainerState, ctx: pdist.DistContext, say: Any) -> None:
     """Resuming on another number of processes: keep the checkpoint's sequences per optimizer step (hence the same
@@ -265,7 +289,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
          stop: preempt.StopFlag) -> RunResult:
     from ..data import DataPosition, build_datasets, iterate_batches, load_tokenizer
     from ..data.dataset import fingerprint
-    from ..lora import add_lora, save_adapter
+    from ..lora import add_lora, lora_state_dict, save_adapter
     from ..models import load_model
 
     t = cfg.train
@@ -309,8 +333,15 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
             say(f"plan: {plan.faster}")
 
     identity = verify.run_identity(cfg, fingerprint(bundle.train))  # before a resume on other ranks adapts it
+    ep = _expert_parallel(cfg, ctx, say)
     if resume_from is not None:
-        _match_sequences_per_step(cfg, ckpt.read_trainer_state(resume_from), ctx, say)
+        saved = ckpt.read_trainer_state(resume_from)
+        if (saved.expert_parallel > 1 or ep is not None) and \
+                (saved.expert_parallel, saved.world_size) != (cfg.parallel.expert, ctx.world_size):
+            raise MoefitError(f"the checkpoint was written by {saved.world_size} process(es) with parallel.expert "
+                              f"{saved.expert_parallel}; an expert-parallel run resumes on the same layout only "
+                              f"(now {ctx.world_size} process(es), parallel.expert {cfg.parallel.expert}).")
+        _match_sequences_per_step(cfg, saved, ctx, say)
     if ctx.is_main:
         save_config(cfg, run_dir / "config.yaml")
     world = ctx.world_size
@@ -325,8 +356,12 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
 
     t_load = time.perf_counter()
     model = load_model(cfg.model, quantization=cfg.quantization.weights, dtype=t.precision,
-                       device=device.type, quant=cfg.quantization, engine=cfg.engine)
+                       device=device.type, quant=cfg.quantization, engine=cfg.engine,
+                       expert_shard=ep.shard if ep else None)
     params = add_lora(model, cfg=cfg.lora)
+    expert_names = expert_parallel.expert_lora_names(model) if ep else set()
+    if ep:
+        expert_parallel.attach_dispatch(model, ep.shard, ep.group)
     if t.gradient_checkpointing:
         model.enable_gradient_checkpointing(keep_routed_gate_up=t.keep_routed_gate_up)
     rows = model.hf.get_input_embeddings().weight.shape[0]
@@ -361,15 +396,24 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
         for warning in verify.identity_changes(resume_from, identity):
             say(warning)
     state.world_size, state.sequences_per_step = world, t.batch_size * t.grad_accum * world
+    state.expert_parallel = cfg.parallel.expert
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resume_from else None) \
         if ctx.is_main else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     trainable = [p for p in params.values() if p.requires_grad]
+    experts = [p for n, p in params.items() if n in expert_names and p.requires_grad]
+    replicated = [p for n, p in params.items() if n not in expert_names and p.requires_grad]
     max_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
     has_eval = bool(bundle.eval) and not smoke
-    wrapped = wrap_model(model, ctx)  # DistributedDataParallel over the LoRA parameters when several ranks
+    # DistributedDataParallel over the (replicated) LoRA parameters when several ranks; the experts' own LoRA
+    # gradients are complete on their rank (expert parallelism) and summed over replicas by `ep`.
+    wrapped = wrap_model(model, ctx, exclude={id(p) for p in experts})
+
+    def whole_adapter() -> dict[str, torch.Tensor] | None:
+        """The whole model's LoRA on rank 0 (every rank must call it under expert parallelism)."""
+        return ep.whole_lora_state(model, lora_state_dict(model)) if ep else None
 
     def write_metrics(record: dict[str, Any]) -> None:
         if metrics is not None:
@@ -377,7 +421,8 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
 
     def run_eval(step: int) -> float:
         te = time.perf_counter()
-        loss, n = evaluate(model, bundle.eval, t.batch_size, pad_id, device, t.eval_batches, ctx)
+        loss, n = evaluate(model, bundle.eval, t.batch_size, pad_id, device, t.eval_batches, ctx,
+                           equal_passes=ep is not None)
         write_metrics({"kind": "eval", "step": step, "eval_loss": loss, "eval_tokens": n,
                        "eval_s": round(time.perf_counter() - te, 3)})
         say(f"eval @ step {step}: held-out loss {loss:.4f} ({n:,} label tokens, {time.perf_counter() - te:.1f}s)")
@@ -421,7 +466,11 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
             loss_acc += out.loss_sum.detach().float()
         if scaler:
             scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+        if ep:
+            ep.reduce_expert_grads(experts)
+            grad_norm = ep.clip_grad_norm_(replicated, experts, max_norm)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
         lr = scheduler.get_last_lr()[0]
         if scaler:
             scaler.step(optimizer)
@@ -470,10 +519,14 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
         path = None
         if not smoke and (state.step % t.save_every == 0 or state.step == total_steps or stopping):
             rngs = pdist.gather_objects(ckpt.capture_rng(), ctx)
+            adapter_state = whole_adapter()
+            # Expert parallelism: every rank's optimizer state is its own (its experts' moments)
+            optimizers = pdist.gather_objects(optimizer.state_dict(), ctx) if ep else None
             path = run_dir / "checkpoints" / f"step-{state.step}"
             if ctx.is_main:
                 ckpt.save_checkpoint(run_dir / "checkpoints", state, model, optimizer, scheduler, scaler,
-                                     rank_rngs=rngs, identity=identity)
+                                     rank_rngs=rngs, identity=identity, adapter_state=adapter_state,
+                                     rank_optimizers=optimizers)
                 ckpt.prune_checkpoints(run_dir / "checkpoints", t.keep_checkpoints)
                 say(f"checkpoint: {path}")
         if stopping:
@@ -491,8 +544,9 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
         end_eval = run_eval(state.step) if last_eval_step != state.step else last_eval_loss
     adapter_dir = None
     if not smoke:
+        adapter_state = whole_adapter()
         if ctx.is_main:
-            save_adapter(model, run_dir)
+            save_adapter(model, run_dir, state=adapter_state)
         adapter_dir = run_dir
     peaks = pdist.all_gather_int(peak_memory_bytes(device), ctx)
     peak = max(peaks)
@@ -537,6 +591,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
         "peak_mem_bytes": peak,
         "peak_mem_bytes_per_rank": peaks,
         "world_size": world,
+        "expert_parallel": cfg.parallel.expert,
         "sequences_per_step": state.sequences_per_step,
         "peak_mem_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
         "plan_peak_bytes": plan.memory.peak_allocated if plan is not None else None,
