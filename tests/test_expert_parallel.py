@@ -200,3 +200,15 @@ def test_bench_measures_expert_parallel_on_two_processes():
     out = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert out["world_size"] == 2 and out["expert_parallel"] == 2
     assert out["runs"][0]["tokens_per_s"] > 0 and len(out["runs"][0]["step_s_per_rank"]) == 2
+
+
+def test_a_bank_larger_than_one_decode_call_is_decoded_in_runs_of_experts(monkeypatch):
+    """A Maverick bank (128 x 8192 x 5120 values) is more than bitsandbytes' 32-bit indexing takes in one call."""
+    from moefit.quant import nf4
+
+    w = nf4.NF4Weight((6, 64, 32), blocksize=64)
+    w.quantize_(torch.randn(6, 64, 32))
+    whole = w.dequantize()
+    monkeypatch.setattr(nf4, "MAX_DECODE_NUMEL", 2 * 64 * 32 + 1)  # two experts per call
+    assert torch.equal(w.dequantize(), whole)
+    assert torch.equal(w.dequantize(expert=4), whole[4])

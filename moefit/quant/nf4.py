@@ -40,6 +40,11 @@ def _nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
     return bnbF.get_4bit_type("nf4", device=device)
 
 
+# The most values one decode kernel call takes: bitsandbytes indexes them with 32-bit ints (a bank of 128 Maverick
+# experts, 5.4e9 values, fails with "invalid argument"), so larger banks are decoded a run of experts at a time.
+MAX_DECODE_NUMEL = 2**31 - 2**20
+
+
 class NF4Weight(nn.Module):
     """A frozen weight in NF4 (optionally double-quantized), shape [out, in] or [E, out, in].
 
@@ -115,18 +120,30 @@ class NF4Weight(nn.Module):
         """The weight in `dtype` (default: the storage's compute dtype): [out, in], or [E, out, in] when 3-D
         and `expert` is None. The result is a fresh tensor; nothing is cached."""
         dtype = dtype or self.dtype
+        if expert is None and self.experts > 1 and self.experts * self.slice_numel > MAX_DECODE_NUMEL \
+                and self.slice_numel % self.blocksize == 0:
+            # bitsandbytes' kernels index with 32-bit ints: a Maverick bank (128 x 8192 x 5120) is decoded in runs
+            # of experts that each stay below that, into one output.
+            out = torch.empty(self.shape, dtype=dtype, device=self.packed.device)
+            step = max(1, MAX_DECODE_NUMEL // self.slice_numel)
+            for start in range(0, self.experts, step):
+                stop = min(start + step, self.experts)
+                out[start:stop].copy_(self._decode(slice(start, stop), [stop - start, *self.slice_shape], dtype))
+            return out
         rows = slice(None) if expert is None else slice(expert, expert + 1)
         if self.slice_numel % self.blocksize == 0:
-            # Blocks never straddle two experts: one kernel call for every selected expert at once.
-            absmax = self.absmax_fp32(rows)
-            shape = list(self.shape if expert is None else self.slice_shape)
-            if self.packed.is_cuda and triton_nf4.available():
-                out = triton_nf4.decode(self.packed[rows], absmax, self.code, self.blocksize, shape, self.dtype)
-                return out if out.dtype == dtype else out.to(dtype)
-            out = torch.ops.bitsandbytes.dequantize_4bit.default(
-                self.packed[rows].reshape(-1, 1), absmax.reshape(-1), self.blocksize, "nf4", shape, self.dtype)
-            return out if out.dtype == dtype else out.to(dtype)
+            return self._decode(rows, list(self.shape if expert is None else self.slice_shape), dtype)
         return self._dequantize_by_state(expert, dtype)
+
+    def _decode(self, rows: slice, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """Experts `rows` in one kernel call (blocks never straddle two experts when a slice is whole blocks)."""
+        absmax = self.absmax_fp32(rows)
+        if self.packed.is_cuda and triton_nf4.available():
+            out = triton_nf4.decode(self.packed[rows], absmax, self.code, self.blocksize, shape, self.dtype)
+            return out if out.dtype == dtype else out.to(dtype)
+        out = torch.ops.bitsandbytes.dequantize_4bit.default(
+            self.packed[rows].reshape(-1, 1), absmax.reshape(-1), self.blocksize, "nf4", shape, self.dtype)
+        return out if out.dtype == dtype else out.to(dtype)
 
     def absmax_fp32(self, rows: slice = slice(None)) -> torch.Tensor:
         """First-level scales in fp32, [E', nblocks]: undo the double quantization (code2[u8] * absmax2 + offset),
