@@ -80,12 +80,14 @@ def _plan(args: list[str], gpus: int) -> dict:
     """moefit plan for the same settings on `gpus` H200s (what `moefit bench` prints as planned)."""
     from moefit.plan import plan
 
-    a = dict(zip(args[::2], args[1::2], strict=False))
+    flags = {"--embeddings-on-host"}
+    pairs = [x for x in args if x not in flags]
+    a = dict(zip(pairs[::2], pairs[1::2], strict=False))
     er = a.get("--expert-rank")
     cfg = {"model": a["--model"], "seq_len": int(a["--seq-len"]), "batch": int(a["--batch"]),
            "grad_accum": int(a["--grad-accum"]), "rank": int(a["--rank"]),
            "expert_rank": int(er) if er is not None else None, "targets": a["--targets"].split(","),
-           "num_gpus": gpus}
+           "num_gpus": gpus, "expert_parallel": int(a.get("--expert-parallel", 1))}
     from moefit.config import RunConfig
 
     base = RunConfig()
@@ -95,7 +97,8 @@ def _plan(args: list[str], gpus: int) -> dict:
     fit = p.gpus[0]
     return {"peak_allocated_bytes": p.memory.peak_allocated, "total_bytes": p.memory.total,
             "peak_phase": p.memory.peak_phase, "step_s": fit.step.step_s if fit.step else None,
-            "allreduce_s": fit.step.allreduce_s if fit.step else None}
+            "allreduce_s": fit.step.allreduce_s if fit.step else None,
+            "alltoall_s": fit.step.alltoall_s if fit.step else None}
 
 
 def _now() -> str:

@@ -4,6 +4,8 @@
 # moefit export --merge, and the merged model loaded by transformers and compared with moefit's forward.
 #   bash benchmarks/data_parallel_real.sh            (on a host with >= 2 GPUs; writes $OUT/data_parallel_real.log)
 #   MODEL_DIR=moefit/assets/tiny DEVICE=cpu bash benchmarks/data_parallel_real.sh   (the same steps on CPU, tiny)
+#   PRESET=llama4-maverick TRAIN_ARGS="--expert-parallel 2" bash benchmarks/data_parallel_real.sh
+#       (expert parallel: a Maverick-width checkpoint, 128 experts in the MoE layer; each GPU reads its 64)
 set -uo pipefail
 out=${OUT:-bench-out}; mkdir -p "$out"
 work=${WORK:-/tmp/moefit-dp-real}; rm -rf "$work"; mkdir -p "$work"
@@ -14,7 +16,9 @@ step() { say "$*"; "$@" 2>&1 | tee -a "$log"; return "${PIPESTATUS[0]}"; }
 
 device=${DEVICE:-cuda}
 model=${MODEL_DIR:-$work/model}
-[ -n "${MODEL_DIR:-}" ] || step python3 benchmarks/scout_width_checkpoint.py "$model" --layers 2 --device cuda || exit 1
+[ -n "${MODEL_DIR:-}" ] || step python3 benchmarks/width_checkpoint.py "$model" --preset "${PRESET:-llama4-scout}" \
+  --layers 2 --device cuda || exit 1
+extra=${TRAIN_ARGS:-}
 cat > "$work/run.yaml" <<YAML
 model: $model
 lora: {r: 16, alpha: 32, dropout: 0.0}
@@ -22,10 +26,10 @@ train: {max_length: 512, batch_size: 1, grad_accum: 2, max_steps: 6, lr: 1.0e-3,
         save_every: 2, eval_every: 3, eval_batches: 4, log_every: 1}
 smoke: {steps: 8}
 YAML
-step python3 -m moefit train "$work/run.yaml" --gpus 2 --smoke --output-dir "$work/smoke"; echo "smoke exit $?" | tee -a "$log"
+step python3 -m moefit train "$work/run.yaml" --gpus 2 $extra --smoke --output-dir "$work/smoke"; echo "smoke exit $?" | tee -a "$log"
 
 say "full run, killed (kill -9 of rank 1) once checkpoint step-2 is complete"
-python3 -m moefit train "$work/run.yaml" --gpus 2 --output-dir "$work/run" >> "$log" 2>&1 &
+python3 -m moefit train "$work/run.yaml" --gpus 2 $extra --output-dir "$work/run" >> "$log" 2>&1 &
 launcher=$!
 for _ in $(seq 600); do [ -f "$work/run/checkpoints/step-2/complete" ] && break; sleep 0.5; done
 victim=$(for p in $(pgrep -f "moefit train"); do tr '\0' '\n' < /proc/$p/environ 2>/dev/null | grep -qx RANK=1 && echo $p; done | head -1)

@@ -1,10 +1,12 @@
-"""Write a Llama 4 Scout-width checkpoint with a few decoder layers, through transformers itself
+"""Write a Llama 4 checkpoint at a preset's real widths with a few decoder layers, through transformers itself
 (`Llama4ForCausalLM(config).save_pretrained`), with moefit's shipped tokenizer: the real loading path at real widths.
 
-    python benchmarks/scout_width_checkpoint.py OUT_DIR [--layers 2] [--device cuda]
+    python benchmarks/width_checkpoint.py OUT_DIR [--preset llama4-scout] [--layers 2] [--device cuda]
 
-Hidden 5120, 40/8 heads of 128, 16 routed experts of 8192 + a shared one, top-1, qk-norm, chunked attention, as the
-preset; the vocabulary is the shipped tokenizer's (so the shipped chat data trains it). Random bf16 weights.
+llama4-scout: hidden 5120, 40/8 heads of 128, 16 routed experts of 8192 + a shared one, top-1, every layer MoE
+(2 layers: 8.9 GB). llama4-maverick: the same widths with 128 routed experts in every other layer, dense MLPs of
+16384 between (2 layers: one dense, one MoE, about 33 GB). The vocabulary is the shipped tokenizer's (so the
+shipped chat data trains it). Random bf16 weights.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--preset", default="llama4-scout", choices=["llama4-scout", "llama4-maverick"])
     ap.add_argument("--device", default="cpu", help="where to initialise the weights (cuda is faster)")
     args = ap.parse_args()
     import torch
@@ -31,7 +34,7 @@ def main() -> int:
     from moefit.assets import tiny_model_dir
     from moefit.data import load_tokenizer
 
-    values = json.loads((ROOT / "moefit" / "models" / "presets" / "llama4-scout.json").read_text())
+    values = json.loads((ROOT / "moefit" / "models" / "presets" / f"{args.preset}.json").read_text())
     text = values.get("text_config", values)
     tok_dir = tiny_model_dir()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,109 @@
+"""Expert parallelism on the GPUs of one host, in one call: Llama 4 Maverick (400 B) at full depth on 2 GPUs, and
+Scout expert-parallel against Scout data-parallel on the same 2 GPUs.
+
+    python benchmarks/expert_parallel.py --out DIR [--gpus 2]     # on a host with >= 2 GPUs (nvidia-h200-x2)
+    python benchmarks/expert_parallel.py --plan-only [--gpus 2]   # what the planner says for each (CPU)
+
+Each configuration is `moefit bench --json --gpus N [--expert-parallel N]` on synthetic weights (every rank builds
+only its slice of the routed experts). Recorded per configuration: per-GPU peak memory against `moefit plan` for
+the same layout, tokens/s of all GPUs, GPU busy, and the NCCL kernel time of one profiled step (the all-to-all of
+the routed rows plus the all-reduce of the replicated LoRA). Maverick's expert rank is the largest of 32 / 16 / 8
+that the planner says fits (reported). Writes DIR/expert_parallel.json and .md after every measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data_parallel import ALL_TARGETS, _bench, _now, _plan, _run_record, _versions  # noqa: E402
+
+ATTN_SHARED_DENSE = "q,k,v,o,gate,up,down"  # gate/up/down reach the shared expert, dense MLPs and routed experts
+
+
+def configs(gpus: int) -> dict[str, list[str]]:
+    """name -> moefit bench arguments. Maverick: LoRA r=32 on attention, shared expert and dense MLPs, the routed
+    experts at the largest rank the plan fits on `gpus` H200s."""
+    maverick_rank = next((r for r in (32, 16, 8) if _fits(["--model", "llama4-maverick", "--seq-len", "2048",
+                                                           "--batch", "1", "--grad-accum", "8", "--rank", "32",
+                                                           "--expert-rank", str(r), "--targets", ATTN_SHARED_DENSE,
+                                                           "--expert-parallel", str(gpus)], gpus)), 8)
+    seed = ["--seq-len", "2048", "--batch", "1", "--grad-accum", "8", "--rank", "32", "--targets", ALL_TARGETS]
+    return {
+        f"maverick-ep{gpus}-expert-r{maverick_rank}": ["--model", "llama4-maverick", "--seq-len", "2048", "--batch",
+                                                      "1", "--grad-accum", "8", "--rank", "32", "--expert-rank",
+                                                      str(maverick_rank), "--targets", ATTN_SHARED_DENSE,
+                                                      "--expert-parallel", str(gpus)],
+        f"scout-seed-ep{gpus}": ["--model", "llama4-scout", *seed, "--expert-parallel", str(gpus)],
+        f"scout-seed-dp{gpus}": ["--model", "llama4-scout", *seed],
+    }
+
+
+def _fits(args: list[str], gpus: int) -> bool:
+    p = _plan(args, gpus)
+    return p["total_bytes"] <= 143771 * 2**20  # an H200's memory as torch reports it
+
+
+def report(doc: dict) -> str:
+    g = 2**30
+    lines = [f"# Expert parallelism on {doc['gpus']} GPUs", "", f"- command: `{doc['command']}`",
+             f"- date: {doc['date']}, GPU: {doc['gpus']}x {doc['gpu']}",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()), "",
+             "| config | tokens/s | step s | peak alloc per GPU | plan | err | plan step | err | NCCL s | GPU busy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["results"]:
+        m, p = r.get("measured"), r.get("plan") or {}
+        if not m:
+            lines.append(f"| {r['name']} | failed | | | | | | | | |")
+            continue
+        per = " / ".join(f"{b / g:.2f}" for b in m.get("peak_allocated_bytes_per_rank", [m["peak_allocated_bytes"]]))
+        mem_err = (p["peak_allocated_bytes"] - m["peak_allocated_bytes"]) / m["peak_allocated_bytes"]
+        step_err = (p["step_s"] - m["step_s"]) / m["step_s"] if p.get("step_s") else None
+        lines.append(f"| {r['name']} | {m['tokens_per_s']:.0f} | {m['step_s']:.3f} | {per} GiB | "
+                     f"{p['peak_allocated_bytes'] / g:.2f} | {100 * mem_err:+.1f} % | {p.get('step_s') or 0:.3f} | "
+                     f"{'-' if step_err is None else f'{100 * step_err:+.1f} %'} | {m.get('nccl_kernel_s', 0):.3f} | "
+                     f"{100 * m.get('gpu_busy_fraction', 0):.0f} % |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--gpus", type=int, default=2)
+    ap.add_argument("--plan-only", action="store_true")
+    args = ap.parse_args()
+    runs = configs(args.gpus)
+    if args.plan_only:
+        for name, a in runs.items():
+            print(name, _plan(a, args.gpus))
+        return 0
+    if not args.out:
+        ap.error("--out DIR is required to measure")
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = {"command": " ".join(["python", "benchmarks/expert_parallel.py", *sys.argv[1:]]), "date": _now(),
+           "gpus": args.gpus, "gpu": None, "versions": _versions(), "results": []}
+    t0 = time.perf_counter()
+    for name, a in runs.items():
+        res, err = _bench(a, args.gpus)
+        row = {"name": name, "args": a, "plan": _plan(a, args.gpus), "measured": _run_record(res) if res else None}
+        if res is None:
+            print(f"{name} failed:\n{err}", file=sys.stderr, flush=True)
+        else:
+            doc["gpu"] = doc["gpu"] or res["device_name"]
+            m = row["measured"]
+            print(f"{name:32} {m['tokens_per_s']:8.0f} tok/s  step {m['step_s']:.3f} s  peak "
+                  f"{m['peak_allocated_bytes'] / 2**30:.2f} GiB  NCCL {m.get('nccl_kernel_s', 0):.3f} s  "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        doc["results"].append(row)
+        (args.out / "expert_parallel.json").write_text(json.dumps(doc, indent=2) + "\n")
+        (args.out / "expert_parallel.md").write_text(report(doc))
+    print(report(doc))
+    return 0 if all(r["measured"] for r in doc["results"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
