@@ -93,6 +93,11 @@ class TrainConfig:
     # step on an H200) for tokens x top_k x expert_intermediate x 4 bytes per MoE layer until backward (~2.9 GiB
     # on Scout at seq 2048, ~5.9 GiB at 4096). Off by default: memory first. `moefit plan` counts it.
     keep_routed_gate_up: bool = False
+    # On a GPU, `auto` runs the same optimizer step (same sequences, same gradient: the loss is averaged over all
+    # of its label tokens) in the fastest layout `moefit plan` finds that fits with margin: micro-batch x
+    # grad_accum, the input embedding in host memory, kept gate/up outputs; the run says what it chose and
+    # config.yaml records it. `as_written`: exactly the settings given.
+    layout: Literal["auto", "as_written"] = "auto"
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     seed: int = 42
     eval_every: int = 50

@@ -62,3 +62,23 @@ def test_plan_matches_the_recorded_two_gpu_runs():
         assert abs(p["step_s"] - many["step_s"]) / many["step_s"] <= 0.15, row["name"]
         checked += 1
     assert checked >= 2
+
+
+def test_layout_auto_applies_the_plans_faster_layout_of_the_same_step():
+    """train.layout: auto takes the planner's faster layout (here on an 80 GB GPU: a bigger micro-batch, the
+    embedding in host memory) and keeps the sequences per optimizer step."""
+    from moefit.config import load_config
+    from moefit.plan import check_fits
+    from moefit.train.loop import apply_layout
+
+    cfg = load_config(ROOT / "recipes" / "llama4-scout-qlora.yaml")
+    before = cfg.train.batch_size * cfg.train.grad_accum
+    p = check_fits(cfg, gpu="h100-80gb")
+    assert p.fits and p.faster and p.faster_settings
+    apply_layout(cfg, p.faster_settings)
+    assert cfg.train.batch_size * cfg.train.grad_accum == before and cfg.train.batch_size > 1
+    after = check_fits(cfg, gpu="h100-80gb")
+    assert after.fits and after.gpus[0].step.step_s < p.gpus[0].step.step_s
+    assert after.faster is None  # nothing faster left to take
+    with pytest.raises(KeyError):
+        apply_layout(cfg, {"train.no_such_setting": 1})

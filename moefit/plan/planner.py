@@ -52,6 +52,7 @@ class Plan:
     requested_gpus: bool = True
     hardware_checked: bool = True
     faster: str | None = None  # the same optimizer step laid out faster on the (first) requested GPU
+    faster_settings: dict[str, Any] | None = None  # that layout as the dotted config settings to change
     calibration: dict[str, Any] = dataclasses.field(default_factory=dict)  # the constants it was made with
 
     @property
@@ -189,26 +190,28 @@ class _Planner:
                         best, best_s = (cand, st, mem), st.step_s
         return best
 
-    def faster_layout(self, fit: GpuFit) -> str | None:
-        """`faster_shape` as the settings to change, in words."""
+    def faster_layout(self, fit: GpuFit) -> tuple[str, dict[str, Any]] | None:
+        """`faster_shape` as the settings to change: in words, and as dotted config settings."""
         found = self.faster_shape(fit)
         if found is None:
             return None
         (best, st, mem), s = found, self.shape
-        changes = []
+        settings: dict[str, Any] = {}
         if best.batch != s.batch:
-            changes += [f"train.batch_size {best.batch}", f"train.grad_accum {best.grad_accum}"]
+            settings.update({"train.batch_size": best.batch, "train.grad_accum": best.grad_accum})
         if best.quant.embeddings_on_host != s.quant.embeddings_on_host:
-            changes.append(f"quantization.embeddings_on_host {str(best.quant.embeddings_on_host).lower()}")
+            settings["quantization.embeddings_on_host"] = best.quant.embeddings_on_host
         if best.keep_routed_gate_up != s.keep_routed_gate_up:
-            changes.append(f"train.keep_routed_gate_up {str(best.keep_routed_gate_up).lower()}")
+            settings["train.keep_routed_gate_up"] = best.keep_routed_gate_up
+        changes = [f"{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items()]
         gib = 2**30
         per_gpu = " per GPU" if fit.num_gpus > 1 else ""
         return (f"the same {s.batch * s.grad_accum} sequences{per_gpu} per optimizer step run faster on "
                 f"{fit.gpu.label} with "
                 f"{', '.join(changes)}: {st.step_s:.2f} s per step instead of {fit.step.step_s:.2f} s, "
                 f"{mem.total / gib:.1f} GiB of {fit.gpu.memory_bytes / gib:.1f} (margin "
-                f"{(fit.gpu.memory_bytes - mem.total) / gib:.1f} GiB instead of {fit.margin_bytes / gib:.1f}).")
+                f"{(fit.gpu.memory_bytes - mem.total) / gib:.1f} GiB instead of {fit.margin_bytes / gib:.1f})."
+                ), settings
 
     def expert_parallel_fit(self, gpu: Gpu, most: int = 64) -> tuple[int, MemoryEstimate] | None:
         """The fewest GPUs of this kind that hold the run with the routed experts split over them (expert
@@ -347,6 +350,8 @@ def _build_plan(cfg: RunConfig, gpus: list[Gpu], calibration: dict[str, Any] | N
         "first-principles constants, not yet fitted to GPU measurements"
     for section, when in calib.get("sections_measured_on", {}).items():
         status += f"; {section} constants refitted on {when}"
-    faster = p.faster_layout(fits[0]) if requested and fits and fits[0].fits else None
+    faster, faster_settings = (p.faster_layout(fits[0]) if requested and fits and fits[0].fits else None) or \
+        (None, None)
     return Plan(p.facts, cfg, p.shape, p.memory(p.shape), fits, hw, steps, steps_source,
-                p.suggestion(first_bad) if first_bad else None, status, requested, hardware, faster, calib)
+                p.suggestion(first_bad) if first_bad else None, status, requested, hardware, faster,
+                faster_settings, calib)

@@ -76,6 +76,7 @@ def plan_to_dict(plan) -> dict[str, Any]:
         "fits": plan.fits,
         "suggestion": plan.suggestion,
         "faster": plan.faster,
+        "faster_settings": plan.faster_settings,
         "hardware": [{"tier": h.tier, "gpu": h.gpu, "label": h.label, "num_gpus": h.num_gpus,
                       "margin_gib": gib(h.margin_bytes),
                       "run_hours": None if h.run_hours is None else round(h.run_hours, 2),

@@ -126,6 +126,16 @@ def evaluate(model: Any, examples: list[dict], batch_size: int, pad_id: int, dev
 
 # ------------------------------------------------------------------------------------------------- run
 
+def apply_layout(cfg: RunConfig, settings: dict[str, Any]) -> None:
+    """Set the planner's faster layout (dotted settings, e.g. `train.batch_size`) on `cfg`, in place."""
+    for dotted, value in settings.items():
+        section, _, key = dotted.partition(".")
+        node = getattr(cfg, section)
+        if not hasattr(node, key):
+            raise KeyError(dotted)
+        setattr(node, key, value)
+
+
 def _expert_parallel(cfg: RunConfig, ctx: pdist.DistContext, say: Any) -> expert_parallel.ExpertParallel | None:
     """The expert-parallel layout of this run (parallel.expert > 1), its process groups created; None without."""
     size = cfg.parallel.expert
@@ -329,6 +339,11 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
             if not force:
                 raise MoefitError(msg)
             say(f"warning (--force): {msg}")
+        elif plan.faster and t.layout == "auto" and resume_from is None:
+            apply_layout(cfg, plan.faster_settings)
+            say(f"layout (train.layout: auto): {plan.faster} Set train.layout: as_written to keep the "
+                "settings as given.")
+            plan, _ = fit_check(cfg, props.name, props.total_memory, ctx.world_size)  # the layout that runs
         elif plan.faster:
             say(f"plan: {plan.faster}")
 
@@ -574,7 +589,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
                    "routed_experts": cfg.lora.routed_experts, "optimizer": t.optimizer, "lr": t.lr,
                    "scheduler": t.scheduler, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
                    "max_length": t.max_length, "gradient_checkpointing": t.gradient_checkpointing,
-                   "keep_routed_gate_up": t.keep_routed_gate_up},
+                   "keep_routed_gate_up": t.keep_routed_gate_up, "layout": t.layout},
         "engine": cfg.engine.__dict__,
         "trainable_params": n_train,
         "data": bundle.report.to_dict(),
