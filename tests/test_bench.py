@@ -49,7 +49,7 @@ def test_bench_refuses_impossible_sizes_before_building(capsys, flag, value):
 def test_bench_passes_accumulation_and_kept_outputs_through(tmp_path):
     """`moefit bench --grad-accum 2 --keep-routed-gate-up` on CPU: two micro-batches per step, the routed experts
     keep their gate/up outputs, and the planned peak is the plan of that same setting."""
-    from moefit.benchrun import bench
+    from moefit.bench import bench
 
     tiny_config(num_local_experts=4, num_experts_per_tok=1).save_pretrained(tmp_path)
     res = bench(model=str(tmp_path), seq_lens=[16], batch=1, rank=4, steps=1, warmup=0, device="cpu",

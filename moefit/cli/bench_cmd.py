@@ -65,7 +65,7 @@ def _worker_argv(argv: list[str]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from ..benchrun import bench
+    from ..bench import bench
     from ..engine_switches import parse
     from ..errors import WorkersFailed
     from ..parallel.dist import context_from_env
