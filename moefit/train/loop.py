@@ -23,6 +23,7 @@ import torch
 
 from ..config import RunConfig, save_config
 from ..errors import DataError, MoefitError
+from ..labels import IGNORE_INDEX
 from ..parallel import dist as pdist
 from ..parallel import expert_parallel
 from ..parallel.data_parallel import grad_sync, take_step, wrap_model
@@ -32,8 +33,6 @@ from .metrics import MetricsLog, plot_loss, versions, write_report
 from .optim import build_optimizer, build_scheduler, steps_per_epoch, total_optimizer_steps
 from .progress import Console, fmt_bytes, fmt_duration, peak_memory_bytes, progress_line
 from .smoke import SmokeResult, judge_smoke
-
-IGNORE_INDEX = -100
 
 
 @dataclass
