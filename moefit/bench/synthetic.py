@@ -7,32 +7,25 @@ device, tensor by tensor from random numbers: the same modules, layouts and code
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..config import LoraConfig, QuantConfig
-from ..errors import MoefitError
 from ..models.causal_lm import MoefitCausalLM
 from ..models.layers import MoefitLinear
 from ..moe.experts import EXPERT_PROJECTIONS, MoefitExperts
-from ..plan.model_facts import PRESETS, PRESETS_DIR
+from ..plan.model_facts import resolve_config_path
 
 
 def load_config_json(model: str):
-    """A preset name, a directory with config.json, or a config.json path -> transformers text config."""
+    """A model name as `moefit plan` reads it (a preset, a directory with config.json, a config.json path or a hub
+    id; plan.model_facts.resolve_config_path) -> transformers text config."""
     from transformers import AutoConfig
 
     from ..models.build import text_config_of
 
-    path = PRESETS_DIR / f"{model}.json"
-    if not path.is_file():
-        path = Path(model)
-        if path.is_dir():
-            path = path / "config.json"
-    if not path.is_file():
-        raise MoefitError(f"model {model!r}: not a preset ({', '.join(PRESETS)}) and no config.json there.")
+    path = resolve_config_path(model)
     values = json.loads(path.read_text())
     model_type = values.pop("model_type")
     return text_config_of(AutoConfig.for_model(model_type, **values))
