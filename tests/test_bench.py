@@ -31,6 +31,16 @@ def test_scout_preset_active_parameters():
     assert active_params_per_token(load_config_json("llama4-scout")) == pytest.approx(16.13e9, rel=2e-3)
 
 
+def test_bench_and_plan_count_the_same_active_parameters_for_every_preset():
+    """One source for active parameters per token: bench's count (from the transformers config it builds) is
+    the planner's ModelFacts count (from config.json) for every shipped preset."""
+    from moefit.plan.model_facts import PRESETS, load_model_facts
+
+    for name in PRESETS:
+        assert active_params_per_token(load_config_json(name)) == load_model_facts(name).active_params_per_token(), \
+            name
+
+
 def test_bench_without_cuda_is_a_clear_error(capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
