@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def measure_case(x, q, groups, transpose: bool, peak_flops: float, copy_bw: float, variants: list[str]) -> dict:
     from moefit.bench import cuda_time
+    from moefit.kernels import nf4_grouped_mm, triton_nf4
     from moefit.moe.grouped import _GROUPED_MM
-    from moefit.quant import nf4_grouped_mm, triton_nf4
 
     timed = functools.partial(cuda_time, reps=20, warmup=3)
 
@@ -87,7 +87,7 @@ def measure_case(x, q, groups, transpose: bool, peak_flops: float, copy_bw: floa
 
 
 def main() -> int:
-    from moefit.quant.nf4_grouped_mm import VARIANTS
+    from moefit.kernels.nf4_grouped_mm import VARIANTS
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")

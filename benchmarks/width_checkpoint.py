@@ -33,8 +33,9 @@ def main() -> int:
 
     from moefit.assets import tiny_model_dir
     from moefit.data import load_tokenizer
+    from moefit.plan.model_facts import PRESETS_DIR
 
-    values = json.loads((ROOT / "moefit" / "models" / "presets" / f"{args.preset}.json").read_text())
+    values = json.loads((PRESETS_DIR / f"{args.preset}.json").read_text())
     text = values.get("text_config", values)
     tok_dir = tiny_model_dir()
     args.out.mkdir(parents=True, exist_ok=True)

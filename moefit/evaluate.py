@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .devices import pick_device
 from .errors import DataError
 
 
@@ -67,8 +68,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, batch_size
 
     info = read_run(run_dir)
     cfg = info.config or RunConfig(model=info.source)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = pick_device(device)
     tok = load_tokenizer(str(info.base_dir))
     max_length, seed = cfg.train.max_length, cfg.train.seed
     if data is not None:

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 import torch
 
+from .devices import pick_device
 from .errors import MoefitError
 
 # End-of-turn tokens of the chat templates we know; whichever the tokenizer has stops generation.
@@ -33,12 +34,6 @@ class ChatModel:
     @property
     def device(self) -> torch.device:
         return self.model.device
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def stop_token_ids(tok: Any, model_dir: Path | None = None) -> list[int]:
@@ -64,7 +59,7 @@ def load_chat_model(path: str | Path, device: str = "auto", dtype: str | torch.d
     from .models import load_model
     from .rundir import is_run_or_adapter_dir, read_run
 
-    dev = _device(device)
+    dev = pick_device(device)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     p = Path(str(path)).expanduser()
     notes: list[str] = []

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .config import QuantConfig, RunConfig
+from .dtypes import FLOAT_DTYPES, resolve_dtype
 from .errors import DamagedFileError, MoefitError
 from .safetensors_io import SafetensorsFile
 
@@ -23,8 +24,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 EXPERT_PROJS = ("gate", "up", "down")
 
-_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_DTYPES = ("float32", "bfloat16", "float16")
 # adapter_config.json keys that loading an adapter needs, and the check each value must pass.
 _NUMBER = (int, float)
 _REQUIRED: dict[str, tuple[str, Any]] = {
@@ -35,7 +34,7 @@ _REQUIRED: dict[str, tuple[str, Any]] = {
     "expert_r": ("an integer >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
     "expert_alpha": ("a number >= 0", lambda v: isinstance(v, _NUMBER) and not isinstance(v, bool) and v >= 0),
     "routed_experts": ("true or false", lambda v: isinstance(v, bool)),
-    "dtype": (f"one of {', '.join(_DTYPES)}", lambda v: v in _DTYPES),
+    "dtype": (f"one of {', '.join(FLOAT_DTYPES)}", lambda v: v in FLOAT_DTYPES),
 }
 
 
@@ -180,7 +179,7 @@ def read_run(run_dir: str | Path) -> RunInfo:
     if config_yaml.is_file():
         cfg = load_config(config_yaml)
     if cfg is not None:
-        source, quant, compute = cfg.model, cfg.quantization, _PRECISION[cfg.train.precision]
+        source, quant, compute = cfg.model, cfg.quantization, resolve_dtype(cfg.train.precision)
     else:
         source = acfg.get("base_model")
         if not source or not isinstance(source, str):

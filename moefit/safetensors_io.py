@@ -18,7 +18,7 @@ import torch
 
 from .errors import DamagedFileError, MoefitError
 
-_DTYPES = {
+DTYPES = {  # safetensors dtype code -> torch dtype
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
@@ -65,8 +65,8 @@ class SafetensorsFile:
                 raise ValueError
         except (TypeError, KeyError, ValueError):
             self._bad(f"tensor {key!r} has a malformed header entry {info!r}")
-        if dtype in _DTYPES:
-            want = math.prod(shape) * torch.empty((), dtype=_DTYPES[dtype]).element_size()
+        if dtype in DTYPES:
+            want = math.prod(shape) * torch.empty((), dtype=DTYPES[dtype]).element_size()
             if end - start != want:
                 self._bad(f"tensor {key!r} ({dtype} {shape}) needs {want} bytes, its offsets span {end - start}")
         if not start <= end <= data_size:
@@ -80,9 +80,9 @@ class SafetensorsFile:
 
     def dtype(self, key: str) -> torch.dtype:
         name = self.header[key]["dtype"]
-        if name not in _DTYPES:
+        if name not in DTYPES:
             raise MoefitError(f"{self.path}: tensor {key!r} has dtype {name}, which moefit cannot read.")
-        return _DTYPES[name]
+        return DTYPES[name]
 
     def nbytes(self, key: str) -> int:
         start, end = self.header[key]["data_offsets"]

@@ -31,6 +31,16 @@ def test_scout_preset_active_parameters():
     assert active_params_per_token(load_config_json("llama4-scout")) == pytest.approx(16.13e9, rel=2e-3)
 
 
+def test_bench_and_plan_count_the_same_active_parameters_for_every_preset():
+    """One source for active parameters per token: bench's count (from the transformers config it builds) is
+    the planner's ModelFacts count (from config.json) for every shipped preset."""
+    from moefit.plan.model_facts import PRESETS, load_model_facts
+
+    for name in PRESETS:
+        assert active_params_per_token(load_config_json(name)) == load_model_facts(name).active_params_per_token(), \
+            name
+
+
 def test_bench_without_cuda_is_a_clear_error(capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -49,7 +59,7 @@ def test_bench_refuses_impossible_sizes_before_building(capsys, flag, value):
 def test_bench_passes_accumulation_and_kept_outputs_through(tmp_path):
     """`moefit bench --grad-accum 2 --keep-routed-gate-up` on CPU: two micro-batches per step, the routed experts
     keep their gate/up outputs, and the planned peak is the plan of that same setting."""
-    from moefit.benchrun import bench
+    from moefit.bench import bench
 
     tiny_config(num_local_experts=4, num_experts_per_tok=1).save_pretrained(tmp_path)
     res = bench(model=str(tmp_path), seq_lens=[16], batch=1, rank=4, steps=1, warmup=0, device="cpu",

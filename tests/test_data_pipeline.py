@@ -12,8 +12,8 @@ from moefit.config import DataConfig
 from moefit.data import DataPosition, build_datasets, fingerprint, iterate_batches, load_tokenizer
 from moefit.data.dataset import collate
 from moefit.data.packing import pack
-from moefit.data.render import IGNORE
 from moefit.errors import DataError, MoefitError
+from moefit.labels import IGNORE_INDEX as IGNORE
 from tests.test_data_formats import RECORDS
 from tests.test_data_support import make_tokenizer, tiny_llama4, train_step, write_jsonl
 

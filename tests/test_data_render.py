@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from moefit.data.formats import Sample
-from moefit.data.render import IGNORE, RenderError, render_messages, render_sample
+from moefit.data.render import RenderError, render_messages, render_sample
+from moefit.labels import IGNORE_INDEX as IGNORE
 from tests.test_data_support import make_tokenizer
 
 TOK = make_tokenizer()

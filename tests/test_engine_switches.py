@@ -4,6 +4,10 @@ environment variables are refused by name instead of read or ignored."""
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -11,9 +15,9 @@ import yaml
 from moefit import engine_switches
 from moefit.config import EngineConfig, load_config
 from moefit.errors import ConfigError
+from moefit.kernels import nf4_grouped_mm, triton_nf4
 from moefit.models import load_model
 from moefit.moe import recompute
-from moefit.quant import nf4_grouped_mm, triton_nf4
 
 
 @pytest.fixture(autouse=True)
@@ -58,3 +62,23 @@ def test_bench_engine_option_parses_and_validates():
         engine_switches.parse(["fused"])
     with pytest.raises(ConfigError, match="--engine: unknown key 'engine.expert_mm'"):
         engine_switches.parse(["expert_mm=fused"])
+
+
+def test_core_does_not_import_the_opt_in_triton_kernels():
+    """The Triton kernel variants (moefit.kernels) are opt-in: importing the core and training a step of the tiny
+    model with the default engine never imports them (bitsandbytes may import triton itself; that is not ours)."""
+    code = ("import sys, torch, moefit, moefit.train, moefit.models, moefit.moe, moefit.moe.grouped, moefit.quant.nf4, "
+            "moefit.lora, moefit.loading, moefit.export, moefit.bench, moefit.cli\n"
+            "from moefit.config import LoraConfig\n"
+            "from moefit.lora import add_lora\n"
+            "m = moefit.models.load_model('tiny')\n"
+            "add_lora(m, cfg=LoraConfig(r=4))\n"
+            "ids = torch.randint(0, m.config.vocab_size, (1, 16))\n"
+            "m(ids, labels=ids).loss.backward()\n"
+            "print([n for n in sys.modules if n.startswith('moefit') and ('triton' in n or 'nf4_gemm' in n "
+            "or 'nf4_grouped_mm' in n or n.startswith('moefit.kernels'))])\n")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -34,7 +34,7 @@ def test_nf4_one_call_dequant_equals_per_expert_on_cuda():
 
 
 def test_triton_nf4_decoder_equals_bitsandbytes():
-    from moefit.quant import triton_nf4
+    from moefit.kernels import triton_nf4
     from moefit.quant.nf4 import NF4Weight
 
     pytest.importorskip("triton")
@@ -49,8 +49,8 @@ def test_triton_nf4_decoder_equals_bitsandbytes():
 
 def test_fused_nf4_grouped_matmul_matches_dequantize_then_grouped_mm(monkeypatch):
     pytest.importorskip("triton")
+    from moefit.kernels import nf4_grouped_mm
     from moefit.moe.grouped import _GROUPED_MM, ExpertGroups, _apply
-    from moefit.quant import nf4_grouped_mm
     from moefit.quant.nf4 import NF4Weight
 
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ CHILD = textwrap.dedent("""
     import torch
     from moefit.moe.grouped import ExpertGroups, loop_grouped_matmul
     from moefit.quant.nf4 import NF4Weight
-    from moefit.quant.nf4_grouped_mm import VARIANTS, nf4_grouped_matmul
+    from moefit.kernels.nf4_grouped_mm import VARIANTS, nf4_grouped_matmul
 
     torch.manual_seed(0)
     experts = 4
@@ -42,7 +42,7 @@ CHILD = textwrap.dedent("""
             print(in_f, variant, transpose, tuple(y.shape), err, worst)
             assert y.shape == ref.shape
             assert err < 1e-3 and worst < 1e-2, (in_f, variant, transpose, err, worst)
-    from moefit.quant import triton_nf4
+    from moefit.kernels import triton_nf4
     decoded = triton_nf4.decode(q.packed, q.absmax_fp32(), q.code, q.blocksize, list(q.shape), torch.float16)
     assert torch.equal(decoded, q.dequantize())  # the select-tree decoder: bit-identical to bitsandbytes
     print("ok")

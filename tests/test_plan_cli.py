@@ -7,7 +7,6 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from moefit.cli import main
 
@@ -84,12 +83,12 @@ def test_config_after_gpu_list_is_the_config(tmp_path, capsys):
 
 def test_every_preset_plans(capsys):
     """`moefit plan --model NAME` for every shipped preset: a memory total, and the preset's own family."""
-    from moefit.plan.model_facts import PRESETS
+    from moefit.plan.model_facts import PRESETS, PRESETS_DIR
 
     for name in PRESETS:
         rc = main(["plan", "--model", name, "--gpu", "h200", "--json"])
         d = json.loads(capsys.readouterr().out)
         assert rc in (0, 1), name  # fits / does not fit
         assert d["memory"]["total_gib"] > 0 and d["model"]["total_params"] > 1e9, name
-        raw = json.loads((Path(__file__).parent.parent / "moefit" / "models" / "presets" / f"{name}.json").read_text())
+        raw = json.loads((PRESETS_DIR / f"{name}.json").read_text())
         assert d["model"]["family"] in (raw.get("model_type"), raw.get("text_config", {}).get("model_type")), name

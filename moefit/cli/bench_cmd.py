@@ -12,8 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Build the model directly in NF4 on the GPU from random numbers (same modules and code paths as "
         "a loaded checkpoint; nothing is downloaded), run QLoRA training steps on random tokens and report peak "
         "allocated/reserved memory, step time and tokens/s next to `moefit plan`'s prediction.")
-    p.add_argument("--model", default="llama4-scout", help="preset name (see `moefit plan --help`) or a directory "
-                   "with config.json (default: llama4-scout)")
+    p.add_argument("--model", default="llama4-scout", help="a model as `moefit plan --model` reads it: preset name "
+                   "(see `moefit plan --help`), a directory with config.json or a hub id (default: llama4-scout)")
     p.add_argument("--synthetic", action="store_true", default=True,
                    help="random weights at the model's real shapes (the only mode; kept for clarity)")
     p.add_argument("--layers", type=int, default=None, help="build only the first N decoder layers (default: all)")
@@ -65,7 +65,7 @@ def _worker_argv(argv: list[str]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from ..benchrun import bench
+    from ..bench import bench
     from ..engine_switches import parse
     from ..errors import WorkersFailed
     from ..parallel.dist import context_from_env

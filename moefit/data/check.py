@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..labels import IGNORE_INDEX
 from .dataset import Encoded, data_paths, encode_samples
 from .formats import read_data, skipped_files_line
 from .records import BadLine
-from .render import IGNORE
 from .report import no_sample_reason
 
 
@@ -145,7 +145,7 @@ def marked_text(tok: Any, encoded: Encoded, open_mark: str = "[[", close_mark: s
     run: list[int] = []
     trained = None
     for tid, lab in zip(encoded.input_ids, encoded.labels, strict=True):
-        t = lab != IGNORE
+        t = lab != IGNORE_INDEX
         if trained is not None and t != trained:
             parts.append(_piece(tok, run, trained, open_mark, close_mark))
             run = []

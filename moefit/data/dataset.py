@@ -23,9 +23,10 @@ from typing import Any
 import torch
 
 from ..errors import DataError
+from ..labels import IGNORE_INDEX
 from .formats import BadLine, FileResult, Sample, enforce_policy, read_data
 from .packing import Sequence, pack, single
-from .render import IGNORE, NoChatTemplate, RenderError, render_sample
+from .render import NoChatTemplate, RenderError, render_sample
 from .report import DataReport, SplitStats, no_sample_reason
 
 
@@ -42,7 +43,7 @@ class Encoded:
 
     @property
     def loss_tokens(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
 def encode_samples(samples: list[Sample], tok: Any, max_length: int, loss_on: str = "assistant",
@@ -225,7 +226,7 @@ def collate(rows: list[Sequence], pad_id: int) -> dict[str, torch.Tensor]:
     for r in rows:
         n = length - len(r["input_ids"])
         ids.append(r["input_ids"] + [pad_id] * n)
-        labels.append(r["labels"] + [IGNORE] * n)
+        labels.append(r["labels"] + [IGNORE_INDEX] * n)
         pos.append(r["position_ids"] + list(range(n)))
     return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
             "position_ids": torch.tensor(pos, dtype=torch.long)}

@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..labels import IGNORE_INDEX
 from .formats import Sample
 
-IGNORE = -100
 LOSS_ON = ("assistant", "all", "last_turn")
 _PROBE = "\u2063moefit-probe\u2063"
 
@@ -35,12 +35,12 @@ class NoChatTemplate(RenderError):
 @dataclass
 class Rendered:
     input_ids: list[int]
-    labels: list[int]  # aligned with input_ids; IGNORE where the token carries no loss
+    labels: list[int]  # aligned with input_ids; IGNORE_INDEX where the token carries no loss
     boundary_merge: bool = False  # the segment tokenization disagreed with the whole text's
 
     @property
     def loss_tokens(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
 def has_chat_template(tok: Any) -> bool:
@@ -117,7 +117,7 @@ def _tokenize_spans(tok: Any, text: str, spans: list[tuple[int, int]]) -> Render
     for seg, trained in segments:
         seg_ids = tok(seg, add_special_tokens=False)["input_ids"]
         ids += seg_ids
-        labels += seg_ids if trained else [IGNORE] * len(seg_ids)
+        labels += seg_ids if trained else [IGNORE_INDEX] * len(seg_ids)
     if not getattr(tok, "is_fast", False):
         return Rendered(ids, labels)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -127,7 +127,7 @@ def _tokenize_spans(tok: Any, text: str, spans: list[tuple[int, int]]) -> Render
     whole_labels = []
     for tid, (s, e) in zip(whole, enc["offset_mapping"], strict=True):
         inside = any(s < b and e > a for a, b in spans) if e > s else any(a <= s < b for a, b in spans)
-        whole_labels.append(tid if inside else IGNORE)
+        whole_labels.append(tid if inside else IGNORE_INDEX)
     return Rendered(whole, whole_labels, boundary_merge=True)
 
 
@@ -142,7 +142,7 @@ def _plain_conversation(tok: Any, messages: list[dict[str, str]], loss_on: str) 
     p_ids = bos + tok(prompt, add_special_tokens=False)["input_ids"]
     c_ids = tok(messages[-1]["content"], add_special_tokens=False)["input_ids"] + eos
     ids = p_ids + c_ids
-    labels = list(ids) if loss_on == "all" else [IGNORE] * len(p_ids) + c_ids
+    labels = list(ids) if loss_on == "all" else [IGNORE_INDEX] * len(p_ids) + c_ids
     return Rendered(ids, labels)
 
 
@@ -162,7 +162,7 @@ def render_messages(tok: Any, messages: list[dict[str, str]], loss_on: str = "as
             spans = _assistant_spans(tok, messages, targets, full)
         out = _tokenize_spans(tok, full, spans)
     if out.labels:
-        out.labels[0] = IGNORE  # nothing predicts the first token (and no loss crosses a packed boundary)
+        out.labels[0] = IGNORE_INDEX  # nothing predicts the first token (and no loss crosses a packed boundary)
     return out
 
 
@@ -173,7 +173,7 @@ def render_text(tok: Any, text: str) -> Rendered:
     ids = bos + tok(text, add_special_tokens=False)["input_ids"] + eos
     labels = list(ids)
     if labels:
-        labels[0] = IGNORE
+        labels[0] = IGNORE_INDEX
     return Rendered(ids, labels)
 
 

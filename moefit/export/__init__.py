@@ -49,7 +49,7 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = True, adapter: bo
     merge=False (or adapter=True): the adapter in PEFT's format.
     `device` is where the NF4 round trip runs (cpu, or cuda for speed on big models).
     """
-    from ..models import resolve_dtype
+    from ..dtypes import resolve_dtype
 
     if adapter is not None:
         merge = not adapter

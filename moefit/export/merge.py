@@ -253,7 +253,7 @@ def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: 
 
 
 def _dt(name: str) -> torch.dtype:
-    from .safetensors_stream import DTYPES
+    from ..safetensors_io import DTYPES
 
     return DTYPES[name]
 

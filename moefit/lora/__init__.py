@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import LoraConfig, normalize_targets
+from ..dtypes import resolve_dtype
 from ..errors import MoefitError
-from ..models import resolve_dtype
 from ..models.families import family_for
 from ..models.layers import MoefitLinear, is_lora_name
 from ..moe.experts import EXPERT_PROJECTIONS, MoefitExperts

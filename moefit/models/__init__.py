@@ -6,6 +6,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from ..config import EngineConfig, QuantConfig
+from ..dtypes import resolve_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -15,8 +16,6 @@ if TYPE_CHECKING:
 # torch is imported on first use: `models.families` (the family specs) is read by the torch-free planner.
 __all__ = ["CausalLMOutput", "MoefitCausalLM", "load", "load_model", "resolve_dtype"]
 
-_DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
-                "float32": "float32", "fp32": "float32"}
 
 
 def __getattr__(name: str) -> Any:
@@ -25,17 +24,6 @@ def __getattr__(name: str) -> Any:
 
         return getattr(causal_lm, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return getattr(torch, _DTYPE_NAMES[dtype])
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPE_NAMES)}") from None
 
 
 def load_model(source: str = "tiny", quantization: str = "nf4", dtype: torch.dtype | str = "bfloat16",

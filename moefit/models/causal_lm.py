@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..labels import IGNORE_INDEX
 from ..moe import recompute
 from ..moe.experts import MoefitExperts
 from .loss import DEFAULT_CHUNK, chunked_cross_entropy_sum
@@ -72,7 +73,7 @@ class MoefitCausalLM(nn.Module):
         out = CausalLMOutput()
         if labels is not None:
             targets = labels[:, 1:]
-            mask = targets != -100
+            mask = targets != IGNORE_INDEX
             h = hidden[:, :-1][mask]
             y = targets[mask]
             out.num_tokens = int(y.numel())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant import nf4_grouped_mm
+from .. import engine_switches
 from ..quant.nf4 import FrozenWeight, NF4Weight
 
 _GROUPED_MM = getattr(torch, "_grouped_mm", None)
@@ -118,13 +118,23 @@ def _padded_for_large_tiles(x: torch.Tensor, experts: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(pad, x.shape[1])])
 
 
+def _fused_kernel():
+    """moefit.kernels.nf4_grouped_mm when `engine.expert_matmul: fused` selects it and Triton can run, else None. The
+    opt-in Triton kernels are imported here, on first use, never with this module."""
+    if engine_switches.current().expert_matmul != "fused":
+        return None
+    from ..kernels import nf4_grouped_mm
+
+    return nf4_grouped_mm if nf4_grouped_mm.enabled() else None
+
+
 def _apply(x: torch.Tensor, weight: NF4Weight | FrozenWeight, groups: ExpertGroups, transpose: bool
            ) -> torch.Tensor:
     """transpose=True: x @ W^T ([N, in] -> [N, out]); False: x @ W ([N, out] -> [N, in])."""
-    if (x.is_cuda and isinstance(weight, NF4Weight) and nf4_grouped_mm.enabled()
-            and nf4_grouped_mm.supported(x, *weight.slice_shape, weight.blocksize, transpose)):
+    fused = _fused_kernel() if x.is_cuda and isinstance(weight, NF4Weight) else None
+    if fused is not None and fused.supported(x, *weight.slice_shape, weight.blocksize, transpose):
         # Decode NF4 inside the GEMM: no bf16 copy of the bank, 0.5 bytes of weight traffic per pass.
-        return nf4_grouped_mm.nf4_grouped_matmul(x, weight.packed, weight.absmax_fp32(), weight.code, groups.offs,
+        return fused.nf4_grouped_matmul(x, weight.packed, weight.absmax_fp32(), weight.code, groups.offs,
                                                  weight.slice_shape, weight.blocksize, transpose)
     if x.is_cuda and _GROUPED_MM is not None and x.dtype == torch.bfloat16:
         w = weight.dequantize(dtype=x.dtype)  # [E, out, in]: one layer's experts, transient

@@ -17,7 +17,17 @@ import math
 import torch
 from torch import nn
 
-from . import triton_nf4
+from .. import engine_switches
+
+
+def _triton_decoder():
+    """moefit.kernels.triton_nf4 when `engine.nf4_decoder: triton` selects it and it can run, else None. The opt-in
+    Triton kernels are imported here, on first use, never with this module."""
+    if engine_switches.current().nf4_decoder != "triton":
+        return None
+    from ..kernels import triton_nf4
+
+    return triton_nf4 if triton_nf4.available() else None
 
 
 def _import_bitsandbytes():
@@ -138,7 +148,8 @@ class NF4Weight(nn.Module):
     def _decode(self, rows: slice, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
         """Experts `rows` in one kernel call (blocks never straddle two experts when a slice is whole blocks)."""
         absmax = self.absmax_fp32(rows)
-        if self.packed.is_cuda and triton_nf4.available():
+        triton_nf4 = _triton_decoder() if self.packed.is_cuda else None
+        if triton_nf4 is not None:
             out = triton_nf4.decode(self.packed[rows], absmax, self.code, self.blocksize, shape, self.dtype)
             return out if out.dtype == dtype else out.to(dtype)
         out = torch.ops.bitsandbytes.dequantize_4bit.default(

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from ..config import RunConfig, save_config
+from ..devices import pick_device
 from ..errors import DataError, MoefitError
+from ..labels import IGNORE_INDEX
 from ..parallel import dist as pdist
 from ..parallel import expert_parallel
 from ..parallel.data_parallel import grad_sync, take_step, wrap_model
@@ -32,8 +34,6 @@ from .metrics import MetricsLog, plot_loss, versions, write_report
 from .optim import build_optimizer, build_scheduler, steps_per_epoch, total_optimizer_steps
 from .progress import Console, fmt_bytes, fmt_duration, peak_memory_bytes, progress_line
 from .smoke import SmokeResult, judge_smoke
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -63,7 +63,7 @@ def resolve_device(name: str, ctx: pdist.DistContext = pdist.SINGLE) -> torch.de
     if ctx.enabled and name in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda", ctx.local_rank)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return pick_device(name)
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise MoefitError(f"train.device is {name!r} but this machine has no CUDA device (torch "
                           f"{torch.__version__}). Use train.device: cpu or auto.")

@@ -33,7 +33,7 @@ import torch
 
 from .. import engine_switches
 from ..config import EngineConfig, NF4GemmVariant
-from .triton_nf4 import triton_importable
+from . import triton_importable
 
 
 def enabled() -> bool:

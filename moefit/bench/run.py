@@ -7,14 +7,14 @@ from typing import Any
 
 import torch
 
-from .config import EngineConfig, LoraConfig, QuantConfig, RunConfig, TrainConfig
-from .errors import MoefitError
+from ..config import EngineConfig, LoraConfig, QuantConfig, RunConfig, TrainConfig
+from ..errors import MoefitError
+from .measure import cuda_time, measure_training
+from .synthetic import build_synthetic_model
 
 
 def matmul_tflops(device: str = "cuda", n: int = 8192, reps: int = 10) -> float:
     """Measured bf16 GEMM rate, the ceiling used for the FLOP fraction."""
-    from .bench import cuda_time
-
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     return 2 * n**3 / cuda_time(lambda: a @ b, reps=reps, warmup=3) / 1e12
@@ -28,10 +28,9 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
     """Build once, measure each sequence length. Under torchrun (`moefit bench --gpus N`) every rank does the same
     with DDP over the LoRA parameters; the result (on every rank) holds each rank's peak memory and the total
     tokens/s of the ranks, against the plan for N GPUs."""
-    from . import engine_switches
-    from .bench import active_params_per_token, build_synthetic_model, measure_training
-    from .parallel import dist as pdist
-    from .train.metrics import versions
+    from .. import engine_switches
+    from ..parallel import dist as pdist
+    from ..train.metrics import versions
 
     for name, value, least in (("--batch", batch, 1), ("--grad-accum", grad_accum, 1), ("--steps", steps, 1),
                                ("--warmup", warmup, 0), ("--seq-len", min(seq_lens, default=0), 2)):
@@ -51,8 +50,8 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
     quant = QuantConfig(embeddings_on_host=embeddings_on_host)
     ep = None
     if expert_parallel > 1:  # each rank builds only its slice of the routed experts
-        from .parallel.expert_parallel import ExpertParallel, attach_dispatch
-        from .plan.model_facts import load_model_facts
+        from ..parallel.expert_parallel import ExpertParallel, attach_dispatch
+        from ..plan.model_facts import load_model_facts
 
         if ctx.world_size % expert_parallel:
             raise MoefitError(f"--expert-parallel {expert_parallel} needs a multiple of that many GPUs (--gpus), "
@@ -110,7 +109,7 @@ def _planned_peak(model: str, layers: int | None, lora: LoraConfig, quant: Quant
     """(planned peak allocated bytes, None) or (None, why there is no plan figure)."""
     if layers is not None:
         return None, "no plan figure for a model cut to --layers (the plan describes the whole model)"
-    from .plan import plan
+    from ..plan import plan
 
     cfg = RunConfig(model=model, lora=lora, quantization=quant, train=train)
     cfg.plan.num_gpus, cfg.parallel.expert = num_gpus, expert_parallel
@@ -119,3 +118,11 @@ def _planned_peak(model: str, layers: int | None, lora: LoraConfig, quant: Quant
     except MoefitError as e:  # e.g. a config the planner does not know: the measurement still stands
         return None, f"no plan figure: {e}"
     return p.memory.peak_allocated, None
+
+
+def active_params_per_token(config) -> int:
+    """Parameters one token touches (attention, shared expert, top_k routed experts, router, lm_head), for the
+    6 x active-params FLOP ceiling: the planner's count (plan.model_facts) of this transformers config."""
+    from ..plan.model_facts import facts_from_config
+
+    return facts_from_config(config.to_dict()).active_params_per_token()

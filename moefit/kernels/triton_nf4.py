@@ -17,16 +17,7 @@ import functools
 import torch
 
 from .. import engine_switches
-
-
-@functools.cache
-def triton_importable() -> bool:
-    """Triton is optional: every Triton path in moefit asks here first."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+from . import triton_importable
 
 
 def available() -> bool:

@@ -1,0 +1,24 @@
+"""Opt-in Triton kernels, outside the core engine: none of them is the default, and no core module imports them
+at import time. The NF4 code paths import them on first use, and only when an engine switch selects them:
+
+- `nf4_grouped_mm`: the fused NF4 grouped GEMM (`engine.expert_matmul: fused`, variants
+  `engine.nf4_gemm_variant`), called from moefit.moe.grouped;
+- `triton_nf4`: the Triton NF4 decoder (`engine.nf4_decoder: triton`), called from moefit.quant.nf4;
+- `_nf4_gemm_kernels`: the Triton code of both (imports triton).
+
+Triton itself is optional: every path asks `triton_importable()` first. docs/engine.md says why each is opt-in.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+@functools.cache
+def triton_importable() -> bool:
+    """Triton is optional: every Triton path in moefit asks here first."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
