@@ -1,4 +1,4 @@
-"""`moefit bench`: measure peak memory and tokens/s of QLoRA steps at real shapes (synthetic weights, no download)."""
+"""`moefit bench`: measure peak memory and tokens/s of QLoRA steps at real shapes (synthetic weights: no weights are downloaded)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench", help="measure training memory and speed on this GPU at real shapes, and compare with the plan",
         description="Build the model directly in NF4 on the GPU from random numbers (same modules and code paths as "
-        "a loaded checkpoint; nothing is downloaded), run QLoRA training steps on random tokens and report peak "
+        "a loaded checkpoint; no weights are downloaded; a hub id fetches only its config.json), run QLoRA training steps on random tokens and report peak "
         "allocated/reserved memory, step time and tokens/s next to `moefit plan`'s prediction.")
     p.add_argument("--model", default="llama4-scout", help="a model as `moefit plan --model` reads it: preset name "
                    "(see `moefit plan --help`), a directory with config.json or a hub id (default: llama4-scout)")

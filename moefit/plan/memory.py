@@ -344,7 +344,7 @@ def _static_parts(f: ModelFacts, shape: RunShape) -> tuple:
     optim = sum(opt_kind[la] for la in f.layers)
     waste_kind = per_kind(lambda n: _segment_waste(n * param_bytes))
     persistent_waste += sum(waste_kind[la] for la in f.layers)
-    dtype = shape.lora.dtype.replace("float", "fp").replace("bfloat16", "bf16")
+    dtype = {"float32": "fp32", "bfloat16": "bf16"}.get(shape.lora.dtype, shape.lora.dtype)
     rank = f"r={shape.lora.r}" + (f", experts r={shape.expert_rank}" if f.num_experts else "")
     comps.append(Component("lora_params", "LoRA parameters", sum(grad_by_layer), "trainable",
                            f"{trainable / 1e6:.1f} M params, {dtype}, {rank}"))
