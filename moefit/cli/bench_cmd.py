@@ -10,8 +10,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench", help="measure training memory and speed on this GPU at real shapes, and compare with the plan",
         description="Build the model directly in NF4 on the GPU from random numbers (same modules and code paths as "
-        "a loaded checkpoint; no weights are downloaded; a hub id fetches only its config.json), run QLoRA training steps on random tokens and report peak "
-        "allocated/reserved memory, step time and tokens/s next to `moefit plan`'s prediction.")
+        "a loaded checkpoint; no weights are downloaded, a hub id fetches only its config.json), run QLoRA training "
+        "steps on random tokens and report peak allocated/reserved memory, step time and tokens/s next to `moefit "
+        "plan`'s prediction.")
     p.add_argument("--model", default="llama4-scout", help="a model as `moefit plan --model` reads it: preset name "
                    "(see `moefit plan --help`), a directory with config.json or a hub id (default: llama4-scout)")
     p.add_argument("--synthetic", action="store_true", default=True,
