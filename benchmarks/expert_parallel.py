@@ -44,8 +44,9 @@ def configs(gpus: int) -> dict[str, list[str]]:
 
 
 def _fits(args: list[str], gpus: int) -> bool:
-    p = _plan(args, gpus)
-    return p["total_bytes"] <= 143771 * 2**20  # an H200's memory as torch reports it
+    from moefit.plan.gpus import get_gpu
+
+    return _plan(args, gpus)["total_bytes"] <= get_gpu("h200").memory_bytes  # the planner's catalogue
 
 
 def report(doc: dict) -> str:

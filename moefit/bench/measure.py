@@ -13,12 +13,6 @@ from ..errors import MoefitError
 from ..models.causal_lm import MoefitCausalLM
 
 
-def _lora(model: nn.Module) -> dict[str, nn.Parameter]:
-    from ..lora import lora_parameters
-
-    return lora_parameters(model)
-
-
 def _make_optimizer(params: list[nn.Parameter], name: str, lr: float = 1e-5):
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -42,8 +36,10 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
 
     In a data-parallel process group (torchrun) the model is wrapped as the trainer wraps it (DDP over the LoRA
     parameters, gradients summed after the last micro-batch); the numbers are this rank's."""
+    from ..lora import lora_parameters
     from ..parallel import current_context
     from ..parallel.data_parallel import grad_sync, wrap_model
+    from ..parallel.expert_parallel import expert_lora_names
 
     device = model.device
     cuda = device.type == "cuda"
@@ -54,10 +50,8 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
         model.enable_gradient_checkpointing(keep_routed_gate_up=keep_routed_gate_up)
     model.train()
     ctx = current_context()
-    from ..parallel.expert_parallel import expert_lora_names
-
     held = expert_lora_names(model)  # the experts' own LoRA (expert parallelism): complete on its rank
-    wrapped = wrap_model(model, ctx, exclude={id(p) for n, p in _lora(model).items() if n in held})
+    wrapped = wrap_model(model, ctx, exclude={id(p) for n, p in lora_parameters(model).items() if n in held})
     opt = _make_optimizer(params, optimizer)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     vocab = model.config.vocab_size

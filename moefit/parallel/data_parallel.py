@@ -29,6 +29,7 @@ class StepBatches:
     """One optimizer step as this rank sees it."""
 
     mine: list[dict[str, torch.Tensor]]  # this rank's micro-batches, in order
+    mine_label_tokens: list[int]  # the label tokens of each of them
     label_tokens: int  # label tokens of the whole step, all ranks
     tokens: int  # input tokens of the whole step, all ranks
     position: Any  # the data position after the step (the same on every rank)
@@ -39,11 +40,11 @@ def take_step(batches: Iterator[tuple[dict[str, torch.Tensor], Any]], grad_accum
     """The next `grad_accum x world_size` micro-batches of the global stream; rank r trains the r-th block of
     `grad_accum` of them."""
     step = [next(batches) for _ in range(grad_accum * ctx.world_size)]
+    counts = [count_labels(b["labels"]) for b, _ in step]
     first = ctx.rank * grad_accum
     return StepBatches(mine=[b for b, _ in step[first:first + grad_accum]],
-                       label_tokens=sum(count_labels(b["labels"]) for b, _ in step),
-                       tokens=sum(int(b["input_ids"].numel()) for b, _ in step),
-                       position=step[-1][1])
+                       mine_label_tokens=counts[first:first + grad_accum], label_tokens=sum(counts),
+                       tokens=sum(int(b["input_ids"].numel()) for b, _ in step), position=step[-1][1])
 
 
 def _sum_allreduce_hook(process_group, bucket):  # no annotations: DDP checks them against dist.GradBucket

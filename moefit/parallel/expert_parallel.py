@@ -216,16 +216,22 @@ class ExpertParallel:
                 p.grad.mul_(coef.to(p.grad.dtype))
         return float(total)
 
-    def whole_lora_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """The LoRA state of the whole model on rank 0 (None elsewhere): the routed experts' slices of the first
-        expert group put together, the rest as this rank has it. Every rank must call it."""
+    def whole_lora_state(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The LoRA state of the whole model on rank 0 (None elsewhere), in host memory: the routed experts' slices
+        of the first expert group (ranks 0 .. size-1) put together, the rest as rank 0 has it. Every rank must call
+        it; only the first expert group sends anything."""
+        from ..lora import lora_parameters
+
+        if self.rank >= self.shard.size:  # another replica: rank 0 has the same experts from the first group
+            return None
+        params = lora_parameters(model)
         names = sorted(expert_lora_names(model))
-        mine = {n: state[n].detach().cpu() for n in names}
-        gathered = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(mine, gathered, dst=0)
+        mine = {n: params[n].detach().cpu() for n in names}
+        gathered = [None] * self.shard.size if self.rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0, group=self.group)
         if self.rank != 0:
             return None
-        whole = dict(state)
+        whole = {n: p.detach().cpu() for n, p in params.items()}
         for n in names:
             whole[n] = torch.cat([gathered[r][n] for r in range(self.shard.size)], dim=0)
         return whole

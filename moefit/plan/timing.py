@@ -32,7 +32,7 @@ from typing import Any
 
 from ..models.families import family_for
 from .gpus import Gpu
-from .memory import RunShape, lora_tensors
+from .memory import RunShape, local_experts, lora_tensors
 from .model_facts import Layer, ModelFacts
 
 ATTN_PASSES = 1 + 1 + 2.5  # forward, recompute, flash-attention backward
@@ -78,9 +78,7 @@ def lora_active_params(f: ModelFacts, shape: RunShape) -> float:
         n = sum(ts)
         if la.moe and shape.expert_rank and f.num_experts:
             # routed-expert LoRA tensors run only for the top_k experts a token is routed to
-            re = shape.expert_rank
-            ei, h, t = f.expert_intermediate, f.hidden, shape.targets
-            routed = sum(f.num_experts * re * (h + ei) for x in ("gate", "up", "down") if x in t)
+            routed = f.num_experts * _lora_per_expert(f, shape)
             n = n - routed + routed * f.top_k / f.num_experts
         total += n
     return total
@@ -166,15 +164,17 @@ def allreduce_seconds(nbytes: float, num_gpus: int, gpu: Gpu, ct: dict[str, Any]
     return 2 * (num_gpus - 1) / num_gpus * nbytes / (gpu.interconnect_gbs * 1e9 * ct["allreduce_bus_efficiency"])
 
 
+def _lora_per_expert(f: ModelFacts, shape: RunShape) -> int:
+    """LoRA parameters of one routed expert in one MoE layer (A and B of each targeted projection)."""
+    re = shape.expert_rank
+    return sum(re * (f.hidden + f.expert_intermediate) for x in ("gate", "up", "down") if x in shape.targets)
+
+
 def routed_lora_params(f: ModelFacts, shape: RunShape) -> int:
     """Routed-expert LoRA parameters one GPU holds (its share of the experts under expert parallelism)."""
-    re = shape.expert_rank
-    if not (re and f.num_experts):
+    if not (shape.expert_rank and f.num_experts):
         return 0
-    from .memory import local_experts
-
-    per = sum(re * (f.hidden + f.expert_intermediate) for x in ("gate", "up", "down") if x in shape.targets)
-    return f.moe_layers * local_experts(f, shape.expert_parallel) * per
+    return f.moe_layers * local_experts(f, shape.expert_parallel) * _lora_per_expert(f, shape)
 
 
 def alltoall_seconds(f: ModelFacts, shape: RunShape, gpu: Gpu, ct: dict[str, Any]) -> float:

@@ -299,7 +299,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
          stop: preempt.StopFlag) -> RunResult:
     from ..data import DataPosition, build_datasets, iterate_batches, load_tokenizer
     from ..data.dataset import fingerprint
-    from ..lora import add_lora, lora_state_dict, save_adapter
+    from ..lora import add_lora, save_adapter
     from ..models import load_model
 
     t = cfg.train
@@ -428,7 +428,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
 
     def whole_adapter() -> dict[str, torch.Tensor] | None:
         """The whole model's LoRA on rank 0 (every rank must call it under expert parallelism)."""
-        return ep.whole_lora_state(model, lora_state_dict(model)) if ep else None
+        return ep.whole_lora_state(model) if ep else None
 
     def write_metrics(record: dict[str, Any]) -> None:
         if metrics is not None:
@@ -467,8 +467,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
         pos, step_label_tokens, step_tokens = step.position, step.label_tokens, step.tokens
         denom = max(step_label_tokens, 1)
         loss_acc = torch.zeros((), dtype=torch.float32, device=device)
-        for i, batch in enumerate(step.mine):
-            count = _label_tokens(batch["labels"])
+        for i, (batch, count) in enumerate(zip(step.mine, step.mine_label_tokens, strict=True)):
             batch = {k: v.to(model.input_device if k == "input_ids" else device, non_blocking=True)
                      for k, v in batch.items()}
             with grad_sync(wrapped, sync=i == len(step.mine) - 1):  # ranks' gradients summed after the last one
