@@ -44,7 +44,7 @@ def build_skeleton(config: PretrainedConfig, *, quant: QuantConfig, dtype: torch
     layer's routed experts (expert parallelism)."""
     config = text_config_of(config)
     spec = require_family(config)
-    config._attn_implementation = _attention_for(config, attn_implementation)
+    config._attn_implementation = _attention_for(config, attn_implementation, spec)
     config.use_cache = False
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -63,10 +63,15 @@ def build_skeleton(config: PretrainedConfig, *, quant: QuantConfig, dtype: torch
     return model
 
 
-def _attention_for(config: PretrainedConfig, wanted: str) -> str:
-    """`wanted`, or eager where the model class has no SDPA path (gpt-oss: its attention sinks)."""
+def _attention_for(config: PretrainedConfig, wanted: str, spec: FamilySpec) -> str:
+    """`wanted`; for SDPA in a family with attention sinks, moefit's fused form of it (sink_attention); eager where
+    the model class has no SDPA path otherwise."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    if wanted == "sdpa" and spec.attention_sinks:
+        from . import sink_attention
+
+        return sink_attention.register()
     cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
     if wanted == "sdpa" and cls is not None and not getattr(cls, "_supports_sdpa", True):
         return "eager"

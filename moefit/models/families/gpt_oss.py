@@ -14,6 +14,7 @@ SPEC = FamilySpec(
     model_types=("gpt_oss",),
     architectures=("GptOssForCausalLM",),
     modeling="transformers.models.gpt_oss.modeling_gpt_oss",
+    attention_sinks=True,
     moe=MoESpec(
         block_class="GptOssMLP",
         router="router",

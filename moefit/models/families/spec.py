@@ -96,6 +96,9 @@ class FamilySpec:
     modeling: str  # the transformers module that defines the classes
     attention: str = "self_attn"  # attribute of a decoder layer: attention (q/k/v/o_proj inside)
     mlp: str = "mlp"  # attribute of a decoder layer: the MoE block or dense MLP
+    # Learned per-head softmax sinks in the attention (gpt-oss): run through moefit.models.sink_attention's fused
+    # SDPA form, since transformers has only an eager path for them.
+    attention_sinks: bool = False
     moe: MoESpec | None = None  # None: a dense family
     # Checkpoint key fragments -> module path fragments, where the hub name differs from transformers' module
     # (Mixtral's `.block_sparse_moe.` is `.mlp.` in memory).

@@ -1,0 +1,82 @@
+"""Attention with sinks (gpt-oss) through torch's fused SDPA kernels instead of transformers' eager path.
+
+gpt-oss adds one learned logit per head (the sink) to every softmax row: p_j = exp(s_j) / (sum_i exp(s_i) +
+exp(sink)), and the sink carries no value. transformers runs it eagerly, materialising [heads, T, T] scores, their
+softmax and copies (about 2 GiB per layer at 2,048 tokens, kept for the backward) at eager speed.
+
+The same thing as one ordinary attention over one more key: append a constant 1 to every query and a 0 to every
+key, and put in front of the keys a "sink key" that is 0 everywhere but sink / scale in that extra column, with a
+zero value. Its score is exactly the sink for every query; the fused kernels (flash / memory-efficient) then do the
+rest, backward included. The causal mask is aligned to the bottom right (query i sees the sink and keys 0..i);
+sliding-window layers get an explicit boolean mask. The head dimension is padded with zeros to a multiple of 8.
+Exact: no approximation beyond the kernels' own rounding (the sink logit is scaled by a power of two for the
+usual 1/sqrt(64)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "moefit_fused_sinks"  # no "sdpa" in it: transformers would check the class for its own SDPA path
+
+
+def sdpa_with_sinks(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                    sliding_window: int | None = None, s_aux: torch.Tensor | None = None,
+                    **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface signature: query [B, Hq, T, D], key/value [B, Hkv, S, D], `s_aux` the
+    sinks [Hq]; returns ([B, T, Hq, D], None)."""
+    b, hq, t, d = query.shape
+    s = key.shape[2]
+    if key.shape[1] != hq:  # grouped-query attention: one key/value head serves hq / hkv query heads
+        key = key.repeat_interleave(hq // key.shape[1], dim=1)
+        value = value.repeat_interleave(hq // value.shape[1], dim=1)
+    scale = scaling if scaling is not None else d ** -0.5
+    if s_aux is None:
+        raise ValueError(f"{NAME} needs the attention sinks (s_aux)")
+    width = d + 1 + (-(d + 1)) % 8
+    extra = width - d
+    q = torch.cat([query, query.new_ones(b, hq, t, 1), query.new_zeros(b, hq, t, extra - 1)], dim=-1)
+    sink_key = torch.zeros(b, hq, 1, width, dtype=key.dtype, device=key.device)
+    sink_key[..., d] = (s_aux / scale).to(key.dtype)[None, :, None]
+    k = torch.cat([sink_key, torch.cat([key, key.new_zeros(b, hq, s, extra)], dim=-1)], dim=2)
+    v = torch.cat([value.new_zeros(b, hq, 1, width),
+                   torch.cat([value, value.new_zeros(b, hq, s, extra)], dim=-1)], dim=2)
+    mask = _mask_with_sink(attention_mask, t, s, sliding_window, query.device)
+    dropout_p = dropout if module.training else 0.0
+    if mask is None:  # no padding, no window: causal aligned to the bottom right (the sink column sees everyone)
+        from torch.nn.attention.bias import causal_lower_right
+
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, s + 1), dropout_p=dropout_p,
+                                             scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return out[..., :d].transpose(1, 2).contiguous(), None
+
+
+def _mask_with_sink(attention_mask: torch.Tensor | None, t: int, s: int, window: int | None,
+                    device: torch.device) -> torch.Tensor | None:
+    """The mask over [sink, keys]: None for plain causal attention; else boolean (True = attend) or additive."""
+    if attention_mask is None:
+        if window is None:
+            return None
+        q_pos = torch.arange(s - t, s, device=device)[:, None]
+        k_pos = torch.arange(s, device=device)[None, :]
+        attention_mask = ((k_pos <= q_pos) & (k_pos > q_pos - window))[None, None]
+    attention_mask = attention_mask[..., :s]
+    if attention_mask.dtype == torch.bool:
+        sink = attention_mask.new_ones(*attention_mask.shape[:-1], 1)
+    else:
+        sink = attention_mask.new_zeros(*attention_mask.shape[:-1], 1)
+    return torch.cat([sink, attention_mask], dim=-1)
+
+
+def register() -> str:
+    """Make NAME a transformers attention implementation (idempotent); its masks are SDPA's."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ALL_ATTENTION_FUNCTIONS.register(NAME, sdpa_with_sinks)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    return NAME

@@ -1,0 +1,75 @@
+"""gpt-oss attention with sinks through fused SDPA equals transformers' eager implementation, values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.gpt_oss import modeling_gpt_oss
+
+from moefit.models.sink_attention import sdpa_with_sinks
+
+
+class _Module(torch.nn.Module):
+    def __init__(self, heads: int, kv_heads: int, sinks: torch.Tensor):
+        super().__init__()
+        self.num_key_value_groups = heads // kv_heads
+        self.sinks = torch.nn.Parameter(sinks)
+        self.training = False
+
+
+def _eager_mask(t: int, window: int | None, pad: int) -> torch.Tensor:
+    """Additive mask [B=2, 1, T, T] as transformers' eager path gets it: causal, optional window, and the second
+    sequence's last `pad` keys masked (right padding)."""
+    q = torch.arange(t)[:, None]
+    k = torch.arange(t)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed &= k > q - window
+    allowed = allowed[None, None].repeat(2, 1, 1, 1)
+    if pad:
+        allowed[1, :, :, t - pad:] = False
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min), allowed
+
+
+@pytest.mark.parametrize("window, pad, mask_form", [(None, 0, "none"), (5, 0, "none"), (None, 3, "bool"),
+                                                    (5, 3, "bool"), (None, 0, "bool")])
+def test_sinks_sdpa_equals_eager_values_and_gradients(window, pad, mask_form):
+    torch.manual_seed(0)
+    b, hq, hkv, t, d = 2, 4, 2, 12, 16
+    scale = d ** -0.5
+    q0, k0, v0 = (torch.randn(b, h, t, d, dtype=torch.float64) for h in (hq, hkv, hkv))
+    sinks = torch.randn(hq, dtype=torch.float64)
+    additive, allowed = _eager_mask(t, window, pad)
+    outs, grads = [], []
+    for impl in ("eager", "sdpa"):
+        q, k, v = (x.clone().requires_grad_(True) for x in (q0, k0, v0))
+        module = _Module(hq, hkv, sinks.clone())
+        if impl == "eager":
+            out, _ = modeling_gpt_oss.eager_attention_forward(module, q, k, v, additive.double(), scaling=scale,
+                                                              dropout=0.0, sliding_window=window)
+        else:
+            mask = None if mask_form == "none" else allowed
+            out, _ = sdpa_with_sinks(module, q, k, v, mask, scaling=scale, sliding_window=window,
+                                     s_aux=module.sinks)
+        # padded query rows are ignored by the loss; they differ by construction (eager: all keys masked)
+        keep = torch.ones(b, t, dtype=torch.bool)
+        if pad:
+            keep[1, t - pad:] = False
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+        (out * w)[keep].sum().backward()
+        outs.append(out.detach()[keep])
+        grads.append([q.grad, k.grad, v.grad, module.sinks.grad])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_gpt_oss_builds_with_the_fused_sink_attention():
+    from moefit.config import QuantConfig
+    from moefit.models.build import build_skeleton
+
+    cfg = modeling_gpt_oss.GptOssConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                        intermediate_size=16, num_hidden_layers=2, num_local_experts=4,
+                                        num_experts_per_tok=2, vocab_size=64, sliding_window=4)
+    model = build_skeleton(cfg, quant=QuantConfig(weights="none"), dtype=torch.float32, device="cpu")
+    assert model.config._attn_implementation == "moefit_fused_sinks"
