@@ -1,7 +1,7 @@
 """Expert parallelism on the GPUs of one host, in one call: Llama 4 Maverick (400 B) at full depth on 2 GPUs, and
 Scout expert-parallel against Scout data-parallel on the same 2 GPUs.
 
-    python benchmarks/expert_parallel.py --out DIR [--gpus 2]     # on a host with >= 2 GPUs (nvidia-h200-x2)
+    python benchmarks/expert_parallel.py --out DIR [--gpus 2] [--configs maverick scout]   # on >= 2 GPUs
     python benchmarks/expert_parallel.py --plan-only [--gpus 2]   # what the planner says for each (CPU)
 
 Each configuration is `moefit bench --json --gpus N [--expert-parallel N]` on synthetic weights (every rank builds
@@ -76,8 +76,11 @@ def main() -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--gpus", type=int, default=2)
     ap.add_argument("--plan-only", action="store_true")
+    ap.add_argument("--configs", nargs="+", default=["all"], help="names (or prefixes: maverick, scout) to run")
     args = ap.parse_args()
     runs = configs(args.gpus)
+    if args.configs != ["all"]:
+        runs = {n: a for n, a in runs.items() if any(n.startswith(c) for c in args.configs)}
     if args.plan_only:
         for name, a in runs.items():
             print(name, _plan(a, args.gpus))

@@ -104,6 +104,32 @@ def build_stock(model: str, layers: int, layout: str, device: str, seed: int = 0
     return m
 
 
+def timed_steps(m, opt, *, seq: int, batch: int, grad_accum: int, steps: int, warmup: int, device: str) -> dict:
+    """Optimizer steps of a transformers + PEFT model on random tokens: `grad_accum` micro-batches of [batch, seq]
+    each; the mean time of the steps after `warmup`, and the peak memory on CUDA."""
+    cuda = device.startswith("cuda")
+    gen = torch.Generator().manual_seed(0)
+    times = []
+    for step in range(warmup + steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(grad_accum):
+            ids = torch.randint(0, m.config.vocab_size, (batch, seq), generator=gen).to(device)
+            (m(input_ids=ids, labels=ids).loss / grad_accum).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - t)
+    out = {"step_s": sum(times) / len(times)}
+    if cuda:
+        out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    return out
+
+
 def measure(model: str, layers: int, layout: str, lora: str, seq_lens: list[int], device: str, steps: int,
             warmup: int) -> list[dict]:
     import bitsandbytes as bnb
@@ -131,24 +157,8 @@ def measure(model: str, layers: int, layout: str, lora: str, seq_lens: list[int]
                 gc.collect()
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            times = []
-            for step in range(warmup + steps):
-                ids = torch.randint(0, m.config.vocab_size, (1, seq), device=device)
-                if cuda:
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                loss = m(input_ids=ids, labels=ids).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if cuda:
-                    torch.cuda.synchronize()
-                if step >= warmup:
-                    times.append(time.perf_counter() - t)
-            rec["step_s"] = sum(times) / len(times)
-            if cuda:
-                rec["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
-                rec["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+            rec.update(timed_steps(m, opt, seq=seq, batch=1, grad_accum=1, steps=steps, warmup=warmup,
+                                   device=device))
         except torch.OutOfMemoryError as e:
             rec["error"] = f"out of memory: {str(e)[:200]}"
         except Exception as e:  # noqa: BLE001 - recorded in the results, never hidden

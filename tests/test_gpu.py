@@ -33,6 +33,24 @@ def test_nf4_one_call_dequant_equals_per_expert_on_cuda():
     assert torch.equal(q.dequantize(expert=2), q._dequantize_by_state(2, torch.bfloat16))
 
 
+def test_nf4_decode_in_runs_writes_into_one_output_on_cuda(monkeypatch):
+    """A bank decoded in runs of experts (bitsandbytes' 32-bit indexing) goes straight into its output: equal to
+    one call, and no second copy of a run is ever allocated."""
+    from moefit.quant import nf4
+
+    w = nf4.NF4Weight((8, 256, 512), blocksize=64, device="cuda")
+    w.quantize_(torch.randn(8, 256, 512, device="cuda", dtype=torch.bfloat16))
+    whole = w.dequantize()
+    monkeypatch.setattr(nf4, "MAX_DECODE_NUMEL", 4 * 256 * 512)  # runs of four experts
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    runs = w.dequantize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert torch.equal(runs, whole)
+    assert extra < whole.numel() * whole.element_size() * 1.25, extra  # the output (+ fp32 scales), no run copy
+
+
 def test_triton_nf4_decoder_equals_bitsandbytes():
     from moefit.kernels import triton_nf4
     from moefit.quant.nf4 import NF4Weight

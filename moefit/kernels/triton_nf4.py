@@ -34,10 +34,11 @@ def _kernel():
 
 
 def decode(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: list[int],
-           dtype: torch.dtype) -> torch.Tensor:
-    """packed: uint8, numel/2 bytes; absmax: fp32, one per `blocksize` values; returns `shape` in `dtype`."""
+           dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """packed: uint8, numel/2 bytes; absmax: fp32, one per `blocksize` values; returns `shape` in `dtype` (written
+    into `out`, contiguous, when given)."""
     n_bytes = packed.numel()
-    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    out = torch.empty(shape, dtype=dtype, device=packed.device) if out is None else out
     block = 1024
     grid = (triton_cdiv(n_bytes, block),)
     _kernel()[grid](packed.reshape(-1), absmax.reshape(-1).contiguous(), code, out, n_bytes,

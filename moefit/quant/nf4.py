@@ -134,27 +134,41 @@ class NF4Weight(nn.Module):
                 and self.slice_numel % self.blocksize == 0:
             # bitsandbytes' kernels index with 32-bit ints: a Maverick bank (128 x 8192 x 5120) is decoded in runs
             # of experts that each stay below that, into one output.
+            # Each run is decoded straight into its slice of the output: no second copy of a run (at Maverick's
+            # 64 experts per GPU a run is 4 GiB of bf16).
             out = torch.empty(self.shape, dtype=dtype, device=self.packed.device)
             step = max(1, MAX_DECODE_NUMEL // self.slice_numel)
             for start in range(0, self.experts, step):
                 stop = min(start + step, self.experts)
-                out[start:stop].copy_(self._decode(slice(start, stop), [stop - start, *self.slice_shape], dtype))
+                self._decode(slice(start, stop), [stop - start, *self.slice_shape], dtype, out=out[start:stop])
             return out
         rows = slice(None) if expert is None else slice(expert, expert + 1)
         if self.slice_numel % self.blocksize == 0:
             return self._decode(rows, list(self.shape if expert is None else self.slice_shape), dtype)
         return self._dequantize_by_state(expert, dtype)
 
-    def _decode(self, rows: slice, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
-        """Experts `rows` in one kernel call (blocks never straddle two experts when a slice is whole blocks)."""
+    def _decode(self, rows: slice, shape: list[int], dtype: torch.dtype,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """Experts `rows` in one kernel call (blocks never straddle two experts when a slice is whole blocks);
+        into `out` (contiguous, `shape`) when given."""
         absmax = self.absmax_fp32(rows)
         triton_nf4 = _triton_decoder() if self.packed.is_cuda else None
+        direct = out is not None and dtype == self.dtype and self.packed.is_cuda  # (.out: CUDA backend only)
         if triton_nf4 is not None:
-            out = triton_nf4.decode(self.packed[rows], absmax, self.code, self.blocksize, shape, self.dtype)
-            return out if out.dtype == dtype else out.to(dtype)
-        out = torch.ops.bitsandbytes.dequantize_4bit.default(
-            self.packed[rows].reshape(-1, 1), absmax.reshape(-1), self.blocksize, "nf4", shape, self.dtype)
-        return out if out.dtype == dtype else out.to(dtype)
+            got = triton_nf4.decode(self.packed[rows], absmax, self.code, self.blocksize, shape, self.dtype,
+                                    out=out if direct else None)
+        elif direct:
+            torch.ops.bitsandbytes.dequantize_4bit.out(self.packed[rows].reshape(-1, 1), absmax.reshape(-1),
+                                                       self.blocksize, "nf4", shape, self.dtype, out=out)
+            return out
+        else:
+            got = torch.ops.bitsandbytes.dequantize_4bit.default(
+                self.packed[rows].reshape(-1, 1), absmax.reshape(-1), self.blocksize, "nf4", shape, self.dtype)
+        got = got if got.dtype == dtype else got.to(dtype)
+        if out is not None and got is not out:
+            out.copy_(got)
+            return out
+        return got
 
     def absmax_fp32(self, rows: slice = slice(None)) -> torch.Tensor:
         """First-level scales in fp32, [E', nblocks]: undo the double quantization (code2[u8] * absmax2 + offset),
