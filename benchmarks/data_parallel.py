@@ -93,6 +93,7 @@ def _plan(args: list[str], gpus: int) -> dict:
     base = RunConfig()
     base.lora.alpha = 2.0 * int(a["--rank"])
     base.quantization.embeddings_on_host = "--embeddings-on-host" in args
+    base.lora.dtype = a.get("--lora-dtype", "float32")
     p = plan(base, gpus=["h200"], search=False, **cfg)
     fit = p.gpus[0]
     return {"peak_allocated_bytes": p.memory.peak_allocated, "total_bytes": p.memory.total,

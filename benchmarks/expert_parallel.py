@@ -51,24 +51,42 @@ def _fits(args: list[str], gpus: int) -> bool:
 
 def report(doc: dict) -> str:
     g = 2**30
-    lines = [f"# Expert parallelism on {doc['gpus']} GPUs", "", f"- command: `{doc['command']}`",
-             f"- date: {doc['date']}, GPU: {doc['gpus']}x {doc['gpu']}",
-             "- versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()), "",
+    calls = doc.get("calls") or [{k: doc.get(k) for k in ("command", "date", "gpu", "versions")}]
+    lines = [f"# Expert parallelism on {doc['gpus']} GPUs", ""]
+    for i, call in enumerate(calls):
+        tag = f"call {i + 1}: " if len(calls) > 1 else ""
+        lines.append(f"- {tag}`{call['command']}`, {call['date']}, {doc['gpus']}x {call['gpu']}; "
+                     + ", ".join(f"{k} {v}" for k, v in call["versions"].items()))
+    lines += ["",
              "| config | tokens/s | step s | peak alloc per GPU | plan | err | plan step | err | NCCL s | GPU busy |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["results"]:
         m, p = r.get("measured"), r.get("plan") or {}
+        name = r["name"] + (f" (call {r['call'] + 1})" if "call" in r and len(calls) > 1 else "")
         if not m:
-            lines.append(f"| {r['name']} | failed | | | | | | | | |")
+            lines.append(f"| {name} | failed | | | | | | | | |")
             continue
         per = " / ".join(f"{b / g:.2f}" for b in m.get("peak_allocated_bytes_per_rank", [m["peak_allocated_bytes"]]))
         mem_err = (p["peak_allocated_bytes"] - m["peak_allocated_bytes"]) / m["peak_allocated_bytes"]
         step_err = (p["step_s"] - m["step_s"]) / m["step_s"] if p.get("step_s") else None
-        lines.append(f"| {r['name']} | {m['tokens_per_s']:.0f} | {m['step_s']:.3f} | {per} GiB | "
+        lines.append(f"| {name} | {m['tokens_per_s']:.0f} | {m['step_s']:.3f} | {per} GiB | "
                      f"{p['peak_allocated_bytes'] / g:.2f} | {100 * mem_err:+.1f} % | {p.get('step_s') or 0:.3f} | "
                      f"{'-' if step_err is None else f'{100 * step_err:+.1f} %'} | {m.get('nccl_kernel_s', 0):.3f} | "
                      f"{100 * m.get('gpu_busy_fraction', 0):.0f} % |")
     return "\n".join(lines) + "\n"
+
+
+def merge(docs: list[dict]) -> dict:
+    """Several calls' records as one: per configuration the row of the latest call that measured it."""
+    out = {"gpus": docs[0]["gpus"], "calls": [], "results": []}
+    rows: dict[str, dict] = {}
+    for i, doc in enumerate(docs):
+        out["calls"].append({k: doc.get(k) for k in ("command", "date", "gpu", "versions")})
+        for row in doc["results"]:
+            if row.get("measured") or row["name"] not in rows:
+                rows[row["name"]] = row | {"call": i}
+    out["results"] = list(rows.values())
+    return out
 
 
 def main() -> int:
@@ -76,8 +94,17 @@ def main() -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--gpus", type=int, default=2)
     ap.add_argument("--plan-only", action="store_true")
+    ap.add_argument("--merge", type=Path, nargs="+",
+                    help="expert_parallel.json of several calls -> one (per config the latest call's row; stdout)")
+    ap.add_argument("--report", type=Path, help="rewrite the .md from a JSON (stdout)")
     ap.add_argument("--configs", nargs="+", default=["all"], help="names (or prefixes: maverick, scout) to run")
     args = ap.parse_args()
+    if args.merge:
+        print(json.dumps(merge([json.loads(p.read_text()) for p in args.merge]), indent=2))
+        return 0
+    if args.report:
+        sys.stdout.write(report(json.loads(args.report.read_text())))
+        return 0
     runs = configs(args.gpus)
     if args.configs != ["all"]:
         runs = {n: a for n, a in runs.items() if any(n.startswith(c) for c in args.configs)}

@@ -45,7 +45,8 @@ H100_80GB = 79.65 * GIB  # moefit/plan/gpus.json: what an 80 GB H100 gives the p
 MODELS: dict[str, dict] = {
     "qwen3-30b-a3b": {"rank": 16, "expert_ranks": [16, 8, 4], "options": [[]],
                       "target": ("total", 22.5 * GIB), "goal": "TOTAL <= 22.5 GiB (one 24 GB GPU), >= 5x stock"},
-    "gpt-oss-20b": {"rank": 16, "expert_ranks": [16], "options": [[], ["--embeddings-on-host"]],
+    "gpt-oss-20b": {"rank": 16, "expert_ranks": [16],
+                    "options": [[], ["--embeddings-on-host"], ["--embeddings-on-host", "--lora-dtype", "bfloat16"]],
                     "target": ("peak", 14 * GIB), "goal": "peak allocated <= 14 GiB at r=16"},
     "gpt-oss-120b": {"rank": 16, "expert_ranks": [16, 8], "options": [[], ["--embeddings-on-host"]],
                      "target": ("total", H100_80GB), "goal": "fits one 80 GB GPU (TOTAL <= 79.65 GiB)"},
@@ -53,6 +54,9 @@ MODELS: dict[str, dict] = {
                     "target": ("total", H100_80GB), "goal": "fits one 80 GB GPU (TOTAL <= 79.65 GiB)"},
     "mixtral-8x7b": {"rank": 16, "expert_ranks": [16], "options": [[], ["--embeddings-on-host"]],
                      "target": ("peak", 28 * GIB), "goal": "peak allocated <= 28 GiB"},
+    # dense, for issue 15's target (>= 2x the stock stack); not in `all`
+    "llama3.1-8b": {"rank": 16, "expert_ranks": [0], "options": [[]], "target": None,
+                    "goal": ">= 2x stock (issue 15)", "in_all": False},
 }
 STOCK_LAYERS = (2, 4)
 STOCK_STEPS, STOCK_WARMUP = 2, 1
@@ -78,8 +82,8 @@ def choose(model: str) -> tuple[list[str], dict]:
             args = bench_args(model, er, option)
             p = _plan(args, 1)
             last = (args, p)
-            kind, _ = spec["target"]
-            if _meets(p["total_bytes"] if kind == "total" else p["peak_allocated_bytes"], spec["target"]):
+            if spec["target"] is None or _meets(p["total_bytes"] if spec["target"][0] == "total"
+                                                else p["peak_allocated_bytes"], spec["target"]):
                 return args, p
     return last
 
@@ -240,10 +244,11 @@ def verdicts(row: dict) -> list[str]:
     if not m:
         return ["moefit run failed"]
     out = []
-    kind, limit = MODELS[row["model"]]["target"]
-    value = m["total_bytes"] if kind == "total" else m["peak_allocated_bytes"]
-    out.append(f"{'TOTAL' if kind == 'total' else 'peak'} {value / GIB:.2f} <= {limit / GIB:.2f} GiB: "
-               f"{'met' if value <= limit else 'MISSED'}")
+    if MODELS[row["model"]]["target"] is not None:
+        kind, limit = MODELS[row["model"]]["target"]
+        value = m["total_bytes"] if kind == "total" else m["peak_allocated_bytes"]
+        out.append(f"{'TOTAL' if kind == 'total' else 'peak'} {value / GIB:.2f} <= {limit / GIB:.2f} GiB: "
+                   f"{'met' if value <= limit else 'MISSED'}")
     mem = abs(p["peak_allocated_bytes"] - m["peak_allocated_bytes"]) / m["peak_allocated_bytes"]
     out.append(f"plan memory {100 * mem:.1f} % {'<=' if mem <= 0.03 else '>'} 3 %")
     if p.get("step_s"):
@@ -251,28 +256,48 @@ def verdicts(row: dict) -> list[str]:
         out.append(f"plan step {100 * st:.1f} % {'<=' if st <= 0.15 else '>'} 15 %")
     if s.get("tokens_per_s"):
         x = m["tokens_per_s"] / s["tokens_per_s"]
-        need = " (>= 5x: " + ("met)" if x >= 5 else "MISSED)") if row["model"] == "qwen3-30b-a3b" else ""
+        goal = {"qwen3-30b-a3b": 5, "llama3.1-8b": 2}.get(row["model"])
+        need = f" (>= {goal}x: " + ("met)" if x >= goal else "MISSED)") if goal else ""
         out.append(f"{x:.1f}x stock{need}")
     return out
 
 
+def merge(docs: list[dict]) -> dict:
+    """Several calls' records as one: per model the row of the latest call that measured it (each row keeps its
+    moefit and stock measurements from one and the same call, and says which)."""
+    out = {"calls": [], "results": [], "seq_len": SEQ, "batch": BATCH, "grad_accum": GRAD_ACCUM}
+    rows: dict[str, dict] = {}
+    for i, doc in enumerate(docs):
+        out["calls"].append({k: doc.get(k) for k in ("command", "date", "gpu", "versions")})
+        for row in doc["results"]:
+            if row.get("measured") or row["model"] not in rows:
+                rows[row["model"]] = row | {"call": i}
+    out["results"] = [rows[m] for m in MODELS if m in rows] + [r for m, r in rows.items() if m not in MODELS]
+    return out
+
+
 def report(doc: dict) -> str:
-    lines = ["# The MoE families on one H200: moefit vs the stock stack, and the planner", "",
-             f"- command: `{doc['command']}`", f"- date: {doc['date']}, GPU: {doc.get('gpu')}",
-             "- versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()),
-             f"- seq {SEQ}, micro-batch {BATCH} x grad_accum {GRAD_ACCUM}, 8-bit AdamW, LoRA on q,k,v,o,gate,up,down "
-             "(gate/up/down: routed experts at the expert rank shown, shared experts and dense MLPs at the rank); "
-             "moefit at full depth, synthetic NF4 weights; stock at 2 and 4 layers extrapolated to full depth "
-             "(module docstring)", "",
-             "| model | settings | peak alloc GiB | plan | TOTAL GiB | plan | tok/s | step s | plan step | GPU busy "
+    calls = doc.get("calls") or [{k: doc.get(k) for k in ("command", "date", "gpu", "versions")}]
+    lines = ["# The MoE families on one H200: moefit vs the stock stack, and the planner", ""]
+    for i, call in enumerate(calls):
+        tag = f"call {i + 1}: " if len(calls) > 1 else ""
+        lines += [f"- {tag}`{call['command']}`, {call['date']}, {call.get('gpu')}; "
+                  + ", ".join(f"{k} {v}" for k, v in call["versions"].items())]
+    lines += [f"- seq {SEQ}, micro-batch {BATCH} x grad_accum {GRAD_ACCUM}, 8-bit AdamW, LoRA on q,k,v,o,gate,up,down "
+              "(gate/up/down: routed experts at the expert rank shown, shared experts and dense MLPs at the rank); "
+              "moefit at full depth, synthetic NF4 weights; stock at 2 and 4 layers extrapolated to full depth "
+              "(module docstring)", "",
+              "| model | settings | peak alloc GiB | plan | TOTAL GiB | plan | tok/s | step s | plan step | GPU busy "
              "| stock tok/s | stock peak GiB | speed-up |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in doc["results"]:
         m, p = row.get("measured"), row.get("plan") or {}
         s = (row.get("stock") or {}).get("extrapolated") or {}
         settings = f"r={MODELS[row['model']]['rank']}, expert r={row['expert_rank']}" + \
-            (", embedding on host" if "--embeddings-on-host" in row["args"] else "")
+            (", embedding on host" if "--embeddings-on-host" in row["args"] else "") + \
+            (", LoRA in bf16" if "bfloat16" in row["args"] else "")
         stock_tps = f"{s['tokens_per_s']:,.0f}" if s.get("tokens_per_s") else "-"
         stock_peak = f"{s['peak_allocated_bytes'] / GIB:.1f}" if s.get("peak_allocated_bytes") else "-"
+        settings += f" (call {row['call'] + 1})" if "call" in row and len(calls) > 1 else ""
         if not m:
             lines.append(f"| {row['model']} | {settings} | failed | | | | | | | | {stock_tps} | {stock_peak} | |")
             continue
@@ -303,6 +328,7 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", default=["all"])
     ap.add_argument("--plan-only", action="store_true")
     ap.add_argument("--report", type=Path)
+    ap.add_argument("--merge", type=Path, nargs="+", help="families.json files of several calls -> one (stdout)")
     ap.add_argument("--no-stock", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="the stock path only, 1 layer, seq 64 (a CPU check)")
     ap.add_argument("--device", default="cuda")
@@ -312,10 +338,13 @@ def main() -> int:
         model, layers, device, seq, rank = args.stock_worker
         _stock_worker(model, int(layers), device, int(seq), int(rank))
         return 0
+    if args.merge:
+        print(json.dumps(merge([json.loads(p.read_text()) for p in args.merge]), indent=2))
+        return 0
     if args.report:
         sys.stdout.write(report(json.loads(args.report.read_text())))
         return 0
-    models = list(MODELS) if args.models == ["all"] else args.models
+    models = [m for m, spec in MODELS.items() if spec.get("in_all", True)] if args.models == ["all"] else args.models
     if args.smoke:
         for model in models:
             print(model, json.dumps(measure_stock(model, 1, args.device, 64, MODELS[model]["rank"], steps=1,

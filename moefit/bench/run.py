@@ -24,7 +24,8 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
           rank: int = 32, expert_rank: int | None = None, targets: list[str] | None = None,
           optimizer: str = "adamw_8bit", steps: int = 3, warmup: int = 1, device: str = "cuda",
           embeddings_on_host: bool = False, grad_accum: int = 1, keep_routed_gate_up: bool = False,
-          engine: EngineConfig | None = None, expert_parallel: int = 1) -> dict[str, Any]:
+          engine: EngineConfig | None = None, expert_parallel: int = 1,
+          lora_dtype: str = "float32") -> dict[str, Any]:
     """Build once, measure each sequence length. Under torchrun (`moefit bench --gpus N`) every rank does the same
     with DDP over the LoRA parameters; the result (on every rank) holds each rank's peak memory and the total
     tokens/s of the ranks, against the plan for N GPUs."""
@@ -43,7 +44,7 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
     if ctx.enabled and device == "cuda":
         device = f"cuda:{ctx.local_rank}"
     lora = LoraConfig(r=rank, alpha=2.0 * rank, expert_r=expert_rank,
-                      routed_experts=expert_rank != 0,
+                      routed_experts=expert_rank != 0, dtype=lora_dtype,
                       targets=targets or ["q", "k", "v", "o", "gate", "up", "down"])
     engine_switches.use(engine or EngineConfig())
     t0 = time.perf_counter()

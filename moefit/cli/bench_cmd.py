@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         " true; faster, tokens x top_k x intermediate x 4 bytes more per MoE layer)")
     p.add_argument("--embeddings-on-host", action="store_true",
                    help="keep the input embedding table in host memory (quantization.embeddings_on_host)")
+    p.add_argument("--lora-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="LoRA parameter precision (lora.dtype; default float32)")
     p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
                    help="an engine setting of the run config's engine: section, e.g. --engine expert_matmul=fused "
                         "(see docs/engine.md); repeatable; recorded in the results")
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
                     steps=args.steps, warmup=args.warmup, device=args.device,
                     embeddings_on_host=args.embeddings_on_host, grad_accum=args.grad_accum,
                     keep_routed_gate_up=args.keep_routed_gate_up, engine=parse(args.engine),
-                    expert_parallel=args.expert_parallel)
+                    expert_parallel=args.expert_parallel, lora_dtype=args.lora_dtype)
     if not context_from_env().is_main:
         return 0  # rank 0 prints for all
     if args.json:

@@ -18,12 +18,13 @@ from ..quant.nf4 import FrozenWeight, NF4Weight
 _GROUPED_MM = getattr(torch, "_grouped_mm", None)
 
 
-def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor, aligned: bool = True) -> bool:
+    """Whether torch._grouped_mm runs x @ w; `aligned=False`: once the widths are padded to multiples of 8."""
     if _GROUPED_MM is None or not x.is_cuda or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
         return False
     major, _ = torch.cuda.get_device_capability(x.device)
     # 16-byte alignment of the contraction and output widths (kernel requirement).
-    return major >= 8 and x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0
+    return major >= 8 and (not aligned or (x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0))
 
 
 def offsets_from_counts(counts: torch.Tensor) -> torch.Tensor:
@@ -50,8 +51,17 @@ class ExpertGroups:
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
-    """x: [N, K] rows sorted by expert; w: [E, K, M]. Returns [N, M]. Differentiable in x and w."""
-    if grouped_mm_supported(x, w):
+    """x: [N, K] rows sorted by expert; w: [E, K, M]. Returns [N, M]. Differentiable in x and w.
+
+    Widths that are not multiples of 8 (a LoRA rank of 4 on 128 experts) are padded with zeros for the grouped
+    kernel rather than sent to the per-expert loop: on Qwen3-30B-A3B the loop made a step ten times slower."""
+    if grouped_mm_supported(x, w, aligned=False):
+        pad_k, pad_m = -x.shape[-1] % 8, -w.shape[-1] % 8
+        if pad_k or pad_m:
+            m = w.shape[-1]
+            x = torch.nn.functional.pad(x, (0, pad_k)) if pad_k else x
+            w = torch.nn.functional.pad(w, (0, pad_m, 0, pad_k))
+            return _GroupedMM.apply(x, w, groups.offs)[:, :m]
         return _GroupedMM.apply(x, w, groups.offs)
     return loop_grouped_matmul(x, w, groups.sizes)
 

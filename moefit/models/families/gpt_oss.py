@@ -27,7 +27,8 @@ SPEC = FamilySpec(
         on_disk=(FusedExperts(mxfp4=True, **_BIASES), _IN_MEMORY),
         in_memory=_IN_MEMORY,
         activation="clamped_swiglu",
-        activation_args=(("alpha", "swiglu_alpha"), ("limit", "swiglu_limit")),
+        # transformers < 5.2x has no such config fields and hard-codes these values
+        activation_args=(("alpha", "swiglu_alpha", 1.702), ("limit", "swiglu_limit", 7.0)),
         hidden_act=None,
     ),
 )

@@ -73,11 +73,18 @@ class MoESpec:
     experts: str = "experts"  # attribute of the block holding the routed experts
     shared_expert: str | None = None  # attribute of the block holding the shared expert (an MLP of nn.Linear)
     activation: str = "silu_glu"  # expert MLP, a name in moe.experts.ACTIVATIONS
-    activation_args: tuple[tuple[str, str], ...] = ()  # (activation keyword, config attribute) pairs
+    # (activation keyword, config attribute, value where the config has no such attribute) triples
+    activation_args: tuple[tuple[str, str, Any], ...] = ()
     hidden_act: str | None = "silu"  # the config's hidden_act the activation implements (None: not read)
 
-    def activation_kwargs(self, config: Any) -> dict[str, Any]:
-        return {kw: getattr(config, attr) for kw, attr in self.activation_args}
+    def activation_kwargs(self, config: Any, module: Any = None) -> dict[str, Any]:
+        """The activation's constants: as transformers' own experts `module` holds them where it does (its
+        versions differ in whether they read the config), else the config's, else the default."""
+        out = {}
+        for kw, attr, default in self.activation_args:
+            held = getattr(module, kw, None)
+            out[kw] = held if isinstance(held, (int, float)) else getattr(config, attr, default)
+        return out
 
     def routing_options(self, config: Any) -> dict[str, Any]:
         return {opt: getattr(config, attr) for opt, attr in self.routing_args}
