@@ -118,6 +118,18 @@ def _versions() -> dict:
     return out
 
 
+def merge_calls(docs: list[dict], key: str) -> tuple[list[dict], dict[str, dict]]:
+    """Records of several device calls as one: (each call's command/date/gpu/versions, row by `key` from the
+    latest call that measured it, tagged with that call's index). A row keeps all its measurements from one call."""
+    calls, rows = [], {}
+    for i, doc in enumerate(docs):
+        calls.append({k: doc.get(k) for k in ("command", "date", "gpu", "versions")})
+        for row in doc["results"]:
+            if row.get("measured") or row[key] not in rows:
+                rows[row[key]] = row | {"call": i}
+    return calls, rows
+
+
 def _run_record(res: dict) -> dict:
     return res["runs"][0] | {"build_s": res["build_s"], "device_name": res["device_name"],
                              "world_size": res.get("world_size", 1)}

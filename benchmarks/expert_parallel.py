@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_parallel import ALL_TARGETS, _bench, _now, _plan, _run_record, _versions  # noqa: E402
+from data_parallel import ALL_TARGETS, _bench, _now, _plan, _run_record, _versions, merge_calls  # noqa: E402
 
 ATTN_SHARED_DENSE = "q,k,v,o,gate,up,down"  # gate/up/down reach the shared expert, dense MLPs and routed experts
 
@@ -78,15 +78,8 @@ def report(doc: dict) -> str:
 
 def merge(docs: list[dict]) -> dict:
     """Several calls' records as one: per configuration the row of the latest call that measured it."""
-    out = {"gpus": docs[0]["gpus"], "calls": [], "results": []}
-    rows: dict[str, dict] = {}
-    for i, doc in enumerate(docs):
-        out["calls"].append({k: doc.get(k) for k in ("command", "date", "gpu", "versions")})
-        for row in doc["results"]:
-            if row.get("measured") or row["name"] not in rows:
-                rows[row["name"]] = row | {"call": i}
-    out["results"] = list(rows.values())
-    return out
+    calls, rows = merge_calls(docs, "name")
+    return {"gpus": docs[0]["gpus"], "calls": calls, "results": list(rows.values())}
 
 
 def main() -> int:

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_parallel import _bench, _now, _plan, _run_record, _versions  # noqa: E402
+from data_parallel import _bench, _now, _plan, _run_record, _versions, merge_calls  # noqa: E402
 from stock_baseline import timed_steps  # noqa: E402
 
 GIB = 2**30
@@ -265,15 +265,9 @@ def verdicts(row: dict) -> list[str]:
 def merge(docs: list[dict]) -> dict:
     """Several calls' records as one: per model the row of the latest call that measured it (each row keeps its
     moefit and stock measurements from one and the same call, and says which)."""
-    out = {"calls": [], "results": [], "seq_len": SEQ, "batch": BATCH, "grad_accum": GRAD_ACCUM}
-    rows: dict[str, dict] = {}
-    for i, doc in enumerate(docs):
-        out["calls"].append({k: doc.get(k) for k in ("command", "date", "gpu", "versions")})
-        for row in doc["results"]:
-            if row.get("measured") or row["model"] not in rows:
-                rows[row["model"]] = row | {"call": i}
-    out["results"] = [rows[m] for m in MODELS if m in rows] + [r for m, r in rows.items() if m not in MODELS]
-    return out
+    calls, rows = merge_calls(docs, "model")
+    return {"calls": calls, "seq_len": SEQ, "batch": BATCH, "grad_accum": GRAD_ACCUM,
+            "results": [rows[m] for m in MODELS if m in rows] + [r for m, r in rows.items() if m not in MODELS]}
 
 
 def report(doc: dict) -> str:
