@@ -336,7 +336,9 @@ def main() -> int:
         print(json.dumps(merge([json.loads(p.read_text()) for p in args.merge]), indent=2))
         return 0
     if args.report:
-        sys.stdout.write(report(json.loads(args.report.read_text())))
+        reading = Path(__file__).with_name("families_reading.md")
+        sys.stdout.write(report(json.loads(args.report.read_text()))
+                         + (reading.read_text() if reading.is_file() else ""))
         return 0
     models = [m for m, spec in MODELS.items() if spec.get("in_all", True)] if args.models == ["all"] else args.models
     if args.smoke:

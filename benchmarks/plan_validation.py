@@ -51,7 +51,7 @@ QUICK = [("scout-r32", SCOUT, _lora(32), [(2048, 1), (4096, 1)]), ("llama3.1-8b-
 # The four moefit rows of issue 4's table (benchmarks/scout_qlora.sh).
 ISSUE4 = [("scout-r32", SCOUT, _lora(32), [(2048, 1), (4096, 1)]),
           ("scout-r32-no-expert-lora", SCOUT, _lora(32, 0), [(2048, 1), (4096, 1)])]
-SETS = {"all": GROUPS, "quick": QUICK, "issue4": ISSUE4}
+SETS = {"all": GROUPS, "quick": QUICK, "issue4": ISSUE4, "dense": [g for g in GROUPS if g[1] == DENSE]}
 
 
 def configs(which: str) -> list[dict]:
