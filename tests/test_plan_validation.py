@@ -78,7 +78,7 @@ def test_the_shipped_time_constants_fit_every_earlier_record():
 
 def test_loo_set_spans_the_issue_15_space_in_one_gpu_call():
     """Issue 15's set: >= 20 configurations over micro-batch 1-8, grad_accum 1-8, sequences 512-16k, dense and MoE,
-    measurable in one call of under ~7.5 minutes on one H200 (the estimate allows 30 % slower steps than planned)."""
+    measurable in one call of under ~8 minutes on one H200 (the estimate allows 30 % slower steps than planned)."""
     mod = _bench_module()
     recs = mod.configs("loo")
     assert len(recs) >= 24
@@ -93,7 +93,7 @@ def test_loo_set_spans_the_issue_15_space_in_one_gpu_call():
         assert len(mine) >= 4 and min(r["batch"] * r["seq_len"] for r in mine) <= 2048
         assert max(r["batch"] * r["seq_len"] for r in mine) >= 8192 or model == "gpt-oss-20b"
     assert all(r["warmup"] == 1 and 1 <= r["steps"] <= 2 for r in recs)
-    assert sum(mod.estimate_seconds(recs).values()) <= 450
+    assert sum(mod.estimate_seconds(recs).values()) <= 480
     groups = [r["group"] for r in recs]
     assert groups == sorted(groups, key=groups.index)  # one build per group: its configurations together
 
