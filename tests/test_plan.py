@@ -244,3 +244,31 @@ def test_weight_passes_follow_what_the_recomputation_skips():
     base = plan(model="llama4-scout", gpus=["h200"], search=False).gpus[0].step.step_s
     cfg = config_from_dict({"model": "llama4-scout", "train": {"keep_routed_gate_up": True}})
     assert plan(cfg, gpus=["h200"], search=False).gpus[0].step.step_s < 0.95 * base
+
+
+def test_step_time_overlaps_host_and_gpu_time():
+    """A micro-step takes about the longer of the GPU's kernels and the host's issuing of them: (g^p + h^p)^(1/p),
+    the sum at p = 1, the maximum as p grows; a calibration without the overlap constants plans the sum, as the
+    earlier additive model did."""
+    import copy
+
+    from moefit.plan.calibration import load_calibration
+    from moefit.plan.gpus import get_gpu
+    from moefit.plan.memory import RunShape, estimate_memory
+    from moefit.plan.timing import GPU_TERMS, HOST_TERMS, overlap, seconds_per_unit, step_time, time_work
+
+    assert overlap(3.0, 4.0, 1.0) == 7.0 and overlap(3.0, 4.0, 2.0) == pytest.approx(5.0)
+    assert overlap(3.0, 4.0, 64.0) == pytest.approx(4.0, rel=1e-2)
+    f, shape, gpu = load_model_facts("llama3.1-8b"), RunShape(seq_len=512, batch=1, grad_accum=4), get_gpu("h200")
+    cal = copy.deepcopy(load_calibration())
+    by = estimate_memory(f, shape, cal).by_key()
+    st = step_time(f, shape, gpu, cal, by)
+    assert st.step_s == pytest.approx(4 * overlap(st.gpu_s, st.overhead_s, cal["time"]["overlap_exponent"])
+                                      + st.optimizer_s)
+    assert max(st.gpu_s, st.overhead_s) < st.micro_step_s < st.gpu_s + st.overhead_s
+    for key in ("overlap_exponent", "activation_bandwidth_efficiency", "gpu_layer_pass_s", "host_micro_step_s",
+                "optimizer_tensor_s"):
+        del cal["time"][key]
+    old = step_time(f, shape, gpu, cal, by)
+    unit, work = seconds_per_unit(gpu, cal["time"]), time_work(f, shape, by)
+    assert old.micro_step_s == pytest.approx(sum(work[k] * unit[k] for k in GPU_TERMS + HOST_TERMS))

@@ -101,14 +101,14 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
         # One more step under the profiler: the GPU's kernel time against the unprofiled step time says whether
         # the GPU or the host CPU (issuing kernels) sets the pace; NCCL kernels (the gradient all-reduce, on its
         # own stream, overlapping the backward) are counted apart.
-        result["kernel_s"], result["nccl_kernel_s"] = kernel_seconds(one_step, split_nccl=True)
+        result["kernel_s"], result["nccl_kernel_s"], result["kernel_launches"] = kernel_profile(one_step)
         result["gpu_busy_fraction"] = result["kernel_s"] / step_s
     return result  # the optimizer (and its state) goes with this frame
 
 
-def kernel_seconds(fn, split_nccl: bool = False):
-    """Sum of the CUDA kernel times of one call of `fn` (torch.profiler, CUDA activity only); with `split_nccl`,
-    (other kernels, NCCL kernels)."""
+def kernel_profile(fn) -> tuple[float, float, int]:
+    """One call of `fn` under torch.profiler (CUDA activity only): (seconds of CUDA kernels other than NCCL's,
+    seconds of NCCL kernels, how many kernels ran)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -116,16 +116,26 @@ def kernel_seconds(fn, split_nccl: bool = False):
         fn()
         torch.cuda.synchronize()
     averages = prof.key_averages()
-    if not split_nccl:
-        return profiled_kernel_seconds(averages)
     nccl = profiled_kernel_seconds([e for e in averages if "nccl" in e.key.lower()])
-    return profiled_kernel_seconds(averages) - nccl, nccl
+    return profiled_kernel_seconds(averages) - nccl, nccl, profiled_kernel_count(averages)
+
+
+def kernel_seconds(fn, split_nccl: bool = False):
+    """Sum of the CUDA kernel times of one call of `fn` (`kernel_profile`); with `split_nccl`, (other kernels,
+    NCCL kernels)."""
+    other, nccl, _ = kernel_profile(fn)
+    return (other, nccl) if split_nccl else other + nccl
 
 
 def profiled_kernel_seconds(averages) -> float:
     """Total CUDA kernel time in a profiler's `key_averages()` (or a list of its entries), in seconds."""
     return sum(getattr(e, "self_device_time_total", 0.0) for e in averages
                if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+
+
+def profiled_kernel_count(averages) -> int:
+    """How many CUDA kernels ran, from a profiler's `key_averages()` (or a list of its entries)."""
+    return int(sum(e.count for e in averages if e.device_type == torch.autograd.DeviceType.CUDA))
 
 
 def cuda_time(fn, reps: int = 10, warmup: int = 2) -> float:

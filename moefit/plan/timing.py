@@ -1,7 +1,13 @@
-"""Step time from counted FLOPs, bytes and per-layer host overhead, with constants fitted on the GPU.
+"""Step time from counted FLOPs, bytes and kernel-issuing host time, with constants fitted on the GPU.
 
-The engine's step is modelled as a sum of terms, each with a physical constant (calibration.json "time"):
+A micro-step has two clocks: the GPU's kernels and the host thread that issues them (Python, autograd, one launch
+per kernel; ~700 kernels per MoE layer per pass). The host runs ahead of the GPU (no sync inside a step), so a
+micro-step takes about the longer of the two, not their sum: at micro-batch 1 the host sets the pace (GPU busy
+43-90 %), at large micro-batches the GPU does. The two combine as (gpu^p + host^p)^(1/p), p = `overlap_exponent`
+(1: never overlapped, the sum; large: the maximum), fitted: the phases of a layer alternate between kernels too
+short to cover their launch and GEMMs that cover many, so the overlap is partial.
 
+GPU time, each term a counted quantity over a rate (calibration.json "time"):
 - matmuls: 2 x active params x T per pass of the frozen base (forward, recompute under gradient checkpointing,
   backward for input gradients only; `weight_passes` counts what the recomputation skips) incl. the chunked
   loss's 3 lm_head GEMMs, + 8 x active LoRA params x T, at `gemm_efficiency` x the GPU's dense bf16 peak;
@@ -12,16 +18,19 @@ The engine's step is modelled as a sum of terms, each with a physical constant (
   the same FLOPs over S^2 pairs, at `masked_attention_efficiency` x peak;
 - NF4 dequantization: every quantized weight read (0.5 B + constants) and written as bf16 (2 B), once per pass
   of its matmul (`weight_passes`), at `dequant_bandwidth_efficiency` x the GPU's memory bandwidth;
-- host overhead: Python + kernel launches that do not scale with tokens, per decoder layer and pass (forward,
-  recompute, backward): `moe_layer_pass_s` for a MoE layer, `dense_layer_pass_s` for a dense one, plus
-  `expert_lora_layer_pass_s` where the routed experts carry LoRA (their extra grouped kernels). These are seconds of
-  host time measured on the validation machine, not scaled by the GPU.
-Not modelled: the elementwise work on the activations (norms, rotary, routing permutes, LoRA dropout and casts)
-apart from what the fitted efficiencies absorb; beyond the validated micro-steps (<= 8,192 tokens) the model is
-optimistic (-13 % at 4 x 2048, -21 % at 8 x 2048 tokens on Scout; benchmarks/plan_validation.md).
-Per optimizer step: grad_accum micro-steps, the optimizer update (read/write of params, grads, states at
-`bandwidth_efficiency`) and, on several GPUs, the ring all-reduce of the LoRA gradients at
-`allreduce_bus_efficiency` x the interconnect (after the last backward, not overlapped with it).
+- elementwise work on activations (norms, rotary, routing permutes, LoRA dropout, casts, the loss's softmax): the
+  bytes of every tensor a layer saves for its backward (memory.layer_working_set), x 4 for forward, recomputation
+  and backward, + the loss's 22 bytes per logit, at `activation_bandwidth_efficiency` x bandwidth;
+- per decoder layer and pass, `gpu_layer_pass_s`: the floor of its hundreds of small kernels.
+Host time: per decoder layer and pass (forward, recompute, backward) `moe_layer_pass_s` for a MoE layer,
+`dense_layer_pass_s` for a dense one, plus `expert_lora_layer_pass_s` where the routed experts carry LoRA, x the
+family's `host_family_scale` (1 for those measured as the reference); + `host_micro_step_s` per micro-step. These
+are seconds of host time on the validation machine, not scaled by the GPU. The fitted GPU terms of a family
+are likewise x its `gpu_family_scale` (its kernels against the counted rates: expert GEMMs of other shapes).
+Per optimizer step: grad_accum micro-steps; the optimizer update (read/write of params, grads, states at
+`bandwidth_efficiency`) + `optimizer_tensor_s` of host time per LoRA tensor (one launch each); on several GPUs
+the ring all-reduce of the LoRA gradients at `allreduce_bus_efficiency` x the interconnect (after the last
+backward, not overlapped with it). A calibration without the newer keys plans as the earlier additive model.
 """
 
 from __future__ import annotations
@@ -32,12 +41,14 @@ from typing import Any
 
 from ..models.families import family_for
 from .gpus import Gpu
-from .memory import RunShape, local_experts, lora_tensors
+from .memory import RunShape, layer_working_set, local_experts, lora_tensors
 from .model_facts import Layer, ModelFacts
 
 ATTN_PASSES = 1 + 1 + 2.5  # forward, recompute, flash-attention backward
-TIME_TERMS = ("matmul", "attention", "masked_attention", "dequant", "moe_layer_passes", "dense_layer_passes",
-              "expert_lora_layer_passes")
+GPU_TERMS = ("matmul", "attention", "masked_attention", "dequant", "activation", "gpu_layer_passes")
+HOST_TERMS = ("moe_layer_passes", "dense_layer_passes", "expert_lora_layer_passes", "micro_steps")
+TIME_TERMS = GPU_TERMS + HOST_TERMS
+LOSS_BYTES_PER_LOGIT = 8 + 8 + 6  # chunked loss: forward, its recomputation (fp32 logits + temporary), backward
 
 
 @dataclass
@@ -49,10 +60,12 @@ class StepTime:
     bytes_per_micro_step: float
     compute_s: float  # matmuls + attention
     memory_s: float  # NF4 dequantization
-    overhead_s: float  # host overhead per layer pass
+    overhead_s: float  # host time of a micro-step (per layer pass and per micro-step)
     optimizer_s: float
     allreduce_s: float
     alltoall_s: float = 0.0  # expert parallelism: routed rows to their experts' GPUs and back, per optimizer step
+    gpu_s: float = 0.0  # a micro-step's GPU time (compute, dequantization, activations, small-kernel floor)
+    activation_s: float = 0.0  # elementwise work on activations
 
 
 def _attention_pairs(seq: int, span: int | None) -> float:
@@ -132,28 +145,61 @@ def time_work(f: ModelFacts, shape: RunShape, weight_bytes: dict[str, int]) -> d
     expert_lora = f.moe_layers if (shape.expert_rank and f.num_experts and
                                    {"gate", "up", "down"} & shape.targets) else 0
     return {"matmul": matmul, "attention": attn, "masked_attention": masked, "dequant": dequant,
+            "activation": activation_bytes(f, shape), "gpu_layer_passes": passes * f.num_layers,
             "moe_layer_passes": passes * f.moe_layers, "dense_layer_passes": passes * (f.num_layers - f.moe_layers),
-            "expert_lora_layer_passes": passes * expert_lora}
+            "expert_lora_layer_passes": passes * expert_lora, "micro_steps": 1.0}
 
 
-def seconds_per_unit(gpu: Gpu, ct: dict[str, Any]) -> dict[str, float]:
-    """Seconds per unit of each TIME_TERMS work on this GPU with these constants."""
-    peak = gpu.bf16_tflops * 1e12
-    return {"matmul": 1 / (peak * ct["gemm_efficiency"]),
-            "attention": 1 / (peak * ct["attention_efficiency"]),
-            "masked_attention": 1 / (peak * ct["masked_attention_efficiency"]),
-            "dequant": 1 / (gpu.bandwidth_gbs * 1e9 * ct["dequant_bandwidth_efficiency"]),
-            "moe_layer_passes": ct["moe_layer_pass_s"], "dense_layer_passes": ct["dense_layer_pass_s"],
-            "expert_lora_layer_passes": ct["expert_lora_layer_pass_s"]}
+def activation_bytes(f: ModelFacts, shape: RunShape) -> float:
+    """Bytes of elementwise traffic on activations in one micro-step: what each layer saves for its backward (the
+    tensors its norms, rotary, routing, LoRA dropout and casts write) x (forward, recomputation, a backward that
+    reads and writes each), + the chunked loss's fp32 logits."""
+    passes = 4 if shape.gradient_checkpointing else 3
+    saved = {la: sum(layer_working_set(f, la, shape)[0].values()) for la in set(f.layers)}
+    return passes * sum(saved[la] for la in f.layers) + LOSS_BYTES_PER_LOGIT * shape.tokens * f.vocab
+
+
+def seconds_per_unit(gpu: Gpu, ct: dict[str, Any], family: str | None = None) -> dict[str, float]:
+    """Seconds per unit of each TIME_TERMS work on this GPU with these constants (a constant missing from an
+    older calibration turns its term off)."""
+    peak, bw = gpu.bf16_tflops * 1e12, gpu.bandwidth_gbs * 1e9
+    host = ct.get("host_family_scale", {}).get(family, 1.0)
+    dev = ct.get("gpu_family_scale", {}).get(family, 1.0)  # the family's kernels against the counted rates
+    act = ct.get("activation_bandwidth_efficiency")
+    return {"matmul": dev / (peak * ct["gemm_efficiency"]),
+            "attention": dev / (peak * ct["attention_efficiency"]),
+            "masked_attention": dev / (peak * ct["masked_attention_efficiency"]),
+            "dequant": 1 / (bw * ct["dequant_bandwidth_efficiency"]),
+            "activation": dev / (bw * act) if act else 0.0,
+            "gpu_layer_passes": dev * ct.get("gpu_layer_pass_s", 0.0),
+            "moe_layer_passes": host * ct["moe_layer_pass_s"], "dense_layer_passes": host * ct["dense_layer_pass_s"],
+            "expert_lora_layer_passes": host * ct["expert_lora_layer_pass_s"],
+            "micro_steps": host * ct.get("host_micro_step_s", 0.0)}
+
+
+def overlap(gpu_s, host_s, p: float):
+    """Wall time of work the host issues while the GPU runs it: (gpu^p + host^p)^(1/p); p = 1 is the sum (no
+    overlap), a large p the longer of the two. Seconds, or arrays of them (the fit evaluates many records)."""
+    return (gpu_s**p + host_s**p) ** (1 / p)
+
+
+def micro_step_seconds(sec: dict[str, float], ct: dict[str, Any]) -> tuple[float, float, float]:
+    """(wall, GPU, host) seconds of one micro-step from the seconds of each TIME_TERMS term."""
+    gpu_s = sum(sec[k] for k in GPU_TERMS)
+    host_s = sum(sec[k] for k in HOST_TERMS)
+    return overlap(gpu_s, host_s, ct.get("overlap_exponent", 1.0)), gpu_s, host_s
 
 
 def optimizer_seconds(f: ModelFacts, shape: RunShape, gpu: Gpu, ct: dict[str, Any]) -> tuple[float, float]:
-    """(LoRA parameter count, seconds of one optimizer update: a bandwidth-bound read/write of every state)."""
+    """(LoRA parameter count, seconds of one optimizer update: a bandwidth-bound read/write of every state, and
+    the host's launches, one per LoRA tensor)."""
     param_bytes = 4 if shape.lora.dtype == "float32" else 2
-    n_train = sum(sum(ts) for _, ts in lora_tensors(f, shape))
+    tensors = [n for _, ts in lora_tensors(f, shape) for n in ts]
+    n_train = sum(tensors)
     state = 2 if shape.optimizer != "adamw" else 2 * 2 * param_bytes
     opt_bytes = n_train * (3 * param_bytes + 2 * state)  # read param+grad, write param, read+write states
-    return n_train, opt_bytes / (gpu.bandwidth_gbs * 1e9 * ct["bandwidth_efficiency"])
+    host = len(tensors) * ct.get("optimizer_tensor_s", 0.0) * ct.get("host_family_scale", {}).get(f.family, 1.0)
+    return n_train, opt_bytes / (gpu.bandwidth_gbs * 1e9 * ct["bandwidth_efficiency"]) + host
 
 
 def allreduce_seconds(nbytes: float, num_gpus: int, gpu: Gpu, ct: dict[str, Any]) -> float:
@@ -196,11 +242,10 @@ def step_time(f: ModelFacts, shape: RunShape, gpu: Gpu, calib: dict[str, Any], w
         return None
     ct = calib["time"]
     work = time_work(f, shape, weight_bytes)
-    unit = seconds_per_unit(gpu, ct)
+    unit = seconds_per_unit(gpu, ct, f.family)
     sec = {k: work[k] * unit[k] for k in TIME_TERMS}
     compute = sec["matmul"] + sec["attention"] + sec["masked_attention"]
-    overhead = sec["moe_layer_passes"] + sec["dense_layer_passes"] + sec["expert_lora_layer_passes"]
-    micro = compute + sec["dequant"] + overhead
+    micro, gpu_s, overhead = micro_step_seconds(sec, ct)
     n_train, optimizer = optimizer_seconds(f, shape, gpu, ct)
     param_bytes = 4 if shape.lora.dtype == "float32" else 2
     # Replicated LoRA is summed over every GPU; routed-expert LoRA (one GPU's share) over the GPUs holding the
@@ -214,4 +259,4 @@ def step_time(f: ModelFacts, shape: RunShape, gpu: Gpu, calib: dict[str, Any], w
     tokens = shape.tokens * shape.grad_accum * num_gpus
     flops = work["matmul"] + work["attention"] + work["masked_attention"]
     return StepTime(micro, step, tokens / step, flops, work["dequant"], compute, sec["dequant"], overhead,
-                    optimizer, allreduce, alltoall)
+                    optimizer, allreduce, alltoall, gpu_s, sec["activation"])
