@@ -147,14 +147,17 @@ def test_kept_routed_gate_up_outputs_are_counted_until_each_layer_is_recomputed(
 
 
 def test_no_logits_tensor_of_the_full_vocabulary():
-    """The loss chunk is bounded by 1024 tokens whatever the sequence length."""
+    """The loss chunk is bounded whatever the sequence length: the engine's chunk for this vocabulary
+    (moefit.loss_chunk: 320 tokens of Scout's 202,048-entry vocabulary, 1,024 of a 32k one)."""
+    from moefit.loss_chunk import loss_chunk_tokens
     from moefit.plan.memory import loss_working_set
 
     f = load_model_facts("llama4-scout")
 
     a = loss_working_set(f, RunShape(seq_len=4096))
     b = loss_working_set(f, RunShape(seq_len=16384))
-    assert a["logits chunk fp32 [C,V]"] == b["logits chunk fp32 [C,V]"] == 1024 * f.vocab * 4
+    assert loss_chunk_tokens(f.vocab) == 320 and loss_chunk_tokens(32000) == 1024
+    assert a["logits chunk fp32 [C,V]"] == b["logits chunk fp32 [C,V]"] == 320 * f.vocab * 4
 
 
 def test_plan_api_fits_and_costs():

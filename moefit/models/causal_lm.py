@@ -11,7 +11,7 @@ from torch import nn
 from ..labels import IGNORE_INDEX
 from ..moe import recompute
 from ..moe.experts import MoefitExperts
-from .loss import DEFAULT_CHUNK, chunked_cross_entropy_sum
+from .loss import chunked_cross_entropy_sum
 
 
 @dataclass
@@ -27,7 +27,7 @@ class MoefitCausalLM(nn.Module):
     `generate`, chat templates and exports keep working; `forward` computes the loss without full logits."""
 
     def __init__(self, hf: nn.Module, *, source: str, source_dir: Path | None, quantization: str,
-                 dtype: torch.dtype, loss_chunk: int = DEFAULT_CHUNK):
+                 dtype: torch.dtype, loss_chunk: int | None = None):
         super().__init__()
         self.hf = hf
         self.source = source

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import LoraConfig, QuantConfig, normalize_targets
+from ..loss_chunk import loss_chunk_tokens
 from .model_facts import Layer, ModelFacts
 
 BF16 = 2
@@ -29,7 +30,6 @@ FP32 = 4
 ALLOC_ROUND = 512  # the CUDA caching allocator rounds every block to 512 bytes
 LARGE_SEGMENT_ROUND = 2 << 20  # blocks >= 10 MiB get their own segment, rounded up to 2 MiB
 LARGE_BLOCK = 10 << 20
-LOSS_CHUNK_TOKENS = 1024  # the engine's chunked cross-entropy: tokens per lm_head chunk
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps smaller tensors' optimizer state in fp32
 BNB_OPTIM_BLOCK = 256  # 8-bit optimizer state: one fp32 absmax per 256 values
 NF4_CODE_BYTES = 16 * FP32  # per NF4 module: the 16-value NF4 code
@@ -308,7 +308,7 @@ def loss_working_set(f: ModelFacts, shape: RunShape) -> dict[str, int]:
     (8 B per logit); the backward holds the fp32 softmax gradient and its bf16 cast (6 B per logit).
     """
     T, h, V = shape.tokens, f.hidden, f.vocab
-    c = min(LOSS_CHUNK_TOKENS, T)
+    c = min(loss_chunk_tokens(V), T)
     return {
         "final norm fp32 copy [T,H]": _r(T * h * FP32) + _r(T * FP32),
         "last hidden state [T,H]": _r(T * h * BF16),
@@ -445,7 +445,7 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
         comps.append(Component("layer_working_set", "largest layer's recompute working set", 0, "activations",
                                "not live at the peak"))
         comps.append(Component("loss_chunk", "loss / logits chunk", w_at, "activations",
-                               f"{min(LOSS_CHUNK_TOKENS, T)} tokens x {f.vocab} vocab, fp32 + grad"))
+                               f"{min(loss_chunk_tokens(f.vocab), T)} tokens x {f.vocab} vocab, fp32 + grad"))
     peak_alloc = peak
     transient = c_at + k_at + rotary + w_at
     reserve = int(cm["allocator_dynamic_reserve_fraction"] * transient) + cm["allocator_fixed_reserve_bytes"] \

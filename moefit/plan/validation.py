@@ -90,13 +90,18 @@ _MEASURED = ("peak_allocated_bytes", "peak_reserved_bytes", "step_s", "tokens_pe
 def records_from_document(doc: dict[str, Any], source: str) -> list[dict[str, Any]]:
     """The one-GPU measurements of a recorded benchmark document as plan-validation records: a
     plan_validation.json ("results" with "measured"), a `moefit bench --json` document ("runs"), a dict of named
-    ones (scout_qlora_settings.json), or data_parallel.json (its one-GPU rows; "args" are moefit bench's).
+    ones (scout_qlora_settings.json), data_parallel.json (its one-GPU rows; "args" are moefit bench's) or
+    families.json (a bench run per model).
     Bench rows are named `source:key:BATCHxSEQxGRAD_ACCUM`."""
     if "results" in doc:
         rows = doc["results"]
         if rows and "one_gpu" in rows[0]:
             return [r for row in rows for r in _bench_records(_bench_doc_from_args(row["args"], row["one_gpu"]),
                                                               f"{source}:{row['name']}")]
+        if rows and "args" in rows[0]:  # benchmarks/families.json: one `moefit bench` run per model
+            return [r for row in rows if row.get("measured")
+                    for r in _bench_records(_bench_doc_from_args(row["args"], row["measured"]),
+                                            f"{source}:{row['model']}")]
         return [copy.deepcopy(r) for r in rows]
     if "runs" in doc:
         return _bench_records(doc, source)
@@ -106,7 +111,9 @@ def records_from_document(doc: dict[str, Any], source: str) -> list[dict[str, An
 
 def _bench_doc_from_args(args: list[str], run: dict[str, Any]) -> dict[str, Any]:
     """A `moefit bench --json` document for one run from its command-line arguments."""
-    a, flags = dict(zip(args[::2], args[1::2], strict=False)), set(args)
+    flags = {x for x in args if x in ("--embeddings-on-host", "--keep-routed-gate-up")}
+    pairs = [x for x in args if x not in flags]  # the rest are "--option value" pairs
+    a = dict(zip(pairs[::2], pairs[1::2], strict=False))
     r = int(a.get("--rank", 32))
     er = None if a.get("--expert-rank") is None else int(a["--expert-rank"])
     return {"model": a.get("--model", "llama4-scout"), "layers": int(a["--layers"]) if "--layers" in a else None,
@@ -114,7 +121,8 @@ def _bench_doc_from_args(args: list[str], run: dict[str, Any]) -> dict[str, Any]
             "embeddings_on_host": "--embeddings-on-host" in flags,
             "keep_routed_gate_up": "--keep-routed-gate-up" in flags,
             "lora": {"r": r, "alpha": 2.0 * r, "expert_r": er, "routed_experts": er != 0,
-                     "targets": a.get("--targets", "q,k,v,o,gate,up,down").split(",")},
+                     "targets": a.get("--targets", "q,k,v,o,gate,up,down").split(","),
+                     "dtype": a.get("--lora-dtype", "float32")},
             "runs": [run]}
 
 
