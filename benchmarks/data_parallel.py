@@ -39,7 +39,7 @@ CONFIGS = {
     "llama3.1-8b-r16-1x8": ["--model", "llama3.1-8b", "--seq-len", "2048", "--batch", "1", "--grad-accum", "8",
                             "--rank", "16", "--targets", ALL_TARGETS],
 }
-SETS = {"all": list(CONFIGS), "quick": ["scout-attn-shared-1x4", "llama3.1-8b-r16-1x8"]}
+SETS = {"all": list(CONFIGS), "quick": ["scout-attn-shared-1x4", "llama3.1-8b-r16-1x8"], "seed": ["scout-seed-1x8"]}
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 

@@ -33,14 +33,19 @@ def configs(gpus: int) -> dict[str, list[str]]:
                                                            "--expert-rank", str(r), "--targets", ATTN_SHARED_DENSE,
                                                            "--expert-parallel", str(gpus)], gpus)), 8)
     seed = ["--seq-len", "2048", "--batch", "1", "--grad-accum", "8", "--rank", "32", "--targets", ALL_TARGETS]
-    return {
-        f"maverick-ep{gpus}-expert-r{maverick_rank}": ["--model", "llama4-maverick", "--seq-len", "2048", "--batch",
-                                                      "1", "--grad-accum", "8", "--rank", "32", "--expert-rank",
-                                                      str(maverick_rank), "--targets", ATTN_SHARED_DENSE,
-                                                      "--expert-parallel", str(gpus)],
-        f"scout-seed-ep{gpus}": ["--model", "llama4-scout", *seed, "--expert-parallel", str(gpus)],
-        f"scout-seed-dp{gpus}": ["--model", "llama4-scout", *seed],
-    }
+
+    def maverick(ep: int, rank: int) -> list[str]:
+        return ["--model", "llama4-maverick", "--seq-len", "2048", "--batch", "1", "--grad-accum", "8", "--rank",
+                "32", "--expert-rank", str(rank), "--targets", ATTN_SHARED_DENSE, "--expert-parallel", str(ep)]
+
+    out = {f"maverick-ep{gpus}-expert-r{maverick_rank}": maverick(gpus, maverick_rank)}
+    if gpus >= 4:  # expert x data: half the GPUs per expert group, two replicas
+        half = gpus // 2
+        rank = next((r for r in (32, 16, 8) if _fits(maverick(half, r), gpus)), 8)
+        out[f"maverick-ep{half}-dp2-expert-r{rank}"] = maverick(half, rank)
+    out[f"scout-seed-ep{gpus}"] = ["--model", "llama4-scout", *seed, "--expert-parallel", str(gpus)]
+    out[f"scout-seed-dp{gpus}"] = ["--model", "llama4-scout", *seed]
+    return out
 
 
 def _fits(args: list[str], gpus: int) -> bool:
