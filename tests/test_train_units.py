@@ -154,3 +154,26 @@ def test_fit_check_refuses_a_run_that_does_not_fit_with_numbers_and_a_suggestion
     assert plan.suggestion and plan.suggestion in msg
     plan, msg = fit_check(cfg, "H200", 141 * 10**9)
     assert plan.fits and msg is None
+
+
+def test_fit_check_on_a_device_name_plans_the_time_and_the_faster_layout():
+    """What the trainer passes is torch's device name: it must find the GPU's speed in the catalogue, or
+    train.layout: auto never has a faster layout to apply."""
+    from moefit.config import load_config
+    from moefit.train.loop import fit_check
+
+    cfg = load_config("recipes/llama4-scout-qlora.yaml")
+    plan, msg = fit_check(cfg, "NVIDIA H200", int(74.5 * 2**30))
+    assert msg is None and plan.gpus[0].step is not None
+    assert plan.faster and plan.faster_settings.get("train.batch_size", 1) > 1
+
+
+def test_bench_layout_auto_takes_the_trainers_choice():
+    from moefit.bench.run import choose_layout
+    from moefit.config import LoraConfig, QuantConfig, TrainConfig
+
+    chosen = choose_layout("llama4-scout", LoraConfig(r=32, alpha=64), QuantConfig(),
+                           TrainConfig(max_length=2048, batch_size=1, grad_accum=8), "cpu", int(74.5 * 2**30))
+    settings = chosen["settings"]
+    assert settings["train.batch_size"] * settings["train.grad_accum"] == 8 and settings["train.batch_size"] > 1
+    assert chosen["as_written"]["batch"] == 1 and "faster" in chosen["why"]

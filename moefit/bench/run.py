@@ -25,10 +25,16 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
           optimizer: str = "adamw_8bit", steps: int = 3, warmup: int = 1, device: str = "cuda",
           embeddings_on_host: bool = False, grad_accum: int = 1, keep_routed_gate_up: bool = False,
           engine: EngineConfig | None = None, expert_parallel: int = 1,
-          lora_dtype: str = "float32") -> dict[str, Any]:
+          lora_dtype: str = "float32", layout: str = "as_written",
+          memory_limit_bytes: int | None = None) -> dict[str, Any]:
     """Build once, measure each sequence length. Under torchrun (`moefit bench --gpus N`) every rank does the same
     with DDP over the LoRA parameters; the result (on every rank) holds each rank's peak memory and the total
-    tokens/s of the ranks, against the plan for N GPUs."""
+    tokens/s of the ranks, against the plan for N GPUs.
+
+    `layout="auto"`: the micro-batch layout is chosen as the trainer's `train.layout: auto` chooses it (the
+    planner's faster layout of the same sequences per optimizer step that fits this GPU), recorded with the layout
+    as written. `memory_limit_bytes`: cap the caching allocator (torch's per-process memory fraction) and plan
+    for a GPU of that size, e.g. 80 GB on an H200 to stand in for an H100."""
     from .. import engine_switches
     from ..parallel import dist as pdist
     from ..train.metrics import versions
@@ -46,6 +52,22 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
     lora = LoraConfig(r=rank, alpha=2.0 * rank, expert_r=expert_rank,
                       routed_experts=expert_rank != 0, dtype=lora_dtype,
                       targets=targets or ["q", "k", "v", "o", "gate", "up", "down"])
+    chosen = None
+    if layout == "auto" or memory_limit_bytes:
+        if device.startswith("cuda") and memory_limit_bytes:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit_bytes / total), device)
+        if layout == "auto":
+            if len(seq_lens) != 1:
+                raise MoefitError("moefit bench --layout auto measures one sequence length (--seq-len N).")
+            chosen = choose_layout(model, lora, QuantConfig(embeddings_on_host=embeddings_on_host),
+                                   TrainConfig(max_length=seq_lens[0], batch_size=batch, grad_accum=grad_accum,
+                                               optimizer=optimizer, keep_routed_gate_up=keep_routed_gate_up),
+                                   device, memory_limit_bytes, ctx.world_size, expert_parallel)
+            batch = chosen["settings"].get("train.batch_size", batch)
+            grad_accum = chosen["settings"].get("train.grad_accum", grad_accum)
+            embeddings_on_host = chosen["settings"].get("quantization.embeddings_on_host", embeddings_on_host)
+            keep_routed_gate_up = chosen["settings"].get("train.keep_routed_gate_up", keep_routed_gate_up)
     engine_switches.use(engine or EngineConfig())
     t0 = time.perf_counter()
     quant = QuantConfig(embeddings_on_host=embeddings_on_host)
@@ -88,7 +110,35 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
             "world_size": ctx.world_size, "expert_parallel": expert_parallel,
             "embeddings_on_host": embeddings_on_host, "keep_routed_gate_up": keep_routed_gate_up,
             "matmul_tflops": ceiling, "active_params_per_token": active, "lora": lora.__dict__,
+            "layout": chosen, "memory_limit_bytes": memory_limit_bytes,
             "engine": engine_switches.current().__dict__, "versions": versions(), "runs": runs}
+
+
+def choose_layout(model: str, lora: LoraConfig, quant: QuantConfig, train: TrainConfig, device: str,
+                  memory_limit_bytes: int | None, num_gpus: int = 1, expert_parallel: int = 1) -> dict[str, Any]:
+    """What `train.layout: auto` runs for these settings on this GPU (or one of `memory_limit_bytes`): the planner's
+    faster layout of the same optimizer step, as {"settings": dotted changes (empty: as written), "why": ...}."""
+    from ..train.loop import apply_layout, fit_check
+
+    import copy
+
+    cfg = copy.deepcopy(RunConfig(model=model, lora=lora, quantization=quant, train=train))
+    cfg.parallel.expert = expert_parallel
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(device)
+        label, memory = props.name, min(props.total_memory, memory_limit_bytes or props.total_memory)
+    else:
+        label, memory = "h200", memory_limit_bytes or 80 * 10**9  # no GPU here: plan the layout for an H200
+    plan, refusal = fit_check(cfg, label, memory, num_gpus)
+    if refusal is not None:
+        raise MoefitError(refusal)
+    settings = dict(plan.faster_settings or {}) if plan.faster else {}
+    apply_layout(cfg, settings)  # (checks every key is a setting)
+    return {"settings": settings, "why": plan.faster or "the layout as written is the fastest that fits",
+            "as_written": {"batch": train.batch_size, "grad_accum": train.grad_accum,
+                           "embeddings_on_host": quant.embeddings_on_host,
+                           "keep_routed_gate_up": train.keep_routed_gate_up},
+            "gpu_memory_bytes": memory}
 
 
 def _combine_ranks(per_rank: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
@@ -112,7 +162,9 @@ def _planned_peak(model: str, layers: int | None, lora: LoraConfig, quant: Quant
         return None, "no plan figure for a model cut to --layers (the plan describes the whole model)"
     from ..plan import plan
 
-    cfg = RunConfig(model=model, lora=lora, quantization=quant, train=train)
+    import copy
+
+    cfg = copy.deepcopy(RunConfig(model=model, lora=lora, quantization=quant, train=train))
     cfg.plan.num_gpus, cfg.parallel.expert = num_gpus, expert_parallel
     try:
         p = plan(cfg, gpus=["h200"], search=False)

@@ -35,6 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         " true; faster, tokens x top_k x intermediate x 4 bytes more per MoE layer)")
     p.add_argument("--embeddings-on-host", action="store_true",
                    help="keep the input embedding table in host memory (quantization.embeddings_on_host)")
+    p.add_argument("--layout", choices=["as_written", "auto"], default="as_written",
+                   help="auto: run the micro-batch layout `train.layout: auto` would choose for the same sequences "
+                        "per optimizer step (the planner's faster layout that fits this GPU); recorded")
+    p.add_argument("--memory-limit-gib", type=float, default=None,
+                   help="cap the allocator at this many GiB and plan for a GPU of that size (e.g. 79.65 on an H200 "
+                        "to stand in for an 80 GB H100)")
     p.add_argument("--lora-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="LoRA parameter precision (lora.dtype; default float32)")
     p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
@@ -85,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
                     steps=args.steps, warmup=args.warmup, device=args.device,
                     embeddings_on_host=args.embeddings_on_host, grad_accum=args.grad_accum,
                     keep_routed_gate_up=args.keep_routed_gate_up, engine=parse(args.engine),
-                    expert_parallel=args.expert_parallel, lora_dtype=args.lora_dtype)
+                    expert_parallel=args.expert_parallel, lora_dtype=args.lora_dtype, layout=args.layout,
+                    memory_limit_bytes=int(args.memory_limit_gib * 2**30) if args.memory_limit_gib else None)
     if not context_from_env().is_main:
         return 0  # rank 0 prints for all
     if args.json:
@@ -107,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"seq {r['seq_len']}: peak allocated per GPU "
                   f"{' / '.join(f'{b / gib:.2f}' for b in r['peak_allocated_bytes_per_rank'])} GiB; NCCL kernels "
                   f"{r.get('nccl_kernel_s', 0):.3f} s of a {r['step_s']:.2f} s step")
+    if results.get("layout"):
+        print(f"layout (--layout auto): {results['layout']['why']}")
     gpus = f"{results['world_size']}x " if results.get("world_size", 1) > 1 else ""
     print(f"model {results['model']} ({results['layers']} layers), build {results['build_s']:.1f} s, "
           f"{gpus}{results['device_name']}")

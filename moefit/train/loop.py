@@ -184,10 +184,13 @@ def fit_check(cfg: RunConfig, gpu_label: str, gpu_memory_bytes: int, num_gpus: i
     import copy
 
     from ..plan import check_fits
+    from ..plan.gpus import match_device_name
 
     planned = copy.deepcopy(cfg)
     planned.plan.num_gpus = num_gpus
-    plan = check_fits(planned, gpu=cfg.plan.gpu, gpu_memory_bytes=gpu_memory_bytes)
+    # The device's catalogue entry ('NVIDIA H200' -> h200) gives the plan its speed: without it there is no step
+    # time, hence no faster layout for train.layout: auto.
+    plan = check_fits(planned, gpu=cfg.plan.gpu or match_device_name(gpu_label), gpu_memory_bytes=gpu_memory_bytes)
     if plan.fits:
         return plan, None
     return plan, (f"the run does not fit on this {gpu_label} ({fmt_bytes(gpu_memory_bytes)}): predicted "
