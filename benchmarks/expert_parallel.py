@@ -22,6 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_parallel import ALL_TARGETS, _bench, _now, _plan, _run_record, _versions, merge_calls  # noqa: E402
 
+from moefit.plan.model_facts import load_model_facts  # noqa: E402
+
 ATTN_SHARED_DENSE = "q,k,v,o,gate,up,down"  # gate/up/down reach the shared expert, dense MLPs and routed experts
 
 
@@ -43,6 +45,11 @@ def configs(gpus: int) -> dict[str, list[str]]:
         half = gpus // 2
         rank = next((r for r in (32, 16, 8) if _fits(maverick(half, r), gpus)), 8)
         out[f"maverick-ep{half}-dp2-expert-r{rank}"] = maverick(half, rank)
+    for model in ("qwen3-235b-a22b", "deepseek-v3"):  # issue 13's two largest families, where they fit
+        args = ["--model", model, "--seq-len", "2048", "--batch", "1", "--grad-accum", "8", "--rank", "16",
+                "--targets", ALL_TARGETS, "--expert-parallel", str(gpus)]
+        if load_model_facts(model).num_experts % gpus == 0 and _fits(args, gpus):
+            out[f"{model}-ep{gpus}"] = args
     out[f"scout-seed-ep{gpus}"] = ["--model", "llama4-scout", *seed, "--expert-parallel", str(gpus)]
     out[f"scout-seed-dp{gpus}"] = ["--model", "llama4-scout", *seed]
     return out
