@@ -45,7 +45,8 @@ def test_more_gpus_than_measured_are_marked_extrapolated():
 
 @pytest.mark.skipif(not RECORD.is_file(), reason="no recorded data-parallel benchmark")
 def test_plan_matches_the_recorded_two_gpu_runs():
-    """Per-GPU peak allocated within 3 % and step time within 15 % of the 2-GPU measurements."""
+    """Per-GPU peak allocated within 3 % of the 2-GPU measurements, and the 2-GPU step against the 1-GPU step of
+    the same call within 15 % of the plan's ratio."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from data_parallel import _plan
 
@@ -56,10 +57,13 @@ def test_plan_matches_the_recorded_two_gpu_runs():
         many = row.get("n_gpus")
         if not many:
             continue
-        p = _plan(row["args"], 2)
-        for b in many["peak_allocated_bytes_per_rank"]:
+        p, p1, one = _plan(row["args"], 2), _plan(row["args"], 1), row["one_gpu"]
+        for b in [] if row.get("memory_stale") else many["peak_allocated_bytes_per_rank"]:  # (the engine changed)
             assert abs(p["peak_allocated_bytes"] - b) / b <= 0.03, row["name"]
-        assert abs(p["step_s"] - many["step_s"]) / many["step_s"] <= 0.15, row["name"]
+        # What data parallelism adds to the step (the all-reduce, the slowest rank), against the same call's one-GPU
+        # step: the one-GPU step time itself is plan_validation's (a host-bound step differs between hosts).
+        planned, measured = p["step_s"] / p1["step_s"], many["step_s"] / one["step_s"]
+        assert abs(planned - measured) / measured <= 0.15, (row["name"], planned, measured)
         checked += 1
     assert checked >= 2
 

@@ -118,9 +118,9 @@ def choose_layout(model: str, lora: LoraConfig, quant: QuantConfig, train: Train
                   memory_limit_bytes: int | None, num_gpus: int = 1, expert_parallel: int = 1) -> dict[str, Any]:
     """What `train.layout: auto` runs for these settings on this GPU (or one of `memory_limit_bytes`): the planner's
     faster layout of the same optimizer step, as {"settings": dotted changes (empty: as written), "why": ...}."""
-    from ..train.loop import apply_layout, fit_check
-
     import copy
+
+    from ..train.loop import apply_layout, fit_check
 
     cfg = copy.deepcopy(RunConfig(model=model, lora=lora, quantization=quant, train=train))
     cfg.parallel.expert = expert_parallel
@@ -160,9 +160,9 @@ def _planned_peak(model: str, layers: int | None, lora: LoraConfig, quant: Quant
     """(planned peak allocated bytes, None) or (None, why there is no plan figure)."""
     if layers is not None:
         return None, "no plan figure for a model cut to --layers (the plan describes the whole model)"
-    from ..plan import plan
-
     import copy
+
+    from ..plan import plan
 
     cfg = copy.deepcopy(RunConfig(model=model, lora=lora, quantization=quant, train=train))
     cfg.plan.num_gpus, cfg.parallel.expert = num_gpus, expert_parallel

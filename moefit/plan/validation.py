@@ -165,9 +165,12 @@ def fit_calibration(records: list[dict[str, Any]], measured_on: str,
     for key in ("working_set_scale", "activation_scale"):
         base["memory"][key] = 1.0
     base["memory"]["extra_allocated_bytes"] = 0
-    for _ in range(2):  # the peak phase can move when the scales change: fit, re-plan, fit again
+    memory_records = [r for r in records if "peak_allocated_bytes" in r["measured"]]  # (not: step time only)
+    if "memory" in sections and not memory_records:
+        raise ValueError("no record with a current memory measurement to fit the memory constants to")
+    for _ in range(2 if memory_records else 0):  # the peak phase can move with the scales: fit, re-plan, fit again
         rows, y = [], []
-        for rec in records:
+        for rec in memory_records:
             p = planned_for(rec, base)
             fixed = p["peak_allocated_bytes"] - p["working_set_bytes"] - p["checkpoint_bytes"] \
                 - base["memory"]["extra_allocated_bytes"]
@@ -180,7 +183,7 @@ def fit_calibration(records: list[dict[str, Any]], measured_on: str,
                               extra_allocated_bytes=int(c))
     # reserve: what is reserved beyond allocated, against the transient memory at the peak
     rows, y = [], []
-    for rec in records:
+    for rec in memory_records:
         p = planned_for(rec, base)
         without = p["peak_reserved_bytes"] - p["peak_allocated_bytes"]
         frac = base["memory"]["allocator_dynamic_reserve_fraction"]
@@ -188,9 +191,10 @@ def fit_calibration(records: list[dict[str, Any]], measured_on: str,
         seg = without - int(frac * transient) - base["memory"]["allocator_fixed_reserve_bytes"]
         rows.append([transient, 1.0])
         y.append(rec["measured"]["peak_reserved_bytes"] - rec["measured"]["peak_allocated_bytes"] - seg)
-    f_, g_ = np.linalg.lstsq(np.array(rows), np.array(y), rcond=None)[0]
-    base["memory"].update(allocator_dynamic_reserve_fraction=float(max(f_, 0.0)),
-                          allocator_fixed_reserve_bytes=int(max(g_, 0)))
+    if rows:
+        f_, g_ = np.linalg.lstsq(np.array(rows), np.array(y), rcond=None)[0]
+        base["memory"].update(allocator_dynamic_reserve_fraction=float(max(f_, 0.0)),
+                              allocator_fixed_reserve_bytes=int(max(g_, 0)))
     ctx = [r["measured"]["context_bytes"] for r in records if r["measured"].get("context_bytes")]
     if ctx:
         base["memory"]["cuda_context_bytes"] = int(max(ctx))
