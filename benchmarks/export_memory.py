@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -140,17 +141,32 @@ IMPORTS = ("import torch, transformers, bitsandbytes, moefit.export, moefit.mode
 def child_peak(code: str) -> tuple[int, float]:
     """Peak RSS (bytes) and wall seconds of `python -c code` (each call is a fresh process: ru_maxrss of the
     children is a maximum over all of them, so each measurement runs under its own parent)."""
+    peak, wall, _ = child_run(code)
+    return peak, wall
+
+
+def child_run(code: str, timeout: float | None = None) -> tuple[int, float, str]:
+    """child_peak, plus what the child printed; past `timeout` seconds the child (and its parent) are killed and
+    subprocess.TimeoutExpired is raised."""
     wrapper = ("import resource, subprocess, sys, time; t = time.time(); "
                f"subprocess.run([sys.executable, '-c', {code!r}], check=True); "
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, time.time() - t)")
-    out = subprocess.run([sys.executable, "-c", wrapper], check=True, capture_output=True, text=True,
-                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    peak, wall = out.stdout.split()[-2:]
-    return int(peak), float(wall)
+    proc = subprocess.Popen([sys.executable, "-c", wrapper], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the wrapper's session: it and the measured child
+        proc.communicate()
+        raise
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, code, out)
+    peak, wall = out.split()[-2:]
+    return int(peak), float(wall), out
 
 
 def measure(workdir: Path, layers: int, hidden: int, experts: int, vocab: int, base_mode: bool,
-            keep: bool = False) -> dict:
+            keep: bool = False, workers: int | None = None) -> dict:
     base, run, out = workdir / "base", workdir / "run", workdir / "merged"
     for d in (base, run, out):
         shutil.rmtree(d, ignore_errors=True)
@@ -160,7 +176,8 @@ def measure(workdir: Path, layers: int, hidden: int, experts: int, vocab: int, b
     build_s = time.time() - t
     baseline, _ = child_peak(IMPORTS)
     base_arg = f", base={str(base)!r}" if base_mode else ""
-    peak, wall = child_peak(f"{IMPORTS}; moefit.export.export({str(run)!r}, {str(out)!r}, merge=True{base_arg})")
+    peak, wall = child_peak(f"{IMPORTS}; moefit.export.export({str(run)!r}, {str(out)!r}, merge=True{base_arg}, "
+                            f"workers={workers})")
     written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     bound = 2 * facts["layer_bytes"] + facts["largest_tensor_bytes"]
     if not keep:
@@ -174,6 +191,7 @@ def measure(workdir: Path, layers: int, hidden: int, experts: int, vocab: int, b
         "within_bound_above_baseline": peak - baseline < bound, "written_bytes": written,
         "export_s": round(wall, 1), "build_s": round(build_s, 1),
         "mode": "--base (original weights)" if base_mode else "default (NF4 round trip)",
+        "workers": workers or "default",
     }
 
 
@@ -193,11 +211,13 @@ def main() -> int:
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--mode", choices=["default", "base", "both"], default="both")
+    ap.add_argument("--workers", type=int, default=None, help="export worker threads (default: moefit's)")
     ap.add_argument("--record", type=Path, help="append the result to this JSON file")
     args = ap.parse_args()
     results = []
     for base_mode in {"default": [False], "base": [True], "both": [False, True]}[args.mode]:
-        r = measure(args.workdir, args.layers, args.hidden, args.experts, args.vocab, base_mode)
+        r = measure(args.workdir, args.layers, args.hidden, args.experts, args.vocab, base_mode,
+                    workers=args.workers)
         print(json.dumps(r, indent=2), flush=True)
         results.append(r)
     record = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
