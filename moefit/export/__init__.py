@@ -52,7 +52,7 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = True, adapter: bo
     `device`: where the merge arithmetic and any decoding (NF4 round trip, FP8, MXFP4) run: auto = the GPU when
     there is one, else cpu. `workers`: threads making and writing the shards' pieces concurrently (default: the
     CPUs, at most 8); host memory holds about one piece (a weight, or one expert's slice) per worker.
-    `progress`: True prints bytes written and GB/s to stderr (or pass a callable(done_bytes, total_bytes)).
+    `progress`: True prints bytes written and MB/s to stderr (or pass a callable(done_bytes, total_bytes)).
     """
     from ..dtypes import resolve_dtype
 

@@ -88,7 +88,7 @@ class ExportReport:
                      f"{self.merged_modules} modules"]
             if self.copied_through:
                 lines.append(f"{self.copied_through} non-text tensors (vision tower, projector) copied unchanged")
-            lines.append(f"wrote {self.total_bytes / 1e9:.2f} GB in {self.seconds:.1f} s: {self.gb_per_s:.2f} GB/s "
+            lines.append(f"wrote {self.total_bytes / 1e9:.2f} GB in {self.seconds:.1f} s: {self.gb_per_s:.3g} GB/s "
                          f"({self.workers} worker{'s' if self.workers != 1 else ''}, merge on {self.device})")
         if self.files_copied:
             lines.append(f"copied {len(self.files_copied)} files: {', '.join(self.files_copied)}")
@@ -195,7 +195,7 @@ def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: 
     """Write the merged checkpoint of `info`'s run into `out` (see the module docstring). `device`: where the merge
     arithmetic and any decoding (NF4 round trip, FP8, MXFP4) run; auto = the GPU when there is one. `workers`:
     threads making and writing pieces concurrently (default: default_workers()); host memory holds about one
-    piece per worker. `progress`: True prints bytes written and GB/s to stderr, or a callable(done, total)."""
+    piece per worker. `progress`: True prints bytes written and MB/s to stderr, or a callable(done, total)."""
     start = time.perf_counter()
     out = Path(out)
     check_out_dir(out, overwrite)  # before the work; staged_dir checks again before writing
@@ -318,7 +318,7 @@ def export_device(device: str | torch.device) -> torch.device:
 
 
 class ProgressPrinter:
-    """Progress of a merged export on stderr: bytes written and GB/s, redrawn in place on a terminal, a line every
+    """Progress of a merged export on stderr: bytes written and MB/s, redrawn in place on a terminal, a line every
     `every_s` seconds otherwise (a log)."""
 
     def __init__(self, stream: TextIO | None = None, every_s: float = 10.0):
@@ -339,7 +339,7 @@ class ProgressPrinter:
         eta = f", eta {fmt_duration((total - done) / rate)}" if 0 < done < total else ""
         pct = 100 * done / total if total else 100
         self.console.status(f"export: {done / 1e9:.2f} of {total / 1e9:.2f} GB ({pct:.0f}%), "
-                            f"{rate / 1e9:.2f} GB/s{eta}", permanent=True)
+                            f"{rate / 1e6:,.0f} MB/s{eta}", permanent=True)
 
     def close(self) -> None:
         self.console.close()
