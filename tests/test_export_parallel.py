@@ -17,7 +17,7 @@ from safetensors import safe_open
 import moefit
 import moefit.export.merge as merge
 from moefit.export.safetensors_stream import Piece, PlannedTensor, write_shards
-from tests.families import CASES, write_checkpoint, write_mxfp4_copy
+from tests.families import CASES, rel, write_checkpoint, write_mxfp4_copy
 from tests.test_export import make_run
 
 
@@ -99,3 +99,19 @@ def test_shard_writer_bounds_pieces_in_flight_and_checks_sizes(tmp_path):
     wrong = {**pieces, "t0": [Piece(16, lambda: torch.zeros(4, dtype=torch.float32))]}
     with pytest.raises(RuntimeError, match="t0: planned I32, got torch.float32"):
         write_shards([(tmp_path / "d.safetensors", planned)], wrong, workers=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_export_equals_its_serial_run_and_is_close_to_the_cpu_one(tiny_run, tmp_path, monkeypatch):
+    """On the GPU, too, 3 workers write the serial export's bytes. Against the CPU export the values may differ in
+    the last bits (bitsandbytes' CUDA NF4 kernels, cuBLAS), never more than rounding."""
+    report = _check_workers_agree(tiny_run, tmp_path / "gpu", monkeypatch, device="cuda")
+    assert report.device.startswith("cuda")
+    moefit.export(tiny_run, tmp_path / "cpu", device="cpu", max_shard_size="100KB")
+    gpu, cpu = _tensors(tmp_path / "gpu" / "w1"), _tensors(tmp_path / "cpu")
+    assert gpu.keys() == cpu.keys()
+    for k in gpu:
+        assert gpu[k].dtype == cpu[k].dtype
+        if gpu[k].is_floating_point() and gpu[k].numel():
+            assert rel(gpu[k].float(), cpu[k].float()) < 2e-2, k
