@@ -3,7 +3,9 @@
 Builds a Llama 4 checkpoint of a few GB with random bf16 weights (written one layer per shard, never the whole
 model in memory) and a moefit adapter for it (LoRA on attention, shared expert and every routed expert), then runs
 `moefit.export(..., merge=True)` in a child process and reads the child's peak resident set (ru_maxrss). A second
-child that only imports what the export imports gives the interpreter's baseline.
+child that only imports what the export imports gives the interpreter's baseline. The export runs with 2 worker
+threads (--workers), so that the bound means the same on any machine: each worker holds one piece (a weight or
+one expert's slice, with its fp32 working copies on the CPU), so each further worker adds about one piece.
 
     python benchmarks/export_memory.py --workdir /tmp/moefit-export-mem            # ~3.9 GB checkpoint
     python benchmarks/export_memory.py --layers 2 --hidden 256 --workdir DIR        # small (what the test runs)
@@ -166,7 +168,7 @@ def child_run(code: str, timeout: float | None = None) -> tuple[int, float, str]
 
 
 def measure(workdir: Path, layers: int, hidden: int, experts: int, vocab: int, base_mode: bool,
-            keep: bool = False, workers: int | None = None) -> dict:
+            keep: bool = False, workers: int = 2) -> dict:
     base, run, out = workdir / "base", workdir / "run", workdir / "merged"
     for d in (base, run, out):
         shutil.rmtree(d, ignore_errors=True)
@@ -191,7 +193,7 @@ def measure(workdir: Path, layers: int, hidden: int, experts: int, vocab: int, b
         "within_bound_above_baseline": peak - baseline < bound, "written_bytes": written,
         "export_s": round(wall, 1), "build_s": round(build_s, 1),
         "mode": "--base (original weights)" if base_mode else "default (NF4 round trip)",
-        "workers": workers or "default",
+        "workers": workers,
     }
 
 
@@ -211,7 +213,7 @@ def main() -> int:
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--mode", choices=["default", "base", "both"], default="both")
-    ap.add_argument("--workers", type=int, default=None, help="export worker threads (default: moefit's)")
+    ap.add_argument("--workers", type=int, default=2, help="export worker threads (default 2)")
     ap.add_argument("--record", type=Path, help="append the result to this JSON file")
     args = ap.parse_args()
     results = []
