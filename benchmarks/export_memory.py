@@ -154,7 +154,7 @@ def child_run(code: str, timeout: float | None = None) -> tuple[int, float, str]
                f"subprocess.run([sys.executable, '-c', {code!r}], check=True); "
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, time.time() - t)")
     proc = subprocess.Popen([sys.executable, "-c", wrapper], stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+                            env=child_env(), start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -165,6 +165,13 @@ def child_run(code: str, timeout: float | None = None) -> tuple[int, float, str]
         raise subprocess.CalledProcessError(proc.returncode, code, out)
     peak, wall = out.split()[-2:]
     return int(peak), float(wall), out
+
+
+def child_env() -> dict[str, str]:
+    """This environment with the repository first on PYTHONPATH (kept after it: on the GPU machine
+    benchmarks/gpu_env.sh puts bitsandbytes there)."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT)}
 
 
 def measure(workdir: Path, layers: int, hidden: int, experts: int, vocab: int, base_mode: bool,

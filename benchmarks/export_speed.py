@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export_memory import IMPORTS, ROOT, _commit, build_checkpoint, build_run, child_run  # noqa: E402
+from export_memory import IMPORTS, ROOT, _commit, build_checkpoint, build_run, child_env, child_run  # noqa: E402
 
 
 def build(workdir: Path, args: argparse.Namespace, cuda: bool) -> dict:
@@ -58,7 +58,7 @@ def build(workdir: Path, args: argparse.Namespace, cuda: bool) -> dict:
     else:
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "width_checkpoint.py"), str(base), "--preset",
                         "llama4-scout", "--layers", str(args.layers), "--device", "cuda" if cuda else "cpu"],
-                       check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       check=True, cwd=ROOT, env=child_env())
     build_run(run, base, r=args.rank)
     return {"build_s": round(time.time() - t, 1), "reused": False}
 
