@@ -3,7 +3,9 @@
 Builds a Llama 4 checkpoint of a few GB with random bf16 weights (written one layer per shard, never the whole
 model in memory) and a moefit adapter for it (LoRA on attention, shared expert and every routed expert), then runs
 `moefit.export(..., merge=True)` in a child process and reads the child's peak resident set (ru_maxrss). A second
-child that only imports what the export imports gives the interpreter's baseline.
+child that only imports what the export imports gives the interpreter's baseline. The export runs with 2 worker
+threads (--workers), so that the bound means the same on any machine: each worker holds one piece (a weight or
+one expert's slice, with its fp32 working copies on the CPU), so each further worker adds about one piece.
 
     python benchmarks/export_memory.py --workdir /tmp/moefit-export-mem            # ~3.9 GB checkpoint
     python benchmarks/export_memory.py --layers 2 --hidden 256 --workdir DIR        # small (what the test runs)
@@ -19,6 +21,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -140,17 +143,39 @@ IMPORTS = ("import torch, transformers, bitsandbytes, moefit.export, moefit.mode
 def child_peak(code: str) -> tuple[int, float]:
     """Peak RSS (bytes) and wall seconds of `python -c code` (each call is a fresh process: ru_maxrss of the
     children is a maximum over all of them, so each measurement runs under its own parent)."""
+    peak, wall, _ = child_run(code)
+    return peak, wall
+
+
+def child_run(code: str, timeout: float | None = None) -> tuple[int, float, str]:
+    """child_peak, plus what the child printed; past `timeout` seconds the child (and its parent) are killed and
+    subprocess.TimeoutExpired is raised."""
     wrapper = ("import resource, subprocess, sys, time; t = time.time(); "
                f"subprocess.run([sys.executable, '-c', {code!r}], check=True); "
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, time.time() - t)")
-    out = subprocess.run([sys.executable, "-c", wrapper], check=True, capture_output=True, text=True,
-                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    peak, wall = out.stdout.split()[-2:]
-    return int(peak), float(wall)
+    proc = subprocess.Popen([sys.executable, "-c", wrapper], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=child_env(), start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the wrapper's session: it and the measured child
+        proc.communicate()
+        raise
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, code, out)
+    peak, wall = out.split()[-2:]
+    return int(peak), float(wall), out
+
+
+def child_env() -> dict[str, str]:
+    """This environment with the repository first on PYTHONPATH (kept after it: on the GPU machine
+    benchmarks/gpu_env.sh puts bitsandbytes there)."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT)}
 
 
 def measure(workdir: Path, layers: int, hidden: int, experts: int, vocab: int, base_mode: bool,
-            keep: bool = False) -> dict:
+            keep: bool = False, workers: int = 2) -> dict:
     base, run, out = workdir / "base", workdir / "run", workdir / "merged"
     for d in (base, run, out):
         shutil.rmtree(d, ignore_errors=True)
@@ -160,7 +185,8 @@ def measure(workdir: Path, layers: int, hidden: int, experts: int, vocab: int, b
     build_s = time.time() - t
     baseline, _ = child_peak(IMPORTS)
     base_arg = f", base={str(base)!r}" if base_mode else ""
-    peak, wall = child_peak(f"{IMPORTS}; moefit.export.export({str(run)!r}, {str(out)!r}, merge=True{base_arg})")
+    peak, wall = child_peak(f"{IMPORTS}; moefit.export.export({str(run)!r}, {str(out)!r}, merge=True{base_arg}, "
+                            f"workers={workers})")
     written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     bound = 2 * facts["layer_bytes"] + facts["largest_tensor_bytes"]
     if not keep:
@@ -174,6 +200,7 @@ def measure(workdir: Path, layers: int, hidden: int, experts: int, vocab: int, b
         "within_bound_above_baseline": peak - baseline < bound, "written_bytes": written,
         "export_s": round(wall, 1), "build_s": round(build_s, 1),
         "mode": "--base (original weights)" if base_mode else "default (NF4 round trip)",
+        "workers": workers,
     }
 
 
@@ -193,11 +220,13 @@ def main() -> int:
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--mode", choices=["default", "base", "both"], default="both")
+    ap.add_argument("--workers", type=int, default=2, help="export worker threads (default 2)")
     ap.add_argument("--record", type=Path, help="append the result to this JSON file")
     args = ap.parse_args()
     results = []
     for base_mode in {"default": [False], "base": [True], "both": [False, True]}[args.mode]:
-        r = measure(args.workdir, args.layers, args.hidden, args.experts, args.vocab, base_mode)
+        r = measure(args.workdir, args.layers, args.hidden, args.experts, args.vocab, base_mode,
+                    workers=args.workers)
         print(json.dumps(r, indent=2), flush=True)
         results.append(r)
     record = {"date": datetime.datetime.now().isoformat(timespec="seconds"),

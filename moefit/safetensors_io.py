@@ -88,18 +88,24 @@ class SafetensorsFile:
         start, end = self.header[key]["data_offsets"]
         return end - start
 
-    def read(self, key: str, index: int | None = None) -> torch.Tensor:
-        """The tensor, or `tensor[index]` along its leading dimension (read alone, not the whole tensor)."""
+    def read(self, key: str, index: int | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or `tensor[index]` along its leading dimension, or `tensor[rows[0]:rows[1]]` (each read
+        alone, not the whole tensor)."""
         info = self.header[key]
         shape = list(info["shape"])
         dtype = self.dtype(key)
         start, end = info["data_offsets"]
-        if index is not None:
-            rows = shape.pop(0)
-            if not 0 <= index < rows:
-                raise IndexError(f"{key}: index {index} out of range for {rows} rows")
-            row_bytes = (end - start) // rows
-            start, end = start + index * row_bytes, start + (index + 1) * row_bytes
+        if index is not None or rows is not None:
+            n = shape[0] if shape else 0
+            lo, hi = (index, index + 1) if index is not None else rows
+            if not 0 <= lo < hi <= n:
+                raise IndexError(f"{key}: rows {lo}:{hi} out of range for {n} rows")
+            row_bytes = (end - start) // n
+            start, end = start + lo * row_bytes, start + hi * row_bytes
+            if index is not None:
+                shape.pop(0)
+            else:
+                shape[0] = hi - lo
         buf = torch.empty(end - start, dtype=torch.uint8)
         with open(self.path, "rb") as f:
             f.seek(self.data_start + start)
@@ -131,11 +137,16 @@ class CheckpointTensors:
     def is_fp8(self, key: str) -> bool:
         return key + self.suffix in self.files
 
-    def read(self, key: str, index: int | None = None) -> torch.Tensor:
+    def read(self, key: str, index: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+        """The tensor (or its `index`-th leading slice), moved to `device` before an FP8 weight is decoded, so
+        that the decoding runs there (the same values on any device: it is elementwise)."""
         t = self.files[key].read(key, index)
+        if device is not None:
+            t = t.to(device)
         if self.is_fp8(key):
             from .quant.fp8 import dequantize_fp8_blocks
 
             scale = key + self.suffix
-            t = dequantize_fp8_blocks(t, self.files[scale].read(scale, index), self.fp8_block)
+            s = self.files[scale].read(scale, index)
+            t = dequantize_fp8_blocks(t, s if device is None else s.to(device), self.fp8_block)
         return t

@@ -10,6 +10,7 @@ adapter on the tiny base gives moefit's logits on the unquantized base.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -59,9 +60,10 @@ def write_base(path: Path, conditional: bool = False, seed: int = 0) -> Path:
 
 
 def make_run(tmp: Path, conditional: bool = False, steps: int = 4, expert_r: int | None = 4,
-             quantization: str = "nf4") -> Path:
-    """Train a few steps by hand and write a run directory the way the trainer does."""
-    base = write_base(tmp / ("base-cg" if conditional else "base"), conditional)
+             quantization: str = "nf4", base: Path | None = None) -> Path:
+    """Train a few steps by hand and write a run directory the way the trainer does (on `base`, or on a tiny
+    Llama 4 written here)."""
+    base = base or write_base(tmp / ("base-cg" if conditional else "base"), conditional)
     run = tmp / ("run-cg" if conditional else "run")
     run.mkdir()
     cfg = RunConfig(model=str(base), lora=LoraConfig(r=4, alpha=8.0, dropout=0.0, expert_r=expert_r),
@@ -223,9 +225,13 @@ def test_cli_export(run_dir, tmp_path, capsys):
     from moefit.cli import main
     from moefit.export import parse_size
 
-    assert main(["export", str(run_dir), "--merge", "--out", str(tmp_path / "m"), "--max-shard-size", "1MB"]) == 0
-    out = capsys.readouterr().out
+    assert main(["export", str(run_dir), "--merge", "--out", str(tmp_path / "m"), "--max-shard-size", "1MB",
+                 "--workers", "2"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
     assert "merged checkpoint written" in out and "NF4-dequantized" in out
+    assert re.search(r"wrote \d+\.\d\d GB in \d+\.\d s: [\d.e-]+ GB/s \(2 workers, merge on cpu\)", out), out
+    assert re.search(r"export: .* GB \(100%\), [\d,]+ MB/s", captured.err), captured.err  # progress
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["dtype"] == "bfloat16"
     assert main(["export", str(run_dir), "--adapter", "--out", str(tmp_path / "a")]) == 0

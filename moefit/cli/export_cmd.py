@@ -44,17 +44,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="dtype of the merged weights (default bfloat16)")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="largest shard file, e.g. 5GB (default), 500MB, 2GiB")
-    p.add_argument("--device", default="cpu", help="where the NF4 round trip of the default base runs "
-                                                   "(cpu, or cuda to go faster on big models)")
+    p.add_argument("--device", default="auto",
+                   help="where the merge arithmetic and any decoding (NF4 round trip, FP8, MXFP4) run: auto (the "
+                        "GPU when there is one; default), cuda, or cpu")
+    p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                   help="threads reading, merging and writing pieces of the shards at once (default: one per CPU, "
+                        "at most 8); host memory holds about one piece (a weight, or one expert's slice) per worker")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out directory")
     p.set_defaults(func=handle)
+
+
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text}: expected a positive number")
+    return n
 
 
 def handle(args: argparse.Namespace) -> int:
     from ..export import export
 
     report = export(args.run_dir, args.out, merge=args.merge, base=args.base, dtype=args.dtype,
-                    max_shard_size=args.max_shard_size, device=args.device, overwrite=args.overwrite)
+                    max_shard_size=args.max_shard_size, device=args.device, overwrite=args.overwrite,
+                    workers=args.workers, progress=True)
     for line in report.summary_lines():
         print(line)
     return 0

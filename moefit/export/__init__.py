@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,14 +41,18 @@ def parse_size(size: str | int) -> int:
 
 def export(run_dir: str | Path, out: str | Path, merge: bool = True, adapter: bool | None = None,
            base: str | Path | None = None, dtype: torch.dtype | str = "bfloat16", max_shard_size: str | int = "5GB",
-           device: str = "cpu", overwrite: bool = False) -> ExportReport:
+           device: str = "auto", overwrite: bool = False, workers: int | None = None,
+           progress: bool | Callable[[int, int], None] = False) -> ExportReport:
     """Export the run in `run_dir` (or an adapter directory) to `out`.
 
     merge=True: an HF checkpoint with the base's architecture class, config and tensor names. The base weights
     are the NF4-dequantized ones the run trained against, or, with `base=` the original (bf16) checkpoint,
     which avoids NF4 rounding and is the better choice when you have it.
     merge=False (or adapter=True): the adapter in PEFT's format.
-    `device` is where the NF4 round trip runs (cpu, or cuda for speed on big models).
+    `device`: where the merge arithmetic and any decoding (NF4 round trip, FP8, MXFP4) run: auto = the GPU when
+    there is one, else cpu. `workers`: threads making and writing the shards' pieces concurrently (default: the
+    CPUs, at most 8); host memory holds about one piece (a weight, or one expert's slice) per worker.
+    `progress`: True prints bytes written and MB/s to stderr (or pass a callable(done_bytes, total_bytes)).
     """
     from ..dtypes import resolve_dtype
 
@@ -56,7 +61,8 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = True, adapter: bo
     info = read_run(run_dir)
     if merge:
         return merged_export(info, Path(out), base=Path(base) if base else None, dtype=resolve_dtype(dtype),
-                             max_shard_bytes=parse_size(max_shard_size), device=device, overwrite=overwrite)
+                             max_shard_bytes=parse_size(max_shard_size), device=device, overwrite=overwrite,
+                             workers=workers, progress=progress)
     return peft_export(info, Path(out), base=Path(base) if base else None, overwrite=overwrite)
 
 

@@ -1,9 +1,13 @@
 """Merged export: base weights + LoRA delta -> an HF checkpoint with the base's class, config and tensor names.
 
-It never builds the model. Tensors are streamed from the base checkpoint one at a time (routed experts one expert
-at a time), the LoRA delta of that module is added in fp32, and the result is written straight into a shard whose
-header was planned up front. Host memory holds about one tensor (one expert slice for fused experts) plus its fp32
-working copies, whatever the size of the model.
+It never builds the model. Every shard's header is planned up front, so each output tensor is cut into pieces
+that can be made alone and written at their place (safetensors_stream.write_shards): a weight, one expert's slice
+of a fused expert tensor, a run of rows of a tensor written as stored. Worker threads each read a piece from the
+base checkpoint, move it to the merge's device (the GPU when there is one), decode it there if it is stored
+quantized (NF4 round trip, FP8, MXFP4), add the LoRA delta of its module in fp32, convert it to the output dtype
+and write it back from host memory. Host memory holds about one piece (plus its fp32 working copies when the
+merge runs on the CPU) per worker, whatever the size of the model; the bytes do not depend on the number of
+workers.
 
 Base values: by default the weights the run trained against (the base checkpoint quantized to NF4 with the run's
 settings and dequantized again: bit-for-bit what moefit's forward used). With `base=` the delta is added to the
@@ -16,18 +20,30 @@ import functools
 import json
 import re
 import shutil
-from collections.abc import Iterator
+import sys
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
 from ..errors import MoefitError
 from ..loading import normalize_name
-from ..models.expert_layout import ExpertTensor, fused_names, join_fused, match_expert_tensor, split_fused
+from ..models.expert_layout import ExpertTensor, fused_names, match_expert_tensor, split_fused
 from ..models.families import FamilySpec, FusedExperts, PerExpert
 from ..rundir import RunInfo
-from .safetensors_stream import NAMES, CheckpointReader, PlannedTensor, plan_shards, write_shard
+from .safetensors_stream import (
+    NAMES,
+    CheckpointReader,
+    Piece,
+    PlannedTensor,
+    default_workers,
+    plan_shards,
+    write_shards,
+)
 from .staging import check_out_dir, staged_dir
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
@@ -50,6 +66,16 @@ class ExportReport:
     files_copied: list[str] = field(default_factory=list)
     files_skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # the merged export's wall time, planning and side files included
+    workers: int = 0
+    device: str = ""  # where the merge arithmetic ran
+    # Seconds of the tensor writing: its wall time ("tensors_wall"), and summed over the workers the time spent
+    # reading (to the device), merging (arithmetic, back to the host) and writing into the shard files.
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.total_bytes / 1e9 / self.seconds if self.seconds else 0.0
 
     def summary_lines(self) -> list[str]:
         if self.kind == "adapter":
@@ -62,6 +88,8 @@ class ExportReport:
                      f"{self.merged_modules} modules"]
             if self.copied_through:
                 lines.append(f"{self.copied_through} non-text tensors (vision tower, projector) copied unchanged")
+            lines.append(f"wrote {self.total_bytes / 1e9:.2f} GB in {self.seconds:.1f} s: {self.gb_per_s:.3g} GB/s "
+                         f"({self.workers} worker{'s' if self.workers != 1 else ''}, merge on {self.device})")
         if self.files_copied:
             lines.append(f"copied {len(self.files_copied)} files: {', '.join(self.files_copied)}")
         if self.files_skipped:
@@ -93,22 +121,19 @@ class LoraSource:
                 self.experts.setdefault(mod, set()).add(leaf.split("_lora_")[0])
             else:
                 raise MoefitError(f"{info.adapter_dir}: unexpected tensor {key!r} in the adapter.")
-        self.used: set[str] = set()
 
-    def linear_delta(self, mod: str) -> torch.Tensor | None:
+    def linear_delta(self, mod: str, device: torch.device | None = None) -> torch.Tensor | None:
         if mod not in self.linears:
             return None
-        self.used.add(mod)
-        a = self.reader.read(f"{mod}.lora_A").float()
-        b = self.reader.read(f"{mod}.lora_B").float()
+        a = self.reader.read(f"{mod}.lora_A", device=device).float()
+        b = self.reader.read(f"{mod}.lora_B", device=device).float()
         return (b @ a) * self.scale  # [out, in]
 
-    def expert_delta(self, mod: str, proj: str, e: int) -> torch.Tensor | None:
+    def expert_delta(self, mod: str, proj: str, e: int, device: torch.device | None = None) -> torch.Tensor | None:
         if proj not in self.experts.get(mod, ()):
             return None
-        self.used.add(mod)
-        a = self.reader.read(f"{mod}.{proj}_lora_A", e).float()  # [in, r]
-        b = self.reader.read(f"{mod}.{proj}_lora_B", e).float()  # [r, out]
+        a = self.reader.read(f"{mod}.{proj}_lora_A", e, device).float()  # [in, r]
+        b = self.reader.read(f"{mod}.{proj}_lora_B", e, device).float()  # [r, out]
         return (a @ b).t() * self.expert_scale  # [out, in]
 
     def modules(self) -> set[str]:
@@ -116,7 +141,9 @@ class LoraSource:
 
 
 class _Merger:
-    def __init__(self, info: RunInfo, lora: LoraSource, roundtrip: bool, device: str):
+    """The merge arithmetic, in fp32 on `device` (the weights it gets are already there)."""
+
+    def __init__(self, info: RunInfo, lora: LoraSource, roundtrip: bool, device: torch.device):
         self.info, self.lora, self.roundtrip, self.device = info, lora, roundtrip, device
 
     def base_value(self, w: torch.Tensor) -> torch.Tensor:
@@ -128,17 +155,17 @@ class _Merger:
         q = self.info.quant
         nf4 = NF4Weight(tuple(w.shape), blocksize=q.blocksize, double_quant=q.double_quant,
                         dtype=self.info.compute_dtype, device=self.device)
-        nf4.quantize_(w.to(self.device))
-        return nf4.dequantize(dtype=torch.float32).cpu()
+        nf4.quantize_(w)
+        return nf4.dequantize(dtype=torch.float32)
 
     def linear(self, w: torch.Tensor, mod: str) -> torch.Tensor:
         out = self.base_value(w)
-        delta = self.lora.linear_delta(mod)
+        delta = self.lora.linear_delta(mod, self.device)
         return out if delta is None else out + delta
 
     def expert(self, w: torch.Tensor, mod: str, proj: str, e: int) -> torch.Tensor:
         out = self.base_value(w)
-        delta = self.lora.expert_delta(mod, proj, e)
+        delta = self.lora.expert_delta(mod, proj, e, self.device)
         return out if delta is None else out + delta
 
 
@@ -163,25 +190,35 @@ def _text_structure(base_dir: Path, info: RunInfo
 
 
 def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: torch.dtype = torch.bfloat16,
-                  max_shard_bytes: int = 5 * 10**9, device: str = "cpu", overwrite: bool = False) -> ExportReport:
+                  max_shard_bytes: int = 5 * 10**9, device: str | torch.device = "auto", overwrite: bool = False,
+                  workers: int | None = None, progress: bool | Callable[[int, int], None] = False) -> ExportReport:
+    """Write the merged checkpoint of `info`'s run into `out` (see the module docstring). `device`: where the merge
+    arithmetic and any decoding (NF4 round trip, FP8, MXFP4) run; auto = the GPU when there is one. `workers`:
+    threads making and writing pieces concurrently (default: default_workers()); host memory holds about one
+    piece per worker. `progress`: True prints bytes written and MB/s to stderr, or a callable(done, total)."""
+    start = time.perf_counter()
     out = Path(out)
     check_out_dir(out, overwrite)  # before the work; staged_dir checks again before writing
     base_dir = Path(base).expanduser() if base is not None else info.base_dir
     if not (base_dir / "config.json").is_file():
         raise MoefitError(f"{base_dir}: no config.json; --base must be the original model directory "
                           "(config.json + *.safetensors).")
+    dev = export_device(device)
+    n_workers = default_workers() if workers is None else workers
+    if n_workers < 1:
+        raise MoefitError(f"workers={workers}: expected a positive number of worker threads.")
     linears, experts, spec, fp8_block = _text_structure(base_dir, info)
     reader = CheckpointReader(base_dir, fp8_block=fp8_block)
     lora = LoraSource(info)
     roundtrip = base is None and info.quant.weights == "nf4"
-    merger = _Merger(info, lora, roundtrip, device)
+    make = _Pieces(reader, _Merger(info, lora, roundtrip, dev), dtype)
     out_dtype = NAMES[dtype]
 
-    jobs: list[tuple[PlannedTensor, Iterator[torch.Tensor]]] = []
+    jobs: list[tuple[PlannedTensor, list[Piece]]] = []
     covered: set[str] = set()
     report = ExportReport(out_dir=out, kind="merged", base_dir=base_dir, dtype=str(dtype).removeprefix("torch."),
                           base_values="NF4-dequantized (what the run trained against)" if roundtrip
-                          else "original weights")
+                          else "original weights", workers=n_workers, device=str(dev))
     dequantized = False  # MXFP4 experts or FP8 weights written decoded, in the output dtype
     for key in sorted(reader.keys(), key=natural_key):
         t = reader.tensors[key]
@@ -194,62 +231,204 @@ def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: 
             covered.add(et.module)
             dequantized = True
             if et.kind == "weight":  # the scales go with it
-                jobs.append(_mxfp4_job(reader, key, et, spec.moe.in_memory, experts[et.module], merger, dtype))
+                jobs.append(_mxfp4_job(make, key, et, spec.moe.in_memory, experts[et.module]))
             continue
         floating = torch.empty((), dtype=_dt(t.dtype)).is_floating_point()
         keep = (name is None or not floating) and not reader.is_fp8(key)
         planned = PlannedTensor(key, t.dtype if keep else out_dtype, t.shape)
         if name is None:
             report.copied_through += 1
-            jobs.append((planned, _copy(reader, key) if keep else _cast(reader, key, dtype)))
+            jobs.append((planned, make.copy(key, planned, cast=not keep)))
             continue
         if keep:
-            jobs.append((planned, _copy(reader, key)))
+            jobs.append((planned, make.copy(key, planned, cast=False)))
             continue
         mod, _, leaf = name.rpartition(".")
         if leaf == "weight" and mod in linears:
             _check_linear(lora, mod, t.shape)
             covered.add(mod)
-            jobs.append((planned, _linear(reader, key, mod, merger, dtype)))
+            jobs.append((planned, make.linear(key, mod, planned)))
         elif et and et.module in experts and et.kind == "weight":
             covered.add(et.module)
-            jobs.append((planned, _experts(functools.partial(reader.read, key), t.shape[0], et, et.layout,
-                                           experts[et.module], merger, dtype)))
+            read = functools.partial(make.read, key)
+            jobs.append((planned, make.experts(planned, read, t.shape[0], et, et.layout, experts[et.module])))
         else:
-            jobs.append((planned, _cast(reader, key, dtype)))
+            jobs.append((planned, make.copy(key, planned, cast=True)))
     missing = sorted(lora.modules() - covered)
     if missing:
         raise MoefitError(f"{base_dir}: {len(missing)} modules the adapter trained have no weight in this checkpoint "
                           f"(e.g. {', '.join(missing[:3])}). Is it the model the run was trained on?")
     report.merged_modules = len(lora.modules())
 
+    pieces = {p.name: ps for p, ps in jobs}
+    if len(pieces) != len(jobs):  # two checkpoint tensors would be written under one name: never drop one
+        names = [p.name for p, _ in jobs]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise MoefitError(f"{base_dir}: tensors {', '.join(dup[:3])} would be written twice; nothing was written.")
     shards = plan_shards([p for p, _ in jobs], max_shard_bytes)
-    gens = dict((p.name, g) for p, g in jobs)
+    files = [(f"model-{i:05d}-of-{len(shards):05d}.safetensors", shard) for i, shard in enumerate(shards, 1)]
     weight_map: dict[str, str] = {}
-    with staged_dir(out, overwrite) as tmp:
-        for i, shard in enumerate(shards, 1):
-            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            write_shard(tmp / fname, shard, gens)
-            for p in shard:
-                weight_map[p.name] = fname
-                report.total_bytes += p.nbytes
-                report.largest_tensor_bytes = max(report.largest_tensor_bytes, p.nbytes)
-        report.shards, report.tensors_written = len(shards), len(weight_map)
-        index = {"metadata": {"total_size": report.total_bytes}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        _write_config(base_dir, tmp, dtype, drop_quantization=dequantized)
-        if dequantized:
-            report.notes.append("the base's quantized weights (MXFP4 routed experts, FP8 blocks) are written "
-                                "decoded (MXFP4 experts in transformers' in-memory layout) and config.json's "
-                                "quantization_config is dropped: a plain checkpoint in the output dtype.")
-        copy_side_files(base_dir, tmp, report, fallback=info.base_dir if base is not None else None)
-        report.notes += info.notes
-        provenance = {"moefit_export": "merged", "run": str(info.adapter_dir), "base": str(base_dir),
-                      "base_values": report.base_values, "dtype": report.dtype, "lora_scale": lora.scale,
-                      "expert_lora_scale": lora.expert_scale, "merged_modules": report.merged_modules,
-                      "copied_through": report.copied_through}
-        (tmp / "moefit_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    show = ProgressPrinter() if progress is True else (progress or None)
+    try:
+        with staged_dir(out, overwrite) as tmp:
+            stats = write_shards([(tmp / fname, shard) for fname, shard in files], pieces, n_workers, show)
+            for fname, shard in files:
+                for p in shard:
+                    weight_map[p.name] = fname
+                    report.total_bytes += p.nbytes
+                    report.largest_tensor_bytes = max(report.largest_tensor_bytes, p.nbytes)
+            report.shards, report.tensors_written = len(shards), len(weight_map)
+            index = {"metadata": {"total_size": report.total_bytes}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            _write_config(base_dir, tmp, dtype, drop_quantization=dequantized)
+            if dequantized:
+                report.notes.append("the base's quantized weights (MXFP4 routed experts, FP8 blocks) are written "
+                                    "decoded (MXFP4 experts in transformers' in-memory layout) and config.json's "
+                                    "quantization_config is dropped: a plain checkpoint in the output dtype.")
+            copy_side_files(base_dir, tmp, report, fallback=info.base_dir if base is not None else None)
+            report.notes += info.notes
+            provenance = {"moefit_export": "merged", "run": str(info.adapter_dir), "base": str(base_dir),
+                          "base_values": report.base_values, "dtype": report.dtype, "lora_scale": lora.scale,
+                          "expert_lora_scale": lora.expert_scale, "merged_modules": report.merged_modules,
+                          "copied_through": report.copied_through}
+            (tmp / "moefit_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    finally:
+        if isinstance(show, ProgressPrinter):
+            show.close()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()  # the pieces' blocks, cached by the allocator, go back to the GPU
+    report.seconds = time.perf_counter() - start
+    report.phase_seconds = {"tensors_wall": stats.seconds, "read": make.read_s, "merge": stats.make_s - make.read_s,
+                            "write": stats.write_s}
     return report
+
+
+def export_device(device: str | torch.device) -> torch.device:
+    """`auto` -> the current GPU when CUDA is available, else the CPU; `cuda` -> the current GPU (worker threads
+    do not inherit the current device, so it is named)."""
+    from ..devices import pick_device
+
+    dev = pick_device(str(device))
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MoefitError(f"--device {device}: no CUDA device here; use --device cpu (or auto).")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+class ProgressPrinter:
+    """Progress of a merged export on stderr: bytes written and MB/s, redrawn in place on a terminal, a line every
+    `every_s` seconds otherwise (a log)."""
+
+    def __init__(self, stream: TextIO | None = None, every_s: float = 10.0):
+        from ..train.progress import Console
+
+        self.console = Console(None, stream or sys.stderr)
+        self.every_s = 0.5 if self.console.tty else every_s
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        from ..train.progress import fmt_duration
+
+        now = time.perf_counter()
+        if done < total and now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = f", eta {fmt_duration((total - done) / rate)}" if 0 < done < total else ""
+        pct = 100 * done / total if total else 100
+        self.console.status(f"export: {done / 1e9:.2f} of {total / 1e9:.2f} GB ({pct:.0f}%), "
+                            f"{rate / 1e6:,.0f} MB/s{eta}", permanent=True)
+
+    def close(self) -> None:
+        self.console.close()
+
+
+COPY_CHUNK_BYTES = 256 * 2**20  # a tensor written as stored is made in runs of rows of about this size
+
+
+class _Pieces:
+    """How each output tensor is made, as pieces (safetensors_stream.Piece) that worker threads make alone: a
+    linear weight or one expert's weight whole, a fused expert tensor one expert at a time, a tensor written as
+    stored in runs of rows. Reads go to the merge's device; the results come back to the host in the output dtype.
+    `read_s`: seconds spent reading (and moving to the device), summed over the threads."""
+
+    def __init__(self, reader: CheckpointReader, merger: _Merger, dtype: torch.dtype):
+        self.reader, self.merger, self.dtype, self.device = reader, merger, dtype, merger.device
+        self.read_s = 0.0
+        self._lock = threading.Lock()
+
+    def read(self, key: str, index: int | None = None, rows: tuple[int, int] | None = None,
+             device: torch.device | None = None) -> torch.Tensor:
+        """Tensor `key` (or its `index`-th slice, or `rows`), on `device` (default: the merge's device)."""
+        t0 = time.perf_counter()
+        if rows is not None:
+            t = self.reader.read_rows(key, *rows)
+        else:
+            t = self.reader.read(key, index, device or self.device)
+        with self._lock:
+            self.read_s += time.perf_counter() - t0
+        return t
+
+    def copy(self, key: str, planned: PlannedTensor, cast: bool) -> list[Piece]:
+        """A tensor written as stored (`cast`: in the output dtype; an FP8 weight decoded on the device)."""
+        if self.reader.is_fp8(key):
+            return [Piece(planned.nbytes, functools.partial(self._decoded, key))]
+        shape = planned.shape
+        rows = shape[0] if shape else 0
+        step = max(1, COPY_CHUNK_BYTES // max(1, planned.nbytes // rows)) if rows else 0
+        if rows <= step:
+            return [Piece(planned.nbytes, functools.partial(self._stored, key, None, cast))]
+        return [Piece(planned.nbytes // rows * (min(lo + step, rows) - lo),
+                      functools.partial(self._stored, key, (lo, min(lo + step, rows)), cast))
+                for lo in range(0, rows, step)]
+
+    def _stored(self, key: str, rows: tuple[int, int] | None, cast: bool) -> torch.Tensor:
+        t = self.read(key, rows=rows, device=torch.device("cpu"))
+        return t.to(self.dtype) if cast else t
+
+    def _decoded(self, key: str) -> torch.Tensor:
+        return _host(self.read(key).to(self.dtype))
+
+    def linear(self, key: str, mod: str, planned: PlannedTensor) -> list[Piece]:
+        return [Piece(planned.nbytes, functools.partial(self._linear, key, mod))]
+
+    def _linear(self, key: str, mod: str) -> torch.Tensor:
+        return _host(self.merger.linear(self.read(key), mod).to(self.dtype))
+
+    def experts(self, planned: PlannedTensor, read_slice: Callable[[int | None], torch.Tensor], num: int,
+                et: ExpertTensor, out_layout: FusedExperts | PerExpert, inter: int) -> list[Piece]:
+        """A routed-expert weight with its LoRA delta merged: one expert's weight (per-expert layout), or a fused
+        tensor one expert slice at a time (`read_slice(e)`: the slice, [out, in] or as stored, on the device),
+        written in `out_layout`."""
+        if et.expert is not None:
+            return [Piece(planned.nbytes, functools.partial(self._expert, read_slice, et))]
+        return [Piece(planned.nbytes // num, functools.partial(self._fused_slice, read_slice, e, et, out_layout,
+                                                               inter))
+                for e in range(num)]
+
+    def _expert(self, read_slice: Callable[[int | None], torch.Tensor], et: ExpertTensor) -> torch.Tensor:
+        return _host(self.merger.expert(read_slice(None), et.module, et.part, et.expert).to(self.dtype))
+
+    def _fused_slice(self, read_slice: Callable[[int | None], torch.Tensor], e: int, et: ExpertTensor,
+                     out_layout: FusedExperts, inter: int) -> torch.Tensor:
+        """Each projection's merged fp32 weight goes straight into its place in the output slice (converted to
+        the output dtype on the way: the same rounding as joining in fp32 and converting after)."""
+        parts = split_fused(et.layout, et.part, read_slice(e), inter)
+        rows, cols = sum(w.shape[0] for w in parts.values()), next(iter(parts.values())).shape[1]
+        out = torch.empty((cols, rows) if out_layout.transposed else (rows, cols), dtype=self.dtype,
+                          device=self.device)
+        places = split_fused(out_layout, et.part, out, inter)
+        for proj, w in parts.items():
+            places[proj].copy_(self.merger.expert(w, et.module, proj, e))
+        return _host(out)
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """`t` contiguous in host memory (made contiguous where it is, so a transposed GPU result is not reordered by
+    the CPU)."""
+    return t.contiguous().cpu()
 
 
 def _dt(name: str) -> torch.dtype:
@@ -268,38 +447,13 @@ def _check_linear(lora: LoraSource, mod: str, shape: tuple[int, ...]) -> None:
                           "base checkpoint is not the model the run was trained on.")
 
 
-def _copy(reader: CheckpointReader, key: str) -> Iterator[torch.Tensor]:
-    yield reader.read(key)
-
-
-def _cast(reader: CheckpointReader, key: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    yield reader.read(key).to(dtype)
-
-
-def _linear(reader, key, mod, merger: _Merger, dtype) -> Iterator[torch.Tensor]:
-    yield merger.linear(reader.read(key), mod).to(dtype)
-
-
-def _experts(read_slice, num: int, et: ExpertTensor, out_layout: FusedExperts | PerExpert, inter: int,
-             merger: _Merger, dtype) -> Iterator[torch.Tensor]:
-    """A routed-expert weight with its LoRA delta merged: one expert's weight (per-expert layout), or a fused
-    tensor streamed one expert slice at a time (`read_slice(e)` gives the slice [out, in] or as stored), written
-    in `out_layout`."""
-    if et.expert is not None:
-        yield merger.expert(read_slice(None), et.module, et.part, et.expert).to(dtype)
-        return
-    for e in range(num):
-        parts = split_fused(et.layout, et.part, read_slice(e), inter)
-        merged = {proj: merger.expert(w, et.module, proj, e) for proj, w in parts.items()}
-        yield join_fused(out_layout, et.part, merged).to(dtype)
-
-
-def _mxfp4_job(reader: CheckpointReader, key: str, et: ExpertTensor, out_layout: FusedExperts, inter: int,
-               merger: _Merger, dtype) -> tuple[PlannedTensor, Iterator[torch.Tensor]]:
-    """An MXFP4 fused weight (`<name>_blocks` + `<name>_scales`) -> the bf16 tensor transformers holds in memory
-    (`out_layout`), decoded and merged one expert at a time."""
+def _mxfp4_job(make: _Pieces, key: str, et: ExpertTensor, out_layout: FusedExperts, inter: int
+               ) -> tuple[PlannedTensor, list[Piece]]:
+    """An MXFP4 fused weight (`<name>_blocks` + `<name>_scales`) -> the tensor transformers holds in memory
+    (`out_layout`), in the output dtype, decoded and merged one expert at a time on the merge's device."""
     from ..quant.mxfp4 import dequantize_mxfp4
 
+    reader = make.reader
     blocks = reader.tensors[key].shape  # [E, out, in/32, 16]
     scales = key.removesuffix("_blocks") + "_scales"
     if scales not in reader:
@@ -309,10 +463,10 @@ def _mxfp4_job(reader: CheckpointReader, key: str, et: ExpertTensor, out_layout:
     shape = (blocks[0], in_f, out_f) if out_layout.transposed else (blocks[0], out_f, in_f)
 
     def read(e: int) -> torch.Tensor:
-        return dequantize_mxfp4(reader.read(key, e), reader.read(scales, e))
+        return dequantize_mxfp4(make.read(key, e), make.read(scales, e))
 
-    return (PlannedTensor(name, NAMES[dtype], shape),
-            _experts(read, blocks[0], et, out_layout, inter, merger, dtype))
+    planned = PlannedTensor(name, NAMES[make.dtype], shape)
+    return planned, make.experts(planned, read, blocks[0], et, out_layout, inter)
 
 
 def _write_config(base_dir: Path, out: Path, dtype: torch.dtype, drop_quantization: bool = False) -> None:

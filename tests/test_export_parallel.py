@@ -1,0 +1,117 @@
+"""A merged export written by several worker threads is byte for byte the serial one (moefit.export's `workers`),
+for each way the merge makes a tensor: fused routed experts one expert at a time (Llama 4), one weight per expert
+(Qwen3-MoE; Mixtral with its renamed keys), MXFP4 experts decoded (gpt-oss), tensors copied in runs of rows; and
+the shard writer never holds more pieces than it has workers."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import moefit
+import moefit.export.merge as merge
+from moefit.export.safetensors_stream import Piece, PlannedTensor, write_shards
+from tests.families import CASES, rel, write_checkpoint, write_mxfp4_copy
+from tests.test_export import make_run
+
+
+def _tensors(out: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for name, fname in index["weight_map"].items():
+        with safe_open(str(out / fname), "pt") as f:
+            tensors[name] = f.get_tensor(name)
+    return tensors
+
+
+def _check_workers_agree(run: Path, tmp: Path, monkeypatch, **kw) -> dict:
+    """Export serially and with 3 workers (tensors copied in runs of a few rows, many small shards): the same
+    index, the same files, and every tensor equal. Returns the serial export's report."""
+    monkeypatch.setattr(merge, "COPY_CHUNK_BYTES", 1000)
+    reports = {w: moefit.export(run, tmp / f"w{w}", max_shard_size="100KB", workers=w, **kw) for w in (1, 3)}
+    serial, parallel = tmp / "w1", tmp / "w3"
+    assert reports[1].shards > 2 and reports[3].workers == 3
+    assert (serial / "model.safetensors.index.json").read_text() == (parallel / "model.safetensors.index.json").read_text()
+    a, b = _tensors(serial), _tensors(parallel)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    shards = sorted(p.name for p in serial.glob("*.safetensors"))
+    assert shards == sorted(p.name for p in parallel.glob("*.safetensors"))
+    assert all((serial / n).read_bytes() == (parallel / n).read_bytes() for n in shards)
+    return reports[1]
+
+
+def test_parallel_llama4_export_equals_serial(tiny_run, tmp_path, monkeypatch):
+    """Fused experts (gate_up_proj [E, H, 2I]), NF4 round trip of the default base; and into the original base."""
+    _check_workers_agree(tiny_run, tmp_path / "nf4", monkeypatch)
+    base = Path(moefit.load_config(tiny_run / "config.yaml").model)
+    _check_workers_agree(tiny_run, tmp_path / "base", monkeypatch, base=base)
+
+
+@pytest.mark.parametrize("case", ["qwen3_moe", "mixtral", "gpt_oss-mxfp4"])
+def test_parallel_family_export_equals_serial(case, tmp_path, monkeypatch):
+    family, _, mxfp4 = case.partition("-")
+    base = tmp_path / "base"
+    write_checkpoint(base, CASES[family])
+    if mxfp4:
+        base = write_mxfp4_copy(base, tmp_path / "mxfp4")
+    run = make_run(tmp_path, steps=1, expert_r=2, base=base)
+    report = _check_workers_agree(run, tmp_path, monkeypatch)
+    assert report.merged_modules > 0 and (not mxfp4 or any("MXFP4" in n for n in report.notes))
+
+
+def test_shard_writer_bounds_pieces_in_flight_and_checks_sizes(tmp_path):
+    """At most `workers` pieces exist at once (host memory), each lands at its place, and pieces that do not add
+    up to a planned tensor are refused before anything is written."""
+    live, most, lock = [0], [0], threading.Lock()
+
+    def make(value: int, n: int) -> torch.Tensor:
+        with lock:
+            live[0] += 1
+            most[0] = max(most[0], live[0])
+        time.sleep(0.002)
+        with lock:
+            live[0] -= 1
+        return torch.full((n,), value, dtype=torch.int32)
+
+    planned = [PlannedTensor(f"t{i}", "I32", (4 * (i + 1),)) for i in range(6)]
+    pieces = {t.name: [Piece(16, lambda i=i, j=j: make(10 * i + j, 4)) for j in range(i + 1)]
+              for i, t in enumerate(planned)}
+    files = [(tmp_path / "a.safetensors", planned[:4]), (tmp_path / "b.safetensors", planned[4:])]
+    done = []
+    stats = write_shards(files, pieces, workers=3, progress=lambda d, t: done.append((d, t)))
+    assert most[0] <= 3 and stats.bytes == sum(t.nbytes for t in planned) == done[-1][0] == done[-1][1]
+    for path, tensors in files:
+        with safe_open(str(path), "pt") as f:
+            for t in tensors:
+                i = int(t.name[1:])
+                expected = torch.tensor([10 * i + j for j in range(i + 1)], dtype=torch.int32).repeat_interleave(4)
+                assert torch.equal(f.get_tensor(t.name), expected)
+    short = {**pieces, "t5": pieces["t5"][:-1]}
+    with pytest.raises(RuntimeError, match="t5 has pieces of 80 bytes, planned 96"):
+        write_shards([(tmp_path / "c.safetensors", planned)], short, workers=2)
+    assert not (tmp_path / "c.safetensors").exists()
+    wrong = {**pieces, "t0": [Piece(16, lambda: torch.zeros(4, dtype=torch.float32))]}
+    with pytest.raises(RuntimeError, match="t0: planned I32, got torch.float32"):
+        write_shards([(tmp_path / "d.safetensors", planned)], wrong, workers=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_export_equals_its_serial_run_and_is_close_to_the_cpu_one(tiny_run, tmp_path, monkeypatch):
+    """On the GPU, too, 3 workers write the serial export's bytes. Against the CPU export the values may differ in
+    the last bits (bitsandbytes' CUDA NF4 kernels, cuBLAS), never more than rounding."""
+    report = _check_workers_agree(tiny_run, tmp_path / "gpu", monkeypatch, device="cuda")
+    assert report.device.startswith("cuda")
+    moefit.export(tiny_run, tmp_path / "cpu", device="cpu", max_shard_size="100KB")
+    gpu, cpu = _tensors(tmp_path / "gpu" / "w1"), _tensors(tmp_path / "cpu")
+    assert gpu.keys() == cpu.keys()
+    for k in gpu:
+        assert gpu[k].dtype == cpu[k].dtype
+        if gpu[k].is_floating_point() and gpu[k].numel():
+            assert rel(gpu[k].float(), cpu[k].float()) < 2e-2, k
