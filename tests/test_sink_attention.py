@@ -73,3 +73,27 @@ def test_gpt_oss_builds_with_the_fused_sink_attention():
                                         num_experts_per_tok=2, vocab_size=64, sliding_window=4)
     model = build_skeleton(cfg, quant=QuantConfig(weights="none"), dtype=torch.float32, device="cpu")
     assert model.config._attn_implementation == "moefit_fused_sinks"
+
+
+@pytest.mark.parametrize("case", ["gpt_oss", "qwen3_moe", "mixtral", "glm4_moe"])
+def test_packed_samples_have_the_logits_they_have_alone(tmp_path, case):
+    """A row of packed samples (positions restarting at 0): each sample's logits are those it has alone, for
+    gpt-oss too, whose transformers model builds its masks without the position ids (moefit's sink attention
+    keeps the samples apart)."""
+    import moefit
+    from tests.families import CASES, write_checkpoint
+
+    ref = write_checkpoint(tmp_path, CASES[case])
+    model = moefit.load_model(str(tmp_path), quantization="none", dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    lengths = (7, 12, 5)  # the 12-token sample is longer than gpt-oss's sliding window of 8
+    samples = [torch.randint(3, ref.config.vocab_size, (n,), generator=g) for n in lengths]
+    ids = torch.cat(samples)[None]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        packed = model(ids, position_ids=positions, return_logits=True).logits[0]
+        off = 0
+        for sample in samples:
+            alone = model(sample[None], return_logits=True).logits[0]
+            assert (alone - packed[off:off + len(sample)]).abs().max().item() < 1e-4, (case, len(sample))
+            off += len(sample)

@@ -43,6 +43,7 @@ def sdpa_with_sinks(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     k = torch.cat([sink_key, torch.cat([key, key.new_zeros(b, hq, s, extra)], dim=-1)], dim=2)
     v = torch.cat([value.new_zeros(b, hq, 1, width),
                    torch.cat([value, value.new_zeros(b, hq, s, extra)], dim=-1)], dim=2)
+    attention_mask = _with_sample_boundaries(attention_mask, kwargs.get("position_ids"), t, s, sliding_window)
     mask = _mask_with_sink(attention_mask, t, s, sliding_window, query.device)
     dropout_p = dropout if module.training else 0.0
     if mask is None:  # no padding, no window: causal aligned to the bottom right (the sink column sees everyone)
@@ -53,6 +54,42 @@ def sdpa_with_sinks(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     return out[..., :d].transpose(1, 2).contiguous(), None
+
+
+_PACKED: dict[str, object] = {}  # the last position_ids seen and their mask: every layer of a forward shares it
+
+
+def _with_sample_boundaries(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, t: int, s: int,
+                            window: int | None) -> torch.Tensor | None:
+    """Packed rows (positions restarting at 0 inside a row): a boolean mask that keeps each sample to itself.
+
+    transformers' gpt-oss builds its masks without the position ids, so packed samples would attend to each other
+    (other families detect packing from them). Without packing, or with a KV cache (t != s), the mask is unchanged.
+    One host read per forward (cached on the position ids tensor), none per layer."""
+    if position_ids is None or t != s or position_ids.shape[-1] != t:
+        return attention_mask
+    # The tensors themselves are held with the entry, so their ids cannot be reused by new tensors meanwhile.
+    key = (position_ids, position_ids._version, window, attention_mask)
+    old = _PACKED.get("key")
+    if old is not None and old[0] is key[0] and old[1] == key[1] and old[2] == key[2] and old[3] is key[3]:
+        return _PACKED["mask"]
+    pos = position_ids.reshape(-1, t)
+    mask = attention_mask
+    if bool((pos[:, 1:] == 0).any()):
+        sample = torch.cumsum((pos == 0).to(torch.int32), dim=-1)  # [B, T]: which sample of the row
+        q_at = torch.arange(t, device=pos.device)
+        allowed = (sample[:, :, None] == sample[:, None, :]) & (q_at[None, :] <= q_at[:, None])[None]
+        if window is not None:
+            allowed &= (q_at[None, :] > q_at[:, None] - window)[None]
+        allowed = allowed[:, None]  # [B, 1, T, T]
+        if attention_mask is None:
+            mask = allowed
+        elif attention_mask.dtype == torch.bool:
+            mask = attention_mask[..., :s] & allowed
+        else:
+            mask = attention_mask[..., :s].masked_fill(~allowed, torch.finfo(attention_mask.dtype).min)
+    _PACKED.update(key=key, mask=mask)
+    return mask
 
 
 def _mask_with_sink(attention_mask: torch.Tensor | None, t: int, s: int, window: int | None,
