@@ -106,7 +106,8 @@ def _replace_moe_blocks(model: nn.Module, config: PretrainedConfig, spec: Family
                 raise ValueError(f"expert shard of {shard.num_experts} experts for a model with {total}")
             experts = MoefitExperts(shard.local if shard else total, config.hidden_size,
                                     getattr(config, moe.expert_intermediate), act=moe.activation,
-                                    act_kwargs=moe.activation_kwargs(config), bias=moe.in_memory.has_bias,
+                                    act_kwargs=moe.activation_kwargs(getattr(module, moe.experts)),
+                                    bias=moe.in_memory.has_bias,
                                     expert_offset=shard.start if shard else 0, total_experts=total, **kw)
             shared = getattr(module, moe.shared_expert) if moe.shared_expert else None
             block = MoefitMoE(

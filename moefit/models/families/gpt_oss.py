@@ -27,7 +27,7 @@ SPEC = FamilySpec(
         on_disk=(FusedExperts(mxfp4=True, **_BIASES), _IN_MEMORY),
         in_memory=_IN_MEMORY,
         activation="clamped_swiglu",
-        activation_args=(("alpha", "swiglu_alpha"), ("limit", "swiglu_limit")),
+        activation_args=(("alpha", "alpha"), ("limit", "limit")),  # GptOssExperts.alpha / .limit
         hidden_act=None,
     ),
 )
