@@ -11,7 +11,7 @@ import torch
 from moefit.config import DataConfig
 from moefit.data import DataPosition, build_datasets, fingerprint, iterate_batches, load_tokenizer
 from moefit.data.dataset import collate
-from moefit.data.packing import pack
+from moefit.data.packing import chunked_packing_problem, pack, packed_chunks_follow_positions
 from moefit.errors import DataError, MoefitError
 from moefit.labels import IGNORE_INDEX as IGNORE
 from tests.test_data_formats import RECORDS
@@ -58,21 +58,45 @@ def test_each_format_trains_the_tiny_model(tmp_path, fmt):
 
 
 def test_packed_logits_equal_alone():
-    """Packed with others, a sample's logits are those it has alone (sdpa and eager; chunked and NoPE layers)."""
+    """Packed with others, a sample's logits are those it has alone (sdpa and eager; chunked and NoPE layers).
+    Where transformers chunks the packed row by token index (5.17), only the samples that straddle no chunk
+    boundary of the row are: the others differ, as `packed_chunks_follow_positions` says (a run warns)."""
     g = torch.Generator().manual_seed(0)
     samples = [torch.randint(0, len(TOK), (n,), generator=g).tolist() for n in (13, 1, 5, 21, 9)]
     rows = pack([(s, [IGNORE] + s[1:]) for s in samples], 64)
     assert len(rows) == 1 and rows[0]["position_ids"][13:16] == [0, 0, 1]
     batch = collate(rows, TOK.pad_token_id)
+    chunk, per_sample = 8, packed_chunks_follow_positions()
     for attn in ("sdpa", "eager"):
-        model = tiny_llama4(len(TOK), attn=attn, chunk=8).eval()  # chunk 8 < sample length: chunking is exercised
+        model = tiny_llama4(len(TOK), attn=attn, chunk=chunk).eval()  # chunk < sample length: chunking is exercised
         with torch.no_grad():
             packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
             off = 0
             for s in samples:
                 alone = model(input_ids=torch.tensor([s]), use_cache=False).logits[0]
-                assert (alone - packed[off:off + len(s)]).abs().max().item() < 1e-5, (attn, len(s))
+                same = (alone - packed[off:off + len(s)]).abs().max().item() < 1e-5
+                straddles = off % chunk != 0 and off // chunk != (off + len(s) - 1) // chunk
+                assert same == (per_sample or not straddles), (attn, len(s))
                 off += len(s)
+
+
+def test_a_run_says_when_packing_would_change_the_attention_chunks(tmp_path, monkeypatch, capsys):
+    """Where transformers chunks a packed row by token index (5.17), rows longer than the attention chunk are
+    announced at the start of a run, with what keeps the chunks exact."""
+    from moefit.data import packing
+    from moefit.train import train
+
+    llama4 = {"model_type": "llama4", "text_config": {"model_type": "llama4_text", "attention_chunk_size": 8192}}
+    monkeypatch.setattr(packing, "packed_chunks_follow_positions", lambda: False)
+    assert "data.packing: false" in chunked_packing_problem(llama4, 16384)
+    assert chunked_packing_problem(llama4, 8192) is None
+    assert chunked_packing_problem({"model_type": "qwen3_moe"}, 16384) is None
+    with pytest.raises(MoefitError):  # stopped by a missing data file, after the warning
+        train(output_dir=tmp_path / "run", **{"train.max_length": 1024, "data.train": str(tmp_path / "no.jsonl")})
+    assert "warning: train.max_length 1024 is longer than the model's attention_chunk_size 512" in \
+        capsys.readouterr().out  # the tiny model's
+    monkeypatch.setattr(packing, "packed_chunks_follow_positions", lambda: True)
+    assert chunked_packing_problem(llama4, 16384) is None
 
 
 def test_packing_is_tight_and_keeps_every_token():

@@ -59,6 +59,21 @@ def test_checkpoint_holds_the_hub_expert_layout(tmp_path, case):
         assert isinstance(hub, FusedExperts) and any(k.endswith(f".{moe.experts}.{hub.gate_up}") for k in keys)
 
 
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_bf16_build_keeps_in_fp32_what_transformers_keeps(tmp_path, case):
+    """Loaded in bf16, every tensor moefit holds unquantized under transformers' name has the dtype
+    transformers' own from_pretrained gives it (the routers' score-correction bias in fp32, on 5.17 too)."""
+    from transformers import AutoModelForCausalLM
+
+    write_checkpoint(tmp_path, CASES[case])
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    model = moefit.load_model(str(tmp_path), quantization="nf4", dtype=torch.bfloat16)
+    expected = {n: t.dtype for n, t in [*ref.named_parameters(), *ref.named_buffers()]}
+    got = {n: t.dtype for n, t in [*model.hf.named_parameters(), *model.hf.named_buffers()] if n in expected}
+    assert len(got) > 10 and got == {n: expected[n] for n in got}
+    assert case not in ("glm4_moe", "deepseek_v3") or torch.float32 in got.values()
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_transformers_unquantized(tmp_path, case):
     ref = write_checkpoint(tmp_path, CASES[case])
@@ -249,6 +264,7 @@ def test_gpt_oss_mxfp4_checkpoint_matches_transformers_dequantized(tmp_path):
     mx = write_mxfp4_copy(tmp_path / "bf16", tmp_path / "mxfp4")
     ref = AutoModelForCausalLM.from_pretrained(mx, quantization_config=Mxfp4Config(dequantize=True),
                                                dtype=torch.float32, attn_implementation="eager").eval()
+    ref.float()  # transformers 5.17 dequantizes MXFP4 to bf16 whatever the dtype (the values are exact in bf16)
     model = _load(mx)
     ids = _ids(ref.config.vocab_size, 7)
     with torch.no_grad():

@@ -14,6 +14,33 @@ from typing import Any
 Sequence = dict[str, list[int]]
 
 
+def packed_chunks_follow_positions() -> bool:
+    """Whether this transformers lays a chunked-attention mask (Llama 4's `attention_chunk_size`) over each packed
+    sample's own positions, as it does alone (5.24: `masking_utils.remap_positions_for_packed_sequence`). 5.17
+    chunks the packed row by token index instead: a sample straddling a chunk boundary of the row sees other
+    chunks than alone (no token attends across samples either way)."""
+    from transformers import masking_utils
+
+    return hasattr(masking_utils, "remap_positions_for_packed_sequence")
+
+
+def chunked_packing_problem(config: dict[str, Any], max_length: int) -> str | None:
+    """Why packed rows of `max_length` tokens would train the model of config.json `config` (a dict) on other
+    attention chunks than each sample has alone under this transformers (said at the start of a run); None when
+    they would not."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    chunk = text.get("attention_chunk_size")
+    if not chunk or max_length <= chunk or packed_chunks_follow_positions():
+        return None
+    import transformers
+
+    return (f"train.max_length {max_length} is longer than the model's attention_chunk_size {chunk}, and "
+            f"transformers {transformers.__version__} chunks a packed row by token index, not by each sample's "
+            "positions: a packed sample across a chunk boundary of its row sees other chunks than alone (never "
+            f"another sample). For exact chunks set data.packing: false, or train.max_length <= {chunk}, or use "
+            "a transformers that chunks packed samples by their positions (5.24 does).")
+
+
 def single(input_ids: list[int], labels: list[int]) -> Sequence:
     return {"input_ids": list(input_ids), "labels": list(labels), "position_ids": list(range(len(input_ids)))}
 

@@ -9,6 +9,7 @@ compute dtype; the loader (or the synthetic-weight builder) then fills every ten
 from __future__ import annotations
 
 import importlib
+import re
 from typing import TYPE_CHECKING
 
 import torch
@@ -106,7 +107,7 @@ def _replace_moe_blocks(model: nn.Module, config: PretrainedConfig, spec: Family
                 raise ValueError(f"expert shard of {shard.num_experts} experts for a model with {total}")
             experts = MoefitExperts(shard.local if shard else total, config.hidden_size,
                                     getattr(config, moe.expert_intermediate), act=moe.activation,
-                                    act_kwargs=moe.activation_kwargs(config, getattr(module, moe.experts, None)),
+                                    act_kwargs=moe.activation_kwargs(getattr(module, moe.experts)),
                                     bias=moe.in_memory.has_bias,
                                     expert_offset=shard.start if shard else 0, total_experts=total, **kw)
             shared = getattr(module, moe.shared_expert) if moe.shared_expert else None
@@ -136,17 +137,35 @@ def _replace_linears(model: nn.Module, keep: list[str], kw: dict) -> None:
                                                   bias=module.bias is not None, **kw))
 
 
+def _kept_in_fp32(model: nn.Module, dtype: torch.dtype) -> re.Pattern[str] | None:
+    """Names of the tensors from_pretrained keeps in fp32 when it loads the model in fp16 / bf16: the model's
+    `_keep_in_fp32_modules_strict`, searched in each name with `*` for any run, as transformers matches them.
+    transformers 5.17 creates some of them in the build dtype (DeepSeek-V3's e_score_correction_bias), leaving
+    the upcast to its loader; 5.24 creates them in fp32."""
+    keep = getattr(model, "_keep_in_fp32_modules_strict", None)
+    if not keep or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    return re.compile("|".join(k.replace("*", ".*") for k in sorted(keep)))
+
+
 def _materialize_meta(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> None:
-    for module in model.modules():
+    fp32 = _kept_in_fp32(model, dtype)
+
+    def dtype_of(name: str, t: torch.Tensor, default: torch.dtype) -> torch.dtype:
+        keep = fp32 is not None and t.is_floating_point() and fp32.search(name) is not None
+        return torch.float32 if keep else default
+
+    for prefix, module in model.named_modules():
         for name, p in list(module.named_parameters(recurse=False)):
             if p.is_meta:
                 # fp32 where the model class asks for it against the build dtype (GLM-4.5's router weight)
                 keep = p.dtype if p.dtype == torch.float32 and p.is_floating_point() else dtype
-                setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=keep, device=device),
-                                                   requires_grad=False))
+                setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=dtype_of(f"{prefix}.{name}", p, keep),
+                                                               device=device), requires_grad=False))
         for name, b in list(module.named_buffers(recurse=False)):
             if b is not None and b.is_meta:
-                module.register_buffer(name, torch.empty(b.shape, dtype=b.dtype, device=device),
+                module.register_buffer(name, torch.empty(b.shape, dtype=dtype_of(f"{prefix}.{name}", b, b.dtype),
+                                                         device=device),
                                        persistent=name not in module._non_persistent_buffers_set)
 
 

@@ -23,7 +23,7 @@ import torch
 
 from ..config import RunConfig, save_config
 from ..devices import pick_device
-from ..errors import DataError, MoefitError
+from ..errors import ConfigError, DataError, MoefitError
 from ..labels import IGNORE_INDEX
 from ..parallel import dist as pdist
 from ..parallel import expert_parallel
@@ -178,6 +178,24 @@ def _match_sequences_per_step(cfg: RunConfig, saved: ckpt.TrainerState, ctx: pdi
         f"{t.grad_accum}, so each optimizer step still takes {per_step} sequences (same data order and gradient).")
 
 
+def _warn_on_chunked_packing(cfg: RunConfig, say: Any) -> None:
+    """Say so when this transformers would give packed samples other attention chunks than they have alone."""
+    import json
+
+    from ..data.packing import chunked_packing_problem
+    from ..plan.model_facts import resolve_config_path
+
+    if not cfg.data.packing:
+        return
+    try:
+        raw = json.loads(resolve_config_path(cfg.model).read_text(encoding="utf-8"))
+    except (ConfigError, OSError, ValueError):
+        return  # the loader says why
+    problem = chunked_packing_problem(raw, cfg.train.max_length)
+    if problem is not None:
+        say(f"warning: {problem}")
+
+
 def fit_check(cfg: RunConfig, gpu_label: str, gpu_memory_bytes: int, num_gpus: int = 1):
     """The planner's verdict for this GPU (one of `num_gpus` in data parallel): (plan, None) when the run fits,
     (plan, message) when it does not."""
@@ -324,6 +342,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
         f"on {','.join(cfg.lora.targets)}{' (routed experts too)' if cfg.lora.routed_experts else ''}")
 
     # Data first: a broken file should fail in seconds, not after loading a 100B model.
+    _warn_on_chunked_packing(cfg, say)
     tok = load_tokenizer(cfg.model)
     bundle = build_datasets(cfg.data, tok, max_length=t.max_length, seed=t.seed)
     for line in bundle.report.summary_lines():

@@ -27,8 +27,7 @@ SPEC = FamilySpec(
         on_disk=(FusedExperts(mxfp4=True, **_BIASES), _IN_MEMORY),
         in_memory=_IN_MEMORY,
         activation="clamped_swiglu",
-        # transformers < 5.2x has no such config fields and hard-codes these values
-        activation_args=(("alpha", "swiglu_alpha", 1.702), ("limit", "swiglu_limit", 7.0)),
+        activation_args=(("alpha", "alpha"), ("limit", "limit")),  # GptOssExperts.alpha / .limit
         hidden_act=None,
     ),
 )

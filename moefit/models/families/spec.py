@@ -73,18 +73,14 @@ class MoESpec:
     experts: str = "experts"  # attribute of the block holding the routed experts
     shared_expert: str | None = None  # attribute of the block holding the shared expert (an MLP of nn.Linear)
     activation: str = "silu_glu"  # expert MLP, a name in moe.experts.ACTIVATIONS
-    # (activation keyword, config attribute, value where the config has no such attribute) triples
-    activation_args: tuple[tuple[str, str, Any], ...] = ()
+    # (activation keyword, attribute of transformers' experts module) pairs: the constants transformers itself uses,
+    # read from its module, not the config (5.17 hard-codes gpt-oss's alpha and limit; 5.24 reads config.swiglu_*)
+    activation_args: tuple[tuple[str, str], ...] = ()
     hidden_act: str | None = "silu"  # the config's hidden_act the activation implements (None: not read)
 
-    def activation_kwargs(self, config: Any, module: Any = None) -> dict[str, Any]:
-        """The activation's constants: as transformers' own experts `module` holds them where it does (its
-        versions differ in whether they read the config), else the config's, else the default."""
-        out = {}
-        for kw, attr, default in self.activation_args:
-            held = getattr(module, kw, None)
-            out[kw] = held if isinstance(held, (int, float)) else getattr(config, attr, default)
-        return out
+    def activation_kwargs(self, hf_experts: Any) -> dict[str, Any]:
+        """The activation's keyword arguments, from transformers' experts module of the block moefit replaces."""
+        return {kw: getattr(hf_experts, attr) for kw, attr in self.activation_args}
 
     def routing_options(self, config: Any) -> dict[str, Any]:
         return {opt: getattr(config, attr) for opt, attr in self.routing_args}
