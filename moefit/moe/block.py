@@ -79,7 +79,7 @@ class MoefitMoE(nn.Module):
         # stops the CPU from queueing the next layer's kernels while the GPU works.
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, flat_expert, torch.ones_like(flat_expert))
-        groups = ExpertGroups(counts, None if x.is_cuda else counts.tolist(), row_expert=flat_expert[order])
+        groups = ExpertGroups(counts, row_expert=flat_expert[order])  # (counts as ints: only when a loop needs them)
         w = weights.reshape(-1)[order].to(x.dtype).unsqueeze(1)
         xs = x[token]
         if self.rule.scale_inputs:
@@ -96,4 +96,4 @@ class MoefitMoE(nn.Module):
 def make_groups(counts: torch.Tensor, row_expert: torch.Tensor | None = None) -> ExpertGroups:
     """Groups of rows sorted by expert, with `counts[e]` rows for expert e (and each row's expert, for per-expert
     biases)."""
-    return ExpertGroups(counts, None if counts.is_cuda else counts.tolist(), row_expert=row_expert)
+    return ExpertGroups(counts, row_expert=row_expert)

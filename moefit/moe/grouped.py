@@ -17,14 +17,24 @@ from ..quant.nf4 import FrozenWeight, NF4Weight
 
 _GROUPED_MM = getattr(torch, "_grouped_mm", None)
 
+# Run the CUDA path (one decode per bank, torch._grouped_mm) on CPU bf16 tensors too; torch >= 2.9 has a CPU
+# kernel for it. Only for measuring that path's host work on a machine without a GPU
+# (benchmarks/host_overhead.py): on CPU the per-expert loop is faster and is the reference.
+GROUPED_ON_CPU = False
+
+
+def _grouped_device(x: torch.Tensor) -> bool:
+    return x.is_cuda or (GROUPED_ON_CPU and x.device.type == "cpu")
+
 
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor, aligned: bool = True) -> bool:
     """Whether torch._grouped_mm runs x @ w; `aligned=False`: once the widths are padded to multiples of 8."""
-    if _GROUPED_MM is None or not x.is_cuda or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
+    if _GROUPED_MM is None or not _grouped_device(x) or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
         return False
-    major, _ = torch.cuda.get_device_capability(x.device)
+    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 8:
+        return False
     # 16-byte alignment of the contraction and output widths (kernel requirement).
-    return major >= 8 and (not aligned or (x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0))
+    return not aligned or (x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0)
 
 
 def offsets_from_counts(counts: torch.Tensor) -> torch.Tensor:
@@ -146,7 +156,7 @@ def _apply(x: torch.Tensor, weight: NF4Weight | FrozenWeight, groups: ExpertGrou
         # Decode NF4 inside the GEMM: no bf16 copy of the bank, 0.5 bytes of weight traffic per pass.
         return fused.nf4_grouped_matmul(x, weight.packed, weight.absmax_fp32(), weight.code, groups.offs,
                                                  weight.slice_shape, weight.blocksize, transpose)
-    if x.is_cuda and _GROUPED_MM is not None and x.dtype == torch.bfloat16:
+    if _grouped_device(x) and _GROUPED_MM is not None and x.dtype == torch.bfloat16:
         w = weight.dequantize(dtype=x.dtype)  # [E, out, in]: one layer's experts, transient
         w = w.transpose(1, 2) if transpose else w
         if grouped_mm_supported(x, w):
