@@ -345,6 +345,26 @@ def py_calls_step(model, ids, counts) -> None:
         micro_step(model, ids)
 
 
+@contextlib.contextmanager
+def _causal_bias_outside_modes():
+    """torch's CausalBias (gpt-oss's sink attention) is a Tensor subclass that cannot be made under a dispatch
+    mode: make it outside."""
+    from torch.nn.attention import bias
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    original = bias.causal_lower_right
+
+    def causal_lower_right(*args):
+        with _disable_current_modes():
+            return original(*args)
+
+    bias.causal_lower_right = causal_lower_right
+    try:
+        yield
+    finally:
+        bias.causal_lower_right = original
+
+
 def count_step(model, ids) -> tuple[dict, dict]:
     counts: collections.Counter = collections.Counter()
     detail: collections.Counter = collections.Counter()
@@ -354,7 +374,8 @@ def count_step(model, ids) -> tuple[dict, dict]:
     try:
         # backward on the calling thread (on CUDA it otherwise runs on the device's own autograd thread, which
         # sys.setprofile does not see)
-        with torch.autograd.set_multithreading_enabled(False), NodeTagger(layers, cats, counts), ops:
+        with torch.autograd.set_multithreading_enabled(False), _causal_bias_outside_modes(), \
+                NodeTagger(layers, cats, counts), ops:
             micro_step(model, ids)
     finally:
         cats.close()
