@@ -73,13 +73,12 @@ class MoefitMoE(nn.Module):
         top_i, weights = self.rule.route(logits, router)
         k = self.rule.top_k
         flat_expert = top_i.reshape(-1)
-        order = torch.argsort(flat_expert, stable=True)
+        # One sort gives each routed row's expert and the rows' order; the experts' end offsets come from the
+        # sorted experts by searchsorted (no bincount: on CUDA it reads the max back to the host, a sync per MoE
+        # layer; no counting scatter and cumsum either).
+        row_expert, order = torch.sort(flat_expert, stable=True)
         token = order // k
-        # scatter_add, not bincount: bincount on CUDA reads the max back to the host, a sync per MoE layer that
-        # stops the CPU from queueing the next layer's kernels while the GPU works.
-        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
-            0, flat_expert, torch.ones_like(flat_expert))
-        groups = ExpertGroups(counts, row_expert=flat_expert[order])  # (counts as ints: only when a loop needs them)
+        groups = ExpertGroups.from_sorted(row_expert, self.num_experts)
         w = weights.reshape(-1)[order].to(x.dtype).unsqueeze(1)
         xs = x[token]
         if self.rule.scale_inputs:
