@@ -249,14 +249,35 @@ class Categorizer:
 
 class NodeTagger(torch.overrides.TorchFunctionMode):
     """Tags each autograd node the first pass builds with (layer, category) in its metadata, so backward's ops
-    can be attributed to where their forward ran."""
+    can be attributed to where their forward ran: the nodes of torch functions as they return, those of custom
+    autograd Functions (which no function mode sees) as `Function.apply` returns."""
 
     def __init__(self, layers: LayerContext, cats: Categorizer, counts):
         super().__init__()
         self.layers, self.cats, self.counts = layers, cats, counts
+        self.original_apply = torch.autograd.Function.__dict__["apply"]  # the classmethod itself
+
+    def __enter__(self):
+        original, tagger = self.original_apply.__func__, self
+
+        def apply(cls, *args, **kwargs):
+            out = original(cls, *args, **kwargs)
+            tagger.tag(out)
+            return out
+
+        torch.autograd.Function.apply = classmethod(apply)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.autograd.Function.apply = self.original_apply
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self.tag(out)
+        return out
+
+    def tag(self, out) -> None:
         ctx = self.layers.current()
         if ctx is not None and ctx[1] == "forward":
             tag = (ctx[0], self.cats.forward_category())
@@ -268,7 +289,6 @@ class NodeTagger(torch.overrides.TorchFunctionMode):
                 node.metadata["host_tag"] = tag
                 self.counts[(ctx[0], "forward", "autograd nodes")] += 1
                 todo.extend(n for n, _ in node.next_functions)
-        return out
 
 
 def _tensors(x):
@@ -365,6 +385,28 @@ def _causal_bias_outside_modes():
         bias.causal_lower_right = original
 
 
+@contextlib.contextmanager
+def _counting_saved_tensors(layers: LayerContext, counts):
+    """Counts the tensors each layer's first pass saves for backward: checkpointing packs each one there, again in
+    the recomputation, and unpacks it in backward, in Python (torch.utils.checkpoint's hooks). Counted through
+    the metadata function its pack hook calls once per saved tensor."""
+    from torch.utils import checkpoint
+
+    table = checkpoint._allowed_determinism_checks_to_fns
+    original = table["default"]
+
+    def metadata(x):
+        ctx = layers.current()
+        counts[(ctx[0] if ctx else None, "forward", "saved tensors")] += 1
+        return original(x)
+
+    table["default"] = metadata
+    try:
+        yield
+    finally:
+        table["default"] = original
+
+
 def count_step(model, ids) -> tuple[dict, dict]:
     counts: collections.Counter = collections.Counter()
     detail: collections.Counter = collections.Counter()
@@ -375,7 +417,7 @@ def count_step(model, ids) -> tuple[dict, dict]:
         # backward on the calling thread (on CUDA it otherwise runs on the device's own autograd thread, which
         # sys.setprofile does not see)
         with torch.autograd.set_multithreading_enabled(False), _causal_bias_outside_modes(), \
-                NodeTagger(layers, cats, counts), ops:
+                _counting_saved_tensors(layers, counts), NodeTagger(layers, cats, counts), ops:
             micro_step(model, ids)
     finally:
         cats.close()
@@ -431,12 +473,13 @@ def stubbed_kernels():
     """CPU only, for the timed steps: the kernels that do arithmetic (NF4 decode, grouped and dense GEMMs, flash
     attention, dropout's random mask) return zeros (ones for the mask) of their result's shape, still one
     dispatched op each, so that the CPU's bf16 arithmetic, which the GPU does in microseconds, is not timed as host
-    work. (The zeros also keep denormals out of what follows.)"""
+    work. (Zeros keep denormals out of what follows; the decoded weights, which only stubbed GEMMs read, are left
+    uninitialized: no memset of whole banks.)"""
     import warnings
 
     import moefit.quant.nf4  # noqa: F401  (registers bitsandbytes' ops)
 
-    z = torch.zeros
+    z, e = torch.zeros, torch.empty
 
     def grouped_mm(a, b, offs=None, bias=None, out_dtype=None):
         shape = (a.shape[0], b.shape[-1]) if b.dim() == 3 else (offs.shape[0], a.shape[0], b.shape[-1])
@@ -450,8 +493,8 @@ def stubbed_kernels():
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
 
     stubs = {
-        ("bitsandbytes", "dequantize_4bit"): lambda A, absmax, bs, qt, shape, dtype: z(shape, dtype=dtype),
-        ("bitsandbytes", "dequantize_blockwise"): lambda A, absmax, code, bs, dtype: z(A.shape, dtype=dtype),
+        ("bitsandbytes", "dequantize_4bit"): lambda A, absmax, bs, qt, shape, dtype: e(shape, dtype=dtype),
+        ("bitsandbytes", "dequantize_blockwise"): lambda A, absmax, code, bs, dtype: e(A.shape, dtype=dtype),
         ("aten", "_grouped_mm"): grouped_mm,
         ("aten", "mm"): lambda a, b: z(a.shape[0], b.shape[1], dtype=a.dtype),
         ("aten", "addmm"): lambda c, a, b, beta=1, alpha=1: z(a.shape[0], b.shape[1], dtype=a.dtype),
@@ -492,6 +535,7 @@ def summarize(counts, detail, times, moe_layers: list[int]) -> dict:
         per_pass[phase] = {"ops": sum(ops.values()), "views": views, "ops_by_category": dict(sorted(ops.items())),
                            "python_calls": cats.get("python calls", 0.0),
                            "autograd_nodes": cats.get("autograd nodes", 0.0),
+                           "saved_tensors": cats.get("saved tensors", 0.0),
                            "host_ms": statistics.mean(ms) if ms else None,
                            "top_ops": dict(top.most_common())}
     outside = sum(n for (layer, _, key), n in counts.items() if layer is None and key.startswith("op:"))
@@ -510,6 +554,7 @@ def print_family(name: str, res: dict, detail_n: int) -> None:
         print(f"  {c:28s}" + "".join(f"{p[ph]['ops_by_category'].get(c, 0):11.1f}" for ph in PASSES))
     for label, key, fmt in (("ops (launch-like)", "ops", "{:11.1f}"), ("view ops", "views", "{:11.1f}"),
                             ("autograd nodes built", "autograd_nodes", "{:11.1f}"),
+                            ("tensors saved (checkpoint)", "saved_tensors", "{:11.1f}"),
                             ("python calls", "python_calls", "{:11.0f}"), ("host ms", "host_ms", "{:11.3f}")):
         print(f"  {label:28s}" + "".join(fmt.format(p[ph][key]) if p[ph][key] is not None else f"{'-':>11s}"
                                          for ph in PASSES))
