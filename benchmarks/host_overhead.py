@@ -188,7 +188,7 @@ def module_areas(model) -> dict[int, tuple[str, str]]:
             areas[id(m)] = ("attn", "core")
         elif name.count(".") == 0 and name:
             areas[id(m)] = ("layer", "residual")
-        elif "shared" in name or name.endswith(("mlp", "feed_forward")):
+        elif name.endswith(("shared_expert", "shared_experts", "mlp", "feed_forward")):  # the MLP itself
             areas[id(m)] = ("shared" if "shared" in name else "mlp", "act")
     return areas
 
