@@ -55,7 +55,8 @@ class MoefitLinear(nn.Module):
         if self.lora_A is not None:
             dropout = self.lora_dropout
             xd = x if isinstance(dropout, nn.Identity) else dropout(x)  # (p = 0: not even a module call)
-            return _LoraLinear.apply(x, xd, self.qweight, self.bias, self.lora_A, self.lora_B, self.lora_scale, skip)
+            y = _LoraLinear.apply(x, xd, self.qweight, self.bias, self.lora_A, self.lora_B, self.lora_scale, skip)
+            return y.view(*x.shape[:-1], self.out_features)  # (a view made outside the Function: in-place safe)
         y = discarded_output(x, self.out_features) if skip else frozen_linear(x, self.qweight)
         if self.bias is not None:
             y = y + self.bias
@@ -85,17 +86,16 @@ class _LoraLinear(torch.autograd.Function):
         h = xd2.mm(a16.t()).mul_(scale)
         y = torch.addmm(y, h, b16.t())
         ctx.save_for_backward(xd2, h, a16, b16)
-        ctx.weight, ctx.scale, ctx.dtypes = weight, scale, (lora_a.dtype, lora_b.dtype)
-        return y.view(*x.shape[:-1], out)
+        ctx.weight, ctx.scale, ctx.dtypes, ctx.x_shape = weight, scale, (lora_a.dtype, lora_b.dtype), x.shape
+        return y  # [tokens, out]
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, g2):
         xd2, h, a16, b16 = ctx.saved_tensors
-        g2 = grad_y.reshape(-1, grad_y.shape[-1])
         need_x, need_xd, _, _, need_a, need_b = ctx.needs_input_grad[:6]
         grad_x = grad_xd = grad_a = grad_b = None
         if need_x:  # the frozen matmul's input gradient: W decoded again
-            grad_x = g2.mm(ctx.weight.dequantize(dtype=g2.dtype)).view(*grad_y.shape[:-1], -1)
+            grad_x = g2.mm(ctx.weight.dequantize(dtype=g2.dtype)).view(ctx.x_shape)
         if need_b:
             grad_b = g2.t().mm(h).to(ctx.dtypes[1])
         if need_xd or need_a:
@@ -103,7 +103,7 @@ class _LoraLinear(torch.autograd.Function):
             if need_a:
                 grad_a = grad_h.t().mm(xd2).to(ctx.dtypes[0])
             if need_xd:
-                grad_xd = grad_h.mm(a16).view(*grad_y.shape[:-1], -1)
+                grad_xd = grad_h.mm(a16).view(ctx.x_shape)
         return grad_x, grad_xd, None, None, grad_a, grad_b, None, None
 
 

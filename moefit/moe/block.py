@@ -77,7 +77,7 @@ class MoefitMoE(nn.Module):
         # sorted experts by searchsorted (no bincount: on CUDA it reads the max back to the host, a sync per MoE
         # layer; no counting scatter and cumsum either).
         row_expert, order = torch.sort(flat_expert, stable=True)
-        token = order // k
+        token = order // k if k > 1 else order  # each routed row's token
         groups = ExpertGroups.from_sorted(row_expert, self.num_experts)
         w = weights.reshape(-1)[order].to(x.dtype).unsqueeze(1)
         xs = x[token]
@@ -87,8 +87,11 @@ class MoefitMoE(nn.Module):
         else:
             ys = self.run_experts(xs, groups) * w
         shared = self.shared
-        out = shared(x) if shared is not None else torch.zeros_like(x)
-        out = out.index_add(0, token, ys.to(out.dtype)).view(hidden_states.shape)
+        if shared is not None:
+            out = shared(x).index_add(0, token, ys.to(x.dtype))
+        else:  # into fresh zeros in place: no copy of them first
+            out = torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+        out = out.view(hidden_states.shape)
         return (out, logits) if self.return_router_logits else out
 
 
