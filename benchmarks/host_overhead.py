@@ -386,7 +386,7 @@ def _causal_bias_outside_modes():
 
 
 @contextlib.contextmanager
-def _counting_saved_tensors(layers: LayerContext, counts):
+def _counting_saved_tensors(layers: LayerContext, cats: Categorizer, counts):
     """Counts the tensors each layer's first pass saves for backward: checkpointing packs each one there, again in
     the recomputation, and unpacks it in backward, in Python (torch.utils.checkpoint's hooks). Counted through
     the metadata function its pack hook calls once per saved tensor."""
@@ -397,7 +397,9 @@ def _counting_saved_tensors(layers: LayerContext, counts):
 
     def metadata(x):
         ctx = layers.current()
-        counts[(ctx[0] if ctx else None, "forward", "saved tensors")] += 1
+        layer = ctx[0] if ctx else None
+        counts[(layer, "forward", "saved tensors")] += 1
+        counts[(layer, "forward", f"saved:{cats.forward_category()}")] += 1
         return original(x)
 
     table["default"] = metadata
@@ -417,7 +419,7 @@ def count_step(model, ids) -> tuple[dict, dict]:
         # backward on the calling thread (on CUDA it otherwise runs on the device's own autograd thread, which
         # sys.setprofile does not see)
         with torch.autograd.set_multithreading_enabled(False), _causal_bias_outside_modes(), \
-                _counting_saved_tensors(layers, counts), NodeTagger(layers, cats, counts), ops:
+                _counting_saved_tensors(layers, cats, counts), NodeTagger(layers, cats, counts), ops:
             micro_step(model, ids)
     finally:
         cats.close()
@@ -532,7 +534,9 @@ def summarize(counts, detail, times, moe_layers: list[int]) -> dict:
         for (layer, ph, name), n in detail.items():
             if layer in measured and ph == phase:
                 top[name] += n / len(measured)
+        saved = {k.split(":", 1)[1]: v for k, v in cats.items() if k.startswith("saved:")}
         per_pass[phase] = {"ops": sum(ops.values()), "views": views, "ops_by_category": dict(sorted(ops.items())),
+                           "saved_by_category": dict(sorted(saved.items())),
                            "python_calls": cats.get("python calls", 0.0),
                            "autograd_nodes": cats.get("autograd nodes", 0.0),
                            "saved_tensors": cats.get("saved tensors", 0.0),
@@ -559,40 +563,25 @@ def print_family(name: str, res: dict, detail_n: int) -> None:
         print(f"  {label:28s}" + "".join(fmt.format(p[ph][key]) if p[ph][key] is not None else f"{'-':>11s}"
                                          for ph in PASSES))
     if detail_n:
+        print("  tensors saved by part: " + ", ".join(f"{k} {v:.0f}"
+                                                   for k, v in p["forward"]["saved_by_category"].items()))
         for ph in PASSES:
             top = list(p[ph]["top_ops"].items())[:detail_n]
             print(f"  {ph} ops: " + ", ".join(f"{k} {v:.0f}" for k, v in top))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated, of {', '.join(FAMILIES)}")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--width", choices=("tiny", "real"), default="tiny")
-    ap.add_argument("--layers", type=int, default=3, help="MoE layers built (GLM-4.5 adds its dense first layer)")
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (moefit bench's default: 0.05)")
-    ap.add_argument("--steps", type=int, default=5, help="timed micro-steps (after 2 warm-up steps)")
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
-    ap.add_argument("--no-grouped-on-cpu", action="store_true", help="CPU: the per-expert loop path instead")
-    ap.add_argument("--no-stub-kernels", action="store_true", help="CPU: real NF4 decode and grouped GEMMs")
-    ap.add_argument("--no-counts", action="store_true", help="time only")
-    ap.add_argument("--detail", type=int, default=0, help="print the N commonest ops of each pass")
-    ap.add_argument("--json", help="write the results here")
-    args = ap.parse_args()
-
-    import moefit.moe.grouped as grouped
+def _run(args, grouped) -> dict:
     from moefit.train.metrics import versions
 
-    torch.set_num_threads(args.threads)
     cpu = not args.device.startswith("cuda")
     grouped.GROUPED_ON_CPU = cpu and not args.no_grouped_on_cpu
     stub = cpu and not args.no_stub_kernels and grouped.GROUPED_ON_CPU
-    results = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "device": args.device,
+    results = {"command": args.command, "device": args.device,
                "device_name": torch.cuda.get_device_name(args.device) if not cpu else "cpu",
                "width": args.width, "seq_len": args.seq_len, "dropout": args.dropout, "grouped_on_cpu":
                grouped.GROUPED_ON_CPU, "stub_kernels": stub, "threads": args.threads, "versions": versions(),
-               "clock": "thread_time" if cpu else "perf_counter", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "families": {}}
+               "clock": "thread_time" if cpu else "perf_counter", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "families": {}}
     print(f"host_overhead: {args.device}, {args.width} widths, seq {args.seq_len}, LoRA dropout {args.dropout}, "
           f"grouped-on-cpu {grouped.GROUPED_ON_CPU}, stub kernels {stub}, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -617,6 +606,36 @@ def main() -> int:
             del model
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated, of {', '.join(FAMILIES)}")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--width", choices=("tiny", "real"), default="tiny")
+    ap.add_argument("--layers", type=int, default=3, help="MoE layers built (GLM-4.5 adds its dense first layer)")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (moefit bench's default: 0.05)")
+    ap.add_argument("--steps", type=int, default=5, help="timed micro-steps (after 2 warm-up steps)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--no-grouped-on-cpu", action="store_true", help="CPU: the per-expert loop path instead")
+    ap.add_argument("--no-stub-kernels", action="store_true", help="CPU: real NF4 decode and grouped GEMMs")
+    ap.add_argument("--no-counts", action="store_true", help="time only")
+    ap.add_argument("--detail", type=int, default=0, help="print the N commonest ops of each pass")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    args.command = " ".join(["python benchmarks/host_overhead.py", *(sys.argv[1:] if argv is None else argv)])
+
+    import moefit.moe.grouped as grouped
+
+    threads, flag = torch.get_num_threads(), grouped.GROUPED_ON_CPU
+    torch.set_num_threads(args.threads)
+    try:
+        _run(args, grouped)
+    finally:
+        torch.set_num_threads(threads)
+        grouped.GROUPED_ON_CPU = flag
     return 0
 
 
