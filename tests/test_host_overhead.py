@@ -24,8 +24,8 @@ def grouped_on_cpu(monkeypatch):
     monkeypatch.setattr(grouped, "GROUPED_ON_CPU", True)
 
 
-@pytest.mark.parametrize("r", [4, 16])
-def test_grouped_lora_node_equals_the_composed_grouped_matmuls(grouped_on_cpu, r):
+@pytest.mark.parametrize("r,scale", [(4, 2.0), (16, 2.0), (4, 1.5)])  # 2.0 is folded into B, 1.5 is not
+def test_grouped_lora_node_equals_the_composed_grouped_matmuls(grouped_on_cpu, r, scale):
     gen = torch.Generator().manual_seed(0)
     experts, rows, width, out = 6, 50, 32, 24
     groups = ExpertGroups(torch.tensor([10, 0, 15, 5, 20, 0]))  # two experts without a row
@@ -38,16 +38,50 @@ def test_grouped_lora_node_equals_the_composed_grouped_matmuls(grouped_on_cpu, r
         for t in (x, a, b):
             t.grad = None
         if fused:
-            y = grouped_lora(x, a, b, 2.0, groups)
+            y = grouped_lora(x, a, b, scale, groups)
             assert type(y.grad_fn).__name__ == "_GroupedLoRABackward"
         else:
-            y = grouped_matmul(grouped_matmul(x, a.to(x.dtype), groups) * 2.0, b.to(x.dtype), groups)
+            y = grouped_matmul(grouped_matmul(x, a.to(x.dtype), groups) * scale, b.to(x.dtype), groups)
         y.backward(grad)
         return y.detach(), x.grad, a.grad, b.grad
 
     for got, want in zip(run(True), run(False), strict=True):
         assert torch.equal(got, want)
     assert not run(True)[2][[1, 5]].any()  # experts without rows: exactly zero weight gradients
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [2.0, 1.5])
+def test_lora_linear_node_equals_the_composed_ops(dtype, scale):
+    """MoefitLinear's one-node LoRA (_LoraLinear) against the ops it replaced (frozen matmul, casts, F.linear, the
+    scaling on the rank-r activation, addmm): the same bits, gradients included."""
+    from moefit.models.layers import MoefitLinear
+    from moefit.moe.grouped import frozen_linear
+
+    gen = torch.Generator().manual_seed(0)
+    layer = MoefitLinear(64, 32, quantization="nf4", dtype=dtype)
+    layer.load_weight(torch.randn(32, 64, generator=gen))
+    layer.add_lora(8, 8 * scale, 0.0, torch.float32, gen)
+    with torch.no_grad():
+        layer.lora_B.normal_(generator=gen)
+    x0 = torch.randn(2, 5, 64, generator=gen).to(dtype)
+    grad = torch.randn(2, 5, 32, generator=gen).to(dtype)
+
+    def run(fused: bool):
+        x = x0.clone().requires_grad_(True)
+        for p in (layer.lora_A, layer.lora_B):
+            p.grad = None
+        if fused:
+            y = layer(x)
+        else:
+            h = torch.nn.functional.linear(x, layer.lora_A.to(dtype)) * scale
+            y = torch.addmm(frozen_linear(x, layer.qweight).reshape(-1, 32), h.reshape(-1, 8),
+                            layer.lora_B.to(dtype).t()).view(2, 5, 32)
+        y.backward(grad)
+        return y.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad
+
+    for got, want in zip(run(True), run(False), strict=True):
+        assert torch.equal(got, want)
 
 
 def test_groups_from_sorted_experts_match_counted_ones():

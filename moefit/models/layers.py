@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..moe import recompute
-from ..moe.grouped import frozen_linear
+from ..moe.grouped import exact_scale, frozen_linear, scaled_copy
 from ..moe.recompute import discarded_output
 from ..quant.nf4 import make_weight
 
@@ -70,9 +70,11 @@ class MoefitLinear(nn.Module):
 class _LoraLinear(torch.autograd.Function):
     """y = x W^T (+ b) + ((xd A^T) * scale) B^T with W frozen (decoded on each pass, never saved) and xd = x or
     its dropout: one autograd node for what took nine (the frozen matmul, two casts, the LoRA GEMMs, the scaling,
-    transposes and reshapes), with the same kernels and the same arithmetic, forward and backward: the scale on
-    the rank-r activation and the LoRA product added in addmm's epilogue. `skip`: the recomputation of a
-    checkpointed layer throws this output away (moe.recompute): the frozen matmul is not run (a zero output)."""
+    transposes and reshapes), with the same arithmetic, forward and backward, the LoRA product added in addmm's
+    epilogue. A power-of-two scale (exact: moe.grouped.exact_scale) is multiplied into B's copy as it is cast and
+    into B's gradient as it is cast back, no kernel of its own; another scale multiplies the rank-r activation.
+    `skip`: the recomputation of a checkpointed layer throws this output away (moe.recompute): the frozen matmul
+    is not run (a zero output)."""
 
     @staticmethod
     def forward(ctx, x, xd, weight, bias, lora_a, lora_b, scale: float, skip: bool):
@@ -82,11 +84,16 @@ class _LoraLinear(torch.autograd.Function):
         y = x2.new_zeros(x2.shape[0], out) if skip else x2.mm(weight.dequantize(dtype=dtype).t())
         if bias is not None:
             y = y + bias
-        a16, b16 = lora_a.to(dtype), lora_b.to(dtype)
-        h = xd2.mm(a16.t()).mul_(scale)
+        fold = exact_scale(scale)
+        a16 = lora_a.to(dtype)
+        b16 = scaled_copy(lora_b, scale, dtype) if fold else lora_b.to(dtype)
+        h = xd2.mm(a16.t())
+        if not fold:
+            h.mul_(scale)
         y = torch.addmm(y, h, b16.t())
         ctx.save_for_backward(xd2, h, a16, b16)
-        ctx.weight, ctx.scale, ctx.dtypes, ctx.x_shape = weight, scale, (lora_a.dtype, lora_b.dtype), x.shape
+        ctx.weight, ctx.scale, ctx.fold = weight, scale, fold
+        ctx.dtypes, ctx.x_shape = (lora_a.dtype, lora_b.dtype), x.shape
         return y  # [tokens, out]
 
     @staticmethod
@@ -97,9 +104,12 @@ class _LoraLinear(torch.autograd.Function):
         if need_x:  # the frozen matmul's input gradient: W decoded again
             grad_x = g2.mm(ctx.weight.dequantize(dtype=g2.dtype)).view(ctx.x_shape)
         if need_b:
-            grad_b = g2.t().mm(h).to(ctx.dtypes[1])
+            grad_b = g2.t().mm(h)
+            grad_b = scaled_copy(grad_b, ctx.scale, ctx.dtypes[1]) if ctx.fold else grad_b.to(ctx.dtypes[1])
         if need_xd or need_a:
-            grad_h = g2.mm(b16).mul_(ctx.scale)
+            grad_h = g2.mm(b16)
+            if not ctx.fold:
+                grad_h.mul_(ctx.scale)
             if need_a:
                 grad_a = grad_h.t().mm(xd2).to(ctx.dtypes[0])
             if need_xd:

@@ -11,6 +11,7 @@ the backward pass dequantizes again (the DESIGN's "save inputs, recompute dequan
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -157,13 +158,31 @@ def grouped_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
     return grouped_matmul(h, b.to(x.dtype), groups)
 
 
-def _cast_padded(w: torch.Tensor, dtype: torch.dtype, dim: int, width: int) -> torch.Tensor:
-    """`w` in `dtype`, zero-padded along `dim` (1 or 2 of [E, ., .]) to `width`."""
-    w = w.to(dtype)
+def exact_scale(scale: float) -> bool:
+    """Whether `scale` is a power of two (LoRA's usual alpha = 2r gives 2): multiplying it into B instead of into
+    the rank-r activation then gives the same bits (scaling by 2^k commutes with rounding)."""
+    return math.frexp(scale)[0] == 0.5
+
+
+def _cast_padded(w: torch.Tensor, dtype: torch.dtype, dim: int, width: int, scale: float | None = None
+                 ) -> torch.Tensor:
+    """`w` (times `scale`, in the same kernel) in `dtype`, zero-padded along `dim` (1 or 2 of [E, ., .]) to
+    `width`."""
     pad = width - w.shape[dim]
     if not pad:
-        return w
-    return torch.nn.functional.pad(w, (0, pad) if dim == 2 else (0, 0, 0, pad))
+        return w.to(dtype) if scale is None else scaled_copy(w, scale, dtype)
+    out = w.new_zeros((*w.shape[:dim], width, *w.shape[dim + 1:]), dtype=dtype)
+    part = out[:, :w.shape[1]] if dim == 1 else out[..., :w.shape[2]]
+    if scale is None:
+        part.copy_(w)
+    else:
+        torch.mul(w, scale, out=part)
+    return out
+
+
+def scaled_copy(w: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """w * scale in `dtype`: one kernel (the multiply writes the cast)."""
+    return torch.mul(w, scale, out=torch.empty(w.shape, dtype=dtype, device=w.device))
 
 
 class _GroupedLoRA(torch.autograd.Function):
@@ -171,17 +190,21 @@ class _GroupedLoRA(torch.autograd.Function):
     node: what two `_GroupedMM`s with casts, pads, slices and a scaling did with a dozen nodes, the same
     arithmetic. A rank that is not a multiple of 8 is padded once, to the kernel's alignment, in the bf16 copies of
     A (columns) and B (rows): the padded columns of x @ A are exactly zero, so the rank-r activation keeps its
-    padded width from one GEMM to the next instead of being sliced and padded again."""
+    padded width from one GEMM to the next instead of being sliced and padded again. A power-of-two scale (exact)
+    is multiplied into B's copy as it is cast, and into B's gradient as it is cast back: no kernel of its own."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, groups: ExpertGroups):
         r = a.shape[-1]
         rp = r + (-r % 8)
+        fold = exact_scale(scale)
         a16 = _cast_padded(a, x.dtype, 2, rp)  # [E, in, rp]
-        b16 = _cast_padded(b, x.dtype, 1, rp)  # [E, rp, out]
-        h = _GROUPED_MM(x, a16, offs=groups.offs).mul_(scale)  # [N, rp]
+        b16 = _cast_padded(b, x.dtype, 1, rp, scale if fold else None)  # [E, rp, out]
+        h = _GROUPED_MM(x, a16, offs=groups.offs)  # [N, rp]
+        if not fold:
+            h.mul_(scale)
         ctx.save_for_backward(x, h, a16, b16)
-        ctx.groups, ctx.scale, ctx.r, ctx.dtypes = groups, scale, r, (a.dtype, b.dtype)
+        ctx.groups, ctx.scale, ctx.fold, ctx.r, ctx.dtypes = groups, scale, fold, r, (a.dtype, b.dtype)
         return _GROUPED_MM(h, b16, offs=groups.offs)
 
     @staticmethod
@@ -192,9 +215,12 @@ class _GroupedLoRA(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[2]:
-            grad_b = _GROUPED_MM(h.t(), grad_y, offs=offs).masked_fill_(groups.empty, 0)[:, :r].to(ctx.dtypes[1])
+            grad_b = _GROUPED_MM(h.t(), grad_y, offs=offs).masked_fill_(groups.empty, 0)[:, :r]
+            grad_b = scaled_copy(grad_b, ctx.scale, ctx.dtypes[1]) if ctx.fold else grad_b.to(ctx.dtypes[1])
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_h = _GROUPED_MM(grad_y, b16.transpose(-2, -1), offs=offs).mul_(ctx.scale)  # [N, rp]
+            grad_h = _GROUPED_MM(grad_y, b16.transpose(-2, -1), offs=offs)  # [N, rp]
+            if not ctx.fold:
+                grad_h.mul_(ctx.scale)
             if ctx.needs_input_grad[1]:
                 grad_a = _GROUPED_MM(x.t(), grad_h, offs=offs).masked_fill_(groups.empty, 0)[..., :r] \
                     .to(ctx.dtypes[0])
