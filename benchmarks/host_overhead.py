@@ -8,11 +8,12 @@ micro-step, for each MoE family: what the CPU does to issue one layer's kernels,
 Two measurements of the same training code path (moefit.bench.build_synthetic_model, LoRA, gradient
 checkpointing, the trainer's forward / backward):
 
-- **Counts** (one instrumented micro-step): aten ops dispatched (each non-view op is about one kernel launch on
-  CUDA; views launch nothing), autograd nodes built in the forward, and Python function calls, per decoder layer
-  and pass, by category (where in the layer: attention projections, routing, routed experts' frozen matmuls,
-  their LoRA, ...). An op is attributed to the layer and module running when it is dispatched; in backward, to
-  the autograd node it runs for, which was tagged with its layer and module when the forward built it.
+- **Counts** (one instrumented micro-step): aten ops dispatched (each is about one kernel launch on CUDA; views
+  and allocations launch nothing and are counted apart), autograd nodes built in the forward, tensors saved for
+  backward, and Python function calls, per decoder layer and pass, by category (where in the layer: attention
+  projections, routing, routed experts' frozen matmuls, their LoRA, ...). An op is attributed to the layer and
+  module running when it is dispatched; in backward, to the autograd node it runs for, which was tagged with its
+  layer and module when the forward built it.
 - **Host time** (uninstrumented micro-steps, no device sync): forward and recompute per layer from timestamps at
   the checkpointed function's start and end; backward per layer from gradient hooks on the layer outputs (the
   time between the gradient of layer i's output and that of layer i-1's output, less layer i's recompute).
@@ -65,7 +66,9 @@ PASSES = ("forward", "recompute", "backward")
 VIEW_OPS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "slice", "select", "unsqueeze",
             "squeeze", "expand", "as_strided", "alias", "detach", "split", "split_with_sizes", "chunk", "unbind",
             "narrow", "diagonal", "view_as", "_reshape_alias", "unflatten", "flatten", "movedim", "lift_fresh",
-            "_to_copy_view", "numpy_T", "real", "imag", "_neg_view", "_conj"}
+            "_to_copy_view", "numpy_T", "real", "imag", "_neg_view", "_conj",
+            # allocations: the caching allocator, no kernel on CUDA
+            "empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
 
 
 # ----------------------------------------------------------------------------------------------------- the model
@@ -195,7 +198,8 @@ def module_areas(model) -> dict[int, tuple[str, str]]:
 
 # innermost-first: a frame whose qualified name starts with one of these decides the sub-category
 FRAME_SUBS = (("NF4Weight.", "decode"), ("FrozenWeight.dequantize", "decode"),
-              ("_GroupedMM.", "lora"), ("grouped_matmul", "lora"), ("MoefitExperts._lora", "lora"),
+              ("_GroupedMM.", "lora"), ("_GroupedLoRA.", "lora"), ("grouped_matmul", "lora"),
+              ("grouped_lora", "lora"), ("MoefitExperts._lora", "lora"),
               ("_FrozenExpertMatmul.", "frozen"), ("_KnownFrozenExpertMatmul.", "frozen"), ("_apply", "frozen"),
               ("frozen_expert_matmul", "frozen"), ("_FrozenLinear.", "frozen"), ("frozen_linear", "frozen"),
               ("_Discarded.", "frozen"), ("MoefitExperts._frozen", "frozen"),
@@ -556,7 +560,7 @@ def print_family(name: str, res: dict, detail_n: int) -> None:
     print(f"  {'':28s}" + "".join(f"{ph:>11s}" for ph in PASSES))
     for c in cats:
         print(f"  {c:28s}" + "".join(f"{p[ph]['ops_by_category'].get(c, 0):11.1f}" for ph in PASSES))
-    for label, key, fmt in (("ops (launch-like)", "ops", "{:11.1f}"), ("view ops", "views", "{:11.1f}"),
+    for label, key, fmt in (("ops (launch-like)", "ops", "{:11.1f}"), ("views, allocations", "views", "{:11.1f}"),
                             ("autograd nodes built", "autograd_nodes", "{:11.1f}"),
                             ("tensors saved (checkpoint)", "saved_tensors", "{:11.1f}"),
                             ("python calls", "python_calls", "{:11.0f}"), ("host ms", "host_ms", "{:11.3f}")):
