@@ -283,3 +283,29 @@ def test_grouped_matmul_pads_unaligned_widths_for_the_grouped_kernel(k, m):
     for got, want in zip(*outs, strict=True):
         assert got.shape == want.shape
         assert rel(got, want) < 1e-2
+
+
+@pytest.mark.parametrize("r", [4, 16])
+def test_grouped_lora_node_equals_composed_grouped_matmuls_on_cuda(r):
+    """The routed experts' LoRA as one autograd node (_GroupedLoRA) runs the same grouped GEMMs as the two
+    composed _GroupedMM with casts, pads and slices it replaced: bit-identical, gradients included."""
+    from moefit.moe.grouped import ExpertGroups, grouped_lora, grouped_matmul
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    groups = ExpertGroups(torch.tensor([40, 0, 150, 70, 2, 0], device="cuda"))
+    x0 = torch.randn(262, 256, device="cuda", generator=gen).bfloat16()
+    a0 = torch.randn(6, 256, r, device="cuda", generator=gen)
+    b0 = torch.randn(6, r, 512, device="cuda", generator=gen)
+    grad = torch.randn(262, 512, device="cuda", generator=gen).bfloat16()
+    outs = []
+    for fused in (True, False):
+        x, a, b = (t.clone().requires_grad_(True) for t in (x0, a0, b0))
+        if fused:
+            y = grouped_lora(x, a, b, 2.0, groups)
+            assert type(y.grad_fn).__name__ == "_GroupedLoRABackward"
+        else:
+            y = grouped_matmul(grouped_matmul(x, a.to(x.dtype), groups) * 2.0, b.to(x.dtype), groups)
+        y.backward(grad)
+        outs.append((y.detach(), x.grad, a.grad, b.grad))
+    for got, want in zip(*outs, strict=True):
+        assert torch.equal(got, want)

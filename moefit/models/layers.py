@@ -7,11 +7,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..moe import recompute
-from ..moe.grouped import frozen_linear
+from ..moe.grouped import exact_scale, frozen_linear, scaled_copy
 from ..moe.recompute import discarded_output
 from ..quant.nf4 import make_weight
 
@@ -52,23 +51,70 @@ class MoefitLinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.discard_output_in_recompute and recompute.recomputing():
-            y = discarded_output(x, self.out_features)
-        else:
-            y = frozen_linear(x, self.qweight)
+        skip = self.discard_output_in_recompute and recompute.recomputing()
+        if self.lora_A is not None:
+            dropout = self.lora_dropout
+            xd = x if isinstance(dropout, nn.Identity) else dropout(x)  # (p = 0: not even a module call)
+            y = _LoraLinear.apply(x, xd, self.qweight, self.bias, self.lora_A, self.lora_B, self.lora_scale, skip)
+            return y.view(*x.shape[:-1], self.out_features)  # (a view made outside the Function: in-place safe)
+        y = discarded_output(x, self.out_features) if skip else frozen_linear(x, self.qweight)
         if self.bias is not None:
             y = y + self.bias
-        if self.lora_A is not None:
-            # The scale goes on the rank-r activation and the add into the GEMM's epilogue: no extra pass over
-            # the [tokens, out] output.
-            h = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype)) * self.lora_scale
-            y = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]),
-                            self.lora_B.to(x.dtype).t()).view(y.shape)
         return y
 
     def extra_repr(self) -> str:
         lora = f", lora_r={self.lora_A.shape[0]}" if self.lora_A is not None else ""
         return f"in={self.in_features}, out={self.out_features}{lora}"
+
+
+class _LoraLinear(torch.autograd.Function):
+    """y = x W^T (+ b) + ((xd A^T) * scale) B^T with W frozen (decoded on each pass, never saved) and xd = x or
+    its dropout: one autograd node for what took nine (the frozen matmul, two casts, the LoRA GEMMs, the scaling,
+    transposes and reshapes), with the same arithmetic, forward and backward, the LoRA product added in addmm's
+    epilogue. A power-of-two scale (exact: moe.grouped.exact_scale) is multiplied into B's copy as it is cast and
+    into B's gradient as it is cast back, no kernel of its own; another scale multiplies the rank-r activation.
+    `skip`: the recomputation of a checkpointed layer throws this output away (moe.recompute): the frozen matmul
+    is not run (a zero output)."""
+
+    @staticmethod
+    def forward(ctx, x, xd, weight, bias, lora_a, lora_b, scale: float, skip: bool):
+        dtype = x.dtype
+        out = lora_b.shape[0]
+        x2, xd2 = x.reshape(-1, x.shape[-1]), xd.reshape(-1, xd.shape[-1])
+        y = x2.new_zeros(x2.shape[0], out) if skip else x2.mm(weight.dequantize(dtype=dtype).t())
+        if bias is not None:
+            y = y + bias
+        fold = exact_scale(scale)
+        a16 = lora_a.to(dtype)
+        b16 = scaled_copy(lora_b, scale, dtype) if fold else lora_b.to(dtype)
+        h = xd2.mm(a16.t())
+        if not fold:
+            h.mul_(scale)
+        y = torch.addmm(y, h, b16.t())
+        ctx.save_for_backward(xd2, h, a16, b16)
+        ctx.weight, ctx.scale, ctx.fold = weight, scale, fold
+        ctx.dtypes, ctx.x_shape = (lora_a.dtype, lora_b.dtype), x.shape
+        return y  # [tokens, out]
+
+    @staticmethod
+    def backward(ctx, g2):
+        xd2, h, a16, b16 = ctx.saved_tensors
+        need_x, need_xd, _, _, need_a, need_b = ctx.needs_input_grad[:6]
+        grad_x = grad_xd = grad_a = grad_b = None
+        if need_x:  # the frozen matmul's input gradient: W decoded again
+            grad_x = g2.mm(ctx.weight.dequantize(dtype=g2.dtype)).view(ctx.x_shape)
+        if need_b:
+            grad_b = g2.t().mm(h)
+            grad_b = scaled_copy(grad_b, ctx.scale, ctx.dtypes[1]) if ctx.fold else grad_b.to(ctx.dtypes[1])
+        if need_xd or need_a:
+            grad_h = g2.mm(b16)
+            if not ctx.fold:
+                grad_h.mul_(ctx.scale)
+            if need_a:
+                grad_a = grad_h.t().mm(xd2).to(ctx.dtypes[0])
+            if need_xd:
+                grad_xd = grad_h.mm(a16).view(ctx.x_shape)
+        return grad_x, grad_xd, None, None, grad_a, grad_b, None, None
 
 
 def is_lora_name(name: str) -> bool:

@@ -73,13 +73,12 @@ class MoefitMoE(nn.Module):
         top_i, weights = self.rule.route(logits, router)
         k = self.rule.top_k
         flat_expert = top_i.reshape(-1)
-        order = torch.argsort(flat_expert, stable=True)
-        token = order // k
-        # scatter_add, not bincount: bincount on CUDA reads the max back to the host, a sync per MoE layer that
-        # stops the CPU from queueing the next layer's kernels while the GPU works.
-        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
-            0, flat_expert, torch.ones_like(flat_expert))
-        groups = ExpertGroups(counts, None if x.is_cuda else counts.tolist(), row_expert=flat_expert[order])
+        # One sort gives each routed row's expert and the rows' order; the experts' end offsets come from the
+        # sorted experts by searchsorted (no bincount: on CUDA it reads the max back to the host, a sync per MoE
+        # layer; no counting scatter and cumsum either).
+        row_expert, order = torch.sort(flat_expert, stable=True)
+        token = order // k if k > 1 else order  # each routed row's token
+        groups = ExpertGroups.from_sorted(row_expert, self.num_experts)
         w = weights.reshape(-1)[order].to(x.dtype).unsqueeze(1)
         xs = x[token]
         if self.rule.scale_inputs:
@@ -88,12 +87,15 @@ class MoefitMoE(nn.Module):
         else:
             ys = self.run_experts(xs, groups) * w
         shared = self.shared
-        out = shared(x) if shared is not None else torch.zeros_like(x)
-        out = out.index_add(0, token, ys.to(out.dtype)).view(hidden_states.shape)
+        if shared is not None:
+            out = shared(x).index_add(0, token, ys.to(x.dtype))
+        else:  # into fresh zeros in place: no copy of them first
+            out = torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+        out = out.view(hidden_states.shape)
         return (out, logits) if self.return_router_logits else out
 
 
 def make_groups(counts: torch.Tensor, row_expert: torch.Tensor | None = None) -> ExpertGroups:
     """Groups of rows sorted by expert, with `counts[e]` rows for expert e (and each row's expert, for per-expert
     biases)."""
-    return ExpertGroups(counts, None if counts.is_cuda else counts.tolist(), row_expert=row_expert)
+    return ExpertGroups(counts, row_expert=row_expert)

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..quant.nf4 import make_weight
 from . import recompute
-from .grouped import ExpertGroups, frozen_expert_matmul, grouped_matmul
+from .grouped import ExpertGroups, frozen_expert_matmul, grouped_lora
 from .recompute import discarded_output
 
 EXPERT_PROJECTIONS = ("gate", "up", "down")
@@ -102,10 +102,9 @@ class MoefitExperts(nn.Module):
         a = getattr(self, f"{proj}_lora_A")
         if a is None:
             return None
-        b = getattr(self, f"{proj}_lora_B")
-        xd = self.lora_dropout(x)
-        h = grouped_matmul(xd, a.to(x.dtype), groups) * self.lora_scale  # scale the rank-r activation
-        return grouped_matmul(h, b.to(x.dtype), groups)
+        dropout = self.lora_dropout
+        xd = x if isinstance(dropout, nn.Identity) else dropout(x)  # (p = 0: not even a module call)
+        return grouped_lora(xd, a, getattr(self, f"{proj}_lora_B"), self.lora_scale, groups)
 
     def _frozen_kept(self, proj: str, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
         """The frozen projection; with `keep_gate_up` its first-pass result is kept for the recomputation of a

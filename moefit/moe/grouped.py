@@ -10,6 +10,9 @@ the backward pass dequantizes again (the DESIGN's "save inputs, recompute dequan
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 from .. import engine_switches
@@ -17,37 +20,92 @@ from ..quant.nf4 import FrozenWeight, NF4Weight
 
 _GROUPED_MM = getattr(torch, "_grouped_mm", None)
 
+# Run the CUDA path (one decode per bank, torch._grouped_mm) on CPU bf16 tensors too; torch >= 2.9 has a CPU
+# kernel for it. Only for measuring that path's host work on a machine without a GPU
+# (benchmarks/host_overhead.py --grouped-on-cpu): on CPU the per-expert loop is faster and is the reference.
+GROUPED_ON_CPU = False
+
+
+def _grouped_device(x: torch.Tensor) -> bool:
+    return x.is_cuda or (GROUPED_ON_CPU and x.device.type == "cpu")
+
+
+@functools.cache
+def _sm_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
 
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor, aligned: bool = True) -> bool:
     """Whether torch._grouped_mm runs x @ w; `aligned=False`: once the widths are padded to multiples of 8."""
-    if _GROUPED_MM is None or not x.is_cuda or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
+    if _GROUPED_MM is None or not _grouped_device(x) or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
         return False
-    major, _ = torch.cuda.get_device_capability(x.device)
+    # The capability is cached per device: get_device_capability costs microseconds of Python per call, and this
+    # runs for every grouped matmul of every pass.
+    if x.is_cuda and _sm_major(x.device.index if x.device.index is not None else torch.cuda.current_device()) < 8:
+        return False
     # 16-byte alignment of the contraction and output widths (kernel requirement).
-    return major >= 8 and (not aligned or (x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0))
+    return not aligned or (x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0)
 
 
 def offsets_from_counts(counts: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts, 0).to(torch.int32)
 
 
-class ExpertGroups:
-    """How routed rows are grouped: `counts[e]` rows for expert e, their int32 end offsets (for the grouped
-    kernel, computed once per MoE layer), lazily the counts as Python ints (for the per-expert loop), and
-    `row_expert`, each row's expert (for per-expert biases), when the caller has it."""
+_EXPERT_IDS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
-    def __init__(self, counts: torch.Tensor, counts_cpu: list[int] | None = None,
-                 row_expert: torch.Tensor | None = None):
-        self.counts = counts
-        self.offs = offsets_from_counts(counts)
+
+def _expert_ids(num_experts: int, device: torch.device) -> torch.Tensor:
+    """arange(num_experts) on `device`, made once (the boundaries searchsorted turns into offsets)."""
+    key = (device, num_experts)
+    ids = _EXPERT_IDS.get(key)
+    if ids is None:
+        ids = _EXPERT_IDS[key] = torch.arange(num_experts, device=device)
+    return ids
+
+
+class ExpertGroups:
+    """How routed rows are grouped: `counts[e]` rows for expert e, their int32 end offsets `offs` (for the grouped
+    kernel), lazily the counts as Python ints (for the per-expert loop) and which experts got no row (`empty`, for
+    the weight gradients), and `row_expert`, each row's expert (for per-expert biases), when the caller has it.
+    Everything is computed once per MoE layer and pass and shared by all of the layer's expert matmuls."""
+
+    def __init__(self, counts: torch.Tensor | None = None, counts_cpu: list[int] | None = None,
+                 row_expert: torch.Tensor | None = None, *, offs: torch.Tensor | None = None):
+        if counts is None and offs is None:
+            raise ValueError("ExpertGroups needs counts or offs")
+        self._counts = counts
+        self.offs = offsets_from_counts(counts) if offs is None else offs
         self._cpu = counts_cpu
+        self._empty: torch.Tensor | None = None
         self.row_expert = row_expert
+
+    @classmethod
+    def from_sorted(cls, row_expert: torch.Tensor, num_experts: int) -> ExpertGroups:
+        """From each row's expert, sorted: the end offsets in one kernel (searchsorted), no counting pass."""
+        offs = torch.searchsorted(row_expert, _expert_ids(num_experts, row_expert.device), right=True,
+                                  out_int32=True)
+        return cls(offs=offs, row_expert=row_expert)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Rows per expert (int64)."""
+        if self._counts is None:
+            self._counts = torch.diff(self.offs, prepend=self.offs.new_zeros(1)).long()
+        return self._counts
 
     @property
     def sizes(self) -> list[int]:
         if self._cpu is None:
             self._cpu = self.counts.tolist()
         return self._cpu
+
+    @property
+    def empty(self) -> torch.Tensor:
+        """bool [E, 1, 1]: the experts that got no row, whose weight gradients must be exactly zero (the grouped
+        kernel leaves their slice unwritten)."""
+        if self._empty is None:
+            self._empty = (self.counts == 0)[:, None, None]
+        return self._empty
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
@@ -61,31 +119,114 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, groups: ExpertGroups) -> to
             m = w.shape[-1]
             x = torch.nn.functional.pad(x, (0, pad_k)) if pad_k else x
             w = torch.nn.functional.pad(w, (0, pad_m, 0, pad_k))
-            return _GroupedMM.apply(x, w, groups.offs)[:, :m]
-        return _GroupedMM.apply(x, w, groups.offs)
+            return _GroupedMM.apply(x, w, groups)[:, :m]
+        return _GroupedMM.apply(x, w, groups)
     return loop_grouped_matmul(x, w, groups.sizes)
 
 
 class _GroupedMM(torch.autograd.Function):
     """`torch._grouped_mm` with an explicit backward: the kernel rejects broadcast (zero-stride) gradients, and
-    the weight gradient is itself one grouped GEMM (x_e^T @ dy_e for every expert e)."""
+    the weight gradient is itself one grouped GEMM (x_e^T @ dy_e for every expert e). The groups stay on ctx (not
+    saved tensors: nothing for checkpointing to pack and unpack)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor):
-        ctx.save_for_backward(x, w, offs)
-        return _GROUPED_MM(x, w, offs=offs)
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, groups: ExpertGroups):
+        ctx.save_for_backward(x, w)
+        ctx.groups = groups
+        return _GROUPED_MM(x, w, offs=groups.offs)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, w, offs = ctx.saved_tensors
+        x, w = ctx.saved_tensors
+        offs = ctx.groups.offs
         grad_out = grad_out.contiguous()
         grad_x = _GROUPED_MM(grad_out, w.transpose(-2, -1), offs=offs) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = _GROUPED_MM(x.t(), grad_out, offs=offs)
-            empty = torch.diff(offs, prepend=offs.new_zeros(1)) == 0  # experts that got no token: exactly zero
-            grad_w.masked_fill_(empty[:, None, None], 0)  # (no host sync, unlike boolean indexing)
+            grad_w = _GROUPED_MM(x.t(), grad_out, offs=offs).masked_fill_(ctx.groups.empty, 0)
         return grad_x, grad_w, None
+
+
+def grouped_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, groups: ExpertGroups
+                 ) -> torch.Tensor:
+    """The routed experts' LoRA delta on rows sorted by expert: (x @ A_e) * scale @ B_e for every expert e; a
+    [E, in, r], b [E, r, out], cast to x's dtype. On the grouped kernel one autograd node does it all
+    (`_GroupedLoRA`); elsewhere two grouped matmuls (the per-expert loop: CPU, fp32, old GPUs)."""
+    if grouped_mm_supported(x, x) and b.shape[-1] % 8 == 0:  # (x stands in for the copies of A and B in its dtype)
+        return _GroupedLoRA.apply(x, a, b, scale, groups)
+    h = grouped_matmul(x, a.to(x.dtype), groups) * scale  # scale the rank-r activation
+    return grouped_matmul(h, b.to(x.dtype), groups)
+
+
+def exact_scale(scale: float) -> bool:
+    """Whether `scale` is a power of two (LoRA's usual alpha = 2r gives 2): multiplying it into B instead of into
+    the rank-r activation then gives the same bits (scaling by 2^k commutes with rounding)."""
+    return math.frexp(scale)[0] == 0.5
+
+
+def _cast_padded(w: torch.Tensor, dtype: torch.dtype, dim: int, width: int, scale: float | None = None
+                 ) -> torch.Tensor:
+    """`w` (times `scale`, in the same kernel) in `dtype`, zero-padded along `dim` (1 or 2 of [E, ., .]) to
+    `width`."""
+    pad = width - w.shape[dim]
+    if not pad:
+        return w.to(dtype) if scale is None else scaled_copy(w, scale, dtype)
+    out = w.new_zeros((*w.shape[:dim], width, *w.shape[dim + 1:]), dtype=dtype)
+    part = out[:, :w.shape[1]] if dim == 1 else out[..., :w.shape[2]]
+    if scale is None:
+        part.copy_(w)
+    else:
+        torch.mul(w, scale, out=part)
+    return out
+
+
+def scaled_copy(w: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """w * scale in `dtype`: one kernel (the multiply writes the cast)."""
+    return torch.mul(w, scale, out=torch.empty(w.shape, dtype=dtype, device=w.device))
+
+
+class _GroupedLoRA(torch.autograd.Function):
+    """y = ((x @ A_e) * scale) @ B_e per expert with two grouped GEMMs, and its backward with four, as one autograd
+    node: what two `_GroupedMM`s with casts, pads, slices and a scaling did with a dozen nodes, the same
+    arithmetic. A rank that is not a multiple of 8 is padded once, to the kernel's alignment, in the bf16 copies of
+    A (columns) and B (rows): the padded columns of x @ A are exactly zero, so the rank-r activation keeps its
+    padded width from one GEMM to the next instead of being sliced and padded again. A power-of-two scale (exact)
+    is multiplied into B's copy as it is cast, and into B's gradient as it is cast back: no kernel of its own."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, groups: ExpertGroups):
+        r = a.shape[-1]
+        rp = r + (-r % 8)
+        fold = exact_scale(scale)
+        a16 = _cast_padded(a, x.dtype, 2, rp)  # [E, in, rp]
+        b16 = _cast_padded(b, x.dtype, 1, rp, scale if fold else None)  # [E, rp, out]
+        h = _GROUPED_MM(x, a16, offs=groups.offs)  # [N, rp]
+        if not fold:
+            h.mul_(scale)
+        ctx.save_for_backward(x, h, a16, b16)
+        ctx.groups, ctx.scale, ctx.fold, ctx.r, ctx.dtypes = groups, scale, fold, r, (a.dtype, b.dtype)
+        return _GROUPED_MM(h, b16, offs=groups.offs)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x, h, a16, b16 = ctx.saved_tensors
+        groups, r = ctx.groups, ctx.r
+        offs = groups.offs
+        grad_y = grad_y.contiguous()
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = _GROUPED_MM(h.t(), grad_y, offs=offs).masked_fill_(groups.empty, 0)[:, :r]
+            grad_b = scaled_copy(grad_b, ctx.scale, ctx.dtypes[1]) if ctx.fold else grad_b.to(ctx.dtypes[1])
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_h = _GROUPED_MM(grad_y, b16.transpose(-2, -1), offs=offs)  # [N, rp]
+            if not ctx.fold:
+                grad_h.mul_(ctx.scale)
+            if ctx.needs_input_grad[1]:
+                grad_a = _GROUPED_MM(x.t(), grad_h, offs=offs).masked_fill_(groups.empty, 0)[..., :r] \
+                    .to(ctx.dtypes[0])
+            if ctx.needs_input_grad[0]:
+                grad_x = _GROUPED_MM(grad_h, a16.transpose(-2, -1), offs=offs)
+        return grad_x, grad_a, grad_b, None, None
 
 
 def loop_grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -146,7 +287,7 @@ def _apply(x: torch.Tensor, weight: NF4Weight | FrozenWeight, groups: ExpertGrou
         # Decode NF4 inside the GEMM: no bf16 copy of the bank, 0.5 bytes of weight traffic per pass.
         return fused.nf4_grouped_matmul(x, weight.packed, weight.absmax_fp32(), weight.code, groups.offs,
                                                  weight.slice_shape, weight.blocksize, transpose)
-    if x.is_cuda and _GROUPED_MM is not None and x.dtype == torch.bfloat16:
+    if _grouped_device(x) and _GROUPED_MM is not None and x.dtype == torch.bfloat16:
         w = weight.dequantize(dtype=x.dtype)  # [E, out, in]: one layer's experts, transient
         w = w.transpose(1, 2) if transpose else w
         if grouped_mm_supported(x, w):

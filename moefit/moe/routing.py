@@ -68,7 +68,8 @@ def sigmoid_group_topk(logits: torch.Tensor, rule: RoutingRule, router: nn.Modul
     weights = scores.gather(1, top_i)
     if rule.normalize_topk:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return top_i, weights * rule.options.get("scaling", 1.0)
+    scaling = rule.options.get("scaling", 1.0)
+    return top_i, weights if scaling == 1.0 else weights * scaling  # (GLM-4.5-Air: 1.0, no kernel for it)
 
 
 ROUTING = {"sigmoid_of_topk_logits": sigmoid_of_topk_logits, "softmax_topk": softmax_topk,

@@ -53,6 +53,7 @@ def _nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
 # The most values one decode kernel call takes: bitsandbytes indexes them with 32-bit ints (a bank of 128 Maverick
 # experts, 5.4e9 values, fails with "invalid argument"), so larger banks are decoded a run of experts at a time.
 MAX_DECODE_NUMEL = 2**31 - 2**20
+_ALL = slice(None)
 
 
 class NF4Weight(nn.Module):
@@ -152,18 +153,19 @@ class NF4Weight(nn.Module):
         """Experts `rows` in one kernel call (blocks never straddle two experts when a slice is whole blocks);
         into `out` (contiguous, `shape`) when given."""
         absmax = self.absmax_fp32(rows)
+        packed = self.packed if rows == _ALL else self.packed[rows]
         triton_nf4 = _triton_decoder() if self.packed.is_cuda else None
         direct = out is not None and dtype == self.dtype and self.packed.is_cuda  # (.out: CUDA backend only)
         if triton_nf4 is not None:
-            got = triton_nf4.decode(self.packed[rows], absmax, self.code, self.blocksize, shape, self.dtype,
+            got = triton_nf4.decode(packed, absmax, self.code, self.blocksize, shape, self.dtype,
                                     out=out if direct else None)
         elif direct:
-            torch.ops.bitsandbytes.dequantize_4bit.out(self.packed[rows].reshape(-1, 1), absmax.reshape(-1),
+            torch.ops.bitsandbytes.dequantize_4bit.out(packed.reshape(-1, 1), absmax.reshape(-1),
                                                        self.blocksize, "nf4", shape, self.dtype, out=out)
             return out
         else:
             got = torch.ops.bitsandbytes.dequantize_4bit.default(
-                self.packed[rows].reshape(-1, 1), absmax.reshape(-1), self.blocksize, "nf4", shape, self.dtype)
+                packed.reshape(-1, 1), absmax.reshape(-1), self.blocksize, "nf4", shape, self.dtype)
         got = got if got.dtype == dtype else got.to(dtype)
         if out is not None and got is not out:
             out.copy_(got)
@@ -173,16 +175,20 @@ class NF4Weight(nn.Module):
     def absmax_fp32(self, rows: slice = slice(None)) -> torch.Tensor:
         """First-level scales in fp32, [E', nblocks]: undo the double quantization (code2[u8] * absmax2 + offset),
         the same arithmetic as bitsandbytes' dequantize_blockwise."""
+        whole = rows == _ALL  # the whole weight, as every pass decodes it: the buffers as they are, no slicing
         if not self.double_quant:
-            return self.absmax[rows]
-        absmax, absmax2, offset = self.absmax[rows], self.absmax2[rows], self.offset[rows, None]
+            return self.absmax if whole else self.absmax[rows]
+        if whole:
+            absmax, absmax2, offset = self.absmax, self.absmax2, self.offset
+        else:
+            absmax, absmax2, offset = self.absmax[rows], self.absmax2[rows], self.offset[rows]
         nblocks = absmax.shape[1]
         if nblocks % 256 == 0:  # second-level blocks never straddle experts: one kernel call
             flat = torch.ops.bitsandbytes.dequantize_blockwise.default(
                 absmax.reshape(-1), absmax2.reshape(-1), self.code2, 256, torch.float32)
-            return flat.view(absmax.shape).add_(offset)
+            return flat.view(absmax.shape).add_(offset.unsqueeze(1))
         scale2 = absmax2.repeat_interleave(256, dim=1)[:, :nblocks]
-        return self.code2[absmax.long()] * scale2 + offset
+        return self.code2[absmax.long()] * scale2 + offset.unsqueeze(1)
 
     def _dequantize_by_state(self, expert: int | None, dtype: torch.dtype) -> torch.Tensor:
         if expert is not None or len(self.shape) == 2:
