@@ -22,7 +22,7 @@ _GROUPED_MM = getattr(torch, "_grouped_mm", None)
 
 # Run the CUDA path (one decode per bank, torch._grouped_mm) on CPU bf16 tensors too; torch >= 2.9 has a CPU
 # kernel for it. Only for measuring that path's host work on a machine without a GPU
-# (benchmarks/host_overhead.py --grouped-on-cpu): on CPU the per-expert loop is faster and is the reference.
+# (benchmarks/host_overhead.py sets it): on CPU the per-expert loop is faster and is the reference.
 GROUPED_ON_CPU = False
 
 
