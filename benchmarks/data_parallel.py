@@ -130,6 +130,31 @@ def merge_calls(docs: list[dict], key: str) -> tuple[list[dict], dict[str, dict]
     return calls, rows
 
 
+def call_lines(doc: dict, gpus_prefix: str = "") -> tuple[list[dict], list[str]]:
+    """A record's device calls (several after merge_calls, else the document's own) and a markdown line for each:
+    command, date, GPU, versions."""
+    calls = doc.get("calls") or [{k: doc.get(k) for k in ("command", "date", "gpu", "versions")}]
+    lines = []
+    for i, call in enumerate(calls):
+        tag = f"call {i + 1}: " if len(calls) > 1 else ""
+        lines.append(f"- {tag}`{call['command']}`, {call['date']}, {gpus_prefix}{call.get('gpu')}; "
+                     + ", ".join(f"{k} {v}" for k, v in call["versions"].items()))
+    return calls, lines
+
+
+def recorded_doc_command(args, merge, report, reading: Path) -> bool:
+    """`--merge FILES` (one merged JSON to stdout) or `--report FILE` (the .md to stdout, with the hand-written
+    `reading` appended when it exists) of a benchmark script; False when neither was asked for."""
+    if args.merge:
+        print(json.dumps(merge([json.loads(p.read_text()) for p in args.merge]), indent=2))
+        return True
+    if args.report:
+        sys.stdout.write(report(json.loads(args.report.read_text()))
+                         + (reading.read_text() if reading.is_file() else ""))
+        return True
+    return False
+
+
 def _run_record(res: dict) -> dict:
     return res["runs"][0] | {"build_s": res["build_s"], "device_name": res["device_name"],
                              "world_size": res.get("world_size", 1)}

@@ -20,7 +20,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_parallel import ALL_TARGETS, _bench, _now, _plan, _run_record, _versions, merge_calls  # noqa: E402
+from data_parallel import (  # noqa: E402
+    ALL_TARGETS,
+    _bench,
+    _now,
+    _plan,
+    _run_record,
+    _versions,
+    call_lines,
+    merge_calls,
+    recorded_doc_command,
+)
 
 from moefit.plan.model_facts import load_model_facts  # noqa: E402
 
@@ -63,12 +73,8 @@ def _fits(args: list[str], gpus: int) -> bool:
 
 def report(doc: dict) -> str:
     g = 2**30
-    calls = doc.get("calls") or [{k: doc.get(k) for k in ("command", "date", "gpu", "versions")}]
-    lines = [f"# Expert parallelism on {doc['gpus']} GPUs", ""]
-    for i, call in enumerate(calls):
-        tag = f"call {i + 1}: " if len(calls) > 1 else ""
-        lines.append(f"- {tag}`{call['command']}`, {call['date']}, {doc['gpus']}x {call['gpu']}; "
-                     + ", ".join(f"{k} {v}" for k, v in call["versions"].items()))
+    calls, header = call_lines(doc, f"{doc['gpus']}x ")
+    lines = [f"# Expert parallelism on {doc['gpus']} GPUs", "", *header]
     lines += ["",
              "| config | tokens/s | step s | peak alloc per GPU | plan | err | plan step | err | NCCL s | GPU busy |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -104,13 +110,7 @@ def main() -> int:
     ap.add_argument("--report", type=Path, help="rewrite the .md from a JSON (stdout)")
     ap.add_argument("--configs", nargs="+", default=["all"], help="names (or prefixes: maverick, scout) to run")
     args = ap.parse_args()
-    if args.merge:
-        print(json.dumps(merge([json.loads(p.read_text()) for p in args.merge]), indent=2))
-        return 0
-    if args.report:
-        reading = Path(__file__).with_name("expert_parallel_reading.md")
-        sys.stdout.write(report(json.loads(args.report.read_text()))
-                         + (reading.read_text() if reading.is_file() else ""))
+    if recorded_doc_command(args, merge, report, Path(__file__).with_name("expert_parallel_reading.md")):
         return 0
     runs = configs(args.gpus)
     if args.configs != ["all"]:

@@ -33,7 +33,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_parallel import _bench, _now, _plan, _run_record, _versions, merge_calls  # noqa: E402
+from data_parallel import (  # noqa: E402
+    _bench,
+    _now,
+    _plan,
+    _run_record,
+    _versions,
+    call_lines,
+    merge_calls,
+    recorded_doc_command,
+)
 from stock_baseline import timed_steps  # noqa: E402
 
 GIB = 2**30
@@ -271,12 +280,8 @@ def merge(docs: list[dict]) -> dict:
 
 
 def report(doc: dict) -> str:
-    calls = doc.get("calls") or [{k: doc.get(k) for k in ("command", "date", "gpu", "versions")}]
-    lines = ["# The MoE families on one H200: moefit vs the stock stack, and the planner", ""]
-    for i, call in enumerate(calls):
-        tag = f"call {i + 1}: " if len(calls) > 1 else ""
-        lines += [f"- {tag}`{call['command']}`, {call['date']}, {call.get('gpu')}; "
-                  + ", ".join(f"{k} {v}" for k, v in call["versions"].items())]
+    calls, header = call_lines(doc)
+    lines = ["# The MoE families on one H200: moefit vs the stock stack, and the planner", "", *header]
     lines += [f"- seq {SEQ}, micro-batch {BATCH} x grad_accum {GRAD_ACCUM}, 8-bit AdamW, LoRA on q,k,v,o,gate,up,down "
               "(gate/up/down: routed experts at the expert rank shown, shared experts and dense MLPs at the rank); "
               "moefit at full depth, synthetic NF4 weights; stock at 2 and 4 layers extrapolated to full depth "
@@ -332,13 +337,7 @@ def main() -> int:
         model, layers, device, seq, rank = args.stock_worker
         _stock_worker(model, int(layers), device, int(seq), int(rank))
         return 0
-    if args.merge:
-        print(json.dumps(merge([json.loads(p.read_text()) for p in args.merge]), indent=2))
-        return 0
-    if args.report:
-        reading = Path(__file__).with_name("families_reading.md")
-        sys.stdout.write(report(json.loads(args.report.read_text()))
-                         + (reading.read_text() if reading.is_file() else ""))
+    if recorded_doc_command(args, merge, report, Path(__file__).with_name("families_reading.md")):
         return 0
     models = [m for m, spec in MODELS.items() if spec.get("in_all", True)] if args.models == ["all"] else args.models
     if args.smoke:
