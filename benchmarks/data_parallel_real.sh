@@ -6,6 +6,7 @@
 #   MODEL_DIR=moefit/assets/tiny DEVICE=cpu bash benchmarks/data_parallel_real.sh   (the same steps on CPU, tiny)
 #   PRESET=llama4-maverick TRAIN_ARGS="--expert-parallel 2" bash benchmarks/data_parallel_real.sh
 #       (expert parallel: a Maverick-width checkpoint, 128 experts in the MoE layer; each GPU reads its 64)
+#   SMOKE=0 ...  skips the --smoke run (each load of a 33 GB Maverick-width checkpoint costs time)
 set -uo pipefail
 out=${OUT:-bench-out}; mkdir -p "$out"
 work=${WORK:-/tmp/moefit-dp-real}; rm -rf "$work"; mkdir -p "$work"
@@ -26,7 +27,9 @@ train: {max_length: 512, batch_size: 1, grad_accum: 2, max_steps: 6, lr: 1.0e-3,
         save_every: 2, eval_every: 3, eval_batches: 4, log_every: 1}
 smoke: {steps: 8}
 YAML
-step python3 -m moefit train "$work/run.yaml" --gpus 2 $extra --smoke --output-dir "$work/smoke"; echo "smoke exit $?" | tee -a "$log"
+if [ "${SMOKE:-1}" = 1 ]; then
+  step python3 -m moefit train "$work/run.yaml" --gpus 2 $extra --smoke --output-dir "$work/smoke"; echo "smoke exit $?" | tee -a "$log"
+fi
 
 say "full run, killed (kill -9 of rank 1) once checkpoint step-2 is complete"
 python3 -m moefit train "$work/run.yaml" --gpus 2 $extra --output-dir "$work/run" >> "$log" 2>&1 &
