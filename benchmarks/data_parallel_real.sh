@@ -6,6 +6,7 @@
 #   MODEL_DIR=moefit/assets/tiny DEVICE=cpu bash benchmarks/data_parallel_real.sh   (the same steps on CPU, tiny)
 #   PRESET=llama4-maverick TRAIN_ARGS="--expert-parallel 2" bash benchmarks/data_parallel_real.sh
 #       (expert parallel: a Maverick-width checkpoint, 128 experts in the MoE layer; each GPU reads its 64)
+#   EXPORT_WORKERS="16" ...  exports once more with 16 workers (speed; the first export uses moefit's default)
 #   SMOKE=0 ...  skips the --smoke run (each load of a 33 GB Maverick-width checkpoint costs time)
 set -uo pipefail
 out=${OUT:-bench-out}; mkdir -p "$out"
@@ -39,24 +40,12 @@ victim=$(for p in $(pgrep -f "moefit train"); do tr '\0' '\n' < /proc/$p/environ
 say "killing rank 1 (pid $victim)"; kill -9 "$victim"
 wait "$launcher"; echo "killed run: launcher exit $?" | tee -a "$log"
 step python3 -m moefit train --resume "$work/run" --gpus 2; echo "resume exit $?" | tee -a "$log"
-step python3 -m moefit export "$work/run" --merge --out "$work/merged"; echo "export exit $?" | tee -a "$log"
-step python3 - "$work" "$model" "$device" <<'PY'
-import sys, torch
-from pathlib import Path
-from transformers import AutoModelForCausalLM
-import moefit
-from moefit.lora import load_adapter
-work, base, device = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-hf = AutoModelForCausalLM.from_pretrained(work / "merged", dtype=torch.bfloat16).to(device).eval()
-print("transformers loaded", type(hf).__name__, "layers", hf.config.num_hidden_layers)
-ids = torch.randint(10, hf.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0)).to(device)
-model = moefit.load_model(base, quantization="nf4", device=device)
-load_adapter(model, work / "run")
-with torch.no_grad():
-    got = hf(ids).logits.float()
-    want = model(ids, return_logits=True).logits.float()
-rel = ((got - want).norm() / want.norm()).item()
-print(f"merged (transformers, bf16) vs moefit (NF4 + adapter) logits: relative error {rel:.4f}; "
-      f"greedy tokens equal: {(got.argmax(-1) == want.argmax(-1)).float().mean().item():.3f}")
-PY
+peak_rss='import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode
+print(f"peak RSS of the export: {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20:.2f} GiB"); sys.exit(rc)'
+step python3 -c "$peak_rss" python3 -m moefit export "$work/run" --merge --out "$work/merged"; echo "export exit $?" | tee -a "$log"
+for n in ${EXPORT_WORKERS:-}; do  # the same export again with n workers (speed only), e.g. EXPORT_WORKERS="16"
+  step python3 -c "$peak_rss" python3 -m moefit export "$work/run" --merge --out "$work/merged-$n" --workers "$n"
+  rm -rf "$work/merged-$n"
+done
+step python3 benchmarks/merged_logits_check.py "$work/run" "$model" "$work/merged" --device "$device"
 say "done"

@@ -11,6 +11,7 @@ export in a fresh child process (peak RSS = the child's ru_maxrss), in the defau
 of the base the run trained against, as `moefit export RUN --merge` does):
 
     gpu-N    --device cuda, N workers (default: moefit's, one per CPU, at most 8)
+    gpu-M    --device cuda, M workers, for each further value of --workers (e.g. --workers 8 16)
     gpu-1    --device cuda, 1 worker
     gpu-N-base  --device cuda, N workers, into the original bf16 weights (--base)
     cpu-N    --device cpu, N workers
@@ -150,7 +151,8 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=0,
                     help="instead of Scout's widths, a synthetic Llama 4 of this hidden size (export_memory.py's)")
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank of the run (default 16)")
-    ap.add_argument("--workers", type=int, default=default_workers(), help="N (default: moefit's default here)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[default_workers()],
+                    help="N (default: moefit's default here); more values add a GPU row each (gpu-M)")
     ap.add_argument("--budget-s", type=float, default=150.0,
                     help="time for building and the runs (the comparisons take a few seconds more); a run that "
                          "would pass it is cut (the last, cpu-1, is the slowest) and recorded as timed out")
@@ -164,8 +166,9 @@ def main() -> int:
     cuda = torch.cuda.is_available()
     built = build(args.workdir, args, cuda)
     os.sync()  # the checkpoint's own bytes are not counted in the first export's sync
-    n = args.workers
+    n, *more = args.workers
     plan = [("gpu-N", "cuda", n, False), ("gpu-1", "cuda", 1, False), ("gpu-N-base", "cuda", n, True)] if cuda else []
+    plan[1:1] = [(f"gpu-{m}", "cuda", m, False) for m in more if cuda]
     plan += [("cpu-N", "cpu", n, False), ("cpu-1", "cpu", 1, False)]
     baselines = {d: baseline(d) for d in sorted({d for _, d, _, _ in plan})}
     pairs = (("gpu-N", "gpu-1"), ("cpu-N", "cpu-1"), ("gpu-N", "cpu-N"))
