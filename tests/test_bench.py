@@ -74,3 +74,11 @@ def test_bench_passes_accumulation_and_kept_outputs_through(tmp_path):
         max_length=16, batch_size=1, grad_accum=2, optimizer="adamw", keep_routed_gate_up=True)), gpus=["h200"],
         search=False).memory.peak_allocated
     assert run["planned_peak_bytes"] == planned
+
+
+def test_cuda_index_of_a_device_name():
+    from moefit.bench.run import cuda_index
+
+    assert cuda_index("cuda:1") == 1
+    if torch.cuda.is_available():
+        assert cuda_index("cuda") == torch.cuda.current_device()

@@ -309,3 +309,14 @@ def test_grouped_lora_node_equals_composed_grouped_matmuls_on_cuda(r):
         outs.append((y.detach(), x.grad, a.grad, b.grad))
     for got, want in zip(*outs, strict=True):
         assert torch.equal(got, want)
+
+
+def test_bench_memory_limit_and_auto_layout_on_plain_cuda_device():
+    """`moefit bench --layout auto --memory-limit-gib N` with device "cuda" (no index): the allocator's limit is
+    set on the current GPU (torch refuses a bare "cuda") and the chosen layout is reported."""
+    from moefit.bench.run import bench
+
+    results = bench(model="llama4-scout", layers=1, seq_lens=[256], batch=1, grad_accum=2, rank=8, steps=1,
+                    warmup=1, device="cuda", layout="auto", memory_limit_bytes=40 * 2**30)
+    assert results["runs"][0]["tokens_per_s"] > 0
+    assert results["layout"]["why"]

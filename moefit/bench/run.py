@@ -55,8 +55,9 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
     chosen = None
     if layout == "auto" or memory_limit_bytes:
         if device.startswith("cuda") and memory_limit_bytes:
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit_bytes / total), device)
+            index = cuda_index(device)
+            total = torch.cuda.get_device_properties(index).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit_bytes / total), index)
         if layout == "auto":
             if len(seq_lens) != 1:
                 raise MoefitError("moefit bench --layout auto measures one sequence length (--seq-len N).")
@@ -179,3 +180,10 @@ def active_params_per_token(config) -> int:
     from ..plan.model_facts import facts_from_config
 
     return facts_from_config(config.to_dict()).active_params_per_token()
+
+
+def cuda_index(device: str) -> int:
+    """The GPU index of "cuda" or "cuda:N" (set_per_process_memory_fraction wants an index, "cuda" alone is
+    refused)."""
+    index = torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
