@@ -78,6 +78,16 @@ def _bench_side_by_side(args: list[str], gpus: int) -> list[tuple[dict | None, s
 
 def _plan(args: list[str], gpus: int) -> dict:
     """moefit plan for the same settings on `gpus` H200s (what `moefit bench` prints as planned)."""
+    p = plan_of(args, gpus)
+    fit = p.gpus[0]
+    return {"peak_allocated_bytes": p.memory.peak_allocated, "total_bytes": p.memory.total,
+            "peak_phase": p.memory.peak_phase, "step_s": fit.step.step_s if fit.step else None,
+            "allreduce_s": fit.step.allreduce_s if fit.step else None,
+            "alltoall_s": fit.step.alltoall_s if fit.step else None}
+
+
+def plan_of(args: list[str], gpus: int):
+    """The moefit.plan.Plan of `moefit bench` arguments on `gpus` H200s."""
     from moefit.plan import plan
 
     flags = {"--embeddings-on-host"}
@@ -94,12 +104,7 @@ def _plan(args: list[str], gpus: int) -> dict:
     base.lora.alpha = 2.0 * int(a["--rank"])
     base.quantization.embeddings_on_host = "--embeddings-on-host" in args
     base.lora.dtype = a.get("--lora-dtype", "float32")
-    p = plan(base, gpus=["h200"], search=False, **cfg)
-    fit = p.gpus[0]
-    return {"peak_allocated_bytes": p.memory.peak_allocated, "total_bytes": p.memory.total,
-            "peak_phase": p.memory.peak_phase, "step_s": fit.step.step_s if fit.step else None,
-            "allreduce_s": fit.step.allreduce_s if fit.step else None,
-            "alltoall_s": fit.step.alltoall_s if fit.step else None}
+    return plan(base, gpus=["h200"], search=False, **cfg)
 
 
 def _now() -> str:

@@ -3,12 +3,18 @@ Scout expert-parallel against Scout data-parallel on the same 2 GPUs.
 
     python benchmarks/expert_parallel.py --out DIR [--gpus 2] [--configs maverick scout]   # on >= 2 GPUs
     python benchmarks/expert_parallel.py --plan-only [--gpus 2]   # what the planner says for each (CPU)
+    python benchmarks/expert_parallel.py --fit-overlap benchmarks/expert_parallel.json   # refit the planner (CPU)
 
 Each configuration is `moefit bench --json --gpus N [--expert-parallel N]` on synthetic weights (every rank builds
 only its slice of the routed experts). Recorded per configuration: per-GPU peak memory against `moefit plan` for
 the same layout, tokens/s of all GPUs, GPU busy, and the NCCL kernel time of one profiled step (the all-to-all of
 the routed rows plus the all-reduce of the replicated LoRA). Maverick's expert rank is the largest of 32 / 16 / 8
 that the planner says fits (reported). Writes DIR/expert_parallel.json and .md after every measurement.
+
+--fit-overlap: under expert parallelism the host waits for every MoE layer's row counts, so host and GPU time
+overlap less than in a one-GPU step; this refits calibration.json's `overlap_exponent_expert_parallel` (the
+planner's only constant of its own for expert parallelism) to the recorded steps and prints the step-time
+errors before and after.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from data_parallel import (  # noqa: E402
     _versions,
     call_lines,
     merge_calls,
+    plan_of,
     recorded_doc_command,
 )
 
@@ -63,6 +70,42 @@ def configs(gpus: int) -> dict[str, list[str]]:
     out[f"scout-seed-ep{gpus}"] = ["--model", "llama4-scout", *seed, "--expert-parallel", str(gpus)]
     out[f"scout-seed-dp{gpus}"] = ["--model", "llama4-scout", *seed]
     return out
+
+
+def fit_overlap(doc: dict, source: Path) -> int:
+    from moefit.plan.calibration import CALIBRATION_PATH
+    from moefit.plan.validation import fit_overlap_exponent, write_calibration
+
+    rows = [r for r in doc["results"] if r.get("measured") and "--expert-parallel" in r["args"]]
+    if not rows:
+        print(f"{source}: no measured expert-parallel configuration to fit to", file=sys.stderr)
+        return 1
+
+    def planned() -> list[tuple[str, float, float, float, int, float]]:
+        out = []
+        for r in rows:
+            st = plan_of(r["args"], doc["gpus"]).gpus[0].step
+            accum = int(dict(zip(r["args"][::2], r["args"][1::2], strict=False))["--grad-accum"])
+            out.append((r["name"], st.gpu_s, st.overhead_s, st.step_s - accum * st.micro_step_s, accum,
+                        r["measured"]["step_s"], st.step_s))
+        return out
+
+    before = planned()
+    p = fit_overlap_exponent([x[1:6] for x in before])
+    raw = json.loads(CALIBRATION_PATH.read_text(encoding="utf-8"))
+    raw["time"]["overlap_exponent_expert_parallel"] = p
+    raw["time"]["_overlap_exponent_expert_parallel"] = (
+        "overlap_exponent for a micro-step under expert parallelism: the host reads each MoE layer's row counts "
+        "before its all-to-all (a sync per layer and pass), so it cannot run ahead of the GPU and the two times "
+        f"add up more. Fitted to {len(rows)} expert-parallel steps on {doc['gpus']} GPUs by "
+        f"benchmarks/expert_parallel.py --fit-overlap {source.name} ({', '.join(x[0] for x in before)}).")
+    write_calibration(raw)
+    after = planned()
+    print(f"overlap_exponent_expert_parallel = {p:.2f} (one-GPU steps: {raw['time']['overlap_exponent']:.2f})")
+    for b, a in zip(before, after, strict=True):
+        print(f"  {b[0]:28} measured {b[5]:7.3f} s  planned {b[6]:7.3f} s ({100 * (b[6] / b[5] - 1):+.1f} %) -> "
+              f"{a[6]:7.3f} s ({100 * (a[6] / a[5] - 1):+.1f} %)")
+    return 0
 
 
 def _fits(args: list[str], gpus: int) -> bool:
@@ -109,7 +152,11 @@ def main() -> int:
                     help="expert_parallel.json of several calls -> one (per config the latest call's row; stdout)")
     ap.add_argument("--report", type=Path, help="rewrite the .md from a JSON (stdout)")
     ap.add_argument("--configs", nargs="+", default=["all"], help="names (or prefixes: maverick, scout) to run")
+    ap.add_argument("--fit-overlap", type=Path, metavar="JSON",
+                    help="refit calibration.json's overlap_exponent_expert_parallel to this record")
     args = ap.parse_args()
+    if args.fit_overlap:
+        return fit_overlap(json.loads(args.fit_overlap.read_text()), args.fit_overlap)
     if recorded_doc_command(args, merge, report, Path(__file__).with_name("expert_parallel_reading.md")):
         return 0
     runs = configs(args.gpus)

@@ -183,11 +183,17 @@ def overlap(gpu_s, host_s, p: float):
     return (gpu_s**p + host_s**p) ** (1 / p)
 
 
-def micro_step_seconds(sec: dict[str, float], ct: dict[str, Any]) -> tuple[float, float, float]:
-    """(wall, GPU, host) seconds of one micro-step from the seconds of each TIME_TERMS term."""
+def micro_step_seconds(sec: dict[str, float], ct: dict[str, Any], expert_parallel: int = 1
+                       ) -> tuple[float, float, float]:
+    """(wall, GPU, host) seconds of one micro-step from the seconds of each TIME_TERMS term. Under expert
+    parallelism the host reads every MoE layer's row counts before its all-to-all (a sync per layer and pass), so
+    it cannot run ahead of the GPU by more than a layer: the two overlap less (`overlap_exponent_expert_parallel`)."""
     gpu_s = sum(sec[k] for k in GPU_TERMS)
     host_s = sum(sec[k] for k in HOST_TERMS)
-    return overlap(gpu_s, host_s, ct.get("overlap_exponent", 1.0)), gpu_s, host_s
+    p = ct.get("overlap_exponent", 1.0)
+    if expert_parallel > 1:
+        p = ct.get("overlap_exponent_expert_parallel", p)
+    return overlap(gpu_s, host_s, p), gpu_s, host_s
 
 
 def optimizer_seconds(f: ModelFacts, shape: RunShape, gpu: Gpu, ct: dict[str, Any]) -> tuple[float, float]:
@@ -226,7 +232,8 @@ def routed_lora_params(f: ModelFacts, shape: RunShape) -> int:
 def alltoall_seconds(f: ModelFacts, shape: RunShape, gpu: Gpu, ct: dict[str, Any]) -> float:
     """One micro-step's all-to-all traffic under expert parallelism: every MoE layer sends its T x top_k routed rows
     (bf16, hidden wide) to their experts' GPUs and takes them back, in the forward, the recomputation and the
-    backward; (N-1)/N of the rows leave the GPU. Not counted: the host's wait for each layer's row counts."""
+    backward; (N-1)/N of the rows leave the GPU. The host's wait for each layer's row counts is in
+    micro_step_seconds (less overlap of host and GPU)."""
     n = shape.expert_parallel
     if n <= 1 or not f.num_experts or not gpu.interconnect_gbs:
         return 0.0
@@ -245,7 +252,7 @@ def step_time(f: ModelFacts, shape: RunShape, gpu: Gpu, calib: dict[str, Any], w
     unit = seconds_per_unit(gpu, ct, f.family)
     sec = {k: work[k] * unit[k] for k in TIME_TERMS}
     compute = sec["matmul"] + sec["attention"] + sec["masked_attention"]
-    micro, gpu_s, overhead = micro_step_seconds(sec, ct)
+    micro, gpu_s, overhead = micro_step_seconds(sec, ct, shape.expert_parallel)
     n_train, optimizer = optimizer_seconds(f, shape, gpu, ct)
     param_bytes = 4 if shape.lora.dtype == "float32" else 2
     # Replicated LoRA is summed over every GPU; routed-expert LoRA (one GPU's share) over the GPUs holding the

@@ -412,6 +412,21 @@ def leave_one_out(records: list[dict[str, Any]], calib: dict[str, Any] | None = 
     return out
 
 
+def fit_overlap_exponent(points: list[tuple[float, float, float, int, float]], lo: float = 1.0,
+                         hi: float = 16.0) -> float:
+    """The overlap exponent p (timing.overlap) that best fits measured steps, each given as (GPU seconds, host
+    seconds of a micro-step, the step's seconds outside its micro-steps, micro-steps per step, measured step
+    seconds): least squares of log(planned / measured) over a grid of p in [lo, hi] (0.01 apart)."""
+    import numpy as np
+
+    from .timing import overlap
+
+    g, h, fixed, n, measured = (np.array(c, dtype=float) for c in zip(*points, strict=True))
+    grid = np.arange(lo, hi + 1e-9, 0.01)
+    loss = [float(np.sum(np.log((n * overlap(g, h, p) + fixed) / measured) ** 2)) for p in grid]
+    return float(grid[int(np.argmin(loss))])
+
+
 def write_calibration(cal: dict[str, Any], path: Path = CALIBRATION_PATH) -> None:
     path.write_text(json.dumps(cal, indent=2) + "\n", encoding="utf-8")
     load_calibration.cache_clear()
