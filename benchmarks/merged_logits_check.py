@@ -25,21 +25,37 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def routers(model: torch.nn.Module, experts: int) -> list[torch.nn.Linear]:
-    return [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-            and m.out_features == experts and name.rsplit(".", 1)[-1] in ("router", "gate")]
+def routed_blocks(model: torch.nn.Module, experts: int) -> list[tuple[torch.nn.Module, torch.nn.Linear]]:
+    """(MoE block, its router): the router is a Linear child named router or gate with one output per expert.
+    The block's input is what the router reads (moefit's block applies the router's weight itself, so a hook on
+    the router module would not fire)."""
+    out = []
+    for block in model.modules():
+        for name in ("router", "gate"):
+            r = getattr(block, name, None)
+            if isinstance(r, torch.nn.Linear) and r.out_features == experts:
+                out.append((block, r))
+                break
+    return out
 
 
 def logits_of(load, ids: torch.Tensor, experts: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [T, V] and each token's routed experts [T, layers, k] (sorted)."""
+    """Logits [T, V] and each token's top-k experts by router logit [T, layers, k] (sorted)."""
     model = load()
     chosen: list[torch.Tensor] = []
 
-    def record(module, args, output):
-        scores = torch.nn.functional.linear(args[0].reshape(-1, module.in_features), module.weight, module.bias)
-        chosen.append(scores.float().topk(top_k, dim=-1).indices.sort(-1).values.cpu())
+    def record(router: torch.nn.Linear):
+        def hook(module, args):
+            x = args[0].reshape(-1, router.in_features)
+            scores = torch.nn.functional.linear(x, router.weight.to(x.dtype),
+                                                None if router.bias is None else router.bias.to(x.dtype))
+            chosen.append(scores.float().topk(top_k, dim=-1).indices.sort(-1).values.cpu())
+        return hook
 
-    hooks = [r.register_forward_hook(record) for r in routers(model, experts)]
+    blocks = routed_blocks(model, experts)
+    if not blocks:
+        raise SystemExit("no MoE block with a router found: cannot compare the routing")
+    hooks = [block.register_forward_pre_hook(record(r)) for block, r in blocks]
     with torch.no_grad():
         out = model(ids, return_logits=True) if hasattr(model, "engine_config") else model(ids)
     for h in hooks:
@@ -54,6 +70,9 @@ def logits_of(load, ids: torch.Tensor, experts: int, top_k: int) -> tuple[torch.
 
 
 def compare(got: torch.Tensor, want: torch.Tensor, route_got: torch.Tensor, route_want: torch.Tensor) -> dict:
+    if route_got.shape != route_want.shape:
+        raise SystemExit(f"the two models route in different numbers of layers ({route_got.shape[1]} and "
+                         f"{route_want.shape[1]}): their routing cannot be compared")
     per_token = (got - want).norm(dim=-1) / want.norm(dim=-1)
     alike = (route_got == route_want).flatten(1).all(1)
     return {"relative_error": ((got - want).norm() / want.norm()).item(),
@@ -73,6 +92,7 @@ def main() -> int:
     ap.add_argument("merged", type=Path)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--dtypes", default="bfloat16,float32", help="compute dtypes to compare, in order")
     args = ap.parse_args()
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -85,7 +105,7 @@ def main() -> int:
                    if getattr(config, k, None))
     top_k = config.num_experts_per_tok
     ids = torch.randint(10, vocab, (1, args.tokens), generator=torch.Generator().manual_seed(0)).to(args.device)
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
         def hf_model(dtype=dtype):
             return AutoModelForCausalLM.from_pretrained(args.merged, dtype=dtype).to(args.device).eval()
 
