@@ -2,6 +2,7 @@
 (`Llama4ForCausalLM(config).save_pretrained`), with moefit's shipped tokenizer: the real loading path at real widths.
 
     python benchmarks/width_checkpoint.py OUT_DIR [--preset llama4-scout] [--layers 2] [--device cuda]
+        [--expert-intermediate N] [--mlp-intermediate N]   (narrower experts / dense MLPs, e.g. to fit a CPU host)
 
 llama4-scout: hidden 5120, 40/8 heads of 128, 16 routed experts of 8192 + a shared one, top-1, every layer MoE
 (2 layers: 8.9 GB). llama4-maverick: the same widths with 128 routed experts in every other layer, dense MLPs of
@@ -27,6 +28,8 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--preset", default="llama4-scout", choices=["llama4-scout", "llama4-maverick"])
     ap.add_argument("--device", default="cpu", help="where to initialise the weights (cuda is faster)")
+    ap.add_argument("--expert-intermediate", type=int, help="instead of the preset's intermediate_size")
+    ap.add_argument("--mlp-intermediate", type=int, help="instead of the preset's intermediate_size_mlp")
     args = ap.parse_args()
     import torch
     from transformers import Llama4ForCausalLM, Llama4TextConfig
@@ -46,6 +49,10 @@ def main() -> int:
     keep = {k: v for k, v in text.items() if k in Llama4TextConfig().to_dict() and k != "model_type"}
     keep.update(num_hidden_layers=args.layers, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    if args.expert_intermediate:
+        keep["intermediate_size"] = args.expert_intermediate
+    if args.mlp_intermediate:
+        keep["intermediate_size_mlp"] = args.mlp_intermediate
     for key in ("no_rope_layers", "layer_types"):
         if isinstance(keep.get(key), list):
             keep[key] = keep[key][:args.layers]
