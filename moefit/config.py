@@ -144,6 +144,7 @@ class EngineConfig:
     nf4_gemm_variant: NF4GemmVariant = "select-join"  # the fused kernel's NF4 decode - weight-tile layout
     nf4_decoder: Literal["bnb", "triton"] = "bnb"  # triton: moefit's NF4 decoder, bit-identical to bitsandbytes
     recompute_skip: bool = True  # skip the frozen projections the recomputation does not need (moe/recompute.py)
+    rms_norm: Literal["transformers", "fused"] = "transformers"  # fused: F.rms_norm (models/rms_norm.py)
 
 
 @dataclass

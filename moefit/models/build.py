@@ -2,8 +2,9 @@
 
 The HF model class is instantiated on the meta device (no memory); then, by module path, every frozen linear
 becomes a `MoefitLinear` (NF4 storage) and every MoE block a `MoefitMoE` with `MoefitExperts`, created directly
-on the target device. What is left on meta (embeddings, norms, router, lm_head) is allocated empty in the
-compute dtype; the loader (or the synthetic-weight builder) then fills every tensor exactly once.
+on the target device. With `engine.rms_norm: fused` the RMS norms become `FusedRMSNorm` (models/rms_norm.py).
+What is left on meta (embeddings, norms, router, lm_head) is allocated empty in the compute dtype; the loader (or
+the synthetic-weight builder) then fills every tensor exactly once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from .. import engine_switches
 from ..config import QuantConfig
 from ..moe.block import MoefitMoE
 from ..moe.experts import MoefitExperts
@@ -23,6 +25,7 @@ from ..moe.routing import ROUTING, RoutingRule
 from .families import FamilySpec, require_family
 from .host_embedding import HostEmbedding
 from .layers import MoefitLinear
+from .rms_norm import replace_rms_norms
 
 if TYPE_CHECKING:
     from ..parallel.expert_parallel import ExpertShard
@@ -55,6 +58,8 @@ def build_skeleton(config: PretrainedConfig, *, quant: QuantConfig, dtype: torch
     _replace_linears(model, quant.keep_unquantized, kw)
     if quant.embeddings_on_host:
         _embeddings_to_host(model, config, dtype, device)
+    if engine_switches.current().rms_norm == "fused":
+        replace_rms_norms(model)
     for module in model.modules():
         if isinstance(module, MoefitMoE):
             module.mark_discardable_outputs()
