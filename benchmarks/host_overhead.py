@@ -582,7 +582,7 @@ def _run(args, grouped) -> dict:
     stub = cpu and not args.no_stub_kernels and grouped.GROUPED_ON_CPU
     results = {"command": args.command, "device": args.device,
                "device_name": torch.cuda.get_device_name(args.device) if not cpu else "cpu",
-               "width": args.width, "seq_len": args.seq_len, "dropout": args.dropout, "grouped_on_cpu":
+               "width": args.width, "seq_len": args.seq_len, "dropout": args.dropout, "engine": args.engine, "grouped_on_cpu":
                grouped.GROUPED_ON_CPU, "stub_kernels": stub, "threads": args.threads, "versions": versions(),
                "clock": "thread_time" if cpu else "perf_counter", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "families": {}}
@@ -628,18 +628,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-counts", action="store_true", help="time only")
     ap.add_argument("--detail", type=int, default=0, help="print the N commonest ops of each pass")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                    help="an engine setting for the whole run, e.g. --engine rms_norm=fused (moefit bench's flag)")
     args = ap.parse_args(argv)
     args.command = " ".join(["python benchmarks/host_overhead.py", *(sys.argv[1:] if argv is None else argv)])
 
     import moefit.moe.grouped as grouped
+    from moefit import engine_switches
 
     threads, flag = torch.get_num_threads(), grouped.GROUPED_ON_CPU
     torch.set_num_threads(args.threads)
+    previous = engine_switches.use(engine_switches.parse(args.engine))
     try:
         _run(args, grouped)
     finally:
         torch.set_num_threads(threads)
         grouped.GROUPED_ON_CPU = flag
+        engine_switches.use(previous)
     return 0
 
 

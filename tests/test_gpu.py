@@ -320,3 +320,42 @@ def test_bench_memory_limit_and_auto_layout_on_plain_cuda_device():
                     warmup=1, device="cuda", layout="auto", memory_limit_bytes=40 * 2**30)
     assert results["runs"][0]["tokens_per_s"] > 0
     assert results["layout"]["why"]
+
+
+def test_fused_rms_norm_is_one_kernel_each_way_on_cuda_and_close_to_transformers():
+    """engine.rms_norm: fused pays only if torch runs F.rms_norm as its fused CUDA kernel (one op forward, one
+    backward); values within bf16 rounding of transformers' norm (the squares are summed in another order)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
+
+    from moefit.models.rms_norm import FusedRMSNorm, form_of
+
+    ref = Qwen3MoeRMSNorm(2048, eps=1e-6).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        ref.weight.normal_(1.0, 0.1)
+    fused = FusedRMSNorm(ref.weight, 1e-6, form_of(ref))
+    x = torch.randn(512, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    class Count(TorchDispatchMode):
+        ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket not in (torch.ops.aten.view, torch.ops.aten.detach, torch.ops.aten._unsafe_view):
+                self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    counter = Count()
+    with counter:
+        y = fused(x)
+    forward_ops = list(counter.ops)
+    g = torch.randn_like(y)
+    counter.ops.clear()
+    with counter:
+        (gx,) = torch.autograd.grad(y, x, g)
+    # the weight multiply (a separate bf16 op, as transformers does it) and its backward are allowed besides
+    assert len(forward_ops) <= 2 and any("rms_norm" in o for o in forward_ops), forward_ops
+    assert len(counter.ops) <= 4 and any("rms_norm" in o for o in counter.ops), counter.ops
+    want = ref(x)
+    (gwant,) = torch.autograd.grad(want, x, g)
+    assert (y.float() - want.float()).abs().max() <= 2 ** -6 * want.float().abs().max()
+    assert (gx.float() - gwant.float()).norm() <= 1e-2 * gwant.float().norm()
