@@ -26,7 +26,7 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
           embeddings_on_host: bool = False, grad_accum: int = 1, keep_routed_gate_up: bool = False,
           engine: EngineConfig | None = None, expert_parallel: int = 1,
           lora_dtype: str = "float32", layout: str = "as_written",
-          memory_limit_bytes: int | None = None) -> dict[str, Any]:
+          memory_limit_bytes: int | None = None, fp32_linear_scales: bool = False) -> dict[str, Any]:
     """Build once, measure each sequence length. Under torchrun (`moefit bench --gpus N`) every rank does the same
     with DDP over the LoRA parameters; the result (on every rank) holds each rank's peak memory and the total
     tokens/s of the ranks, against the plan for N GPUs.
@@ -61,7 +61,8 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
         if layout == "auto":
             if len(seq_lens) != 1:
                 raise MoefitError("moefit bench --layout auto measures one sequence length (--seq-len N).")
-            chosen = choose_layout(model, lora, QuantConfig(embeddings_on_host=embeddings_on_host),
+            chosen = choose_layout(model, lora, QuantConfig(embeddings_on_host=embeddings_on_host,
+                                                            fp32_linear_scales=fp32_linear_scales),
                                    TrainConfig(max_length=seq_lens[0], batch_size=batch, grad_accum=grad_accum,
                                                optimizer=optimizer, keep_routed_gate_up=keep_routed_gate_up),
                                    device, memory_limit_bytes, ctx.world_size, expert_parallel)
@@ -71,7 +72,7 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
             keep_routed_gate_up = chosen["settings"].get("train.keep_routed_gate_up", keep_routed_gate_up)
     engine_switches.use(engine or EngineConfig())
     t0 = time.perf_counter()
-    quant = QuantConfig(embeddings_on_host=embeddings_on_host)
+    quant = QuantConfig(embeddings_on_host=embeddings_on_host, fp32_linear_scales=fp32_linear_scales)
     ep = None
     if expert_parallel > 1:  # each rank builds only its slice of the routed experts
         from ..parallel.expert_parallel import ExpertParallel, attach_dispatch
@@ -110,6 +111,7 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
     return {"model": model, "layers": m.config.num_hidden_layers, "build_s": build_s, "device_name": name,
             "world_size": ctx.world_size, "expert_parallel": expert_parallel,
             "embeddings_on_host": embeddings_on_host, "keep_routed_gate_up": keep_routed_gate_up,
+            "fp32_linear_scales": fp32_linear_scales,
             "matmul_tflops": ceiling, "active_params_per_token": active, "lora": lora.__dict__,
             "layout": chosen, "memory_limit_bytes": memory_limit_bytes,
             "engine": engine_switches.current().__dict__, "versions": versions(), "runs": runs}

@@ -33,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-routed-gate-up", action="store_true",
                    help="keep the routed experts' gate/up outputs for the recomputation (train.keep_routed_gate_up:"
                         " true; faster, tokens x top_k x intermediate x 4 bytes more per MoE layer)")
+    p.add_argument("--fp32-linear-scales", action="store_true",
+                   help="keep the linears' NF4 block scales in fp32 (quantization.fp32_linear_scales)")
     p.add_argument("--embeddings-on-host", action="store_true",
                    help="keep the input embedding table in host memory (quantization.embeddings_on_host)")
     p.add_argument("--layout", choices=["as_written", "auto"], default="as_written",
@@ -90,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
                     expert_rank=args.expert_rank, targets=args.targets.split(","), optimizer=args.optimizer,
                     steps=args.steps, warmup=args.warmup, device=args.device,
                     embeddings_on_host=args.embeddings_on_host, grad_accum=args.grad_accum,
+                    fp32_linear_scales=args.fp32_linear_scales,
                     keep_routed_gate_up=args.keep_routed_gate_up, engine=parse(args.engine),
                     expert_parallel=args.expert_parallel, lora_dtype=args.lora_dtype, layout=args.layout,
                     memory_limit_bytes=int(args.memory_limit_gib * 2**30) if args.memory_limit_gib else None)

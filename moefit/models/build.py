@@ -55,7 +55,7 @@ def build_skeleton(config: PretrainedConfig, *, quant: QuantConfig, dtype: torch
     kw = dict(quantization=quant.weights, dtype=dtype, blocksize=quant.blocksize, double_quant=quant.double_quant,
               device=device)
     _replace_moe_blocks(model, config, spec, kw, expert_shard)
-    _replace_linears(model, quant.keep_unquantized, kw)
+    _replace_linears(model, quant.keep_unquantized, {**kw, "scales_fp32": quant.fp32_linear_scales})
     if quant.embeddings_on_host:
         _embeddings_to_host(model, config, dtype, device)
     if engine_switches.current().rms_norm == "fused":

@@ -20,12 +20,13 @@ class MoefitLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False, quantization: str = "nf4",
                  dtype: torch.dtype = torch.bfloat16, blocksize: int = 64, double_quant: bool = True,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, scales_fp32: bool = False):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.qweight = make_weight((out_features, in_features), quantization=quantization, dtype=dtype,
-                                   blocksize=blocksize, double_quant=double_quant, device=device)
+                                   blocksize=blocksize, double_quant=double_quant, device=device,
+                                   scales_fp32=scales_fp32)
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:

@@ -100,11 +100,14 @@ class MemoryEstimate:
 
 # ---------------------------------------------------------------------------------------------- weights
 
-def nf4_bytes(slice_numel: int, slices: int, quant: QuantConfig) -> tuple[int, int]:
-    """(packed data, quantization constants) bytes of one NF4 module holding `slices` slices of `slice_numel`."""
+def nf4_bytes(slice_numel: int, slices: int, quant: QuantConfig, linear: bool = False) -> tuple[int, int]:
+    """(packed data, quantization constants) bytes of one NF4 module holding `slices` slices of `slice_numel`;
+    `linear`: a linear (not routed experts), whose scales `fp32_linear_scales` keeps in fp32."""
     nblocks = math.ceil(slice_numel / quant.blocksize)
     packed = _r(slices * slice_numel // 2)
-    if quant.double_quant:
+    if quant.double_quant and linear and quant.fp32_linear_scales:
+        consts = _r(slices * nblocks * FP32) + _r(NF4_CODE_BYTES) + _r(NF4_CODE2_BYTES)
+    elif quant.double_quant:
         consts = (_r(slices * nblocks) + _r(slices * math.ceil(nblocks / 256) * FP32) + _r(slices * FP32)
                   + _r(NF4_CODE_BYTES) + _r(NF4_CODE2_BYTES))
     else:
@@ -147,7 +150,7 @@ def weight_components(f: ModelFacts, quant: QuantConfig, expert_parallel: int = 
         data = 0
         for numel, slices in modules:
             if quant.weights == "nf4":
-                packed, consts = nf4_bytes(numel, slices, quant)
+                packed, consts = nf4_bytes(numel, slices, quant, linear=group != "routed_experts")
             else:
                 packed, consts = _r(numel * slices * BF16), 0
             data += packed
@@ -160,6 +163,8 @@ def weight_components(f: ModelFacts, quant: QuantConfig, expert_parallel: int = 
                                f"{held / 1e9:.2f} B params{share}"))
     if consts_total:
         per = "double-quantized" if quant.double_quant else "fp32"
+        if quant.double_quant and quant.fp32_linear_scales:
+            per = "fp32 for the linears, double-quantized for the routed experts"
         comps.append(Component("quant_constants", "quantization constants", consts_total, "weights",
                                f"absmax per {quant.blocksize} values, {per}"))
     # Embeddings and lm_head: bf16 unless the user removed them from keep_unquantized.
@@ -174,7 +179,7 @@ def weight_components(f: ModelFacts, quant: QuantConfig, expert_parallel: int = 
             waste += _segment_waste(n * BF16)
             parts.append(key)
         else:
-            packed, consts = nf4_bytes(n, 1, quant)
+            packed, consts = nf4_bytes(n, 1, quant, linear=True)
             comps.append(Component(f"weights_{key}", f"NF4 weights: {key}", packed + consts, "weights"))
     small = groups["norms"] + groups["router"] + groups["biases_and_extras"]
     n_small_tensors = 2 * f.num_layers + 1 + f.moe_layers + (f.num_layers * 4 if small > groups["norms"] else 0)

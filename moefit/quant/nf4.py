@@ -56,6 +56,19 @@ MAX_DECODE_NUMEL = 2**31 - 2**20
 _ALL = slice(None)
 
 
+def decode_scales(absmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, code2: torch.Tensor
+                  ) -> torch.Tensor:
+    """Double-quantized block scales -> fp32 [E', nblocks]: code2[u8] * absmax2 + offset, the same arithmetic as
+    bitsandbytes' dequantize_blockwise."""
+    nblocks = absmax.shape[1]
+    if nblocks % 256 == 0:  # second-level blocks never straddle experts: one kernel call
+        flat = torch.ops.bitsandbytes.dequantize_blockwise.default(
+            absmax.reshape(-1), absmax2.reshape(-1), code2, 256, torch.float32)
+        return flat.view(absmax.shape).add_(offset.unsqueeze(1))
+    scale2 = absmax2.repeat_interleave(256, dim=1)[:, :nblocks]
+    return code2[absmax.long()] * scale2 + offset.unsqueeze(1)
+
+
 class NF4Weight(nn.Module):
     """A frozen weight in NF4 (optionally double-quantized), shape [out, in] or [E, out, in].
 
@@ -68,7 +81,8 @@ class NF4Weight(nn.Module):
     """
 
     def __init__(self, shape: tuple[int, ...], *, blocksize: int = 64, double_quant: bool = True,
-                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None):
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None,
+                 scales_fp32: bool = False):
         super().__init__()
         if len(shape) not in (2, 3):
             raise ValueError(f"NF4Weight holds 2-D or 3-D weights, got shape {shape}")
@@ -79,13 +93,16 @@ class NF4Weight(nn.Module):
         if self.slice_numel % 2:
             raise ValueError(f"NF4 needs an even number of values per slice, got shape {shape}")
         self.blocksize = blocksize
-        self.double_quant = double_quant
+        # scales_fp32: quantized with double quantization (the same values), but its block scales are decoded
+        # once, here, and kept in fp32: a decode is then one kernel instead of three (+3.5 bytes per 64 values).
+        self.scales_fp32 = scales_fp32 and double_quant
+        self.double_quant = double_quant and not self.scales_fp32
         self.dtype = dtype
         nblocks = math.ceil(self.slice_numel / blocksize)
         nblocks2 = math.ceil(nblocks / 256)
         e = self.experts
         self.register_buffer("packed", torch.zeros(e, self.slice_numel // 2, dtype=torch.uint8, device=device))
-        if double_quant:
+        if self.double_quant:
             self.register_buffer("absmax", torch.zeros(e, nblocks, dtype=torch.uint8, device=device))
             self.register_buffer("absmax2", torch.zeros(e, nblocks2, dtype=torch.float32, device=device))
             self.register_buffer("offset", torch.zeros(e, dtype=torch.float32, device=device))
@@ -108,9 +125,15 @@ class NF4Weight(nn.Module):
         if tuple(weight.shape) != self.slice_shape:
             raise ValueError(f"expected a slice of shape {self.slice_shape}, got {tuple(weight.shape)}")
         w = weight.to(device=self.packed.device, dtype=self.dtype).contiguous()
-        packed, state = bnbF.quantize_4bit(w, blocksize=self.blocksize, compress_statistics=self.double_quant,
+        packed, state = bnbF.quantize_4bit(w, blocksize=self.blocksize,
+                                           compress_statistics=self.double_quant or self.scales_fp32,
                                            quant_type="nf4")
         self.packed[e].copy_(packed.view(-1))
+        if self.scales_fp32:
+            offset = torch.as_tensor(state.offset, dtype=torch.float32, device=self.packed.device).reshape(1)
+            self.absmax[e].copy_(decode_scales(state.absmax.view(1, -1), state.state2.absmax.view(1, -1), offset,
+                                               self.code2).view(-1))
+            return self
         self.absmax[e].copy_(state.absmax.view(-1))
         if self.double_quant:
             self.absmax2[e].copy_(state.state2.absmax.view(-1))
@@ -182,13 +205,7 @@ class NF4Weight(nn.Module):
             absmax, absmax2, offset = self.absmax, self.absmax2, self.offset
         else:
             absmax, absmax2, offset = self.absmax[rows], self.absmax2[rows], self.offset[rows]
-        nblocks = absmax.shape[1]
-        if nblocks % 256 == 0:  # second-level blocks never straddle experts: one kernel call
-            flat = torch.ops.bitsandbytes.dequantize_blockwise.default(
-                absmax.reshape(-1), absmax2.reshape(-1), self.code2, 256, torch.float32)
-            return flat.view(absmax.shape).add_(offset.unsqueeze(1))
-        scale2 = absmax2.repeat_interleave(256, dim=1)[:, :nblocks]
-        return self.code2[absmax.long()] * scale2 + offset.unsqueeze(1)
+        return decode_scales(absmax, absmax2, offset, self.code2)
 
     def _dequantize_by_state(self, expert: int | None, dtype: torch.dtype) -> torch.Tensor:
         if expert is not None or len(self.shape) == 2:
@@ -206,15 +223,16 @@ class NF4Weight(nn.Module):
     @torch.no_grad()
     def select_experts(self, start: int, stop: int) -> NF4Weight:
         """A new storage holding experts [start, stop) of this 3-D one (expert parallelism keeps a slice)."""
-        out = NF4Weight((stop - start, *self.slice_shape), blocksize=self.blocksize, double_quant=self.double_quant,
-                        dtype=self.dtype, device=self.packed.device)
+        out = NF4Weight((stop - start, *self.slice_shape), blocksize=self.blocksize,
+                        double_quant=self.double_quant or self.scales_fp32, dtype=self.dtype,
+                        device=self.packed.device, scales_fp32=self.scales_fp32)
         for name in ("packed", "absmax", "absmax2", "offset"):
             if hasattr(out, name):
                 getattr(out, name).copy_(getattr(self, name)[start:stop])
         return out
 
     def extra_repr(self) -> str:
-        dq = "double-quant, " if self.double_quant else ""
+        dq = "double-quant, " if self.double_quant else "fp32 scales from double-quant, " if self.scales_fp32 else ""
         return f"shape={self.shape}, nf4, {dq}blocksize={self.blocksize}, compute={self.dtype}"
 
 
@@ -257,9 +275,11 @@ class FrozenWeight(nn.Module):
 
 
 def make_weight(shape: tuple[int, ...], *, quantization: str, dtype: torch.dtype, blocksize: int = 64,
-                double_quant: bool = True, device: torch.device | str | None = None) -> NF4Weight | FrozenWeight:
+                double_quant: bool = True, device: torch.device | str | None = None,
+                scales_fp32: bool = False) -> NF4Weight | FrozenWeight:
     if quantization == "nf4":
-        return NF4Weight(shape, blocksize=blocksize, double_quant=double_quant, dtype=dtype, device=device)
+        return NF4Weight(shape, blocksize=blocksize, double_quant=double_quant, dtype=dtype, device=device,
+                         scales_fp32=scales_fp32)
     if quantization == "none":
         return FrozenWeight(shape, dtype=dtype, device=device)
     raise ValueError(f"unknown quantization {quantization!r}; use 'nf4' or 'none'")
