@@ -2,6 +2,11 @@
 bitsandbytes stack of the same call, with `moefit plan`'s memory and step time for every moefit row.
 
     python benchmarks/families.py --out DIR [--models all|qwen3-30b-a3b ...]   # on one GPU (~6 min for all)
+    python benchmarks/families.py --out DIR --models qwen3-30b-a3b llama3.1-8b \
+        --variants "auto24:--layout auto --memory-limit-gib 22.5" \
+                   "fast:--layout auto --memory-limit-gib 22.5 --engine rms_norm=fused --fp32-linear-scales"
+        (more moefit rows of the same settings, same call, same stock row: the layout the trainer picks on a
+        24 GB GPU, and the host-overhead switches)
     python benchmarks/families.py --plan-only                                  # the settings the plan picks (CPU)
     python benchmarks/families.py --report DIR/families.json                   # rewrite the .md from the JSON
     python benchmarks/families.py --smoke --device cpu --models gpt-oss-20b   # the stock path, 1 layer, seq 64
@@ -307,6 +312,22 @@ def report(doc: dict) -> str:
             f"| {m['total_bytes'] / GIB:.2f} | {p['total_bytes'] / GIB:.2f} | {m['tokens_per_s']:,.0f} | "
             f"{m['step_s']:.3f} | {p.get('step_s') or 0:.3f} ({_pct(p.get('step_s'), m['step_s'])}) | "
             f"{100 * m.get('gpu_busy_fraction', 0):.0f} % | {stock_tps} | {stock_peak} | {speed} |")
+    variants = [(row, name, v) for row in doc["results"] for name, v in (row.get("variants") or {}).items()]
+    if variants:
+        lines += ["", "Variants (the same settings with more `moefit bench` flags, same call, against the same stock "
+                  "row):", "", "| model | variant | flags | layout run | tok/s | step s | TOTAL GiB | GPU busy | "
+                  "x stock |", "|---|---|---|---|---|---|---|---|---|"]
+        for row, name, v in variants:
+            vm = v.get("measured")
+            s = (row.get("stock") or {}).get("extrapolated") or {}
+            if not vm:
+                lines.append(f"| {row['model']} | {name} | {' '.join(v['flags'])} | failed | | | | | |")
+                continue
+            layout = f"{vm.get('batch')} x {vm.get('grad_accum')}"
+            x = f"{vm['tokens_per_s'] / s['tokens_per_s']:.1f}x" if s.get("tokens_per_s") else "-"
+            lines.append(f"| {row['model']} | {name} | {' '.join(v['flags'])} | {layout} | {vm['tokens_per_s']:,.0f} "
+                         f"| {vm['step_s']:.3f} | {vm['total_bytes'] / GIB:.2f} | "
+                         f"{100 * vm.get('gpu_busy_fraction', 0):.0f} % | {x} |")
     lines += ["", "| model | goal | verdicts |", "|---|---|---|"]
     for row in doc["results"]:
         lines.append(f"| {row['model']} | {MODELS[row['model']]['goal']} | {'; '.join(verdicts(row))} |")
@@ -329,6 +350,10 @@ def main() -> int:
     ap.add_argument("--report", type=Path)
     ap.add_argument("--merge", type=Path, nargs="+", help="families.json files of several calls -> one (stdout)")
     ap.add_argument("--no-stock", action="store_true")
+    ap.add_argument("--variants", nargs="+", default=[], metavar="NAME:FLAGS",
+                    help="more moefit rows of each model's chosen settings with extra `moefit bench` flags, e.g. "
+                         "'auto24:--layout auto --memory-limit-gib 22.5' 'fused:--engine rms_norm=fused "
+                         "--fp32-linear-scales' (same call, same stock row)")
     ap.add_argument("--smoke", action="store_true", help="the stock path only, 1 layer, seq 64 (a CPU check)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--stock-worker", nargs=5, help=argparse.SUPPRESS)
@@ -381,6 +406,23 @@ def main() -> int:
                   f"{p['peak_allocated_bytes'] / GIB:.2f})  TOTAL {m['total_bytes'] / GIB:.2f}  busy "
                   f"{100 * m.get('gpu_busy_fraction', 0):.0f} %  ({time.perf_counter() - t0:.0f} s)", flush=True)
         save()
+        for variant in args.variants:
+            name, _, flags = variant.partition(":")
+            res, err = _bench(a + flags.split(), 1)
+            v = row.setdefault("variants", {})[name] = {"flags": flags.split()}
+            if res is None:
+                print(f"{model} [{name}]: moefit failed:\n{err}", file=sys.stderr, flush=True)
+                v["error"] = err[-2000:]
+            else:
+                v["measured"] = _run_record(res)
+                v["measured"]["total_bytes"] = v["measured"]["peak_reserved_bytes"] + \
+                    v["measured"].get("outside_allocator_bytes", 0)
+                v["layout"] = res.get("layout")
+                vm = v["measured"]
+                print(f"{model:16} [{name}] {vm['tokens_per_s']:7.0f} tok/s  step {vm['step_s']:.3f} s  TOTAL "
+                      f"{vm['total_bytes'] / GIB:.2f}  busy {100 * vm.get('gpu_busy_fraction', 0):.0f} %  "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            save()
         if not args.no_stock:
             points = [_stock(model, n, args.device, SEQ, MODELS[model]["rank"]) for n in STOCK_LAYERS]
             full = load_config_json(model).num_hidden_layers
