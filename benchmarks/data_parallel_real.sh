@@ -47,5 +47,5 @@ for n in ${EXPORT_WORKERS:-}; do  # the same export again with n workers (speed 
   step python3 -c "$peak_rss" python3 -m moefit export "$work/run" --merge --out "$work/merged-$n" --workers "$n"
   rm -rf "$work/merged-$n"
 done
-step python3 benchmarks/merged_logits_check.py "$work/run" "$model" "$work/merged" --device "$device"
+step python3 benchmarks/merged_logits_check.py "$work/run" "$model" "$work/merged" --device "$device" --tokens 256
 say "done"
