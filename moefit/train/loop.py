@@ -153,7 +153,9 @@ def _expert_parallel(cfg: RunConfig, ctx: pdist.DistContext, say: Any) -> expert
         ep = expert_parallel.ExpertParallel.create(ctx.rank, ctx.world_size, size, experts)
     except ValueError as e:
         raise MoefitError(f"parallel.expert: {e}") from None
-    say(f"expert parallel: {size} GPUs share each MoE layer's {experts} routed experts ({experts // size} each), "
+    workers = "GPUs" if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl" \
+        else "processes"
+    say(f"expert parallel: {size} {workers} share each MoE layer's {experts} routed experts ({experts // size} each), "
         f"{ctx.world_size // size} replica(s)")
     return ep
 
