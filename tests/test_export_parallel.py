@@ -115,3 +115,23 @@ def test_gpu_export_equals_its_serial_run_and_is_close_to_the_cpu_one(tiny_run, 
         assert gpu[k].dtype == cpu[k].dtype
         if gpu[k].is_floating_point() and gpu[k].numel():
             assert rel(gpu[k].float(), cpu[k].float()) < 2e-2, k
+
+
+def test_preallocated_shards_hold_the_same_bytes_and_size(tmp_path):
+    """Each shard file is allocated at its planned size when opened (worker threads writing one file then do not
+    wait on each other to extend it): the same bytes and the same size as without."""
+    from moefit.export.safetensors_stream import preallocate_file
+
+    planned = [PlannedTensor(f"t{i}", "BF16", (1000 + i,)) for i in range(5)]
+    pieces = {t.name: [Piece(t.nbytes, lambda t=t: torch.full(t.shape, float(len(t.name)), dtype=torch.bfloat16))]
+              for t in planned}
+    files = {}
+    for pre in (False, True):
+        path = tmp_path / f"{pre}.safetensors"
+        write_shards([(path, planned)], pieces, workers=3, preallocate=pre)
+        files[pre] = path.read_bytes()
+    assert files[True] == files[False]
+    probe = tmp_path / "probe"
+    with open(probe, "wb") as f:
+        grown = preallocate_file(f.fileno(), 4096)
+    assert probe.stat().st_size == (4096 if grown else 0)
