@@ -9,7 +9,8 @@ and the largest per-token relative error, the fraction of tokens whose error exc
 greedy tokens. A bug in the merge shows in every token; a token whose routed expert flips between two near-equal
 router scores (the merged weights are rounded to bf16) shows alone, and rarely in float32. So the routers' top-k
 choices are recorded in both models (forward hooks on every router: a Linear with one output per expert) and the
-errors are also given over the tokens that every layer routed to the same experts in both.
+errors are also given over the tokens that every layer routed to the same experts in both. PASS (exit 0) when
+those tokens are within ALIKE_LIMIT and at least MIN_ROUTED_ALIKE of the tokens are routed alike.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+# The merged weights are rounded to bf16 once; moefit adds the LoRA delta in the compute dtype. What that rounding
+# may do to the logits of a token routed the same way in both (after two 5120-wide layers on CPU in fp32: at most
+# 1.45 %, benchmarks/merged_check_cpu.sh), with room; and the share of tokens that may flip their routing.
+ALIKE_LIMIT = {torch.float32: 0.02, torch.bfloat16: 0.05}
+MIN_ROUTED_ALIKE = 0.9
 
 
 def routed_blocks(model: torch.nn.Module, experts: int) -> list[tuple[torch.nn.Module, torch.nn.Linear]]:
@@ -105,6 +113,7 @@ def main() -> int:
                    if getattr(config, k, None))
     top_k = config.num_experts_per_tok
     ids = torch.randint(10, vocab, (1, args.tokens), generator=torch.Generator().manual_seed(0)).to(args.device)
+    failed = False
     for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
         def hf_model(dtype=dtype):
             return AutoModelForCausalLM.from_pretrained(args.merged, dtype=dtype).to(args.device).eval()
@@ -123,7 +132,13 @@ def main() -> int:
               f"tokens routed alike in all {r['routers']} routers: {r['routed_alike']:.1%} (their error: median "
               f"{r['alike_median']:.4f}, max {r['alike_max']:.4f}; the others' least: {r['other_min']:.4f})",
               flush=True)
-    return 0
+        limit = ALIKE_LIMIT[dtype]
+        ok = r["alike_max"] <= limit and r["routed_alike"] >= MIN_ROUTED_ALIKE
+        failed = failed or not ok
+        print(f"{'PASS' if ok else 'FAIL'} {str(dtype)[6:]}: tokens routed alike off by at most {limit:.0%} "
+              f"({r['alike_max']:.2%}), at least {MIN_ROUTED_ALIKE:.0%} of tokens routed alike "
+              f"({r['routed_alike']:.1%})", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
