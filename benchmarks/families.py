@@ -82,6 +82,13 @@ def bench_args(model: str, expert_rank: int, option: list[str], seq: int = SEQ) 
             "--rank", str(spec["rank"]), "--expert-rank", str(expert_rank), "--targets", ALL, *option]
 
 
+def _measured(res: dict) -> dict:
+    """A `moefit bench --json` result as a row's record, with TOTAL (reserved + outside the allocator)."""
+    m = _run_record(res)
+    m["total_bytes"] = m["peak_reserved_bytes"] + m.get("outside_allocator_bytes", 0)
+    return m
+
+
 def _meets(value: float, target: tuple[str, float] | None) -> bool:
     return target is None or value <= target[1]
 
@@ -398,8 +405,7 @@ def main() -> int:
             print(f"{model}: moefit failed:\n{err}", file=sys.stderr, flush=True)
             row["measured"], row["error"] = None, err[-2000:]
         else:
-            m = row["measured"] = _run_record(res)
-            m["total_bytes"] = m["peak_reserved_bytes"] + m.get("outside_allocator_bytes", 0)
+            m = row["measured"] = _measured(res)
             doc["gpu"] = doc["gpu"] or res["device_name"]
             print(f"{model:16} moefit {m['tokens_per_s']:7.0f} tok/s  step {m['step_s']:.3f} s (plan "
                   f"{p['step_s']:.3f})  peak {m['peak_allocated_bytes'] / GIB:.2f} GiB (plan "
@@ -414,11 +420,8 @@ def main() -> int:
                 print(f"{model} [{name}]: moefit failed:\n{err}", file=sys.stderr, flush=True)
                 v["error"] = err[-2000:]
             else:
-                v["measured"] = _run_record(res)
-                v["measured"]["total_bytes"] = v["measured"]["peak_reserved_bytes"] + \
-                    v["measured"].get("outside_allocator_bytes", 0)
+                vm = v["measured"] = _measured(res)
                 v["layout"] = res.get("layout")
-                vm = v["measured"]
                 print(f"{model:16} [{name}] {vm['tokens_per_s']:7.0f} tok/s  step {vm['step_s']:.3f} s  TOTAL "
                       f"{vm['total_bytes'] / GIB:.2f}  busy {100 * vm.get('gpu_busy_fraction', 0):.0f} %  "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)

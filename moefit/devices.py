@@ -1,5 +1,5 @@
 """Device choice: `auto` means the GPU when CUDA is available, else the CPU (train.device, `moefit eval`,
-`moefit generate`). One copy, so that every command means the same by it."""
+`moefit generate`); which GPU a device name means. One copy, so that every command means the same by it."""
 
 from __future__ import annotations
 
@@ -11,3 +11,10 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def cuda_index(device: str | torch.device) -> int:
+    """The GPU index of "cuda" or "cuda:N" (the current GPU for a bare "cuda"; APIs such as
+    set_per_process_memory_fraction want an index and refuse "cuda")."""
+    index = (device if isinstance(device, torch.device) else torch.device(device)).index  # (no new object per call)
+    return torch.cuda.current_device() if index is None else index

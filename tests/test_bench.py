@@ -77,7 +77,7 @@ def test_bench_passes_accumulation_and_kept_outputs_through(tmp_path):
 
 
 def test_cuda_index_of_a_device_name():
-    from moefit.bench.run import cuda_index
+    from moefit.devices import cuda_index
 
     assert cuda_index("cuda:1") == 1
     if torch.cuda.is_available():

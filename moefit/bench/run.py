@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..config import EngineConfig, LoraConfig, QuantConfig, RunConfig, TrainConfig
+from ..devices import cuda_index
 from ..errors import MoefitError
 from .measure import cuda_time, measure_training
 from .synthetic import build_synthetic_model
@@ -182,10 +183,3 @@ def active_params_per_token(config) -> int:
     from ..plan.model_facts import facts_from_config
 
     return facts_from_config(config.to_dict()).active_params_per_token()
-
-
-def cuda_index(device: str) -> int:
-    """The GPU index of "cuda" or "cuda:N" (set_per_process_memory_fraction wants an index, "cuda" alone is
-    refused)."""
-    index = torch.device(device).index
-    return torch.cuda.current_device() if index is None else index

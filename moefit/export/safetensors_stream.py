@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -260,7 +261,7 @@ def preallocate_file(fd: int, size: int) -> bool:
     into a preallocated file (`benchmarks/shard_write_speed.py`). Never emulated by writing zeros (glibc's
     posix_fallocate does that where the file system has no fallocate): then nothing is done."""
     global _libc
-    if size <= 0 or not hasattr(os, "sched_getaffinity"):  # Linux only
+    if size <= 0 or not sys.platform.startswith("linux"):
         return False
     try:
         if _libc is None:

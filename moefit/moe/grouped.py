@@ -16,6 +16,7 @@ import math
 import torch
 
 from .. import engine_switches
+from ..devices import cuda_index
 from ..quant.nf4 import FrozenWeight, NF4Weight
 
 _GROUPED_MM = getattr(torch, "_grouped_mm", None)
@@ -41,7 +42,7 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor, aligned: bool = True)
         return False
     # The capability is cached per device: get_device_capability costs microseconds of Python per call, and this
     # runs for every grouped matmul of every pass.
-    if x.is_cuda and _sm_major(x.device.index if x.device.index is not None else torch.cuda.current_device()) < 8:
+    if x.is_cuda and _sm_major(cuda_index(x.device)) < 8:
         return False
     # 16-byte alignment of the contraction and output widths (kernel requirement).
     return not aligned or (x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0)
