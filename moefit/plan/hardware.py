@@ -30,14 +30,15 @@ def _margin_ok(fit) -> bool:
     return fit.fits and fit.margin_bytes >= RECOMMENDED_MARGIN * fit.gpu.memory_bytes
 
 
-def choose_hardware(fits: list, ideal_fit=None) -> list[HardwareChoice]:
-    """`fits`: GpuFit per catalogue GPU (single GPU); `ideal_fit`: callable(gpu_name, n) -> GpuFit on n GPUs."""
+def choose_hardware(fits: list, ideal_fit=None, group: int = 1) -> list[HardwareChoice]:
+    """`fits`: GpuFit per catalogue GPU on `group` GPUs (1, or the expert-parallel group a run needs at least);
+    `ideal_fit`: callable(gpu_name, n) -> GpuFit on n GPUs."""
     out: list[HardwareChoice] = []
     ok = [f for f in fits if f.fits]
     if not ok:
         return out
 
-    def choice(tier: str, f, why: str, n: int = 1) -> HardwareChoice:
+    def choice(tier: str, f, why: str, n: int = group) -> HardwareChoice:
         return HardwareChoice(tier, f.gpu.name, f.gpu.label, n, f.margin_bytes, f.run_hours, f.cost_usd, why)
 
     priced = [f for f in ok if f.gpu.usd_per_hour is not None]
@@ -52,7 +53,7 @@ def choose_hardware(fits: list, ideal_fit=None) -> list[HardwareChoice]:
         timed = [f for f in safe if f.step is not None]
         if timed and ideal_fit is not None:
             fastest = max(timed, key=lambda f: f.step.tokens_per_s)
-            multi = ideal_fit(fastest.gpu.name, IDEAL_GPUS)
-            out.append(choice("ideal", multi, f"fastest GPU with margin, {IDEAL_GPUS} in data parallel",
-                              IDEAL_GPUS))
+            n = max(IDEAL_GPUS // group, 1) * group
+            multi = ideal_fit(fastest.gpu.name, n)
+            out.append(choice("ideal", multi, f"fastest GPU with margin, {n} in data parallel", n))
     return out

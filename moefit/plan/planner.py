@@ -340,9 +340,10 @@ def _build_plan(cfg: RunConfig, gpus: list[Gpu], calibration: dict[str, Any] | N
         def same_tokens(k: int) -> int | None:  # the same tokens on k GPUs in data parallel: fewer steps
             return math.ceil(steps * n / k) if steps else None
 
-        singles = [p.gpu_fit(get_gpu(name, price), 1, same_tokens(1), search=False) for name in gpu_names()]
+        group = max(p.shape.expert_parallel, 1)  # expert parallelism needs at least its group of GPUs
+        singles = [p.gpu_fit(get_gpu(name, price), group, same_tokens(group), search=False) for name in gpu_names()]
         hw = choose_hardware(singles, lambda name, k: p.gpu_fit(get_gpu(name, price), k, same_tokens(k),
-                                                                 search=False))
+                                                                 search=False), group)
     first_bad = next((f for f in fits if not f.fits), None)
     if not requested:  # the whole catalogue: advise only when nothing fits, for the largest GPU
         first_bad = None if any(f.fits for f in fits) else max(fits, key=lambda f: f.gpu.memory_bytes)

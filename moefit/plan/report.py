@@ -152,8 +152,8 @@ def render_plan(plan) -> str:
         a2a = ", ".join(f"{g.step.alltoall_s * 1e3:.0f} ms" for g in plan.gpus if g.step is not None)
         lines.append(f"expert parallel: each MoE layer's {f_e} routed experts split over {s.expert_parallel} GPUs "
                      f"({f_e // s.expert_parallel} each; memory above is per GPU), {n // s.expert_parallel} "
-                     f"replica(s); all-to-all of the routed rows per optimizer step: {a2a or '-'}. Not measured on "
-                     "GPUs yet: memory counted, time extrapolated.")
+                     f"replica(s); all-to-all of the routed rows per optimizer step: {a2a or '-'}; measured on "
+                     "2 H200s (benchmarks/expert_parallel.md).")
     lines.append("")
     lines.append(f"run length: {plan.steps if plan.steps else '?'} steps ({plan.steps_source})")
     if plan.hardware:
