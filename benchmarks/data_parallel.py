@@ -127,11 +127,12 @@ def merge_calls(docs: list[dict], key: str) -> tuple[list[dict], dict[str, dict]
     """Records of several device calls as one: (each call's command/date/gpu/versions, row by `key` from the
     latest call that measured it, tagged with that call's index). A row keeps all its measurements from one call."""
     calls, rows = [], {}
-    for i, doc in enumerate(docs):
-        calls.append({k: doc.get(k) for k in ("command", "date", "gpu", "versions")})
+    for doc in docs:
+        first = len(calls)  # an already merged record brings its calls along, its rows keep theirs
+        calls.extend(doc.get("calls") or [{k: doc.get(k) for k in ("command", "date", "gpu", "versions")}])
         for row in doc["results"]:
             if row.get("measured") or row[key] not in rows:
-                rows[row[key]] = row | {"call": i}
+                rows[row[key]] = row | {"call": first + row.get("call", 0)}
     return calls, rows
 
 

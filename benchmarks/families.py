@@ -338,6 +338,12 @@ def report(doc: dict) -> str:
     lines += ["", "| model | goal | verdicts |", "|---|---|---|"]
     for row in doc["results"]:
         lines.append(f"| {row['model']} | {MODELS[row['model']]['goal']} | {'; '.join(verdicts(row))} |")
+    for row, name, v in variants:  # a variant against the same goal (e.g. the layout the trainer picks itself)
+        if v.get("measured"):
+            vm = v["measured"]
+            plan = {"peak_allocated_bytes": vm.get("planned_peak_bytes") or vm["peak_allocated_bytes"]}
+            lines.append(f"| {row['model']}, variant {name} ({vm.get('batch')} x {vm.get('grad_accum')}) | "
+                         f"{MODELS[row['model']]['goal']} | {'; '.join(verdicts(row | {'measured': vm, 'plan': plan}))} |")
     lines += ["", "Stock measurements (per depth):", "", "| model | layers | tok/s | peak alloc GiB | target_parameters "
               "| error |", "|---|---|---|---|---|---|"]
     for row in doc["results"]:

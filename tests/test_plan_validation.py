@@ -112,12 +112,12 @@ def test_earlier_records_are_read_from_every_recorded_format():
     assert "scout_qlora_settings:seed-1x8:1x2048x8" in names and "data_parallel:scout-seed-1x8:1x2048x8" in names
     assert not names & _bench_module().STALE
     families = {r["name"]: r for r in _earlier_records("FITTED")}
-    oss = families["families:gpt-oss-20b:1x2048x2"]  # flags and "--option value" pairs of moefit bench read apart
+    oss = families["families_fitted_h200:gpt-oss-20b:1x2048x2"]  # flags and "--option value" pairs of moefit bench read apart
     assert oss["quant"]["embeddings_on_host"] is True and oss["lora"]["dtype"] == "bfloat16"
     scout_8x1 = next(r for r in recs if r["name"] == "step_ab_large_micro_batch_h200:seed-8x1:8x2048x1")
     assert scout_8x1["measured"]["kernel_s"] > 0 and scout_8x1["num_layers"] is None
     assert scout_8x1["lora"]["r"] == 32 and scout_8x1["quant"]["embeddings_on_host"] is False
-    dense = families["families:llama3.1-8b:1x2048x2"] if "families:llama3.1-8b:1x2048x2" in families else \
+    dense = families["families_fitted_h200:llama3.1-8b:1x2048x2"] if "families_fitted_h200:llama3.1-8b:1x2048x2" in families else \
         next(r for r in recs if r["name"] == "llama3.1-8b-r32-s2048-b1")
     assert dense["model"] == "llama3.1-8b" and dense["grad_accum"] == 2
 
