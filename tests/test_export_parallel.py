@@ -135,3 +135,39 @@ def test_preallocated_shards_hold_the_same_bytes_and_size(tmp_path):
     with open(probe, "wb") as f:
         grown = preallocate_file(f.fileno(), 4096)
     assert probe.stat().st_size == (4096 if grown else 0)
+
+
+def test_pieces_stay_as_they_are_off_the_gpu():
+    from moefit.export.thread_streams import on_thread_streams
+
+    pieces = {"t": [Piece(4, lambda: torch.zeros(1))]}
+    same, streams = on_thread_streams(pieces, torch.device("cpu"))
+    assert same is pieces and streams is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_each_export_worker_thread_runs_its_pieces_on_its_own_stream():
+    """The merge workers' GPU work goes on one stream per thread (not the default stream, where each thread's copy
+    back waits for the others' work): the piece sees its thread's stream as the current one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moefit.export.thread_streams import on_thread_streams
+
+    seen: list[tuple[int, int]] = []
+
+    def make() -> torch.Tensor:
+        seen.append((threading.get_ident(), torch.cuda.current_stream().cuda_stream))
+        return (torch.ones(1000, device="cuda") * 2).cpu()
+
+    pieces, streams = on_thread_streams({"t": [Piece(4000, make) for _ in range(12)]},
+                                        torch.device("cuda", torch.cuda.current_device()))
+    with ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(lambda p: p.make(), pieces["t"]))
+    assert all(torch.equal(o, torch.full((1000,), 2.0)) for o in outs)
+    by_thread = {}
+    for thread, stream in seen:
+        by_thread.setdefault(thread, set()).add(stream)
+    assert all(len(s) == 1 for s in by_thread.values())  # one stream per thread, kept
+    assert len({next(iter(s)) for s in by_thread.values()}) == len(by_thread) == streams.created
+    assert torch.cuda.default_stream().cuda_stream not in {st for _, st in seen}

@@ -45,6 +45,7 @@ from .safetensors_stream import (
     write_shards,
 )
 from .staging import check_out_dir, staged_dir
+from .thread_streams import on_thread_streams
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
 SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "moefit_export.json"}
@@ -271,7 +272,8 @@ def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: 
     show = ProgressPrinter() if progress is True else (progress or None)
     try:
         with staged_dir(out, overwrite) as tmp:
-            stats = write_shards([(tmp / fname, shard) for fname, shard in files], pieces, n_workers, show)
+            staged, _ = on_thread_streams(pieces, dev)
+            stats = write_shards([(tmp / fname, shard) for fname, shard in files], staged, n_workers, show)
             for fname, shard in files:
                 for p in shard:
                     weight_map[p.name] = fname
