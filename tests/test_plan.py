@@ -275,3 +275,16 @@ def test_step_time_overlaps_host_and_gpu_time():
     old = step_time(f, shape, gpu, cal, by)
     unit, work = seconds_per_unit(gpu, cal["time"]), time_work(f, shape, by)
     assert old.micro_step_s == pytest.approx(sum(work[k] * unit[k] for k in GPU_TERMS + HOST_TERMS))
+
+
+def test_a_plan_says_when_its_step_time_depends_on_the_host_cpu():
+    """Micro-batch 1 of a small dense model: the host's share is large, so the plan says the CPU sets part of the
+    pace (measured 1.55x apart between two H200 machines); at micro-batch 8 the GPU's work dominates: no such
+    line."""
+    from moefit.plan import plan
+
+    small = plan(model="llama3.1-8b", gpus=["h200"], search=False, seq_len=2048, batch=1, grad_accum=2)
+    assert small.to_dict()["gpus"][0]["host_bound"] is True
+    assert "host share large on H200 141GB SXM" in small.render()
+    big = plan(model="llama3.1-8b", gpus=["h200"], search=False, seq_len=2048, batch=8, grad_accum=1)
+    assert big.to_dict()["gpus"][0]["host_bound"] is False and "host share large" not in big.render()

@@ -37,6 +37,18 @@ def _settings(plan) -> dict[str, Any]:
     }
 
 
+# The same configuration, host-bound, ran this much slower on one H200 machine than on another (Llama 3.1 8B at
+# micro-batch 1: 0.32 and 0.50 s per micro-step, benchmarks/speed_targets.md): the spread a host-bound plan carries.
+HOST_SPREAD = 1.55
+
+
+def host_bound(st) -> bool:
+    """The host's share of a micro-step is large enough that the step depends on the machine's CPU: its time is at
+    least 0.45 of the GPU's (measured: the GPU busy <= ~75 % from there on; Llama 3.1 8B at 1 x 2048 plans 0.48 and
+    ran 40-52 % busy, Scout at 4 x 2048 plans 0.38 and ran 97 %)."""
+    return st.gpu_s > 0 and st.overhead_s >= 0.45 * st.gpu_s
+
+
 def plan_to_dict(plan) -> dict[str, Any]:
     m = plan.memory
     gpus = []
@@ -53,6 +65,7 @@ def plan_to_dict(plan) -> dict[str, Any]:
             "usd_per_gpu_hour": g.gpu.usd_per_hour, "price_source": g.gpu.price_source,
             "cost_usd": None if g.cost_usd is None else round(g.cost_usd, 2),
             "extrapolated": extrapolated(plan, g.num_gpus),
+            "host_bound": None if st is None else host_bound(st),
             "time_breakdown_s": None if st is None else {
                 "compute": round(st.compute_s, 4), "dequant_memory": round(st.memory_s, 4),
                 "per_layer_overhead": round(st.overhead_s, 4), "optimizer": round(st.optimizer_s, 4),
@@ -165,6 +178,14 @@ def render_plan(plan) -> str:
         lines.append("hardware: no catalogue GPU fits this run on its own.")
     if plan.suggestion:
         lines.append(f"does not fit: {plan.suggestion}")
+    bound = [g for g in plan.gpus if g.step is not None and host_bound(g.step)]
+    if bound:
+        st = bound[0].step
+        lines.append(f"host share large on {', '.join(g.gpu.label for g in bound)}: the host issues kernels for "
+                     f"{st.overhead_s:.2f} s of each micro-step's {st.gpu_s:.2f} s of GPU work ({bound[0].gpu.label}), "
+                     f"so the step time depends on the machine's CPU (such steps measured up to {HOST_SPREAD:.2f}x "
+                     "apart on two H200 machines). A larger micro-batch (train.layout: auto) moves the pace to the "
+                     "GPU.")
     if plan.faster:
         lines.append(f"faster: {plan.faster}")
     lines.append(f"calibration: {plan.calibration_status}")
