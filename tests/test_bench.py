@@ -24,6 +24,7 @@ def test_synthetic_model_is_nf4_with_lora_and_trains(tmp_path):
     assert r["tokens_per_s"] > 0 and torch.isfinite(torch.tensor(r["loss_first"])) and r["grad_accum"] == 2
     assert all(m.keep_gate_up for m in experts)
     assert "gpu_busy_fraction" not in r  # measured on CUDA only (tests/test_gpu.py)
+    assert 1e-8 < r["host_op_s"] < 1e-3  # the host's speed at issuing ops, recorded with every measurement
 
 
 def test_scout_preset_active_parameters():

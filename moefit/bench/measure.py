@@ -40,6 +40,7 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
     from ..parallel import current_context
     from ..parallel.data_parallel import grad_sync, wrap_model
     from ..parallel.expert_parallel import expert_lora_names
+    from .host_probe import host_op_seconds
 
     device = model.device
     cuda = device.type == "cuda"
@@ -94,6 +95,9 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
         # What this process holds outside the caching allocator (CUDA context, cuBLAS, NCCL's buffers), as the
         # device sees it now (another process on the same GPU would be counted too).
         result["outside_allocator_bytes"] = total - free - torch.cuda.memory_reserved(device)
+    # The host's speed at issuing ops, measured right after the steps on the same device (moefit.bench.host_probe):
+    # host-bound step times of different machines differ by it.
+    result["host_op_s"] = host_op_seconds(device)
     if ctx.enabled:
         result["world_size"] = ctx.world_size
         result["lora_grad_bytes"] = sum(p.numel() * p.element_size() for p in params)

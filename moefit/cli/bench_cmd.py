@@ -120,8 +120,10 @@ def run(args: argparse.Namespace) -> int:
     if results.get("layout"):
         print(f"layout (--layout auto): {results['layout']['why']}")
     gpus = f"{results['world_size']}x " if results.get("world_size", 1) > 1 else ""
+    probe = [r["host_op_s"] for r in results["runs"] if r.get("host_op_s")]
     print(f"model {results['model']} ({results['layers']} layers), build {results['build_s']:.1f} s, "
-          f"{gpus}{results['device_name']}")
+          f"{gpus}{results['device_name']}" + (f"; host issues a small op in {min(probe) * 1e6:.1f} us" if probe
+                                                else ""))
     if any(r.get("gpu_busy_fraction", 1.0) < 0.85 for r in results["runs"]):
         print("GPU busy = kernel time of one profiled step / step time. Well below 100 %, the host CPU issuing "
               "kernels sets the pace: a faster host CPU (or longer sequences) helps more than a faster GPU.")
