@@ -265,3 +265,19 @@ def test_each_result_is_kept_as_it_arrives_and_a_group_is_stopped_at_its_time_li
     assert [r["name"] for r in got] == [r["name"] for r in arrived] == ["a"]
     err = capsys.readouterr().err
     assert "b: not measured: OutOfMemoryError" in err and "1/3 configurations measured (stopped at its time" in err
+
+
+def test_issue_15_set_leave_one_out_as_recorded():
+    """Issue 15's 27-configuration set, measured on one H200 (benchmarks/plan_validation_issue15.json; one
+    configuration that ran beside another lane's work is kept out): each configuration predicted by time constants
+    fitted to the others. The target is <= 15 % on all; recorded: 22 of 26, the worst 22.6 % (the dense 8B at 8 x 512
+    on a host ~1.5x slower than the one the shipped constants saw; benchmarks/speed_targets.md). Holds that state:
+    no more than 4 over 15 %, none over 25 %, and peak allocated within 3.5 % with the shipped constants."""
+    mod = _bench_module()
+    recs = mod.load_records([ROOT / "benchmarks" / "plan_validation_issue15.json"])
+    assert len(recs) == 26 and len({r["model"] for r in recs}) == 4
+    loo = leave_one_out(recs)
+    assert len(loo) == 26
+    over = {n: e for n, e in loo.items() if abs(e) > 0.15}
+    assert len(over) <= 4 and all(abs(e) <= 0.25 for e in loo.values()), over
+    assert all(abs(compare(r)["allocated"]) <= 0.035 for r in recs)
