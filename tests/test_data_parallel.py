@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,10 +44,13 @@ def _env() -> dict[str, str]:
 
 def torchrun(nproc: int, **kwargs) -> None:
     """moefit.train(**kwargs) in `nproc` processes (torchrun --standalone, gloo)."""
+    logs = Path(tempfile.mkdtemp(prefix="moefit-torchrun-"))  # each rank's own output, kept for a failure
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           str(WORKER), json.dumps(kwargs, default=str)]
+           "--log-dir", str(logs), "--tee", "3", str(WORKER), json.dumps(kwargs, default=str)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = "".join(f"\n--- {f.relative_to(logs)}:\n{f.read_text(errors='replace')[-2500:]}"
+                    for f in sorted(logs.rglob("stderr.log")))
+    assert proc.returncode == 0, proc.stderr[-2000:] + ranks
 
 
 def eval_losses(run_dir: Path) -> list[tuple[int, float]]:
