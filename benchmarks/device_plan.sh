@@ -11,7 +11,7 @@ out=${OUT:?set OUT}
 . benchmarks/gpu_env.sh > "$out/setup.log" 2>&1 || { cat "$out/setup.log"; exit 1; }
 case "${1:?D or E}" in
   D)  # 5 files: setup.log, gpu_tests.log, export_speed.json, fam/families.{json,md}
-    timeout 120 python3 -m pytest -q -m gpu tests/test_export_parallel.py tests/test_gpu.py > "$out/gpu_tests.log" 2>&1
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_export_parallel.py tests/test_gpu.py > "$out/gpu_tests.log" 2>&1
     echo "gpu tests rc $?" >> "$out/setup.log"
     timeout 170 python3 benchmarks/export_speed.py --workers 8 16 --record "$out/export_speed.json" \
       >> "$out/setup.log" 2>&1
