@@ -272,8 +272,8 @@ def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: 
     show = ProgressPrinter() if progress is True else (progress or None)
     try:
         with staged_dir(out, overwrite) as tmp:
-            staged, _ = on_thread_streams(pieces, dev)
-            stats = write_shards([(tmp / fname, shard) for fname, shard in files], staged, n_workers, show)
+            stats = write_shards([(tmp / fname, shard) for fname, shard in files], on_thread_streams(pieces, dev),
+                                 n_workers, show)
             for fname, shard in files:
                 for p in shard:
                     weight_map[p.name] = fname

@@ -27,15 +27,11 @@ class ThreadStreams:
     def __init__(self, device: torch.device):
         self.device = device
         self._local = threading.local()
-        self.created = 0
-        self._lock = threading.Lock()
 
     def stream(self) -> torch.cuda.Stream:
         s = getattr(self._local, "stream", None)
         if s is None:
             s = self._local.stream = torch.cuda.Stream(self.device)
-            with self._lock:
-                self.created += 1
         return s
 
     def wrap(self, fn: Callable[[], T]) -> Callable[[], T]:
@@ -47,12 +43,12 @@ class ThreadStreams:
         return on_own_stream
 
 
-def on_thread_streams(pieces: dict, device: torch.device) -> tuple[dict, ThreadStreams | None]:
+def on_thread_streams(pieces: dict, device: torch.device) -> dict:
     """The pieces (name -> list of safetensors_stream.Piece) with each `make` run on its worker thread's stream
-    when `device` is a GPU; unchanged (and None) on the CPU."""
+    when `device` is a GPU; unchanged on the CPU."""
     if device.type != "cuda":
-        return pieces, None
+        return pieces
     from .safetensors_stream import Piece
 
     streams = ThreadStreams(device)
-    return {name: [Piece(p.nbytes, streams.wrap(p.make)) for p in ps] for name, ps in pieces.items()}, streams
+    return {name: [Piece(p.nbytes, streams.wrap(p.make)) for p in ps] for name, ps in pieces.items()}
