@@ -270,8 +270,9 @@ def verdicts(row: dict) -> list[str]:
         value = m["total_bytes"] if kind == "total" else m["peak_allocated_bytes"]
         out.append(f"{'TOTAL' if kind == 'total' else 'peak'} {value / GIB:.2f} <= {limit / GIB:.2f} GiB: "
                    f"{'met' if value <= limit else 'MISSED'}")
-    mem = abs(p["peak_allocated_bytes"] - m["peak_allocated_bytes"]) / m["peak_allocated_bytes"]
-    out.append(f"plan memory {100 * mem:.1f} % {'<=' if mem <= 0.03 else '>'} 3 %")
+    if p.get("peak_allocated_bytes"):
+        mem = abs(p["peak_allocated_bytes"] - m["peak_allocated_bytes"]) / m["peak_allocated_bytes"]
+        out.append(f"plan memory {100 * mem:.1f} % {'<=' if mem <= 0.03 else '>'} 3 %")
     if p.get("step_s"):
         st = abs(p["step_s"] - m["step_s"]) / m["step_s"]
         out.append(f"plan step {100 * st:.1f} % {'<=' if st <= 0.15 else '>'} 15 %")
@@ -341,7 +342,7 @@ def report(doc: dict) -> str:
     for row, name, v in variants:  # a variant against the same goal (e.g. the layout the trainer picks itself)
         if v.get("measured"):
             vm = v["measured"]
-            plan = {"peak_allocated_bytes": vm.get("planned_peak_bytes") or vm["peak_allocated_bytes"]}
+            plan = {"peak_allocated_bytes": vm.get("planned_peak_bytes")}  # no plan, no memory verdict
             lines.append(f"| {row['model']}, variant {name} ({vm.get('batch')} x {vm.get('grad_accum')}) | "
                          f"{MODELS[row['model']]['goal']} | {'; '.join(verdicts(row | {'measured': vm, 'plan': plan}))} |")
     lines += ["", "Stock measurements (per depth):", "", "| model | layers | tok/s | peak alloc GiB | target_parameters "
