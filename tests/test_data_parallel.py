@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,6 +52,7 @@ def torchrun(nproc: int, **kwargs) -> None:
     ranks = "".join(f"\n--- {f.relative_to(logs)}:\n{f.read_text(errors='replace')[-2500:]}"
                     for f in sorted(logs.rglob("stderr.log")))
     assert proc.returncode == 0, proc.stderr[-2000:] + ranks
+    shutil.rmtree(logs)  # kept only when the run failed
 
 
 def eval_losses(run_dir: Path) -> list[tuple[int, float]]:
