@@ -33,6 +33,46 @@ def test_nf4_one_call_dequant_equals_per_expert_on_cuda():
     assert torch.equal(q.dequantize(expert=2), q._dequantize_by_state(2, torch.bfloat16))
 
 
+@pytest.mark.parametrize("scales_fp32", [False, True])
+def test_nf4_quantize_on_side_streams_in_threads_equals_the_default_stream(scales_fp32):
+    """bitsandbytes' quantize kernels take no stream (they run on the legacy default stream): quantized from
+    threads that each run on a stream of their own (as the export's workers do), right after the weight is made on
+    that stream, the bytes equal a quantization on the default stream. Without the ordering in NF4Weight.quantize_
+    an 8-thread export wrote garbage (85 % of its values differed)."""
+    import threading
+
+    from moefit.quant.nf4 import NF4Weight
+
+    shape = (2048, 4096)
+
+    def make(seed: int) -> torch.Tensor:
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        x = torch.randn(shape, device="cuda", generator=g)
+        for _ in range(4):  # slow work queued on the stream just before the quantization reads the weight
+            x = torch.tanh(x @ x.new_ones(shape[1], shape[1]) / shape[1]) + x
+        return x.to(torch.bfloat16)
+
+    def quantized(seed: int) -> NF4Weight:
+        return NF4Weight(shape, dtype=torch.bfloat16, device="cuda", scales_fp32=scales_fp32).quantize_(make(seed))
+
+    want = {seed: quantized(seed).dequantize().cpu() for seed in range(8)}
+    got: dict[int, torch.Tensor] = {}
+
+    def worker(seeds: list[int]) -> None:
+        with torch.cuda.stream(torch.cuda.Stream()):
+            for seed in seeds:
+                got[seed] = quantized(seed).dequantize().cpu()
+
+    threads = [threading.Thread(target=worker, args=([i, i + 4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == sorted(want)
+    for seed in want:
+        assert torch.equal(got[seed], want[seed]), seed
+
+
 def test_nf4_decode_in_runs_writes_into_one_output_on_cuda(monkeypatch):
     """A bank decoded in runs of experts (bitsandbytes' 32-bit indexing) goes straight into its output: equal to
     one call, and no second copy of a run is ever allocated."""

@@ -177,3 +177,17 @@ def test_bench_layout_auto_takes_the_trainers_choice():
     settings = chosen["settings"]
     assert settings["train.batch_size"] * settings["train.grad_accum"] == 8 and settings["train.batch_size"] > 1
     assert chosen["as_written"]["batch"] == 1 and "faster" in chosen["why"]
+
+
+def test_bench_layout_auto_of_a_cut_model_keeps_the_layout_when_the_whole_model_does_not_fit():
+    """The plan describes the whole model: with 40 GiB the whole Scout does not fit, so the bench of a model cut
+    to 1 layer (which fits) keeps the layout as written and says why; uncut, the same settings are refused."""
+    from moefit.bench.run import choose_layout
+    from moefit.config import LoraConfig, QuantConfig, TrainConfig
+
+    args = ("llama4-scout", LoraConfig(r=8, alpha=16), QuantConfig(),
+            TrainConfig(max_length=256, batch_size=1, grad_accum=2), "cpu", 40 * 2**30)
+    chosen = choose_layout(*args, layers=1)
+    assert chosen["settings"] == {} and "cut to 1 layers" in chosen["why"] and "does not fit" in chosen["why"]
+    with pytest.raises(MoefitError, match="does not fit"):
+        choose_layout(*args)

@@ -66,7 +66,7 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
                                                             fp32_linear_scales=fp32_linear_scales),
                                    TrainConfig(max_length=seq_lens[0], batch_size=batch, grad_accum=grad_accum,
                                                optimizer=optimizer, keep_routed_gate_up=keep_routed_gate_up),
-                                   device, memory_limit_bytes, ctx.world_size, expert_parallel)
+                                   device, memory_limit_bytes, ctx.world_size, expert_parallel, layers=layers)
             batch = chosen["settings"].get("train.batch_size", batch)
             grad_accum = chosen["settings"].get("train.grad_accum", grad_accum)
             embeddings_on_host = chosen["settings"].get("quantization.embeddings_on_host", embeddings_on_host)
@@ -119,9 +119,12 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
 
 
 def choose_layout(model: str, lora: LoraConfig, quant: QuantConfig, train: TrainConfig, device: str,
-                  memory_limit_bytes: int | None, num_gpus: int = 1, expert_parallel: int = 1) -> dict[str, Any]:
+                  memory_limit_bytes: int | None, num_gpus: int = 1, expert_parallel: int = 1,
+                  layers: int | None = None) -> dict[str, Any]:
     """What `train.layout: auto` runs for these settings on this GPU (or one of `memory_limit_bytes`): the planner's
-    faster layout of the same optimizer step, as {"settings": dotted changes (empty: as written), "why": ...}."""
+    faster layout of the same optimizer step, as {"settings": dotted changes (empty: as written), "why": ...}.
+    The plan describes the whole model: for a model cut to `layers` that does not fit whole, the layout stays as
+    written (and says so) instead of refusing a run that fits."""
     import copy
 
     from ..train.loop import apply_layout, fit_check
@@ -134,15 +137,23 @@ def choose_layout(model: str, lora: LoraConfig, quant: QuantConfig, train: Train
     else:
         label, memory = "h200", memory_limit_bytes or 80 * 10**9  # no GPU here: plan the layout for an H200
     plan, refusal = fit_check(cfg, label, memory, num_gpus)
-    if refusal is not None:
+    if refusal is not None and layers is None:
         raise MoefitError(refusal)
+    if refusal is not None:
+        from ..train.progress import fmt_bytes
+
+        return {"settings": {}, "why": f"the layout as written: the whole model does not fit {fmt_bytes(memory)} "
+                                      f"(no faster layout to plan); this bench runs it cut to {layers} layers",
+                "as_written": _as_written(train, quant), "gpu_memory_bytes": memory}
     settings = dict(plan.faster_settings or {}) if plan.faster else {}
     apply_layout(cfg, settings)  # (checks every key is a setting)
     return {"settings": settings, "why": plan.faster or "the layout as written is the fastest that fits",
-            "as_written": {"batch": train.batch_size, "grad_accum": train.grad_accum,
-                           "embeddings_on_host": quant.embeddings_on_host,
-                           "keep_routed_gate_up": train.keep_routed_gate_up},
-            "gpu_memory_bytes": memory}
+            "as_written": _as_written(train, quant), "gpu_memory_bytes": memory}
+
+
+def _as_written(train: TrainConfig, quant: QuantConfig) -> dict[str, Any]:
+    return {"batch": train.batch_size, "grad_accum": train.grad_accum,
+            "embeddings_on_host": quant.embeddings_on_host, "keep_routed_gate_up": train.keep_routed_gate_up}
 
 
 def _combine_ranks(per_rank: list[dict[str, Any]], world_size: int) -> dict[str, Any]:

@@ -11,8 +11,10 @@ inside `dequantize()`; callers drop it right after the matmul.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -54,6 +56,31 @@ def _nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
 # experts, 5.4e9 values, fails with "invalid argument"), so larger banks are decoded a run of experts at a time.
 MAX_DECODE_NUMEL = 2**31 - 2**20
 _ALL = slice(None)
+
+
+@contextlib.contextmanager
+def _bitsandbytes_quantize_stream(device: torch.device) -> Iterator[None]:
+    """Where bitsandbytes' quantize kernels run, ordered with the caller's stream.
+
+    bitsandbytes 0.50 launches its quantize kernels (`quantize_4bit`, `quantize_blockwise`) on the legacy default
+    stream: they take no stream, unlike its dequantize kernels. Torch's side streams do not wait for that stream, nor
+    it for them, so a quantization called on a side stream (the export's worker threads each run on one) read its
+    input before it was written and wrote garbage (benchmarks/export_speed.md, 2026-11-30: 85 % of the values of an
+    8-thread export differed from the 1-thread one). Off the default stream the quantization therefore runs on the
+    default stream, after the caller's work, and the caller's stream waits for it."""
+    if device.type != "cuda":
+        yield
+        return
+    current, default = torch.cuda.current_stream(device), torch.cuda.default_stream(device)
+    if current == default:
+        yield
+        return
+    default.wait_stream(current)
+    try:
+        with torch.cuda.stream(default):
+            yield
+    finally:
+        current.wait_stream(default)
 
 
 def decode_scales(absmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, code2: torch.Tensor
@@ -124,20 +151,21 @@ class NF4Weight(nn.Module):
         e = 0 if expert is None else expert
         if tuple(weight.shape) != self.slice_shape:
             raise ValueError(f"expected a slice of shape {self.slice_shape}, got {tuple(weight.shape)}")
-        w = weight.to(device=self.packed.device, dtype=self.dtype).contiguous()
-        packed, state = bnbF.quantize_4bit(w, blocksize=self.blocksize,
-                                           compress_statistics=self.double_quant or self.scales_fp32,
-                                           quant_type="nf4")
-        self.packed[e].copy_(packed.view(-1))
-        if self.scales_fp32:
-            offset = torch.as_tensor(state.offset, dtype=torch.float32, device=self.packed.device).reshape(1)
-            self.absmax[e].copy_(decode_scales(state.absmax.view(1, -1), state.state2.absmax.view(1, -1), offset,
-                                               self.code2).view(-1))
-            return self
-        self.absmax[e].copy_(state.absmax.view(-1))
-        if self.double_quant:
-            self.absmax2[e].copy_(state.state2.absmax.view(-1))
-            self.offset[e] = state.offset
+        with _bitsandbytes_quantize_stream(self.packed.device):
+            w = weight.to(device=self.packed.device, dtype=self.dtype).contiguous()
+            packed, state = bnbF.quantize_4bit(w, blocksize=self.blocksize,
+                                               compress_statistics=self.double_quant or self.scales_fp32,
+                                               quant_type="nf4")
+            self.packed[e].copy_(packed.view(-1))
+            if self.scales_fp32:
+                offset = torch.as_tensor(state.offset, dtype=torch.float32, device=self.packed.device).reshape(1)
+                self.absmax[e].copy_(decode_scales(state.absmax.view(1, -1), state.state2.absmax.view(1, -1),
+                                                   offset, self.code2).view(-1))
+                return self
+            self.absmax[e].copy_(state.absmax.view(-1))
+            if self.double_quant:
+                self.absmax2[e].copy_(state.state2.absmax.view(-1))
+                self.offset[e] = state.offset
         return self
 
     # ------------------------------------------------------------------ reading
