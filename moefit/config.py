@@ -47,6 +47,9 @@ class QuantConfig:
     # from the double quantization once at load and kept in fp32: every pass then decodes those weights in one
     # kernel instead of three (fewer launches where the host sets the pace), the same values, +3.5 bytes per 64
     # weights of them (Llama 3.1 8B: +0.3 GiB, Llama 4 Scout: +0.4 GiB). Without double_quant the scales are fp32 already.
+    # Off by default: on an H200 it took Scout 1 x 8 from 2,013 to 2,094 tok/s (198,544 kernels instead of 213,904),
+    # but Llama 3.1 8B's host-bound step moved by -7 % to +29 % in three calls, within its run-to-run spread
+    # (benchmarks/speed_targets.md). When on and the 0.3-0.4 GiB decide the fit, `moefit plan` offers false.
     fp32_linear_scales: bool = False
 
 
@@ -150,8 +153,7 @@ class EngineConfig:
     nf4_decoder: Literal["bnb", "triton"] = "bnb"  # triton: moefit's NF4 decoder, bit-identical to bitsandbytes
     recompute_skip: bool = True  # skip the frozen projections the recomputation does not need (moe/recompute.py)
     # fused: one F.rms_norm per norm (models/rms_norm.py), bit-identical to transformers' (tests/test_rms_norm.py);
-    # with fp32_linear_scales, Scout 1 x 8 ran 1,534 -> 1,662 tok/s and Llama 3.1 8B 1.3x -> 1.7x stock on an H200
-    # (benchmarks/speed_targets.md)
+    # on an H200 Llama 3.1 8B ran 1.6x stock with transformers' norms, 2.0x fused (benchmarks/speed_targets.md)
     rms_norm: Literal["transformers", "fused"] = "fused"
 
 

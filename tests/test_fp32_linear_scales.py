@@ -53,16 +53,33 @@ def test_same_training_as_double_quant_and_only_the_linears_change():
 
 def test_the_planner_counts_the_fp32_scales_of_the_linears_only():
     kw = dict(model="llama3.1-8b", seq_len=2048, gpus=["h200"], search=False)
-    a = plan(**kw)
-    cfg = moefit.config.RunConfig()
-    cfg.quantization.fp32_linear_scales = True
-    b = plan(cfg, **kw)
+    lean, scales = moefit.config.RunConfig(), moefit.config.RunConfig()
+    lean.quantization.fp32_linear_scales, scales.quantization.fp32_linear_scales = False, True
+    a = plan(lean, **kw)
+    b = plan(scales, **kw)
     extra = b.memory.by_key()["quant_constants"] - a.memory.by_key()["quant_constants"]
     params = 6.98e9  # Llama 3.1 8B's quantized linears (all but the embeddings and lm_head)
     assert extra == pytest.approx(params * (4 - 1 - 4 / 256) / 64, rel=0.02)  # fp32 per block vs u8 + fp32 / 256
     scout = dict(model="llama4-scout", seq_len=2048, gpus=["h200"], search=False)
-    c = plan(**scout)
-    scout_cfg = moefit.config.RunConfig()
-    scout_cfg.quantization.fp32_linear_scales = True
-    d = plan(scout_cfg, **scout)
+    c = plan(lean, **scout)
+    d = plan(scales, **scout)
     assert 0 < d.memory.total - c.memory.total < 0.5 * 2**30  # 9 B linear params; the routed experts (100 B) not
+
+
+def test_plan_offers_the_double_quantized_scales_when_they_decide_the_fit():
+    """fp32 scales cost 0.35 GiB on Scout: on a GPU they overflow by less than that, the refusal names
+    quantization.fp32_linear_scales false, and the run fits with it."""
+    scout = dict(model="llama4-scout", seq_len=2048, gpus=["h200"], search=False)
+    lean, scales = moefit.config.RunConfig(), moefit.config.RunConfig()
+    lean.quantization.fp32_linear_scales, scales.quantization.fp32_linear_scales = False, True
+    need_lean, need = plan(lean, **scout).memory.total, plan(scales, **scout).memory.total
+    assert need - need_lean > 0.2 * 2**30
+    from moefit.plan import check_fits
+
+    cfg = moefit.config.RunConfig(model="llama4-scout")
+    cfg.train.max_length = 2048
+    cfg.quantization.fp32_linear_scales = True
+    p = check_fits(cfg, gpu="h200", gpu_memory_bytes=(need + need_lean) // 2)
+    assert not p.fits and "quantization.fp32_linear_scales false fits" in p.suggestion
+    cfg.quantization.fp32_linear_scales = False
+    assert check_fits(cfg, gpu="h200", gpu_memory_bytes=(need + need_lean) // 2).fits

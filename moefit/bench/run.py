@@ -27,19 +27,21 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
           embeddings_on_host: bool = False, grad_accum: int = 1, keep_routed_gate_up: bool = False,
           engine: EngineConfig | None = None, expert_parallel: int = 1,
           lora_dtype: str = "float32", layout: str = "as_written",
-          memory_limit_bytes: int | None = None, fp32_linear_scales: bool = False) -> dict[str, Any]:
+          memory_limit_bytes: int | None = None, fp32_linear_scales: bool | None = None) -> dict[str, Any]:
     """Build once, measure each sequence length. Under torchrun (`moefit bench --gpus N`) every rank does the same
     with DDP over the LoRA parameters; the result (on every rank) holds each rank's peak memory and the total
     tokens/s of the ranks, against the plan for N GPUs.
 
     `layout="auto"`: the micro-batch layout is chosen as the trainer's `train.layout: auto` chooses it (the
     planner's faster layout of the same sequences per optimizer step that fits this GPU), recorded with the layout
-    as written. `memory_limit_bytes`: cap the caching allocator (torch's per-process memory fraction) and plan
+    as written. `fp32_linear_scales`: None = quantization.fp32_linear_scales's default. `memory_limit_bytes`: cap the caching allocator (torch's per-process memory fraction) and plan
     for a GPU of that size, e.g. 80 GB on an H200 to stand in for an H100."""
     from .. import engine_switches
     from ..parallel import dist as pdist
     from ..train.metrics import versions
 
+    if fp32_linear_scales is None:  # the trainer's default
+        fp32_linear_scales = QuantConfig().fp32_linear_scales
     for name, value, least in (("--batch", batch, 1), ("--grad-accum", grad_accum, 1), ("--steps", steps, 1),
                                ("--warmup", warmup, 0), ("--seq-len", min(seq_lens, default=0), 2)):
         if value < least:  # before building a model that can take minutes

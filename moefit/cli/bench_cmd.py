@@ -7,6 +7,8 @@ import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..config import QuantConfig
+
     p = sub.add_parser(
         "bench", help="measure training memory and speed on this GPU at real shapes, and compare with the plan",
         description="Build the model directly in NF4 on the GPU from random numbers (same modules and code paths as "
@@ -33,8 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-routed-gate-up", action="store_true",
                    help="keep the routed experts' gate/up outputs for the recomputation (train.keep_routed_gate_up:"
                         " true; faster, tokens x top_k x intermediate x 4 bytes more per MoE layer)")
-    p.add_argument("--fp32-linear-scales", action="store_true",
-                   help="keep the linears' NF4 block scales in fp32 (quantization.fp32_linear_scales)")
+    p.add_argument("--fp32-linear-scales", action=argparse.BooleanOptionalAction,
+                   default=QuantConfig().fp32_linear_scales,
+                   help="keep the linears' NF4 block scales in fp32 (quantization.fp32_linear_scales; default: "
+                        "%(default)s)")
     p.add_argument("--embeddings-on-host", action="store_true",
                    help="keep the input embedding table in host memory (quantization.embeddings_on_host)")
     p.add_argument("--layout", choices=["as_written", "auto"], default="as_written",

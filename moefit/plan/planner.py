@@ -231,6 +231,12 @@ class _Planner:
         if fit.fits:
             return None
         s, ideas = self.shape, []
+        if s.quant.fp32_linear_scales and s.quant.double_quant and s.quant.weights == "nf4":
+            lean = dataclasses.replace(s, quant=dataclasses.replace(s.quant, fp32_linear_scales=False))
+            if self.fits(lean, fit.gpu):
+                saved = (fit.total_bytes - self.memory(lean).total) / 2**30
+                ideas.append(f"the linears' NF4 scales left double-quantized: quantization.fp32_linear_scales false "
+                             f"fits ({saved:.2f} GiB less, a little slower)")
         if fit.max_seq_len and fit.max_seq_len < s.seq_len:
             ideas.append(f"a shorter sequence: train.max_length {fit.max_seq_len} fits (--seq-len {fit.max_seq_len})")
         if s.batch > 1 and fit.max_batch:

@@ -22,9 +22,10 @@ from .timing import HOST_TERMS, optimizer_seconds, overlap, seconds_per_unit, st
 
 
 def record_shape(rec: dict[str, Any]) -> RunShape:
-    # Records from before keep_routed_gate_up existed were measured without it.
+    # Records from before keep_routed_gate_up and fp32_linear_scales existed (or were on by default) were measured
+    # without them: a record's absent key means off, not today's default.
     return RunShape(seq_len=rec["seq_len"], batch=rec["batch"], grad_accum=rec.get("grad_accum", 1),
-                    quant=QuantConfig(**rec.get("quant", {})), lora=LoraConfig(**rec.get("lora", {})),
+                    quant=QuantConfig(**{"fp32_linear_scales": False, **rec.get("quant", {})}), lora=LoraConfig(**rec.get("lora", {})),
                     optimizer=rec.get("optimizer", "adamw_8bit"),
                     gradient_checkpointing=rec.get("gradient_checkpointing", True),
                     keep_routed_gate_up=rec.get("keep_routed_gate_up", False))
@@ -139,7 +140,8 @@ def _bench_records(doc: dict[str, Any], name: str) -> list[dict[str, Any]]:
         out.append({"name": f"{name}:{run['batch']}x{run['seq_len']}x{run['grad_accum']}", "model": doc["model"],
                     "num_layers": doc.get("layers") if doc.get("layers") not in (None, full) else None,
                     "seq_len": run["seq_len"], "batch": run["batch"], "grad_accum": run["grad_accum"], "lora": lora,
-                    "quant": {"weights": "nf4", "embeddings_on_host": bool(doc.get("embeddings_on_host"))},
+                    "quant": {"weights": "nf4", "embeddings_on_host": bool(doc.get("embeddings_on_host")),
+                              "fp32_linear_scales": bool(doc.get("fp32_linear_scales"))},
                     "optimizer": doc.get("optimizer", "adamw_8bit"), "gradient_checkpointing": True,
                     "keep_routed_gate_up": bool(doc.get("keep_routed_gate_up")),
                     "device_name": run.get("device_name") or doc.get("device_name", ""),
