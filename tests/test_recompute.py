@@ -103,3 +103,22 @@ def test_kept_gate_up_outputs_give_the_same_gradients_with_two_forwards_before_b
     assert calls["gate"] > plain_calls["gate"]  # without keeping, the recomputation decodes the banks again
     for n in plain:
         assert torch.allclose(plain[n], recomputed[n], rtol=1e-5, atol=1e-7), n
+
+
+def test_enabling_checkpointing_twice_adds_nothing_and_disable_then_enable_checkpoints_again(tmp_path):
+    """moefit bench and the planner's set enable checkpointing once per measured configuration on one model:
+    transformers added its input-requires-grad hook on the embedding at each call (4 hooks after 4)."""
+    cfg = tiny_config(**CONFIGS["top1-4e-norope"])
+    write_checkpoint(tmp_path, cfg)
+    model = moefit.load_model(str(tmp_path), quantization="nf4", dtype=torch.float32)
+    add_lora(model, r=4, alpha=8, targets=["q", "v"])
+    embed = model.hf.get_input_embeddings()
+    model.enable_gradient_checkpointing()
+    hooks = len(embed._forward_hooks)
+    model.enable_gradient_checkpointing(keep_routed_gate_up=True)
+    assert len(embed._forward_hooks) == hooks
+    assert all(m.keep_gate_up for m in model.modules() if isinstance(m, MoefitExperts))
+    getattr(model.hf, "activation_checkpointing_disable", model.hf.gradient_checkpointing_disable)()
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.hf.modules())
+    model.enable_gradient_checkpointing()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.hf.modules())

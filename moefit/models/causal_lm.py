@@ -58,6 +58,8 @@ class MoefitCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, MoefitExperts):
                 module.keep_gate_up = keep_routed_gate_up
+        if any(getattr(m, "gradient_checkpointing", False) for m in self.hf.modules()):
+            return  # on already: transformers would add its input-requires-grad hook to the embedding once more
         # transformers >= 5.2x renamed the method; 5.17 (the GPU image) only has the old name.
         kwargs = {"use_reentrant": False, "context_fn": recompute.context_fn}
         if hasattr(self.hf, "activation_checkpointing_enable"):
