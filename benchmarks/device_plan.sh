@@ -1,39 +1,36 @@
 #!/usr/bin/env bash
 # The next device calls, each one command that fits a 600 s call (the timeouts plus ~25 s of setup stay under it;
 # at most 8 files come back from $OUT). Run on the GPU machine from the repo root:
-#   bash benchmarks/device_plan.sh D    # nvidia-h200: GPU tests, export with a stream per worker, dense 8B A/B
-#   bash benchmarks/device_plan.sh E    # nvidia-h200: Scout seed A/B (fp32 scales, grad_accum 1 vs 8) + stock, auto
+#   bash benchmarks/device_plan.sh P    # nvidia-h200: are MoE accumulation steps slow, or the planner set's process?
+#   bash benchmarks/device_plan.sh Q    # nvidia-h200: Scout kernel profile at 4 x 2048 and 1 x 2048 (4 layers)
 # One GPU, one job at a time: host-bound steps measured next to another lane ran up to 2x slower
-# (benchmarks/speed_targets.md), so nothing here runs in lanes. What each measures and why: the session note of
-# 2026-11-30 (fourth session). Calls A-C of the third session's plan ran on 2026-11-30 (git history).
+# (benchmarks/speed_targets.md), so nothing here runs in lanes. Why: benchmarks/speed_targets.md (fifth session).
+# Calls D and E of the fourth session's plan ran on 2026-11-30 17:30 (git history).
 set -uo pipefail
 out=${OUT:?set OUT}
 . benchmarks/gpu_env.sh > "$out/setup.log" 2>&1 || { cat "$out/setup.log"; exit 1; }
-case "${1:?D or E}" in
-  D)  # 5 files: setup.log, gpu_tests.log, export_speed.json, fam/families.{json,md}
-    timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_export_parallel.py tests/test_gpu.py > "$out/gpu_tests.log" 2>&1
-    echo "gpu tests rc $?" >> "$out/setup.log"
-    timeout 170 python3 benchmarks/export_speed.py --workers 8 16 --record "$out/export_speed.json" \
-      >> "$out/setup.log" 2>&1
-    echo "export rc $?" >> "$out/setup.log"
-    timeout 250 python3 benchmarks/families.py --out "$out/fam" --models llama3.1-8b \
-      --variants "scales:--fp32-linear-scales" "norms-unfused:--engine rms_norm=transformers" \
-      >> "$out/setup.log" 2>&1
-    echo "dense rc $?" >> "$out/setup.log"
-    tail -3 "$out/gpu_tests.log"; grep -E '"gb_per_s"|"workers"' "$out/export_speed.json" | head -6
-    grep -A8 "^| model | goal" "$out/fam/families.md"
+PAIRS="loo-scout-r32-s2048-b1-ga1 loo-scout-r32-s2048-b1-ga4 loo-gpt-oss-20b-r16-s512-b1-ga1 loo-gpt-oss-20b-r16-s512-b1-ga4"
+case "${1:?P or Q}" in
+  P)  # 5 files: setup.log, fresh/plan_validation.{json,md}, grouped/plan_validation.{json,md}
+    # The same 4 configurations with 5 timed steps, each in a process of its own, then as the set runs them (one
+    # process per model, one configuration after another): ga4 slower per micro-step only in the second?
+    # shellcheck disable=SC2086
+    timeout 270 python3 benchmarks/plan_validation.py --out "$out/fresh" --configs loo --fresh-process \
+      --timed-steps 5 --only $PAIRS --deadline 255 >> "$out/setup.log" 2>&1
+    echo "fresh rc $?" >> "$out/setup.log"
+    # shellcheck disable=SC2086
+    timeout 190 python3 benchmarks/plan_validation.py --out "$out/grouped" --configs loo --timed-steps 5 \
+      --only $PAIRS --deadline 175 >> "$out/setup.log" 2>&1
+    echo "grouped rc $?" >> "$out/setup.log"
+    grep -h "^| loo" "$out/fresh/plan_validation.md" "$out/grouped/plan_validation.md" | cut -d'|' -f2,12-14
     ;;
-  E)  # 4 files: setup.log, step_ab.json, stock/stock_baseline.json, scout_auto_scales.json
-    STEPS=2 OUT=$out timeout 330 bash benchmarks/step_ab.sh 2048 'default::--batch 1 --grad-accum 8' \
-      'scales::--batch 1 --grad-accum 8 --fp32-linear-scales' 'ga1::--batch 1 --grad-accum 1' \
-      'ga2::--batch 1 --grad-accum 2' >> "$out/setup.log" 2>&1
-    timeout 110 python3 benchmarks/stock_baseline.py --out "$out/stock" --layers 2 4 --seq-len 2048 \
-      --layouts per-expert --loras seed >> "$out/setup.log" 2>&1
-    timeout 100 python3 -m moefit bench --model llama4-scout --seq-len 2048 --batch 1 --grad-accum 8 \
-      --layout auto --memory-limit-gib 79.65 --fp32-linear-scales --steps 2 --warmup 1 --json \
-      > "$out/scout_auto_scales.json" 2>> "$out/setup.log"
-    echo "auto rc $?" >> "$out/setup.log"
-    tail -12 "$out/setup.log"
+  Q)  # 5 files: setup.log, b4/profile{.json,_table.txt}, b1/profile{.json,_table.txt}
+    mkdir -p "$out/b4" "$out/b1"
+    timeout 250 python3 benchmarks/profile_step.py --layers 4 --seq-len 2048 --batch 4 --out "$out/b4" \
+      > "$out/b4.log" 2>&1; echo "b4 rc $?" >> "$out/setup.log"
+    timeout 250 python3 benchmarks/profile_step.py --layers 4 --seq-len 2048 --batch 1 --out "$out/b1" \
+      > "$out/b1.log" 2>&1; echo "b1 rc $?" >> "$out/setup.log"
+    tail -9 "$out/b4.log"; tail -9 "$out/b1.log"; rm -f "$out/b4.log" "$out/b1.log"
     ;;
-  *) echo "unknown call $1 (D or E)"; exit 2 ;;
+  *) echo "unknown call $1 (P or Q)"; exit 2 ;;
 esac

@@ -84,7 +84,15 @@ PROFILED_SLOWDOWN = 1.5  # a profiled step against an unprofiled one (CUPTI's pe
 GROUP_START_S = 15.0  # a group's subprocess: start, import torch / transformers / bitsandbytes, CUDA context
 
 
-def configs(which: str) -> list[dict]:
+def _default_fp32_linear_scales() -> bool:
+    from moefit.config import QuantConfig
+
+    return QuantConfig().fp32_linear_scales
+
+
+def configs(which: str, timed_steps: int | None = None) -> list[dict]:
+    """The configurations of set `which`; `timed_steps` replaces the loo set's LOO_STEPS (a step planned longer
+    than ONE_STEP_S is still timed once)."""
     out = []
     for group, model, lora, shapes in SETS[which]:
         for seq, batch, *rest in shapes:
@@ -93,18 +101,30 @@ def configs(which: str) -> list[dict]:
             name = f"{group}-s{seq}-b{batch}" + (f"-ga{accum}" if accum != GRAD_ACCUM else "") + \
                 (f"-{KEEP}" if keep else "")
             rec = {"name": name, "group": group, "model": model, "num_layers": None, "seq_len": seq, "batch": batch,
-                   "grad_accum": accum, "lora": lora, "quant": {"weights": "nf4"}, "optimizer": "adamw_8bit",
+                   "grad_accum": accum, "lora": lora, "optimizer": "adamw_8bit",
+                   # every quantization setting the run used, so the record says it whatever the defaults become
+                   "quant": {"weights": "nf4", "fp32_linear_scales": _default_fp32_linear_scales()},
                    "gradient_checkpointing": True, "keep_routed_gate_up": keep}
-            out.append(dict(rec, **_protocol(rec, which)))
+            out.append(dict(rec, **_protocol(rec, which, timed_steps)))
     return out
 
 
-def _protocol(rec: dict, which: str) -> dict:
+def _protocol(rec: dict, which: str, timed_steps: int | None = None) -> dict:
     """Warm-up, timed steps and whether to profile one more step; for the loo set, chosen by the planned step."""
     if which != "loo":
-        return {"warmup": WARMUP, "steps": STEPS, "profile": False}
+        return {"warmup": WARMUP, "steps": timed_steps or STEPS, "profile": False}
     step = _planned_step(rec) * PLANNED_SLACK
-    return {"warmup": WARMUP, "steps": 1 if step > ONE_STEP_S else LOO_STEPS, "profile": step <= PROFILE_MAX_S}
+    return {"warmup": WARMUP, "steps": 1 if step > ONE_STEP_S else timed_steps or LOO_STEPS,
+            "profile": step <= PROFILE_MAX_S}
+
+
+def run_units(recs: list[dict], fresh: bool) -> list[list[dict]]:
+    """The subprocesses to run, each a list of configurations: one per group (one build, the group's
+    configurations one after another), or with `fresh` one per configuration (a build each: no configuration
+    measured after another in the same process)."""
+    if fresh:
+        return [[r] for r in recs]
+    return [[r for r in recs if r["group"] == g] for g in dict.fromkeys(r["group"] for r in recs)]
 
 
 def _planned_step(rec: dict) -> float:
@@ -113,7 +133,7 @@ def _planned_step(rec: dict) -> float:
     return planned_for(dict(rec, gpu="h200"))["step_s"]
 
 
-def estimate_seconds(recs: list[dict]) -> dict[str, float]:
+def estimate_seconds(recs: list[dict], fresh: bool = False) -> dict[str, float]:
     """Seconds to measure each group on one H200: subprocess start, build (~0.35 s per billion parameters, as
     Scout's 108 B take ~40 s), and per configuration its warm-up, timed and profiled steps at the planned step
     time x PLANNED_SLACK, + 1 s of cache clearing."""
@@ -121,8 +141,11 @@ def estimate_seconds(recs: list[dict]) -> dict[str, float]:
 
     out: dict[str, float] = {}
     for rec in recs:
+        start = GROUP_START_S + 5 + 0.35 * load_model_facts(rec["model"]).total_params() / 1e9
         if rec["group"] not in out:
-            out[rec["group"]] = GROUP_START_S + 5 + 0.35 * load_model_facts(rec["model"]).total_params() / 1e9
+            out[rec["group"]] = start
+        elif fresh:  # a subprocess and a build per configuration
+            out[rec["group"]] += start
         step = _planned_step(rec) * PLANNED_SLACK
         out[rec["group"]] += 1 + step * (rec["warmup"] + rec["steps"] + PROFILED_SLOWDOWN * rec["profile"])
     return out
@@ -166,7 +189,7 @@ def worker(recs: list[dict], device: str = "cuda") -> None:
             print("FAILED " + json.dumps({"name": rec["name"], "error": f"{type(e).__name__}: {e}"[:500]}), flush=True)
             continue
         measured = {k: m[k] for k in ("peak_allocated_bytes", "peak_reserved_bytes", "step_s", "tokens_per_s",
-                                      "kernel_s", "gpu_busy_fraction", "kernel_launches") if k in m}
+                                      "kernel_s", "gpu_busy_fraction", "kernel_launches", "host_op_s") if k in m}
         if cuda:
             free, total = torch.cuda.mem_get_info()
             measured["context_bytes"] = int((total - free) - torch.cuda.memory_reserved())  # outside the allocator
@@ -394,20 +417,21 @@ def loo_report(records: list[dict], title: str) -> tuple[list[str], dict]:
     return lines, worst
 
 
-def plan_only(which: str) -> None:
+def plan_only(which: str, timed_steps: int | None = None, fresh: bool = False) -> None:
     from moefit.plan.validation import planned_for
 
     g = 2**30
-    recs = configs(which)
+    recs = configs(which, timed_steps)
     print(f"{'config':44} {'alloc GiB':>10} {'reserved':>9} {'total':>7} {'step s (h200)':>14}  steps  peak at")
     for rec in recs:
         p = planned_for(dict(rec, gpu="h200"))
         proto = f"{rec['warmup']}+{rec['steps']}{'+p' if rec['profile'] else ''}"
         print(f"{rec['name']:44} {p['peak_allocated_bytes'] / g:10.2f} {p['peak_reserved_bytes'] / g:9.2f} "
               f"{p['total_bytes'] / g:7.2f} {p['step_s']:14.3f}  {proto:5}  {p['peak_phase']}")
-    est = estimate_seconds(recs)
+    est = estimate_seconds(recs, fresh)
     print(f"\nto measure ({len(recs)} configurations; steps = warm-up + timed [+ profiled]; step times x "
-          f"{PLANNED_SLACK}, builds ~0.35 s per billion parameters, {GROUP_START_S:.0f} s to start each group):")
+          f"{PLANNED_SLACK}, builds ~0.35 s per billion parameters, {GROUP_START_S:.0f} s to start each "
+          f"{'configuration' if fresh else 'group'}):")
     for group, sec in est.items():
         print(f"  {group:42} {sec:6.0f} s")
     print(f"  {'total':42} {sum(est.values()):6.0f} s = {sum(est.values()) / 60:.1f} min on one H200")
@@ -428,14 +452,22 @@ def main() -> int:
                     help="with --fit: which constants to refit (memory, time or both; the others stay)")
     ap.add_argument("--loo", type=Path, nargs="+", metavar="JSON",
                     help="leave-one-out table of recorded runs (written beside the first as *_loo.md)")
+    ap.add_argument("--fresh-process", action="store_true",
+                    help="each configuration in a subprocess of its own, with its own build (slower; nothing "
+                         "measured after another configuration in the same process)")
+    ap.add_argument("--timed-steps", type=int, metavar="N",
+                    help=f"timed steps per configuration (default {STEPS}; loo set {LOO_STEPS}, one for a step "
+                         f"planned longer than {ONE_STEP_S:g} s)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(json.loads(args.worker), args.device)
         return 0
+    if args.timed_steps is not None and args.timed_steps < 1:
+        ap.error(f"--timed-steps must be at least 1, got {args.timed_steps}")
     if args.plan_only:
-        plan_only(args.configs)
+        plan_only(args.configs, args.timed_steps, args.fresh_process)
         return 0
     if args.loo:
         lines, worst = loo_report(load_records(args.loo), ", ".join(str(p) for p in args.loo))
@@ -466,7 +498,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: use --plan-only on CPU", file=sys.stderr)
         return 2
-    recs = configs(args.configs)
+    recs = configs(args.configs, args.timed_steps)
     if args.only:
         unknown = sorted(set(args.only) - {r["name"] for r in recs})
         if unknown:
@@ -485,14 +517,14 @@ def main() -> int:
         print(f"  {rec['name']}: step {rec['measured']['step_s']:.3f} s ({rec['measure_s']:.0f} s to measure), "
               f"{time.perf_counter() - t0:.0f} s so far", flush=True)
 
-    for group in dict.fromkeys(r["group"] for r in recs):
+    for batch in run_units(recs, args.fresh_process):
+        unit = batch[0]["name"] if args.fresh_process else batch[0]["group"]
         left = None if args.deadline is None else args.deadline - (time.perf_counter() - t0)
         if left is not None and left < 30:
-            print(f"{group}: not started, {left:.0f} s left before --deadline", file=sys.stderr)
+            print(f"{unit}: not started, {left:.0f} s left before --deadline", file=sys.stderr)
             continue
-        batch = [r for r in recs if r["group"] == group]
         got = run_group(batch, keep, left)
-        print(f"{group}: {len(got)}/{len(batch)} measured, {time.perf_counter() - t0:.0f} s so far", flush=True)
+        print(f"{unit}: {len(got)}/{len(batch)} measured, {time.perf_counter() - t0:.0f} s so far", flush=True)
     write_reports(results, args.out, measurement(), len(recs) - len(results))
     return 0 if len(results) == len(recs) else 1
 

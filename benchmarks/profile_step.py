@@ -1,6 +1,6 @@
 """Where a Scout QLoRA step spends its time: kernel micro-benchmarks at real shapes + a profiled step.
 
-    python benchmarks/profile_step.py --layers 4 --seq-len 2048 --out DIR
+    python benchmarks/profile_step.py --layers 4 --seq-len 2048 [--batch 4] --out DIR
 Prints dequantization bandwidth (one expert bank), grouped-GEMM rates, and the top CUDA kernels of one step.
 """
 
@@ -46,6 +46,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=1, help="micro-batch of the measured and profiled step")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     from moefit.bench import build_synthetic_model, cuda_time, measure_training, profiled_kernel_seconds
@@ -71,12 +72,12 @@ def main() -> int:
     wc = w.contiguous()
     res["grouped_gate_rowmajor_s"] = cuda_time(lambda: _GROUPED_MM(x, wc, offs=offsets_from_counts(counts)))
     res["copy_GBps"] = 2 * w.numel() * 2 / cuda_time(lambda: w.clone()) / 1e9
-    r = measure_training(m, seq_len=T, batch=1, steps=2, warmup=1)
+    r = measure_training(m, seq_len=T, batch=args.batch, steps=2, warmup=1)
     res["step"] = r
     from torch.profiler import ProfilerActivity, profile
 
     opt_params = [p for p in m.parameters() if p.requires_grad]
-    ids = torch.randint(0, 1000, (1, T), device="cuda")
+    ids = torch.randint(0, 1000, (args.batch, T), device="cuda")
     for p in opt_params:
         p.grad = None
     torch.cuda.synchronize()

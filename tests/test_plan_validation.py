@@ -103,6 +103,21 @@ def test_loo_set_spans_the_issue_15_space_in_one_gpu_call():
     assert groups == sorted(groups, key=groups.index)  # one build per group: its configurations together
 
 
+def test_fresh_processes_and_more_timed_steps_for_the_next_set():
+    """--fresh-process: one subprocess (and build) per configuration, and the estimate counts each build;
+    --timed-steps N: N timed steps, except a step planned longer than ONE_STEP_S (timed once). Every record says
+    its quantization settings, whatever the defaults become."""
+    mod = _bench_module()
+    recs = mod.configs("loo", timed_steps=5)
+    assert {r["steps"] for r in recs} == {1, 5}
+    assert all(r["steps"] == 5 for r in recs if mod._planned_step(r) * mod.PLANNED_SLACK <= mod.ONE_STEP_S)
+    assert all("fp32_linear_scales" in r["quant"] for r in recs)
+    grouped, fresh = mod.run_units(recs, fresh=False), mod.run_units(recs, fresh=True)
+    assert len(grouped) == len({r["group"] for r in recs}) and len(fresh) == len(recs)
+    assert [r["name"] for u in fresh for r in u] == [r["name"] for u in grouped for r in u]
+    assert sum(mod.estimate_seconds(recs, fresh=True).values()) > sum(mod.estimate_seconds(recs).values()) + 200
+
+
 def test_earlier_records_are_read_from_every_recorded_format():
     """plan_validation.json, moefit bench documents (one, or a dict of them) and data_parallel.json's one-GPU rows
     become records the planner re-plans; the runs of an engine since changed (STALE) are left out."""
