@@ -296,3 +296,18 @@ def test_issue_15_set_leave_one_out_as_recorded():
     over = {n: e for n, e in loo.items() if abs(e) > 0.15}
     assert len(over) <= 4 and all(abs(e) <= 0.25 for e in loo.values()), over
     assert all(abs(compare(r)["allocated"]) <= 0.035 for r in recs)
+
+
+def test_one_host_set_leave_one_out_as_recorded():
+    """The same 27 configurations measured again on one H200 host, one after another, nothing beside them
+    (benchmarks/raw/plan_validation_loo_one_host_session5_h200.json, 2026-11-30 17:56). Target <= 15 % on all;
+    recorded: 20 of 27, the worst gpt-oss-20b 1 x 2048 ga1 +25.1 % (benchmarks/speed_targets.md). Holds that state:
+    no more than 7 over 15 %, none over 26 %; peak allocated within 3 % with the shipped constants."""
+    mod = _bench_module()
+    recs = mod.load_records([ROOT / "benchmarks" / "raw" / "plan_validation_loo_one_host_session5_h200.json"])
+    assert len(recs) == 27 and len({r["model"] for r in recs}) == 4
+    loo = leave_one_out(recs)
+    assert len(loo) == 27
+    over = {n: e for n, e in loo.items() if abs(e) > 0.15}
+    assert len(over) <= 7 and all(abs(e) <= 0.26 for e in loo.values()), over
+    assert all(abs(compare(r)["allocated"]) <= 0.03 for r in recs)
