@@ -23,12 +23,21 @@ case "${1:?P or Q}" in
       --only $PAIRS --deadline 175 >> "$out/setup.log" 2>&1
     echo "grouped rc $?" >> "$out/setup.log"
     grep -h "^| loo" "$out/fresh/plan_validation.md" "$out/grouped/plan_validation.md" | cut -d'|' -f2,12-14
+    python3 -c "import json, sys
+for f in sys.argv[1:]:
+    for r in json.load(open(f))['results']:
+        m = r['measured']; print(f.split('/')[-2], r['name'], round(m['step_s'], 3),
+                                 [round(x, 3) for x in m.get('micro_step_s', [])], round(m.get('optimizer_s', 0), 3))
+" "$out/fresh/plan_validation.json" "$out/grouped/plan_validation.json"
     ;;
-  Q)  # 5 files: setup.log, b4/profile{.json,_table.txt}, b1/profile{.json,_table.txt}
+  Q)  # 6 files: setup.log, gpu_tests.log, b4/profile{.json,_table.txt}, b1/profile{.json,_table.txt}
     mkdir -p "$out/b4" "$out/b1"
-    timeout 250 python3 benchmarks/profile_step.py --layers 4 --seq-len 2048 --batch 4 --out "$out/b4" \
+    # the GPU tests added since the last GPU run (micro-step spans of measure_training)
+    timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -k "gpu_busy or side_streams" \
+      > "$out/gpu_tests.log" 2>&1; echo "gpu tests rc $?" >> "$out/setup.log"
+    timeout 220 python3 benchmarks/profile_step.py --layers 4 --seq-len 2048 --batch 4 --out "$out/b4" \
       > "$out/b4.log" 2>&1; echo "b4 rc $?" >> "$out/setup.log"
-    timeout 250 python3 benchmarks/profile_step.py --layers 4 --seq-len 2048 --batch 1 --out "$out/b1" \
+    timeout 220 python3 benchmarks/profile_step.py --layers 4 --seq-len 2048 --batch 1 --out "$out/b1" \
       > "$out/b1.log" 2>&1; echo "b1 rc $?" >> "$out/setup.log"
     tail -9 "$out/b4.log"; tail -9 "$out/b1.log"; rm -f "$out/b4.log" "$out/b1.log"
     ;;

@@ -189,7 +189,8 @@ def worker(recs: list[dict], device: str = "cuda") -> None:
             print("FAILED " + json.dumps({"name": rec["name"], "error": f"{type(e).__name__}: {e}"[:500]}), flush=True)
             continue
         measured = {k: m[k] for k in ("peak_allocated_bytes", "peak_reserved_bytes", "step_s", "tokens_per_s",
-                                      "kernel_s", "gpu_busy_fraction", "kernel_launches", "host_op_s") if k in m}
+                                      "kernel_s", "gpu_busy_fraction", "kernel_launches", "host_op_s", "micro_step_s",
+                                      "optimizer_s") if k in m}
         if cuda:
             free, total = torch.cuda.mem_get_info()
             measured["context_bytes"] = int((total - free) - torch.cuda.memory_reserved())  # outside the allocator

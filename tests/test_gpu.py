@@ -239,6 +239,10 @@ def test_bench_reports_gpu_busy_fraction():
     m = build_synthetic_model("llama4-scout", num_layers=1, lora=LoraConfig(r=8, alpha=16), device="cuda")
     r = measure_training(m, seq_len=256, batch=1, steps=1, warmup=1)
     assert 0 < r["kernel_s"] < 2 * r["step_s"] and 0 < r["gpu_busy_fraction"] < 2
+    # the device timeline of the timed step: one span per micro-step and the optimizer's, within the step's wall
+    r = measure_training(m, seq_len=256, batch=1, steps=1, warmup=1, grad_accum=3, profile_kernels=False)
+    assert len(r["micro_step_s"]) == 3 and all(s > 0 for s in r["micro_step_s"]) and r["optimizer_s"] > 0
+    assert sum(r["micro_step_s"]) + r["optimizer_s"] <= 1.05 * r["step_s"]
 
 
 def test_host_embedding_on_cuda_matches_trains_and_generates(tmp_path):

@@ -61,18 +61,30 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     losses = []
+    # CUDA events at each micro-step's start, before and after the optimizer step (on the stream: no host sync):
+    # the device timeline's split of the last timed step, so a slower micro-step 2..grad_accum shows as itself.
+    marks: list[torch.cuda.Event] = []
+
+    def mark() -> None:
+        if cuda:
+            marks.append(torch.cuda.Event(enable_timing=True))
+            marks[-1].record()
 
     def one_step() -> None:
         # No host sync between micro-steps (the losses stay on the device until the end), as in the trainer: the
         # host can queue the next micro-step while the GPU runs this one.
+        marks.clear()
         for i in range(grad_accum):
+            mark()
             ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
             with grad_sync(wrapped, sync=i == grad_accum - 1):
                 out = wrapped(ids.to(model.input_device), labels=ids.to(device))
                 (out.loss / grad_accum).backward()
             losses.append(out.loss.detach())
+        mark()
         opt.step()
         opt.zero_grad(set_to_none=not ctx.enabled)  # DDP's gradients are views of its buckets: keep them
+        mark()
 
     times = []
     for step in range(warmup + steps):
@@ -88,6 +100,9 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
     result = {"seq_len": seq_len, "batch": batch, "grad_accum": grad_accum, "steps": steps,
               "step_s": step_s, "tokens_per_s": batch * seq_len * grad_accum / step_s,
               "loss_first": float(losses[0]), "loss_last": float(losses[-1])}
+    if marks:  # the last timed step, synchronized above: seconds between the marks
+        spans = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:], strict=False)]
+        result["micro_step_s"], result["optimizer_s"] = spans[:-1], spans[-1]
     if cuda:
         result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         result["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
