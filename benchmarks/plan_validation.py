@@ -141,11 +141,9 @@ def estimate_seconds(recs: list[dict], fresh: bool = False) -> dict[str, float]:
 
     out: dict[str, float] = {}
     for rec in recs:
-        start = GROUP_START_S + 5 + 0.35 * load_model_facts(rec["model"]).total_params() / 1e9
-        if rec["group"] not in out:
-            out[rec["group"]] = start
-        elif fresh:  # a subprocess and a build per configuration
-            out[rec["group"]] += start
+        if rec["group"] not in out or fresh:  # a subprocess and a build per group, or per configuration
+            start = GROUP_START_S + 5 + 0.35 * load_model_facts(rec["model"]).total_params() / 1e9
+            out[rec["group"]] = out.get(rec["group"], 0.0) + start
         step = _planned_step(rec) * PLANNED_SLACK
         out[rec["group"]] += 1 + step * (rec["warmup"] + rec["steps"] + PROFILED_SLOWDOWN * rec["profile"])
     return out
@@ -162,6 +160,7 @@ def worker(recs: list[dict], device: str = "cuda") -> None:
 
     from moefit.bench import build_synthetic_model, measure_training
     from moefit.config import LoraConfig, QuantConfig
+    from moefit.plan.validation import MEASURED_KEYS
 
     cuda = device.startswith("cuda")
     first = recs[0]
@@ -188,9 +187,7 @@ def worker(recs: list[dict], device: str = "cuda") -> None:
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it, measure the rest of the group
             print("FAILED " + json.dumps({"name": rec["name"], "error": f"{type(e).__name__}: {e}"[:500]}), flush=True)
             continue
-        measured = {k: m[k] for k in ("peak_allocated_bytes", "peak_reserved_bytes", "step_s", "tokens_per_s",
-                                      "kernel_s", "gpu_busy_fraction", "kernel_launches", "host_op_s", "micro_step_s",
-                                      "optimizer_s") if k in m}
+        measured = {k: m[k] for k in MEASURED_KEYS if k in m}
         if cuda:
             free, total = torch.cuda.mem_get_info()
             measured["context_bytes"] = int((total - free) - torch.cuda.memory_reserved())  # outside the allocator

@@ -288,14 +288,19 @@ def test_issue_15_set_leave_one_out_as_recorded():
     fitted to the others. The target is <= 15 % on all; recorded: 22 of 26, the worst 22.6 % (the dense 8B at 8 x 512
     on a host ~1.5x slower than the one the shipped constants saw; benchmarks/speed_targets.md). Holds that state:
     no more than 4 over 15 %, none over 25 %, and peak allocated within 3.5 % with the shipped constants."""
-    mod = _bench_module()
-    recs = mod.load_records([ROOT / "benchmarks" / "plan_validation_issue15.json"])
-    assert len(recs) == 26 and len({r["model"] for r in recs}) == 4
+    _loo_state_holds("plan_validation_issue15.json", configurations=26, most_over=4, worst=0.25, allocated=0.035)
+
+
+def _loo_state_holds(record: str, configurations: int, most_over: int, worst: float, allocated: float) -> None:
+    """A recorded set of the four models: leave-one-out step time with at most `most_over` configurations over
+    15 % and none over `worst`; peak allocated within `allocated` with the shipped constants."""
+    recs = _bench_module().load_records([ROOT / "benchmarks" / record])
+    assert len(recs) == configurations and len({r["model"] for r in recs}) == 4
     loo = leave_one_out(recs)
-    assert len(loo) == 26
+    assert len(loo) == configurations
     over = {n: e for n, e in loo.items() if abs(e) > 0.15}
-    assert len(over) <= 4 and all(abs(e) <= 0.25 for e in loo.values()), over
-    assert all(abs(compare(r)["allocated"]) <= 0.035 for r in recs)
+    assert len(over) <= most_over and all(abs(e) <= worst for e in loo.values()), over
+    assert all(abs(compare(r)["allocated"]) <= allocated for r in recs)
 
 
 def test_one_host_set_leave_one_out_as_recorded():
@@ -303,11 +308,5 @@ def test_one_host_set_leave_one_out_as_recorded():
     (benchmarks/raw/plan_validation_loo_one_host_session5_h200.json, 2026-11-30 17:56). Target <= 15 % on all;
     recorded: 20 of 27, the worst gpt-oss-20b 1 x 2048 ga1 +25.1 % (benchmarks/speed_targets.md). Holds that state:
     no more than 7 over 15 %, none over 26 %; peak allocated within 3 % with the shipped constants."""
-    mod = _bench_module()
-    recs = mod.load_records([ROOT / "benchmarks" / "raw" / "plan_validation_loo_one_host_session5_h200.json"])
-    assert len(recs) == 27 and len({r["model"] for r in recs}) == 4
-    loo = leave_one_out(recs)
-    assert len(loo) == 27
-    over = {n: e for n, e in loo.items() if abs(e) > 0.15}
-    assert len(over) <= 7 and all(abs(e) <= 0.26 for e in loo.values()), over
-    assert all(abs(compare(r)["allocated"]) <= 0.03 for r in recs)
+    _loo_state_holds("raw/plan_validation_loo_one_host_session5_h200.json", configurations=27, most_over=7,
+                     worst=0.26, allocated=0.03)

@@ -34,8 +34,9 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
 
     `layout="auto"`: the micro-batch layout is chosen as the trainer's `train.layout: auto` chooses it (the
     planner's faster layout of the same sequences per optimizer step that fits this GPU), recorded with the layout
-    as written. `fp32_linear_scales`: None = quantization.fp32_linear_scales's default. `memory_limit_bytes`: cap the caching allocator (torch's per-process memory fraction) and plan
-    for a GPU of that size, e.g. 80 GB on an H200 to stand in for an H100."""
+    as written. `fp32_linear_scales`: None = quantization.fp32_linear_scales's default. `memory_limit_bytes`: cap
+    the caching allocator (torch's per-process memory fraction) and plan for a GPU of that size, e.g. 80 GB on an
+    H200 to stand in for an H100."""
     from .. import engine_switches
     from ..parallel import dist as pdist
     from ..train.metrics import versions

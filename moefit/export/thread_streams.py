@@ -5,8 +5,9 @@ stream every copy back (`.cpu()`, which waits for the stream) also waits for the
 kernels queued before it, so 8 threads merged about as fast as one (benchmarks/export_speed.md: the merge phase
 summed over 8 threads took 7x its one-thread time). On a stream of its own a thread waits for its own work only,
 and one thread's copies overlap another's kernels and copies the other way. Every tensor a piece makes on the GPU
-is made, used and copied back on its thread's stream, and freed after that copy has finished (`.cpu()` waits),
-so no tensor crosses streams.
+is made, used and copied back on its thread's stream, and freed after that copy has finished (`.cpu()` waits).
+The one exception, bitsandbytes' NF4 quantization (its kernels take no stream), is ordered with the thread's
+stream by NF4Weight.quantize_ itself.
 """
 
 from __future__ import annotations

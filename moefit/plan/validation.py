@@ -84,8 +84,9 @@ def compare(rec: dict[str, Any], calib: dict[str, Any] | None = None) -> dict[st
 
 # ---------------------------------------------------------------------------------------------- records
 
-_MEASURED = ("peak_allocated_bytes", "peak_reserved_bytes", "step_s", "tokens_per_s", "kernel_s",
-             "gpu_busy_fraction", "kernel_launches")
+# What a record keeps of a measurement (moefit.bench.measure_training's result), from any recorded format.
+MEASURED_KEYS = ("peak_allocated_bytes", "peak_reserved_bytes", "step_s", "tokens_per_s", "kernel_s",
+                 "gpu_busy_fraction", "kernel_launches", "host_op_s", "micro_step_s", "optimizer_s")
 
 
 def records_from_document(doc: dict[str, Any], source: str) -> list[dict[str, Any]]:
@@ -145,7 +146,7 @@ def _bench_records(doc: dict[str, Any], name: str) -> list[dict[str, Any]]:
                     "optimizer": doc.get("optimizer", "adamw_8bit"), "gradient_checkpointing": True,
                     "keep_routed_gate_up": bool(doc.get("keep_routed_gate_up")),
                     "device_name": run.get("device_name") or doc.get("device_name", ""),
-                    "measured": {k: run[k] for k in _MEASURED if run.get(k) is not None}})
+                    "measured": {k: run[k] for k in MEASURED_KEYS if run.get(k) is not None}})
     return out
 
 
