@@ -84,10 +84,11 @@ def reference(case: dict, folder: Path, world: int) -> tuple[list[torch.Tensor],
 def main() -> None:
     import torch.distributed as dist
 
+    from moefit.parallel import init_distributed, shutdown_distributed
     from moefit.parallel.expert_parallel import ExpertShard, shard_experts
 
     case, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
-    dist.init_process_group("gloo")
+    init_distributed("cpu")  # gloo, as the trainer joins it
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build(case, out / f"model-{rank}")
     shard = ExpertShard(rank, world, case.get("experts", 4))
@@ -101,7 +102,7 @@ def main() -> None:
     dispatch = next(m.expert_dispatch for m in model.modules() if getattr(m, "expert_dispatch", None))
     torch.save({"logits": logits, "grads": g, "start": shard.start, "local": shard.local,
                 "counts": dispatch.last_counts}, out / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

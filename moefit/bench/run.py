@@ -50,75 +50,77 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MoefitError("moefit bench needs a CUDA GPU (none is visible). Use `moefit plan` to predict memory "
                           "and time without one.")
-    ctx = pdist.init_distributed("cuda" if device.startswith("cuda") else "cpu")
-    if ctx.enabled and device == "cuda":
-        device = f"cuda:{ctx.local_rank}"
-    lora = LoraConfig(r=rank, alpha=2.0 * rank, expert_r=expert_rank,
-                      routed_experts=expert_rank != 0, dtype=lora_dtype,
-                      targets=targets or ["q", "k", "v", "o", "gate", "up", "down"])
-    chosen = None
-    if layout == "auto" or memory_limit_bytes:
-        if device.startswith("cuda") and memory_limit_bytes:
-            index = cuda_index(device)
-            total = torch.cuda.get_device_properties(index).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit_bytes / total), index)
-        if layout == "auto":
-            if len(seq_lens) != 1:
-                raise MoefitError("moefit bench --layout auto measures one sequence length (--seq-len N).")
-            chosen = choose_layout(model, lora, QuantConfig(embeddings_on_host=embeddings_on_host,
-                                                            fp32_linear_scales=fp32_linear_scales),
-                                   TrainConfig(max_length=seq_lens[0], batch_size=batch, grad_accum=grad_accum,
-                                               optimizer=optimizer, keep_routed_gate_up=keep_routed_gate_up),
-                                   device, memory_limit_bytes, ctx.world_size, expert_parallel, layers=layers)
-            batch = chosen["settings"].get("train.batch_size", batch)
-            grad_accum = chosen["settings"].get("train.grad_accum", grad_accum)
-            embeddings_on_host = chosen["settings"].get("quantization.embeddings_on_host", embeddings_on_host)
-            keep_routed_gate_up = chosen["settings"].get("train.keep_routed_gate_up", keep_routed_gate_up)
-    engine_switches.use(engine or EngineConfig())
-    t0 = time.perf_counter()
-    quant = QuantConfig(embeddings_on_host=embeddings_on_host, fp32_linear_scales=fp32_linear_scales)
-    ep = None
-    if expert_parallel > 1:  # each rank builds only its slice of the routed experts
-        from ..parallel.expert_parallel import ExpertParallel, attach_dispatch
-        from ..plan.model_facts import load_model_facts
+    with pdist.process_group("cuda" if device.startswith("cuda") else "cpu") as ctx:
+        if ctx.enabled and device == "cuda":
+            device = f"cuda:{ctx.local_rank}"
+        lora = LoraConfig(r=rank, alpha=2.0 * rank, expert_r=expert_rank,
+                          routed_experts=expert_rank != 0, dtype=lora_dtype,
+                          targets=targets or ["q", "k", "v", "o", "gate", "up", "down"])
+        chosen = None
+        if layout == "auto" or memory_limit_bytes:
+            if device.startswith("cuda") and memory_limit_bytes:
+                index = cuda_index(device)
+                total = torch.cuda.get_device_properties(index).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit_bytes / total), index)
+            if layout == "auto":
+                if len(seq_lens) != 1:
+                    raise MoefitError("moefit bench --layout auto measures one sequence length (--seq-len N).")
+                chosen = choose_layout(model, lora, QuantConfig(embeddings_on_host=embeddings_on_host,
+                                                                fp32_linear_scales=fp32_linear_scales),
+                                       TrainConfig(max_length=seq_lens[0], batch_size=batch, grad_accum=grad_accum,
+                                                   optimizer=optimizer, keep_routed_gate_up=keep_routed_gate_up),
+                                       device, memory_limit_bytes, ctx.world_size, expert_parallel, layers=layers)
+                batch = chosen["settings"].get("train.batch_size", batch)
+                grad_accum = chosen["settings"].get("train.grad_accum", grad_accum)
+                embeddings_on_host = chosen["settings"].get("quantization.embeddings_on_host", embeddings_on_host)
+                keep_routed_gate_up = chosen["settings"].get("train.keep_routed_gate_up", keep_routed_gate_up)
+        engine_switches.use(engine or EngineConfig())
+        t0 = time.perf_counter()
+        quant = QuantConfig(embeddings_on_host=embeddings_on_host, fp32_linear_scales=fp32_linear_scales)
+        ep = None
+        if expert_parallel > 1:  # each rank builds only its slice of the routed experts
+            from ..parallel.expert_parallel import ExpertParallel, attach_dispatch
+            from ..plan.model_facts import load_model_facts
 
-        if ctx.world_size % expert_parallel:
-            raise MoefitError(f"--expert-parallel {expert_parallel} needs a multiple of that many GPUs (--gpus), "
-                              f"got {ctx.world_size}.")
-        ep = ExpertParallel.create(ctx.rank, ctx.world_size, expert_parallel, load_model_facts(model).num_experts)
-    m = build_synthetic_model(model, num_layers=layers, quant=quant, lora=lora, device=device,
-                              expert_shard=ep.shard if ep else None)
-    if ep:
-        attach_dispatch(m, ep.shard, ep.group)
-    build_s = time.perf_counter() - t0
-    ceiling = matmul_tflops(device) if device.startswith("cuda") else None
-    active = active_params_per_token(m.config)
-    runs = []
-    for seq in seq_lens:
-        for p in m.parameters():
-            p.grad = None
-        r = measure_training(m, seq_len=seq, batch=batch, steps=steps, warmup=warmup, optimizer=optimizer,
-                             grad_accum=grad_accum, keep_routed_gate_up=keep_routed_gate_up)
-        if ctx.enabled:
-            gathered = pdist.gather_objects(r, ctx)
-            r = _combine_ranks(gathered, ctx.world_size) if gathered else r
-        r["flops_per_token"] = 6 * active
-        # against world_size x one GPU's ceiling
-        r["ceiling_fraction"] = (r["tokens_per_s"] * 6 * active / (ctx.world_size * ceiling * 1e12)) \
-            if ceiling else 0.0
-        train = TrainConfig(max_length=seq, batch_size=batch, grad_accum=grad_accum, optimizer=optimizer,
-                            keep_routed_gate_up=keep_routed_gate_up)
-        r["planned_peak_bytes"], r["plan_note"] = _planned_peak(model, layers, lora, quant, train, ctx.world_size,
-                                                                expert_parallel)
-        runs.append(r)
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
-    return {"model": model, "layers": m.config.num_hidden_layers, "build_s": build_s, "device_name": name,
-            "world_size": ctx.world_size, "expert_parallel": expert_parallel,
-            "embeddings_on_host": embeddings_on_host, "keep_routed_gate_up": keep_routed_gate_up,
-            "fp32_linear_scales": fp32_linear_scales,
-            "matmul_tflops": ceiling, "active_params_per_token": active, "lora": lora.__dict__,
-            "layout": chosen, "memory_limit_bytes": memory_limit_bytes,
-            "engine": engine_switches.current().__dict__, "versions": versions(), "runs": runs}
+            if ctx.world_size % expert_parallel:
+                raise MoefitError(f"--expert-parallel {expert_parallel} needs a multiple of that many GPUs (--gpus), "
+                                  f"got {ctx.world_size}.")
+            ep = ExpertParallel.create(ctx.rank, ctx.world_size, expert_parallel, load_model_facts(model).num_experts)
+        m = build_synthetic_model(model, num_layers=layers, quant=quant, lora=lora, device=device,
+                                  expert_shard=ep.shard if ep else None)
+        if ep:
+            attach_dispatch(m, ep.shard, ep.group)
+        build_s = time.perf_counter() - t0
+        ceiling = matmul_tflops(device) if device.startswith("cuda") else None
+        active = active_params_per_token(m.config)
+        runs = []
+        for seq in seq_lens:
+            for p in m.parameters():
+                p.grad = None
+            r = measure_training(m, seq_len=seq, batch=batch, steps=steps, warmup=warmup, optimizer=optimizer,
+                                 grad_accum=grad_accum, keep_routed_gate_up=keep_routed_gate_up)
+            if ctx.enabled:
+                gathered = pdist.gather_objects(r, ctx)
+                r = _combine_ranks(gathered, ctx.world_size) if gathered else r
+            r["flops_per_token"] = 6 * active
+            # against world_size x one GPU's ceiling
+            r["ceiling_fraction"] = (r["tokens_per_s"] * 6 * active / (ctx.world_size * ceiling * 1e12)) \
+                if ceiling else 0.0
+            train = TrainConfig(max_length=seq, batch_size=batch, grad_accum=grad_accum, optimizer=optimizer,
+                                keep_routed_gate_up=keep_routed_gate_up)
+            r["planned_peak_bytes"], r["plan_note"] = _planned_peak(model, layers, lora, quant, train, ctx.world_size,
+                                                                    expert_parallel)
+            runs.append(r)
+        name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+        num_layers = m.config.num_hidden_layers
+        del m, ep  # the model's expert dispatch holds the expert group: released before the group is destroyed
+        return {"model": model, "layers": num_layers, "build_s": build_s, "device_name": name,
+                "world_size": ctx.world_size, "expert_parallel": expert_parallel,
+                "embeddings_on_host": embeddings_on_host, "keep_routed_gate_up": keep_routed_gate_up,
+                "fp32_linear_scales": fp32_linear_scales,
+                "matmul_tflops": ceiling, "active_params_per_token": active, "lora": lora.__dict__,
+                "layout": chosen, "memory_limit_bytes": memory_limit_bytes,
+                "engine": engine_switches.current().__dict__, "versions": versions(), "runs": runs}
 
 
 def choose_layout(model: str, lora: LoraConfig, quant: QuantConfig, train: TrainConfig, device: str,

@@ -8,6 +8,8 @@ gloo on CPU. A process started any other way is a world of one and nothing here 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -86,13 +88,42 @@ def init_distributed(device_type: str, timeout_s: int = DEFAULT_TIMEOUT_S) -> Di
         for key, value in NCCL_ENV.items():
             os.environ.setdefault(key, value)
     if not dist.is_initialized():
+        release_groups_at_shutdown()
         backend = "nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     return ctx
 
 
+@contextmanager
+def process_group(device_type: str, timeout_s: int = DEFAULT_TIMEOUT_S) -> Iterator[DistContext]:
+    """`init_distributed` for the block; at its end `shutdown_distributed` if the block started the group (a caller
+    that joined it before keeps it)."""
+    started = not current_context().enabled
+    ctx = init_distributed(device_type, timeout_s)
+    try:
+        yield ctx
+    finally:
+        if started:
+            shutdown_distributed()
+
+
+def release_groups_at_shutdown() -> None:
+    """Call before creating a process group. torch._dynamo, when first imported after a group exists (importing
+    transformers' models, bitsandbytes or peft imports it), keeps that group alive past destroy_process_group
+    (torch 2.13): its gloo threads then run on until the interpreter exits, and their teardown there now and then
+    aborts a finished process ("terminate called without an active exception", exit -6: torchrun reports the run
+    as failed). Imported first, the groups are released by `shutdown_distributed`
+    (tests/test_dist_shutdown.py)."""
+    import torch._dynamo  # noqa: F401
+
+
 def shutdown_distributed() -> None:
+    """Destroy every process group. Objects of the finished run that hold a group (a model's expert dispatch)
+    and sit in reference cycles are collected first, so that no group outlives this (release_groups_at_shutdown)."""
     if dist.is_available() and dist.is_initialized():
+        import gc
+
+        gc.collect()
         dist.destroy_process_group()
 
 

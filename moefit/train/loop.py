@@ -240,14 +240,9 @@ def run(
     a checkpoint and raise preempt.Preempted.
     """
     wall0 = time.perf_counter()
-    started_group = not pdist.current_context().enabled
-    ctx = pdist.init_distributed(resolve_device(cfg.train.device).type)
-    try:
+    with pdist.process_group(resolve_device(cfg.train.device).type) as ctx:
         return _run_in_dir(cfg, ctx, wall0, run_dir, resume_from, smoke, smoke_steps, force, stop_after, echo,
                            overwrite)
-    finally:
-        if started_group:
-            pdist.shutdown_distributed()
 
 
 def _choose_run_dir(cfg: RunConfig, run_dir: Path | None, resume_from: Path | None, smoke: bool,
