@@ -29,7 +29,7 @@ def test_engine_section_is_validated_like_the_rest(tmp_path):
     assert load_config().engine == EngineConfig()
     cfg = load_config(None, {"engine.expert_matmul": "fused", "engine.nf4_gemm_variant": "shfl-join"})
     assert cfg.engine.expert_matmul == "fused" and cfg.engine.nf4_gemm_variant == "shfl-join"
-    with pytest.raises(ConfigError, match=r"engine\.nf4_decoder=fast: expected one of 'bnb', 'triton', got 'fast'"):
+    with pytest.raises(ConfigError, match=r"engine\.nf4_decoder=fast: expected one of 'bnb', 'triton', 'triton-load', 'triton-gather', got 'fast'"):
         load_config(None, {"engine.nf4_decoder": "fast"})
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"engine": {"recompute_skp": False}}))

@@ -99,10 +99,11 @@ def test_triton_nf4_decoder_equals_bitsandbytes():
     w = torch.randn(3, 384, 1024, device="cuda", dtype=torch.bfloat16)
     q = NF4Weight(tuple(w.shape), dtype=torch.bfloat16, device="cuda").quantize_(w)
     absmax = q.absmax_fp32(slice(None))
-    ours = triton_nf4.decode(q.packed, absmax, q.code, q.blocksize, list(w.shape), torch.bfloat16)
     ref = torch.ops.bitsandbytes.dequantize_4bit.default(q.packed.reshape(-1, 1), absmax.reshape(-1), q.blocksize,
                                                          "nf4", list(w.shape), torch.bfloat16)
-    assert torch.equal(ours, ref)
+    for lookup in triton_nf4.LOOKUPS:
+        ours = triton_nf4.decode(q.packed, absmax, q.code, q.blocksize, list(w.shape), torch.bfloat16, lookup=lookup)
+        assert torch.equal(ours, ref), lookup
 
 
 def test_fused_nf4_grouped_matmul_matches_dequantize_then_grouped_mm(monkeypatch):

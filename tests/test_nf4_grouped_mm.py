@@ -43,8 +43,15 @@ CHILD = textwrap.dedent("""
             assert y.shape == ref.shape
             assert err < 1e-3 and worst < 1e-2, (in_f, variant, transpose, err, worst)
     from moefit.kernels import triton_nf4
-    decoded = triton_nf4.decode(q.packed, q.absmax_fp32(), q.code, q.blocksize, list(q.shape), torch.float16)
-    assert torch.equal(decoded, q.dequantize())  # the select-tree decoder: bit-identical to bitsandbytes
+    # The plain decoder, every lookup and launch shape the variant benchmark runs: bit-identical to bitsandbytes,
+    # also on a size that is no multiple of the block (masked tail).
+    odd = NF4Weight((3, 40, 64), dtype=torch.float16).quantize_(torch.randn(3, 40, 64) * 0.05)
+    for w in (q, odd):
+        for lookup in triton_nf4.LOOKUPS:
+            for block, warps in [(1024, 4), (4096, 8)]:
+                decoded = triton_nf4.decode(w.packed, w.absmax_fp32(), w.code, w.blocksize, list(w.shape),
+                                            torch.float16, lookup=lookup, block=block, warps=warps)
+                assert torch.equal(decoded, w.dequantize()), (lookup, block, tuple(w.shape))
     print("ok")
 """)
 

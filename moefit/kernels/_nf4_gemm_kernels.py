@@ -239,15 +239,26 @@ def nf4_grouped_mm_split(x_ptr, packed_ptr, absmax_ptr, code_ptr, offs_ptr, out_
 
 @triton.jit
 def nf4_decode(packed_ptr, absmax_ptr, code_ptr, out_ptr, n_bytes, BYTES_PER_BLOCK: tl.constexpr,
-               BLOCK: tl.constexpr):
-    """Decode BLOCK packed bytes into 2 x BLOCK values; the NF4 table is a tree of selects, not a lookup."""
+               BLOCK: tl.constexpr, LOOKUP: tl.constexpr = 1):
+    """Decode BLOCK packed bytes into 2 x BLOCK values. LOOKUP (the NF4 table, as in `decode`): 1 a tree of
+    selects (~20 integer/select operations per value); 0 a load from the 16-entry table, which stays in L1 (one
+    operation per value); 2 the table in registers, read with tl.gather. All three are bitsandbytes' fp32 table
+    values x the fp32 absmax, then the cast: the same bits."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_bytes
     b = tl.load(packed_ptr + offs, mask=mask, other=0).to(tl.int32)
     scale = tl.load(absmax_ptr + offs // BYTES_PER_BLOCK, mask=mask, other=0.0)
-    hi = nf4_value(b >> 4) * scale  # the first value of a pair sits in the high nibble
-    lo = nf4_value(b & 15) * scale
-    pair = tl.reshape(tl.join(hi, lo), [2 * BLOCK])
+    if LOOKUP == 1:
+        hi = nf4_value(b >> 4)  # the first value of a pair sits in the high nibble
+        lo = nf4_value(b & 15)
+    elif LOOKUP == 2:
+        table = tl.load(code_ptr + tl.arange(0, 16))
+        hi = tl.gather(table, b >> 4, 0)
+        lo = tl.gather(table, b & 15, 0)
+    else:
+        hi = tl.load(code_ptr + (b >> 4))
+        lo = tl.load(code_ptr + (b & 15))
+    pair = tl.reshape(tl.join(hi * scale, lo * scale), [2 * BLOCK])
     out_offs = pid.to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
     tl.store(out_ptr + out_offs, pair.to(out_ptr.dtype.element_ty), mask=out_offs < 2 * n_bytes)

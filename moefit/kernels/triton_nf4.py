@@ -1,13 +1,15 @@
 """NF4 -> bf16/fp16/fp32 decoding as one Triton kernel (CUDA only).
 
-Each packed byte is read once, both codes go through bitsandbytes' 16-entry table (written as a tree of selects,
-not a memory lookup) and are scaled by the block's absmax: the same arithmetic as bitsandbytes (fp32 code x fp32
-absmax, then the cast), bit-identical output (tests/test_gpu.py; tests/test_nf4_grouped_mm.py in the interpreter).
+Each packed byte is read once, both codes go through bitsandbytes' 16-entry table and are scaled by the block's
+absmax: the same arithmetic as bitsandbytes (fp32 code x fp32 absmax, then the cast), bit-identical output
+(tests/test_gpu.py; tests/test_nf4_grouped_mm.py in the interpreter). The table is read through a tree of selects
+(`engine.nf4_decoder: triton`), a load from the table (`triton-load`) or a register gather (`triton-gather`).
 
-Opt-in (`engine.nf4_decoder: triton`): on an H200 it decodes a Scout expert bank in 0.762 ms against
-bitsandbytes' 0.750 ms (2.24 TB/s, 53 % of the copy rate; benchmarks/expert_matmul.md), and the full-depth seed
-recipe step at seq 2048 took 1.433 s against 1.215 s with bitsandbytes
-(benchmarks/raw/step_ab_skip_recompute*_h200.json). It shares its NF4 table with the fused grouped GEMM.
+Opt-in: on an H200 the select tree decodes a Scout expert bank in 0.762 ms against bitsandbytes' 0.750 ms
+(2.24 TB/s, 53 % of the copy rate; benchmarks/expert_matmul.md), and the full-depth seed recipe step at seq 2048
+took 1.433 s against 1.215 s with bitsandbytes (benchmarks/raw/step_ab_skip_recompute*_h200.json). The select tree
+costs ~20 operations per value, about as long as the value's bytes take to move: the load and gather lookups
+(one operation) and the launch shapes are measured by benchmarks/nf4_decode_variants.py (not yet on a GPU).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from . import triton_importable
 
 
 def available() -> bool:
-    if engine_switches.current().nf4_decoder != "triton" or not torch.cuda.is_available():
+    if not engine_switches.current().nf4_decoder.startswith("triton") or not torch.cuda.is_available():
         return False
     return triton_importable()
 
@@ -33,16 +35,31 @@ def _kernel():
     return nf4_decode
 
 
+# The plain decoder's lookup of the NF4 table (_nf4_gemm_kernels.nf4_decode's LOOKUP) and launch shape; the
+# variants are measured against each other and bitsandbytes by benchmarks/nf4_decode_variants.py.
+LOOKUPS = {"select": 1, "load": 0, "gather": 2}
+DEFAULT_LOOKUP, DEFAULT_BLOCK, DEFAULT_WARPS = "select", 1024, 4
+
+
+def engine_lookup() -> str:
+    """The lookup `engine.nf4_decoder` selects: triton (the select tree), triton-load, triton-gather."""
+    _, _, lookup = engine_switches.current().nf4_decoder.partition("-")
+    return lookup or DEFAULT_LOOKUP
+
+
 def decode(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: list[int],
-           dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+           dtype: torch.dtype, out: torch.Tensor | None = None, lookup: str = DEFAULT_LOOKUP,
+           block: int = DEFAULT_BLOCK, warps: int = DEFAULT_WARPS) -> torch.Tensor:
     """packed: uint8, numel/2 bytes; absmax: fp32, one per `blocksize` values; returns `shape` in `dtype` (written
-    into `out`, contiguous, when given)."""
+    into `out`, contiguous, when given). `lookup`, `block` (packed bytes per program, a power of two that is a
+    multiple of blocksize / 2) and `warps`: the kernel variant."""
+    if lookup not in LOOKUPS:
+        raise ValueError(f"NF4 decoder lookup must be one of {sorted(LOOKUPS)}, got {lookup!r}")
     n_bytes = packed.numel()
     out = torch.empty(shape, dtype=dtype, device=packed.device) if out is None else out
-    block = 1024
     grid = (triton_cdiv(n_bytes, block),)
     _kernel()[grid](packed.reshape(-1), absmax.reshape(-1).contiguous(), code, out, n_bytes,
-                    BYTES_PER_BLOCK=blocksize // 2, BLOCK=block)
+                    BYTES_PER_BLOCK=blocksize // 2, BLOCK=block, LOOKUP=LOOKUPS[lookup], num_warps=warps)
     return out
 
 

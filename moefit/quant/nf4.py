@@ -25,7 +25,7 @@ from .. import engine_switches
 def _triton_decoder():
     """moefit.kernels.triton_nf4 when `engine.nf4_decoder: triton` selects it and it can run, else None. The opt-in
     Triton kernels are imported here, on first use, never with this module."""
-    if engine_switches.current().nf4_decoder != "triton":
+    if not engine_switches.current().nf4_decoder.startswith("triton"):
         return None
     from ..kernels import triton_nf4
 
@@ -209,7 +209,7 @@ class NF4Weight(nn.Module):
         direct = out is not None and dtype == self.dtype and self.packed.is_cuda  # (.out: CUDA backend only)
         if triton_nf4 is not None:
             got = triton_nf4.decode(packed, absmax, self.code, self.blocksize, shape, self.dtype,
-                                    out=out if direct else None)
+                                    out=out if direct else None, lookup=triton_nf4.engine_lookup())
         elif direct:
             torch.ops.bitsandbytes.dequantize_4bit.out(packed.reshape(-1, 1), absmax.reshape(-1),
                                                        self.blocksize, "nf4", shape, self.dtype, out=out)
