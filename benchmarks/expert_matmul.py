@@ -129,13 +129,10 @@ def main() -> int:
                 row = measure_case(x, q, groups, transpose, peak_flops, copy_bw, variants)
                 rows.append({"routing": routing, "bank": bank_name, "op": "forward" if transpose else "dgrad",
                              "counts_min_max": [int(counts.min()), int(counts.max())], **row})
-    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": tokens,
+    from moefit.train.metrics import versions
+
+    env = {"device": torch.cuda.get_device_name(), **versions(), "tokens": tokens,
            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)}
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        pass
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "expert_matmul.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     print(env)

@@ -91,11 +91,6 @@ def main() -> int:
            "command": "python benchmarks/nf4_decode_variants.py " + " ".join(sys.argv[1:]),
            "bank": [args.experts, args.rows, args.cols], "bytes_moved": moved, "copy_rate_bytes_per_s": copy_rate,
            "floor_ms": moved / copy_rate * 1e3}
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        pass
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "nf4_decode_variants.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     lines = [f"# NF4 decode of one {args.experts} x {args.rows} x {args.cols} bank ({moved / 1e9:.2f} GB moved)", "",

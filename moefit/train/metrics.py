@@ -61,8 +61,19 @@ def versions() -> dict[str, str | None]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "bitsandbytes": bitsandbytes.__version__,
+        "triton": _triton_version(),  # the opt-in kernels (moefit.kernels); None where it is not installed
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+
+
+def _triton_version() -> str | None:
+    from ..kernels import triton_importable
+
+    if not triton_importable():
+        return None
+    import triton
+
+    return triton.__version__
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
