@@ -2,7 +2,8 @@
 # The next device calls, each one command that fits a 600 s call (the timeouts plus ~25 s of setup stay under it;
 # at most 8 files come back from $OUT). Run on the GPU machine from the repo root:
 #   bash benchmarks/device_plan.sh P    # nvidia-h200: are MoE accumulation steps slow, or the planner set's process?
-#   bash benchmarks/device_plan.sh Q    # nvidia-h200: Scout kernel profile at 4 x 2048 and 1 x 2048 (4 layers)
+#   bash benchmarks/device_plan.sh Q    # nvidia-h200: new GPU tests, NF4 decoder variants, Scout profile at 4 x 2048
+#   DECODER=triton-load bash benchmarks/device_plan.sh R   # nvidia-h200: seed step, that decoder vs bitsandbytes
 # One GPU, one job at a time: host-bound steps measured next to another lane ran up to 2x slower
 # (benchmarks/speed_targets.md), so nothing here runs in lanes. Why: benchmarks/speed_targets.md (fifth session).
 # Calls D and E of the fourth session's plan ran on 2026-11-30 17:30 (git history).
@@ -10,7 +11,7 @@ set -uo pipefail
 out=${OUT:?set OUT}
 . benchmarks/gpu_env.sh > "$out/setup.log" 2>&1 || { cat "$out/setup.log"; exit 1; }
 PAIRS="loo-scout-r32-s2048-b1-ga1 loo-scout-r32-s2048-b1-ga4 loo-gpt-oss-20b-r16-s512-b1-ga1 loo-gpt-oss-20b-r16-s512-b1-ga4"
-case "${1:?P or Q}" in
+case "${1:?P, Q or R}" in
   P)  # 5 files: setup.log, fresh/plan_validation.{json,md}, grouped/plan_validation.{json,md}
     # The same 4 configurations with 5 timed steps, each in a process of its own, then as the set runs them (one
     # process per model, one configuration after another): ga4 slower per micro-step only in the second?
@@ -30,16 +31,24 @@ for f in sys.argv[1:]:
                                  [round(x, 3) for x in m.get('micro_step_s', [])], round(m.get('optimizer_s', 0), 3))
 " "$out/fresh/plan_validation.json" "$out/grouped/plan_validation.json"
     ;;
-  Q)  # 6 files: setup.log, gpu_tests.log, b4/profile{.json,_table.txt}, b1/profile{.json,_table.txt}
-    mkdir -p "$out/b4" "$out/b1"
-    # the GPU tests added since the last GPU run (micro-step spans of measure_training)
-    timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -k "gpu_busy or side_streams" \
-      > "$out/gpu_tests.log" 2>&1; echo "gpu tests rc $?" >> "$out/setup.log"
+  Q)  # 6 files: setup.log, gpu_tests.log, dec/nf4_decode_variants.{json,md}, b4/profile{.json,_table.txt}
+    mkdir -p "$out/b4" "$out/dec"
+    # the GPU tests added since the last GPU run (micro-step spans of measure_training; the decoder's lookups)
+    timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
+      -k "gpu_busy or side_streams or triton_nf4" > "$out/gpu_tests.log" 2>&1; echo "gpu tests rc $?" >> "$out/setup.log"
+    # the NF4 decoder's lookups and launch shapes against bitsandbytes and the copy rate (one Scout bank)
+    timeout 150 python3 benchmarks/nf4_decode_variants.py --out "$out/dec" >> "$out/setup.log" 2>&1
+    echo "decode variants rc $?" >> "$out/setup.log"
     timeout 220 python3 benchmarks/profile_step.py --layers 4 --seq-len 2048 --batch 4 --out "$out/b4" \
       > "$out/b4.log" 2>&1; echo "b4 rc $?" >> "$out/setup.log"
-    timeout 220 python3 benchmarks/profile_step.py --layers 4 --seq-len 2048 --batch 1 --out "$out/b1" \
-      > "$out/b1.log" 2>&1; echo "b1 rc $?" >> "$out/setup.log"
-    tail -9 "$out/b4.log"; tail -9 "$out/b1.log"; rm -f "$out/b4.log" "$out/b1.log"
+    head -14 "$out/dec/nf4_decode_variants.md"; tail -9 "$out/b4.log"; rm -f "$out/b4.log"
     ;;
-  *) echo "unknown call $1 (P or Q)"; exit 2 ;;
+  R)  # after Q: the seed recipe (1 x 8) with Q's fastest decoder against bitsandbytes, same call (first set
+      # kernels/triton_nf4.py DEFAULT_BLOCK / DEFAULT_WARPS to that variant's launch shape)
+    d=${DECODER:-triton-load}
+    STEPS=2 timeout 540 bash benchmarks/step_ab.sh 2048 "bnb:nf4_decoder=bnb:--grad-accum 8" \
+      "$d:nf4_decoder=$d:--grad-accum 8" > "$out/r.log" 2>&1; echo "R rc $?" >> "$out/setup.log"
+    tail -20 "$out/r.log"
+    ;;
+  *) echo "unknown call $1 (P, Q or R)"; exit 2 ;;
 esac
