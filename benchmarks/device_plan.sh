@@ -4,6 +4,7 @@
 #   bash benchmarks/device_plan.sh P    # nvidia-h200: are MoE accumulation steps slow, or the planner set's process?
 #   bash benchmarks/device_plan.sh Q    # nvidia-h200: new GPU tests, NF4 decoder variants, Scout profile at 4 x 2048
 #   DECODER=triton-load bash benchmarks/device_plan.sh R   # nvidia-h200: seed step, that decoder vs bitsandbytes
+#   bash benchmarks/device_plan.sh S    # nvidia-h200-x2: Scout expert parallel vs data parallel (count syncs halved)
 # One GPU, one job at a time: host-bound steps measured next to another lane ran up to 2x slower
 # (benchmarks/speed_targets.md), so nothing here runs in lanes. Why: benchmarks/speed_targets.md (fifth session).
 # Calls D and E of the fourth session's plan ran on 2026-11-30 17:30 (git history).
@@ -11,7 +12,7 @@ set -uo pipefail
 out=${OUT:?set OUT}
 . benchmarks/gpu_env.sh > "$out/setup.log" 2>&1 || { cat "$out/setup.log"; exit 1; }
 PAIRS="loo-scout-r32-s2048-b1-ga1 loo-scout-r32-s2048-b1-ga4 loo-gpt-oss-20b-r16-s512-b1-ga1 loo-gpt-oss-20b-r16-s512-b1-ga4"
-case "${1:?P, Q or R}" in
+case "${1:?P, Q, R or S}" in
   P)  # 5 files: setup.log, fresh/plan_validation.{json,md}, grouped/plan_validation.{json,md}
     # The same 4 configurations with 5 timed steps, each in a process of its own, then as the set runs them (one
     # process per model, one configuration after another): ga4 slower per micro-step only in the second?
@@ -50,5 +51,12 @@ for f in sys.argv[1:]:
       "$d:nf4_decoder=$d:--grad-accum 8" > "$out/r.log" 2>&1; echo "R rc $?" >> "$out/setup.log"
     tail -20 "$out/r.log"
     ;;
-  *) echo "unknown call $1 (P, Q or R)"; exit 2 ;;
+  S)  # nvidia-h200-x2: Scout seed recipe expert-parallel (one count sync per MoE layer and micro-step now, two
+      # before) against data parallel on the same 2 GPUs, same call (call 1 of benchmarks/expert_parallel.md: EP
+      # 2,658 against DP 3,024 tokens/s, GPU busy 50 % against 71 %)
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    timeout 540 python3 benchmarks/expert_parallel.py --out "$out/ep" --gpus 2 --configs scout > "$out/s.log" 2>&1
+    echo "S rc $?" >> "$out/setup.log"; tail -12 "$out/s.log"
+    ;;
+  *) echo "unknown call $1 (P, Q, R or S)"; exit 2 ;;
 esac

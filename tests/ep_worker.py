@@ -101,7 +101,7 @@ def main() -> None:
             dist.all_reduce(t)
     dispatch = next(m.expert_dispatch for m in model.modules() if getattr(m, "expert_dispatch", None))
     torch.save({"logits": logits, "grads": g, "start": shard.start, "local": shard.local,
-                "counts": dispatch.last_counts}, out / f"rank{rank}.pt")
+                "counts": dispatch.last_counts, "exchanges": dispatch.count_exchanges}, out / f"rank{rank}.pt")
     shutdown_distributed()
 
 

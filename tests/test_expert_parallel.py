@@ -55,6 +55,10 @@ def test_expert_parallel_equals_one_process(name, tmp_path):
             assert g.shape == want.shape, n
             assert rel(g, want) < 1e-5 or (want.abs().max() == 0 and g.abs().max() == 0), n
     assert experts_seen > 0
+    # One count exchange (a host sync) per MoE layer of the forward and backward: a checkpointed layer's
+    # recomputation takes its first pass's.
+    moe_layers = len(case.get("moe_layers", range(case.get("layers", 4))))
+    assert [torch.load(tmp_path / f"rank{r}.pt")["exchanges"] for r in range(2)] == [moe_layers] * 2
     if "uniform_rank" in case:  # that rank sent no row at all to some experts (of both ranks) in the last layer
         counts = torch.load(tmp_path / f"rank{case['uniform_rank']}.pt")["counts"]
         assert (counts == 0).sum() >= case.get("experts", 4) - case["top_k"]

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..moe import recompute
+
 
 @dataclass(frozen=True)
 class ExpertShard:
@@ -72,14 +74,12 @@ class ExpertDispatch:
     def __init__(self, shard: ExpertShard, group: dist.ProcessGroup | None = None):
         self.shard, self.group = shard, group
         self.last_counts: torch.Tensor | None = None
+        self.count_exchanges = 0  # count all-to-alls run (each one a host sync), for tests and benchmarks
 
     def __call__(self, experts: nn.Module, xs: torch.Tensor, counts: torch.Tensor, make_groups, **kw) -> torch.Tensor:
         n, local = self.shard.size, self.shard.local
         self.last_counts = counts.detach()  # this rank's rows per expert in the latest layer (for inspection)
-        send = counts.view(n, local)  # rows for rank r's experts, per expert (rows are sorted by expert)
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send.contiguous(), group=self.group)  # recv[s, j]: rows from rank s for j
-        sizes = torch.stack([send.sum(1), recv.sum(1)]).tolist()  # one host read for both split lists
+        recv, sizes = self._exchange_counts(counts.view(n, local))
         send_splits, recv_splits = sizes[0], sizes[1]
         xr = _AllToAll.apply(xs, recv_splits, send_splits, self.group)
         # Received rows come grouped by source rank, then by local expert: regroup them by local expert.
@@ -90,6 +90,23 @@ class ExpertDispatch:
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         return _AllToAll.apply(y[inverse], send_splits, recv_splits, self.group)
+
+    def _exchange_counts(self, send: torch.Tensor) -> tuple[torch.Tensor, list[list[int]]]:
+        """(recv, [send splits, recv splits]): recv[s, j] rows come from rank s for local expert j; send[r, j] rows
+        go to rank r's expert j. The split lists are read on the host: a sync, after which the host has no kernels
+        queued ahead of the GPU. A checkpointed layer's recomputation routes exactly as its first pass did (the
+        same input and weights; torch.utils.checkpoint checks the shapes), so it takes the first pass's exchange
+        (moefit.moe.recompute.keep) instead of syncing again: one sync per MoE layer and micro-step, not two."""
+        recv, sizes = recompute.kept((self, "recv")), recompute.kept((self, "sizes"))
+        if recv is not None and sizes is not None:
+            return recv, sizes.tolist()  # a CPU tensor: no sync
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send.contiguous(), group=self.group)
+        self.count_exchanges += 1
+        sizes = torch.stack([send.sum(1), recv.sum(1)]).cpu()  # one host read for both split lists
+        recompute.keep((self, "recv"), recv)
+        recompute.keep((self, "sizes"), sizes)
+        return recv, sizes.tolist()
 
 
 def _slice_param(module: nn.Module, name: str, start: int, stop: int) -> None:
