@@ -5,6 +5,9 @@
 #   bash benchmarks/device_plan.sh Q    # nvidia-h200: new GPU tests, NF4 decoder variants, Scout profile at 4 x 2048
 #   DECODER=triton-load bash benchmarks/device_plan.sh R   # nvidia-h200: seed step, that decoder vs bitsandbytes
 #   bash benchmarks/device_plan.sh S    # nvidia-h200-x2: Scout expert parallel vs data parallel (count syncs halved)
+# Order for a 30-minute budget (each call ~450-560 s with the machine's start): Q, then R with Q's fastest decoder
+# (the seed and auto-layout speed targets hang on the NF4 decode), then P (the planner's method); S when a later
+# budget allows.
 # One GPU, one job at a time: host-bound steps measured next to another lane ran up to 2x slower
 # (benchmarks/speed_targets.md), so nothing here runs in lanes. Why: benchmarks/speed_targets.md (fifth session).
 # Calls D and E of the fourth session's plan ran on 2026-11-30 17:30 (git history).
