@@ -47,8 +47,8 @@ for f in sys.argv[1:]:
       > "$out/b4.log" 2>&1; echo "b4 rc $?" >> "$out/setup.log"
     head -14 "$out/dec/nf4_decode_variants.md"; tail -9 "$out/b4.log"; rm -f "$out/b4.log"
     ;;
-  R)  # after Q: the seed recipe (1 x 8) with Q's fastest decoder against bitsandbytes, same call (first set
-      # kernels/triton_nf4.py DEFAULT_BLOCK / DEFAULT_WARPS to that variant's launch shape)
+  R)  # after Q: the seed recipe (1 x 8) with Q's fastest lookup against bitsandbytes, same call (the engine's
+      # decoder picks its launch shape by Triton's autotuning on the first call of each size)
     d=${DECODER:-triton-load}
     STEPS=2 timeout 540 bash benchmarks/step_ab.sh 2048 "bnb:nf4_decoder=bnb:--grad-accum 8" \
       "$d:nf4_decoder=$d:--grad-accum 8" > "$out/r.log" 2>&1; echo "R rc $?" >> "$out/setup.log"

@@ -26,10 +26,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-BLOCKS = (1024, 2048, 4096, 8192)
-WARPS = (4, 8)
-
-
 def copy_rate_bytes_per_s(dev: str, reps: int) -> float:
     """Bytes read + written per second by a device-to-device copy of a 2 GiB bf16 tensor."""
     from moefit.bench import cuda_time
@@ -49,6 +45,7 @@ def main() -> int:
     args = ap.parse_args()
     from moefit.bench import cuda_time
     from moefit.kernels import triton_nf4
+    from moefit.kernels._nf4_gemm_kernels import DECODE_BLOCKS, DECODE_WARPS
     from moefit.quant.nf4 import NF4Weight
     from moefit.train.metrics import versions
 
@@ -67,21 +64,23 @@ def main() -> int:
     out = torch.empty_like(ref)
     rows = [{"decoder": "bitsandbytes", "ms": 1e3 * cuda_time(q.dequantize, reps=args.reps, warmup=3),
              "bit_identical": True}]
+    shapes = [(None, None)] + [(b, w) for b in DECODE_BLOCKS for w in DECODE_WARPS]  # None: as the engine runs it
     for lookup in triton_nf4.LOOKUPS:
-        for block in BLOCKS:
-            for warps in WARPS:
-                row = {"decoder": "triton", "lookup": lookup, "block": block, "warps": warps}
-                try:
-                    def run(lookup=lookup, block=block, warps=warps):
-                        return triton_nf4.decode(q.packed, absmax, q.code, q.blocksize, list(q.shape),
-                                                 torch.bfloat16, out=out, lookup=lookup, block=block, warps=warps)
-                    out.zero_()
-                    run()
-                    row["bit_identical"] = bool(torch.equal(out, ref))
-                    row["ms"] = 1e3 * cuda_time(run, reps=args.reps, warmup=3)
-                except Exception as e:  # a variant this Triton cannot compile: recorded, the others measured
-                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                rows.append(row)
+        for block, warps in shapes:
+            row = {"decoder": "triton", "lookup": lookup, "block": block, "warps": warps}
+            try:
+                def run(lookup=lookup, block=block, warps=warps):
+                    return triton_nf4.decode(q.packed, absmax, q.code, q.blocksize, list(q.shape),
+                                             torch.bfloat16, out=out, lookup=lookup, block=block, warps=warps)
+                out.zero_()
+                run()
+                row["bit_identical"] = bool(torch.equal(out, ref))
+                row["ms"] = 1e3 * cuda_time(run, reps=args.reps, warmup=3)
+                if block is None:  # the launch shape the autotuner chose for this size
+                    row["chosen"] = str(getattr(triton_nf4._kernel(autotuned=True), "best_config", None))
+            except Exception as e:  # a variant this Triton cannot compile: recorded, the others measured
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            rows.append(row)
     for r in rows:
         if "ms" in r:
             r["tb_per_s"] = moved / (r["ms"] / 1e3) / 1e12
@@ -104,7 +103,9 @@ def main() -> int:
             lines.append(f"| {r['decoder']} | {r.get('lookup', '')} | {r.get('block', '')} | {r.get('warps', '')} | "
                          f"failed: {r['error'][:80]} | | | | |")
             continue
-        lines.append(f"| {r['decoder']} | {r.get('lookup', '')} | {r.get('block', '')} | {r.get('warps', '')} | "
+        shape = ("autotuned", "") if r["decoder"] == "triton" and r.get("block") is None else \
+            (r.get("block", ""), r.get("warps", ""))
+        lines.append(f"| {r['decoder']} | {r.get('lookup', '')} | {shape[0]} | {shape[1]} | "
                      f"{r['ms']:.3f} | {r['tb_per_s']:.2f} | {100 * r['of_copy_rate']:.0f} % | "
                      f"{r['vs_bitsandbytes']:.2f} | {'yes' if r['bit_identical'] else 'NO'} |")
     Path(args.out, "nf4_decode_variants.md").write_text("\n".join(lines) + "\n")

@@ -48,7 +48,7 @@ CHILD = textwrap.dedent("""
     odd = NF4Weight((3, 40, 64), dtype=torch.float16).quantize_(torch.randn(3, 40, 64) * 0.05)
     for w in (q, odd):
         for lookup in triton_nf4.LOOKUPS:
-            for block, warps in [(1024, 4), (4096, 8)]:
+            for block, warps in [(None, None), (1024, 4), (4096, 8)]:  # None: the autotuned launch
                 decoded = triton_nf4.decode(w.packed, w.absmax_fp32(), w.code, w.blocksize, list(w.shape),
                                             torch.float16, lookup=lookup, block=block, warps=warps)
                 assert torch.equal(decoded, w.dequantize()), (lookup, block, tuple(w.shape))

@@ -262,3 +262,18 @@ def nf4_decode(packed_ptr, absmax_ptr, code_ptr, out_ptr, n_bytes, BYTES_PER_BLO
     pair = tl.reshape(tl.join(hi * scale, lo * scale), [2 * BLOCK])
     out_offs = pid.to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
     tl.store(out_ptr + out_offs, pair.to(out_ptr.dtype.element_ty), mask=out_offs < 2 * n_bytes)
+
+
+# The plain decoder's launch shapes (packed bytes per program, warps): measured against each other by
+# benchmarks/nf4_decode_variants.py; `nf4_decode_autotuned` picks among them on the first call of each size.
+DECODE_BLOCKS = (1024, 2048, 4096, 8192)
+DECODE_WARPS = (4, 8)
+
+
+def decode_configs():
+    if os.environ.get("TRITON_INTERPRET") == "1":  # CPU interpreter (tests): one config, nothing to time
+        return [triton.Config({"BLOCK": 1024}, num_warps=4)]
+    return [triton.Config({"BLOCK": b}, num_warps=w) for b in DECODE_BLOCKS for w in DECODE_WARPS]
+
+
+nf4_decode_autotuned = triton.autotune(configs=decode_configs(), key=["n_bytes", "LOOKUP"])(nf4_decode)

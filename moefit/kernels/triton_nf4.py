@@ -29,16 +29,16 @@ def available() -> bool:
 
 
 @functools.cache
-def _kernel():
-    from ._nf4_gemm_kernels import nf4_decode
+def _kernel(autotuned: bool = False):
+    from ._nf4_gemm_kernels import nf4_decode, nf4_decode_autotuned
 
-    return nf4_decode
+    return nf4_decode_autotuned if autotuned else nf4_decode
 
 
-# The plain decoder's lookup of the NF4 table (_nf4_gemm_kernels.nf4_decode's LOOKUP) and launch shape; the
-# variants are measured against each other and bitsandbytes by benchmarks/nf4_decode_variants.py.
+# The plain decoder's lookup of the NF4 table (_nf4_gemm_kernels.nf4_decode's LOOKUP); the variants and launch
+# shapes are measured against each other and bitsandbytes by benchmarks/nf4_decode_variants.py.
 LOOKUPS = {"select": 1, "load": 0, "gather": 2}
-DEFAULT_LOOKUP, DEFAULT_BLOCK, DEFAULT_WARPS = "select", 1024, 4
+DEFAULT_LOOKUP = "select"
 
 
 def engine_lookup() -> str:
@@ -49,17 +49,24 @@ def engine_lookup() -> str:
 
 def decode(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: list[int],
            dtype: torch.dtype, out: torch.Tensor | None = None, lookup: str = DEFAULT_LOOKUP,
-           block: int = DEFAULT_BLOCK, warps: int = DEFAULT_WARPS) -> torch.Tensor:
+           block: int | None = None, warps: int | None = None) -> torch.Tensor:
     """packed: uint8, numel/2 bytes; absmax: fp32, one per `blocksize` values; returns `shape` in `dtype` (written
-    into `out`, contiguous, when given). `lookup`, `block` (packed bytes per program, a power of two that is a
-    multiple of blocksize / 2) and `warps`: the kernel variant."""
+    into `out`, contiguous, when given). `lookup`: how the NF4 table is read. `block` (packed bytes per program, a
+    power of two that is a multiple of blocksize / 2) and `warps`: the launch shape; both None (the default): the
+    fastest of _nf4_gemm_kernels.DECODE_BLOCKS x DECODE_WARPS, timed by Triton on the first call of each size."""
     if lookup not in LOOKUPS:
         raise ValueError(f"NF4 decoder lookup must be one of {sorted(LOOKUPS)}, got {lookup!r}")
+    if (block is None) != (warps is None):
+        raise ValueError("give both block and warps (a launch shape), or neither (autotuned)")
     n_bytes = packed.numel()
     out = torch.empty(shape, dtype=dtype, device=packed.device) if out is None else out
-    grid = (triton_cdiv(n_bytes, block),)
-    _kernel()[grid](packed.reshape(-1), absmax.reshape(-1).contiguous(), code, out, n_bytes,
-                    BYTES_PER_BLOCK=blocksize // 2, BLOCK=block, LOOKUP=LOOKUPS[lookup], num_warps=warps)
+    args = (packed.reshape(-1), absmax.reshape(-1).contiguous(), code, out, n_bytes)
+    if block is None:
+        _kernel(autotuned=True)[lambda meta: (triton_cdiv(n_bytes, meta["BLOCK"]),)](
+            *args, BYTES_PER_BLOCK=blocksize // 2, LOOKUP=LOOKUPS[lookup])
+    else:
+        _kernel()[(triton_cdiv(n_bytes, block),)](*args, BYTES_PER_BLOCK=blocksize // 2, BLOCK=block,
+                                                  LOOKUP=LOOKUPS[lookup], num_warps=warps)
     return out
 
 
