@@ -7,6 +7,7 @@ import os
 
 import triton
 import triton.language as tl
+import triton.testing
 
 
 def configs():
@@ -276,4 +277,11 @@ def decode_configs():
     return [triton.Config({"BLOCK": b}, num_warps=w) for b in DECODE_BLOCKS for w in DECODE_WARPS]
 
 
-nf4_decode_autotuned = triton.autotune(configs=decode_configs(), key=["n_bytes", "LOOKUP"])(nf4_decode)
+# Timed briefly (5 ms warm-up, 20 ms of runs per shape, against Triton's 25 / 100): a decode is under a
+# millisecond, and a training step meets several sizes on its first call.
+def _brief_bench(kernel_call, quantiles):
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+nf4_decode_autotuned = triton.autotune(configs=decode_configs(), key=["n_bytes", "LOOKUP"], do_bench=_brief_bench)(
+    nf4_decode)
