@@ -46,6 +46,16 @@ for f in sys.argv[1:]:
     timeout 220 python3 benchmarks/profile_step.py --layers 4 --seq-len 2048 --batch 4 --out "$out/b4" \
       > "$out/b4.log" 2>&1; echo "b4 rc $?" >> "$out/setup.log"
     head -14 "$out/dec/nf4_decode_variants.md"; tail -9 "$out/b4.log"; rm -f "$out/b4.log"
+    python3 - "$out/dec/nf4_decode_variants.json" <<'PY'
+import json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+bnb = next(r["ms"] for r in rows if r["decoder"] == "bitsandbytes")
+auto = [r for r in rows if r["decoder"] == "triton" and r.get("block") is None and r.get("bit_identical") and "ms" in r]
+best = min(auto, key=lambda r: r["ms"])
+name = "triton" if best["lookup"] == "select" else f"triton-{best['lookup']}"
+print(f"fastest engine decoder: {name} {best['ms']:.3f} ms against bitsandbytes {bnb:.3f} ms -> "
+      f"next: DECODER={name} bash benchmarks/device_plan.sh R")
+PY
     ;;
   R)  # after Q: the seed recipe (1 x 8) with Q's fastest lookup against bitsandbytes, same call (the engine's
       # decoder picks its launch shape by Triton's autotuning on the first call of each size)
