@@ -4,7 +4,7 @@
 #   bash benchmarks/device_plan.sh P    # nvidia-h200: are MoE accumulation steps slow, or the planner set's process?
 #   bash benchmarks/device_plan.sh Q    # nvidia-h200: new GPU tests, NF4 decoder variants, Scout profile at 4 x 2048
 #   DECODER=triton-load bash benchmarks/device_plan.sh R   # nvidia-h200: seed step, that decoder vs bitsandbytes
-#   bash benchmarks/device_plan.sh S    # nvidia-h200-x2: Scout expert parallel vs data parallel (count syncs halved)
+#   bash benchmarks/device_plan.sh S    # nvidia-h200-x2: Scout expert parallel vs data parallel (1 sync of 4 left)
 # Order for a 30-minute budget (each call ~450-560 s with the machine's start): Q, then R with Q's fastest decoder
 # (the seed and auto-layout speed targets hang on the NF4 decode), then P (the planner's method); S when a later
 # budget allows.
@@ -64,7 +64,7 @@ PY
       "$d:nf4_decoder=$d:--grad-accum 8" > "$out/r.log" 2>&1; echo "R rc $?" >> "$out/setup.log"
     tail -20 "$out/r.log"
     ;;
-  S)  # nvidia-h200-x2: Scout seed recipe expert-parallel (one count sync per MoE layer and micro-step now, two
+  S)  # nvidia-h200-x2: Scout seed recipe expert-parallel (one host sync per MoE layer and micro-step now, four
       # before) against data parallel on the same 2 GPUs, same call (call 1 of benchmarks/expert_parallel.md: EP
       # 2,658 against DP 3,024 tokens/s, GPU busy 50 % against 71 %)
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

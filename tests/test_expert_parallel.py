@@ -216,3 +216,33 @@ def test_a_bank_larger_than_one_decode_call_is_decoded_in_runs_of_experts(monkey
     monkeypatch.setattr(nf4, "MAX_DECODE_NUMEL", 2 * 64 * 32 + 1)  # two experts per call
     assert torch.equal(w.dequantize(), whole)
     assert torch.equal(w.dequantize(expert=4), whole[4])
+
+
+def test_the_dispatch_tells_repeat_interleave_its_size(tmp_path, monkeypatch):
+    """On CUDA, repeat_interleave with a tensor of repeats reads their sum back to the host (a sync per MoE layer and
+    pass) unless given the output size; the dispatch knows it (the received split sizes) and gives it. One process,
+    a gloo group of one: the rows go nowhere and come back."""
+    import torch.distributed as dist
+
+    from moefit.moe.block import make_groups
+    from moefit.parallel.dist import release_groups_at_shutdown
+    from moefit.parallel.expert_parallel import ExpertDispatch
+
+    real, sizes = torch.repeat_interleave, []
+
+    def spy(*args, **kwargs):
+        if len(args) > 1 and isinstance(args[1], torch.Tensor):
+            sizes.append(kwargs.get("output_size"))
+        return real(*args, **kwargs)
+
+    release_groups_at_shutdown()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(torch, "repeat_interleave", spy)
+        dispatch = ExpertDispatch(ExpertShard(0, 1, 4))
+        xs = torch.randn(6, 8)
+        y = dispatch(lambda x, groups: x * 2, xs, torch.tensor([2, 0, 3, 1]), make_groups)
+        assert torch.equal(y, xs * 2) and dispatch.count_exchanges == 1
+        assert sizes == [6]
+    finally:
+        dist.destroy_process_group()

@@ -82,8 +82,10 @@ class ExpertDispatch:
         recv, sizes = self._exchange_counts(counts.view(n, local))
         send_splits, recv_splits = sizes[0], sizes[1]
         xr = _AllToAll.apply(xs, recv_splits, send_splits, self.group)
-        # Received rows come grouped by source rank, then by local expert: regroup them by local expert.
-        row_expert = torch.repeat_interleave(torch.arange(local, device=xs.device).repeat(n), recv.reshape(-1))
+        # Received rows come grouped by source rank, then by local expert: regroup them by local expert. The row
+        # count is known on the host already: given, repeat_interleave does not read it back (a sync on CUDA).
+        row_expert = torch.repeat_interleave(torch.arange(local, device=xs.device).repeat(n), recv.reshape(-1),
+                                             output_size=sum(recv_splits))
         order = torch.argsort(row_expert, stable=True)
         groups = make_groups(recv.sum(0), row_expert[order])
         y = experts(xr[order], groups, **kw)
