@@ -46,12 +46,15 @@ def nf4_value(n):
 
 @triton.jit
 def decode(code_ptr, n, DECODE: tl.constexpr):
-    """NF4 codes -> fp32 table values. DECODE 0: lookup through memory (a dependent load); 1: tree of selects;
-    2: the 16-entry table held in registers and read with tl.gather (lowered to warp shuffles where it can)."""
+    """NF4 codes (a 1-D or 2-D block) -> fp32 table values. DECODE 0: lookup through memory (a dependent load);
+    1: tree of selects; 2: the 16-entry table held in registers and read with tl.gather (lowered to warp shuffles
+    where it can)."""
     if DECODE == 1:
         return nf4_value(n)
     if DECODE == 2:
         table = tl.load(code_ptr + tl.arange(0, 16))
+        if len(n.shape) == 1:
+            return tl.gather(table, n, 0)
         return tl.gather(tl.broadcast_to(table[:, None], (16, n.shape[1])), n, 0)
     return tl.load(code_ptr + n)
 
@@ -241,26 +244,18 @@ def nf4_grouped_mm_split(x_ptr, packed_ptr, absmax_ptr, code_ptr, offs_ptr, out_
 @triton.jit
 def nf4_decode(packed_ptr, absmax_ptr, code_ptr, out_ptr, n_bytes, BYTES_PER_BLOCK: tl.constexpr,
                BLOCK: tl.constexpr, LOOKUP: tl.constexpr = 1):
-    """Decode BLOCK packed bytes into 2 x BLOCK values. LOOKUP (the NF4 table, as in `decode`): 1 a tree of
-    selects (~20 integer/select operations per value); 0 a load from the 16-entry table, which stays in L1 (one
-    operation per value); 2 the table in registers, read with tl.gather. All three are bitsandbytes' fp32 table
-    values x the fp32 absmax, then the cast: the same bits."""
+    """Decode BLOCK packed bytes into 2 x BLOCK values. LOOKUP: how the NF4 table is read, `decode`'s DECODE (1 a
+    tree of selects, ~20 integer/select operations per value; 0 a load from the 16-entry table, which stays in L1,
+    one operation; 2 a register gather). All three are bitsandbytes' fp32 table values x the fp32 absmax, then the
+    cast: the same bits."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_bytes
     b = tl.load(packed_ptr + offs, mask=mask, other=0).to(tl.int32)
     scale = tl.load(absmax_ptr + offs // BYTES_PER_BLOCK, mask=mask, other=0.0)
-    if LOOKUP == 1:
-        hi = nf4_value(b >> 4)  # the first value of a pair sits in the high nibble
-        lo = nf4_value(b & 15)
-    elif LOOKUP == 2:
-        table = tl.load(code_ptr + tl.arange(0, 16))
-        hi = tl.gather(table, b >> 4, 0)
-        lo = tl.gather(table, b & 15, 0)
-    else:
-        hi = tl.load(code_ptr + (b >> 4))
-        lo = tl.load(code_ptr + (b & 15))
-    pair = tl.reshape(tl.join(hi * scale, lo * scale), [2 * BLOCK])
+    hi = decode(code_ptr, b >> 4, LOOKUP) * scale  # the first value of a pair sits in the high nibble
+    lo = decode(code_ptr, b & 15, LOOKUP) * scale
+    pair = tl.reshape(tl.join(hi, lo), [2 * BLOCK])
     out_offs = pid.to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
     tl.store(out_ptr + out_offs, pair.to(out_ptr.dtype.element_ty), mask=out_offs < 2 * n_bytes)
 

@@ -35,8 +35,8 @@ def _kernel(autotuned: bool = False):
     return nf4_decode_autotuned if autotuned else nf4_decode
 
 
-# The plain decoder's lookup of the NF4 table (_nf4_gemm_kernels.nf4_decode's LOOKUP); the variants and launch
-# shapes are measured against each other and bitsandbytes by benchmarks/nf4_decode_variants.py.
+# The plain decoder's lookup of the NF4 table (_nf4_gemm_kernels.nf4_decode's LOOKUP, its `decode`'s DECODE); the
+# variants and launch shapes are measured against each other and bitsandbytes by benchmarks/nf4_decode_variants.py.
 LOOKUPS = {"select": 1, "load": 0, "gather": 2}
 DEFAULT_LOOKUP = "select"
 
