@@ -67,13 +67,13 @@ def versions() -> dict[str, str | None]:
 
 
 def _triton_version() -> str | None:
-    from ..kernels import triton_importable
+    """The installed Triton's version, read from its package metadata (no import of Triton for a report)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    if not triton_importable():
+    try:
+        return version("triton")
+    except PackageNotFoundError:
         return None
-    import triton
-
-    return triton.__version__
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
