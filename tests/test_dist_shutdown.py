@@ -7,19 +7,13 @@ active exception"): seen twice in CI, in a data-parallel resume and an expert-pa
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _env() -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1",
-                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+from tests.test_data_parallel import _env  # the 2-process tests' environment: this checkout first, one thread
 
 WORKER = """
 import json, os, sys

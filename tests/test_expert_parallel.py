@@ -5,7 +5,6 @@ routing, interleaved dense/MoE layers, and a batch from which some experts get n
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ep_worker import reference  # noqa: E402
 
 from moefit.parallel.expert_parallel import ExpertShard  # noqa: E402
+from tests.test_data_parallel import _env  # noqa: E402  (the 2-process tests' environment)
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = {
@@ -35,8 +35,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_expert_parallel_equals_one_process(name, tmp_path):
     case = CASES[name]
     (tmp_path / "case.json").write_text(json.dumps(case))
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env = _env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(REPO / "tests" / "ep_worker.py"), str(tmp_path / "case.json"), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -126,8 +125,7 @@ SETTINGS = {"train.max_length": 128, "train.max_steps": 4, "train.eval_every": 2
 
 
 def _torchrun(nproc: int, **kwargs) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env = _env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            str(REPO / "tests" / "dp_worker.py"), json.dumps(kwargs, default=str)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -194,8 +192,7 @@ def test_expert_parallel_needs_enough_processes(tmp_path):
 
 def test_bench_measures_expert_parallel_on_two_processes():
     """moefit bench --gpus 2 --expert-parallel 2 (CPU, gloo): each rank builds its half of the experts."""
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env = _env()
     cmd = [sys.executable, "-m", "moefit", "bench", "--model", str(REPO / "moefit" / "assets" / "tiny"), "--device",
            "cpu", "--gpus", "2", "--expert-parallel", "2", "--seq-len", "64", "--steps", "1", "--warmup", "0",
            "--rank", "4", "--optimizer", "adamw", "--json"]
