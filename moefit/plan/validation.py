@@ -25,7 +25,8 @@ def record_shape(rec: dict[str, Any]) -> RunShape:
     # Records from before keep_routed_gate_up and fp32_linear_scales existed (or were on by default) were measured
     # without them: a record's absent key means off, not today's default.
     return RunShape(seq_len=rec["seq_len"], batch=rec["batch"], grad_accum=rec.get("grad_accum", 1),
-                    quant=QuantConfig(**{"fp32_linear_scales": False, **rec.get("quant", {})}), lora=LoraConfig(**rec.get("lora", {})),
+                    quant=QuantConfig(**{"fp32_linear_scales": False, **rec.get("quant", {})}),
+                    lora=LoraConfig(**rec.get("lora", {})),
                     optimizer=rec.get("optimizer", "adamw_8bit"),
                     gradient_checkpointing=rec.get("gradient_checkpointing", True),
                     keep_routed_gate_up=rec.get("keep_routed_gate_up", False))
