@@ -51,11 +51,9 @@ def decode(code_ptr, n, DECODE: tl.constexpr):
     where it can)."""
     if DECODE == 1:
         return nf4_value(n)
-    if DECODE == 2:
-        table = tl.load(code_ptr + tl.arange(0, 16))
-        if len(n.shape) == 1:
-            return tl.gather(table, n, 0)
-        return tl.gather(tl.broadcast_to(table[:, None], (16, n.shape[1])), n, 0)
+    if DECODE == 2:  # gathered as one flat block: a 1-D and a 2-D block take the same code
+        flat = tl.gather(tl.load(code_ptr + tl.arange(0, 16)), tl.reshape(n, [n.numel]), 0)
+        return tl.reshape(flat, n.shape)
     return tl.load(code_ptr + n)
 
 
