@@ -62,12 +62,24 @@ def decode(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block
     out = torch.empty(shape, dtype=dtype, device=packed.device) if out is None else out
     args = (packed.reshape(-1), absmax.reshape(-1).contiguous(), code, out, n_bytes)
     if block is None:
-        _kernel(autotuned=True)[lambda meta: (triton_cdiv(n_bytes, meta["BLOCK"]),)](
-            *args, BYTES_PER_BLOCK=blocksize // 2, LOOKUP=LOOKUPS[lookup])
-    else:
-        _kernel()[(triton_cdiv(n_bytes, block),)](*args, BYTES_PER_BLOCK=blocksize // 2, BLOCK=block,
-                                                  LOOKUP=LOOKUPS[lookup], num_warps=warps)
+        tuned = _launch_shapes.get((n_bytes, lookup, dtype))
+        if tuned is None:  # first call of this size: Triton times the shapes, the winner is kept for later calls
+            autotuned = _kernel(autotuned=True)
+            autotuned[lambda meta: (triton_cdiv(n_bytes, meta["BLOCK"]),)](
+                *args, BYTES_PER_BLOCK=blocksize // 2, LOOKUP=LOOKUPS[lookup])
+            best = autotuned.best_config
+            _launch_shapes[(n_bytes, lookup, dtype)] = (best.kwargs["BLOCK"], best.num_warps)
+            return out
+        block, warps = tuned
+    _kernel()[(triton_cdiv(n_bytes, block),)](*args, BYTES_PER_BLOCK=blocksize // 2, BLOCK=block,
+                                              LOOKUP=LOOKUPS[lookup], num_warps=warps)
     return out
+
+
+# (packed bytes, lookup, output dtype) -> the launch shape Triton's autotuner chose on the first call of that size.
+# Later calls launch the plain kernel with it: the autotuner's own dispatch (argument dict, key, lookup) is host
+# time on every call, and a seed step at micro-batch 1 is host-bound (benchmarks/nf4_decode_variants.md).
+_launch_shapes: dict[tuple[int, str, torch.dtype], tuple[int, int]] = {}
 
 
 def triton_cdiv(a: int, b: int) -> int:
