@@ -15,7 +15,7 @@ set -uo pipefail
 out=${OUT:?set OUT}
 . benchmarks/gpu_env.sh > "$out/setup.log" 2>&1 || { cat "$out/setup.log"; exit 1; }
 PAIRS="loo-scout-r32-s2048-b1-ga1 loo-scout-r32-s2048-b1-ga4 loo-gpt-oss-20b-r16-s512-b1-ga1 loo-gpt-oss-20b-r16-s512-b1-ga4"
-case "${1:?P, Q, R or S}" in
+case "${1:?P, Q, R, S or T}" in
   P)  # 5 files: setup.log, fresh/plan_validation.{json,md}, grouped/plan_validation.{json,md}
     # The same 4 configurations with 5 timed steps, each in a process of its own, then as the set runs them (one
     # process per model, one configuration after another): ga4 slower per micro-step only in the second?
@@ -63,6 +63,21 @@ PY
     STEPS=2 timeout 540 bash benchmarks/step_ab.sh 2048 "bnb:nf4_decoder=bnb:--grad-accum 8" \
       "$d:nf4_decoder=$d:--grad-accum 8" > "$out/r.log" 2>&1; echo "R rc $?" >> "$out/setup.log"
     tail -20 "$out/r.log"
+    ;;
+  T)  # nvidia-h200, after Q and R (seventh session): the table-load decoder with its launch shape kept after the
+      # first call, where the seed step is GPU-bound (the auto layout, 4 x 2) and where it is host-bound (1 x 8), each
+      # against bitsandbytes in the same call; the decoder's host cost per call; the gather lookup's compile fix.
+      # 4 files: setup.log, gpu_tests.log, dec/nf4_decode_variants.{json,md}, step_ab.json
+    mkdir -p "$out/dec"
+    timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -k "nf4" > "$out/gpu_tests.log" 2>&1
+    echo "gpu tests rc $?" >> "$out/setup.log"; tail -2 "$out/gpu_tests.log"
+    timeout 100 python3 benchmarks/nf4_decode_variants.py --out "$out/dec" > "$out/dec.log" 2>&1
+    echo "decode variants rc $?" >> "$out/setup.log"; tail -9 "$out/dec.log"; rm -f "$out/dec.log"
+    auto="--grad-accum 8 --layout auto --memory-limit-gib 79.65"
+    STEPS=2 timeout 400 bash benchmarks/step_ab.sh 2048 "auto-load:nf4_decoder=triton-load:$auto" \
+      "auto-bnb:nf4_decoder=bnb:$auto" "seed-load:nf4_decoder=triton-load:--grad-accum 8" \
+      "seed-bnb:nf4_decoder=bnb:--grad-accum 8" > "$out/t.log" 2>&1; echo "T rc $?" >> "$out/setup.log"
+    cat "$out/t.log"; rm -f "$out/t.log"
     ;;
   S)  # nvidia-h200-x2: Scout seed recipe expert-parallel (one host sync per MoE layer and micro-step now, four
       # before) against data parallel on the same 2 GPUs, same call (call 1 of benchmarks/expert_parallel.md: EP

@@ -35,6 +35,51 @@ def copy_rate_bytes_per_s(dev: str, reps: int) -> float:
     return 2 * src.numel() * 2 / cuda_time(lambda: dst.copy_(src), reps=reps, warmup=3)
 
 
+def host_cost_us(dev: str, calls: int = 2000) -> dict[str, float]:
+    """Host microseconds per decode call, each way the engine can take, on a small weight (512 x 512: the GPU's
+    few microseconds per call never set the pace, so the loop's time is the host's). At micro-batch 1 the seed step
+    is host-bound: a decoder that is faster on the GPU but dearer to launch can make the step slower."""
+    from moefit import engine_switches
+    from moefit.config import EngineConfig
+    from moefit.kernels import triton_nf4
+    from moefit.quant.nf4 import NF4Weight
+
+    q = NF4Weight((1, 512, 512), dtype=torch.bfloat16, device=dev)
+    q.quantize_(torch.randn(512, 512, device=dev, dtype=torch.bfloat16), expert=0)
+    absmax = q.absmax_fp32()
+    shape = list(q.shape)
+
+    def per_call(fn) -> float:
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / calls * 1e6
+
+    tuned = triton_nf4._kernel(autotuned=True)
+    n_bytes = q.packed.numel()
+    costs = {
+        "bitsandbytes op (dequantize_4bit)": per_call(lambda: torch.ops.bitsandbytes.dequantize_4bit.default(
+            q.packed.reshape(-1, 1), absmax.reshape(-1), q.blocksize, "nf4", shape, torch.bfloat16)),
+        "triton-load, through the autotuner": per_call(lambda: tuned[lambda m: (triton_nf4.triton_cdiv(
+            n_bytes, m["BLOCK"]),)](q.packed.reshape(-1), absmax.reshape(-1), q.code,
+                                    torch.empty(shape, dtype=torch.bfloat16, device=dev), n_bytes,
+                                    BYTES_PER_BLOCK=q.blocksize // 2, LOOKUP=triton_nf4.LOOKUPS["load"])),
+        "triton-load, kept launch shape (triton_nf4.decode)": per_call(lambda: triton_nf4.decode(
+            q.packed, absmax, q.code, q.blocksize, shape, torch.bfloat16, lookup="load")),
+        "scales only (absmax_fp32: bitsandbytes' dequantize_blockwise)": per_call(q.absmax_fp32),
+    }
+    previous = engine_switches.current()
+    for decoder in ("bnb", "triton-load"):
+        engine_switches.use(EngineConfig(nf4_decoder=decoder))
+        costs[f"NF4Weight.dequantize(), engine.nf4_decoder={decoder}"] = per_call(q.dequantize)
+    engine_switches.use(previous)
+    return costs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -59,6 +104,7 @@ def main() -> int:
     values = q.packed.numel() * 2
     moved = q.packed.numel() + absmax.numel() * 4 + values * 2  # NF4 + absmax read, bf16 written
 
+    host_costs = host_cost_us(dev)
     copy_rate = copy_rate_bytes_per_s(dev, args.reps)
     ref = q.dequantize()
     out = torch.empty_like(ref)
@@ -91,7 +137,8 @@ def main() -> int:
            "bank": [args.experts, args.rows, args.cols], "bytes_moved": moved, "copy_rate_bytes_per_s": copy_rate,
            "floor_ms": moved / copy_rate * 1e3}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    Path(args.out, "nf4_decode_variants.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    Path(args.out, "nf4_decode_variants.json").write_text(json.dumps({"env": env, "rows": rows,
+                                                                      "host_us_per_call": host_costs}, indent=1))
     lines = [f"# NF4 decode of one {args.experts} x {args.rows} x {args.cols} bank ({moved / 1e9:.2f} GB moved)", "",
              f"- `{env['command']}`, {env['date']}, {env['device']}; " +
              ", ".join(f"{k} {v}" for k, v in env.items() if k in ("torch", "triton", "bitsandbytes")),
@@ -108,8 +155,11 @@ def main() -> int:
         lines.append(f"| {r['decoder']} | {r.get('lookup', '')} | {shape[0]} | {shape[1]} | "
                      f"{r['ms']:.3f} | {r['tb_per_s']:.2f} | {100 * r['of_copy_rate']:.0f} % | "
                      f"{r['vs_bitsandbytes']:.2f} | {'yes' if r['bit_identical'] else 'NO'} |")
+    lines += ["", "Host time per call (512 x 512 weight, 2,000 calls; the GPU's part is a few microseconds):", "",
+              "| call | host us per call |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in host_costs.items()]
     Path(args.out, "nf4_decode_variants.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:4] + lines[4:12]))
+    print("\n".join(lines[:4] + lines[4:12] + lines[-len(host_costs) - 2:]))
     return 0 if all(r.get("bit_identical", True) for r in rows) else 1
 
 
