@@ -104,6 +104,29 @@ def test_triton_nf4_decoder_equals_bitsandbytes():
     for lookup in triton_nf4.LOOKUPS:
         ours = triton_nf4.decode(q.packed, absmax, q.code, q.blocksize, list(w.shape), torch.bfloat16, lookup=lookup)
         assert torch.equal(ours, ref), lookup
+        # the double-quantized scales decoded inside the kernel (fp fusion off: multiply and add round apart)
+        ours = triton_nf4.decode(q.packed, q.absmax, q.code, q.blocksize, list(w.shape), torch.bfloat16,
+                                 lookup=lookup, double_quant=(q.absmax2, q.offset, q.code2))
+        assert torch.equal(ours, ref), ("double quant", lookup)
+
+
+@pytest.mark.parametrize("decoder", ["triton", "triton-load", "triton-gather"])
+def test_nf4_weight_decodes_through_the_triton_engine_path_as_bitsandbytes(monkeypatch, decoder):
+    """NF4Weight.dequantize as the engine calls it (whole bank, one expert, into an output, another dtype) under
+    each Triton decoder: the same bits as under bitsandbytes."""
+    pytest.importorskip("triton")
+    from moefit.quant.nf4 import NF4Weight
+
+    q = NF4Weight((4, 136, 1024), dtype=torch.bfloat16, device="cuda").quantize_(
+        torch.randn(4, 136, 1024, device="cuda", dtype=torch.bfloat16) * 0.02)
+    _engine(monkeypatch, nf4_decoder="bnb")
+    want = [q.dequantize(), q.dequantize(expert=2), q.dequantize(dtype=torch.float32)]
+    _engine(monkeypatch, nf4_decoder=decoder)
+    out = torch.empty_like(want[0])
+    got = [q.dequantize(), q.dequantize(expert=2), q.dequantize(dtype=torch.float32)]
+    q._decode(slice(None), list(q.shape), torch.bfloat16, out=out)
+    for a, b in zip(want + [want[0]], got + [out], strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 def test_fused_nf4_grouped_matmul_matches_dequantize_then_grouped_mm(monkeypatch):

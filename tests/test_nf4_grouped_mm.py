@@ -52,6 +52,18 @@ CHILD = textwrap.dedent("""
                 decoded = triton_nf4.decode(w.packed, w.absmax_fp32(), w.code, w.blocksize, list(w.shape),
                                             torch.float16, lookup=lookup, block=block, warps=warps)
                 assert torch.equal(decoded, w.dequantize()), (lookup, block, tuple(w.shape))
+    # The double-quantized scales decoded inside the kernel: experts of 272 blocks (two second-level runs each, the
+    # second one short, so a run never straddles two experts), the whole bank and a run of experts, every lookup.
+    dq = NF4Weight((3, 136, 128), dtype=torch.float16).quantize_(torch.randn(3, 136, 128) * 0.05)
+    assert dq.double_quant and dq.absmax.shape[1] == 272 and dq.absmax2.shape[1] == 2
+    for rows in (slice(None), slice(1, 3)):
+        want = dq.dequantize()[rows]
+        for lookup in triton_nf4.LOOKUPS:
+            for block, warps in [(None, None), (1024, 4), (2048, 4)]:
+                decoded = triton_nf4.decode(dq.packed[rows], dq.absmax[rows], dq.code, dq.blocksize,
+                                            list(want.shape), torch.float16, lookup=lookup, block=block,
+                                            warps=warps, double_quant=(dq.absmax2[rows], dq.offset[rows], dq.code2))
+                assert torch.equal(decoded, want), ("double quant", rows, lookup, block)
     print("ok")
 """)
 

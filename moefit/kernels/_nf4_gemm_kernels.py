@@ -240,17 +240,35 @@ def nf4_grouped_mm_split(x_ptr, packed_ptr, absmax_ptr, code_ptr, offs_ptr, out_
 
 
 @triton.jit
-def nf4_decode(packed_ptr, absmax_ptr, code_ptr, out_ptr, n_bytes, BYTES_PER_BLOCK: tl.constexpr,
-               BLOCK: tl.constexpr, LOOKUP: tl.constexpr = 1):
+def nf4_decode(packed_ptr, absmax_ptr, code_ptr, out_ptr, n_bytes, absmax2_ptr, offset_ptr, code2_ptr, nblocks,
+               nblocks2, BYTES_PER_BLOCK: tl.constexpr, BLOCK: tl.constexpr, LOOKUP: tl.constexpr = 1,
+               DOUBLE_QUANT: tl.constexpr = 0):
     """Decode BLOCK packed bytes into 2 x BLOCK values. LOOKUP: how the NF4 table is read, `decode`'s DECODE (1 a
     tree of selects, ~20 integer/select operations per value; 0 a load from the 16-entry table, which stays in L1,
     one operation; 2 a register gather). All three are bitsandbytes' fp32 table values x the fp32 absmax, then the
-    cast: the same bits."""
+    cast: the same bits.
+
+    The block scales: fp32 in `absmax_ptr` (DOUBLE_QUANT 0), or double-quantized (1): uint8 codes into `code2_ptr`,
+    times the second-level scale of their run of 256 blocks (`absmax2_ptr`, `nblocks2` per expert), plus the
+    expert's `offset_ptr` -- bitsandbytes' dequantize_blockwise and the add of the offset, decoded here, once per
+    block of BYTES_PER_BLOCK bytes, instead of by two more kernel launches. `nblocks`: blocks per expert. Launched
+    with fp fusion off, so that the multiply and the add round as two operations, as they do in bitsandbytes."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_bytes
     b = tl.load(packed_ptr + offs, mask=mask, other=0).to(tl.int32)
-    scale = tl.load(absmax_ptr + offs // BYTES_PER_BLOCK, mask=mask, other=0.0)
+    SCALES: tl.constexpr = BLOCK // BYTES_PER_BLOCK
+    blk = pid.to(tl.int64) * SCALES + tl.arange(0, SCALES)
+    blk_mask = blk * BYTES_PER_BLOCK < n_bytes
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + blk, mask=blk_mask, other=0).to(tl.int32)
+        expert = blk // nblocks
+        run = expert * nblocks2 + (blk - expert * nblocks) // 256
+        s = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + run, mask=blk_mask, other=0.0)
+        s = s + tl.load(offset_ptr + expert, mask=blk_mask, other=0.0)
+    else:
+        s = tl.load(absmax_ptr + blk, mask=blk_mask, other=0.0)
+    scale = tl.reshape(tl.broadcast_to(s[:, None], (SCALES, BYTES_PER_BLOCK)), [BLOCK])
     hi = decode(code_ptr, b >> 4, LOOKUP) * scale  # the first value of a pair sits in the high nibble
     lo = decode(code_ptr, b & 15, LOOKUP) * scale
     pair = tl.reshape(tl.join(hi, lo), [2 * BLOCK])
@@ -276,5 +294,6 @@ def _brief_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
-nf4_decode_autotuned = triton.autotune(configs=decode_configs(), key=["n_bytes", "LOOKUP"], do_bench=_brief_bench)(
+nf4_decode_autotuned = triton.autotune(configs=decode_configs(), key=["n_bytes", "LOOKUP", "DOUBLE_QUANT"],
+                                       do_bench=_brief_bench)(
     nf4_decode)

@@ -49,37 +49,48 @@ def engine_lookup() -> str:
 
 def decode(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, shape: list[int],
            dtype: torch.dtype, out: torch.Tensor | None = None, lookup: str = DEFAULT_LOOKUP,
-           block: int | None = None, warps: int | None = None) -> torch.Tensor:
-    """packed: uint8, numel/2 bytes; absmax: fp32, one per `blocksize` values; returns `shape` in `dtype` (written
-    into `out`, contiguous, when given). `lookup`: how the NF4 table is read. `block` (packed bytes per program, a
-    power of two that is a multiple of blocksize / 2) and `warps`: the launch shape; both None (the default): the
-    fastest of _nf4_gemm_kernels.DECODE_BLOCKS x DECODE_WARPS, timed by Triton on the first call of each size."""
+           block: int | None = None, warps: int | None = None,
+           double_quant: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """packed: uint8, numel/2 bytes; absmax: [E', nblocks], one scale per `blocksize` values, fp32, or uint8 codes
+    when `double_quant` = (absmax2 [E', nblocks2] fp32, offset [E'] fp32, code2 [256] fp32) gives their second
+    level (decoded inside the kernel: one launch instead of three); returns `shape` in `dtype` (written into `out`,
+    contiguous, when given). `lookup`: how the NF4 table is read. `block` (packed bytes per program, a power of two
+    that is a multiple of blocksize / 2) and `warps`: the launch shape; both None (the default): the fastest of
+    _nf4_gemm_kernels.DECODE_BLOCKS x DECODE_WARPS, timed by Triton on the first call of each size."""
     if lookup not in LOOKUPS:
         raise ValueError(f"NF4 decoder lookup must be one of {sorted(LOOKUPS)}, got {lookup!r}")
     if (block is None) != (warps is None):
         raise ValueError("give both block and warps (a launch shape), or neither (autotuned)")
     n_bytes = packed.numel()
     out = torch.empty(shape, dtype=dtype, device=packed.device) if out is None else out
-    args = (packed.reshape(-1), absmax.reshape(-1).contiguous(), code, out, n_bytes)
+    if double_quant is None:
+        absmax2 = offset = code2 = absmax  # not read (DOUBLE_QUANT 0)
+        nblocks2 = 1
+    else:
+        absmax2, offset, code2 = double_quant
+        nblocks2 = absmax2.shape[-1]
+    args = (packed.reshape(-1), absmax.reshape(-1), code, out, n_bytes, absmax2, offset, code2, absmax.shape[-1],
+            nblocks2)
+    consts = {"BYTES_PER_BLOCK": blocksize // 2, "LOOKUP": LOOKUPS[lookup], "DOUBLE_QUANT": int(double_quant is not None),
+              "enable_fp_fusion": False}
     if block is None:
-        tuned = _launch_shapes.get((n_bytes, lookup, dtype))
+        key = (n_bytes, lookup, dtype, double_quant is not None)
+        tuned = _launch_shapes.get(key)
         if tuned is None:  # first call of this size: Triton times the shapes, the winner is kept for later calls
             autotuned = _kernel(autotuned=True)
-            autotuned[lambda meta: (triton_cdiv(n_bytes, meta["BLOCK"]),)](
-                *args, BYTES_PER_BLOCK=blocksize // 2, LOOKUP=LOOKUPS[lookup])
+            autotuned[lambda meta: (triton_cdiv(n_bytes, meta["BLOCK"]),)](*args, **consts)
             best = autotuned.best_config
-            _launch_shapes[(n_bytes, lookup, dtype)] = (best.kwargs["BLOCK"], best.num_warps)
+            _launch_shapes[key] = (best.kwargs["BLOCK"], best.num_warps)
             return out
         block, warps = tuned
-    _kernel()[(triton_cdiv(n_bytes, block),)](*args, BYTES_PER_BLOCK=blocksize // 2, BLOCK=block,
-                                              LOOKUP=LOOKUPS[lookup], num_warps=warps)
+    _kernel()[(triton_cdiv(n_bytes, block),)](*args, BLOCK=block, num_warps=warps, **consts)
     return out
 
 
-# (packed bytes, lookup, output dtype) -> the launch shape Triton's autotuner chose on the first call of that size.
+# (packed bytes, lookup, output dtype, double-quantized scales) -> the launch shape Triton's autotuner chose on the first call of that size.
 # Later calls launch the plain kernel with it: the autotuner's own dispatch (argument dict, key, lookup) is host
 # time on every call, and a seed step at micro-batch 1 is host-bound (benchmarks/nf4_decode_variants.md).
-_launch_shapes: dict[tuple[int, str, torch.dtype], tuple[int, int]] = {}
+_launch_shapes: dict[tuple[int, str, torch.dtype, bool], tuple[int, int]] = {}
 
 
 def triton_cdiv(a: int, b: int) -> int:

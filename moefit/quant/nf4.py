@@ -12,6 +12,7 @@ inside `dequantize()`; callers drop it right after the matmul.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Iterator
@@ -25,7 +26,13 @@ from .. import engine_switches
 def _triton_decoder():
     """moefit.kernels.triton_nf4 when `engine.nf4_decoder: triton` selects it and it can run, else None. The opt-in
     Triton kernels are imported here, on first use, never with this module."""
-    if not engine_switches.current().nf4_decoder.startswith("triton"):
+    return _triton_decoder_for(engine_switches.current().nf4_decoder)
+
+
+@functools.cache
+def _triton_decoder_for(nf4_decoder: str):
+    """Asked once per setting: every decode asks, and a decode at micro-batch 1 is paid in host time."""
+    if not nf4_decoder.startswith("triton"):
         return None
     from ..kernels import triton_nf4
 
@@ -203,20 +210,27 @@ class NF4Weight(nn.Module):
                 out: torch.Tensor | None = None) -> torch.Tensor:
         """Experts `rows` in one kernel call (blocks never straddle two experts when a slice is whole blocks);
         into `out` (contiguous, `shape`) when given."""
-        absmax = self.absmax_fp32(rows)
-        packed = self.packed if rows == _ALL else self.packed[rows]
+        whole = rows == _ALL
+        packed = self.packed if whole else self.packed[rows]
         triton_nf4 = _triton_decoder() if self.packed.is_cuda else None
         direct = out is not None and dtype == self.dtype and self.packed.is_cuda  # (.out: CUDA backend only)
-        if triton_nf4 is not None:
+        if triton_nf4 is not None:  # double-quantized scales are decoded inside its kernel: one launch
+            if self.double_quant:
+                absmax = self.absmax if whole else self.absmax[rows]
+                second = (self.absmax2, self.offset) if whole else (self.absmax2[rows], self.offset[rows])
+                double_quant = (*second, self.code2)
+            else:
+                absmax, double_quant = self.absmax_fp32(rows), None
             got = triton_nf4.decode(packed, absmax, self.code, self.blocksize, shape, self.dtype,
-                                    out=out if direct else None, lookup=triton_nf4.engine_lookup())
+                                    out=out if direct else None, lookup=triton_nf4.engine_lookup(),
+                                    double_quant=double_quant)
         elif direct:
-            torch.ops.bitsandbytes.dequantize_4bit.out(packed.reshape(-1, 1), absmax.reshape(-1),
+            torch.ops.bitsandbytes.dequantize_4bit.out(packed.reshape(-1, 1), self.absmax_fp32(rows).reshape(-1),
                                                        self.blocksize, "nf4", shape, self.dtype, out=out)
             return out
         else:
             got = torch.ops.bitsandbytes.dequantize_4bit.default(
-                packed.reshape(-1, 1), absmax.reshape(-1), self.blocksize, "nf4", shape, self.dtype)
+                packed.reshape(-1, 1), self.absmax_fp32(rows).reshape(-1), self.blocksize, "nf4", shape, self.dtype)
         got = got if got.dtype == dtype else got.to(dtype)
         if out is not None and got is not out:
             out.copy_(got)
