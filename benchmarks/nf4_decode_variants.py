@@ -66,10 +66,14 @@ def host_cost_us(dev: str, calls: int = 2000) -> dict[str, float]:
             q.packed.reshape(-1, 1), absmax.reshape(-1), q.blocksize, "nf4", shape, torch.bfloat16)),
         "triton-load, through the autotuner": per_call(lambda: tuned[lambda m: (triton_nf4.triton_cdiv(
             n_bytes, m["BLOCK"]),)](q.packed.reshape(-1), absmax.reshape(-1), q.code,
-                                    torch.empty(shape, dtype=torch.bfloat16, device=dev), n_bytes,
-                                    BYTES_PER_BLOCK=q.blocksize // 2, LOOKUP=triton_nf4.LOOKUPS["load"])),
+                                    torch.empty(shape, dtype=torch.bfloat16, device=dev), n_bytes, absmax, absmax,
+                                    absmax, absmax.shape[-1], 1, BYTES_PER_BLOCK=q.blocksize // 2,
+                                    LOOKUP=triton_nf4.LOOKUPS["load"], DOUBLE_QUANT=0, enable_fp_fusion=False)),
         "triton-load, kept launch shape (triton_nf4.decode)": per_call(lambda: triton_nf4.decode(
             q.packed, absmax, q.code, q.blocksize, shape, torch.bfloat16, lookup="load")),
+        "triton-load, kept launch shape, scales in kernel": per_call(lambda: triton_nf4.decode(
+            q.packed, q.absmax, q.code, q.blocksize, shape, torch.bfloat16, lookup="load",
+            double_quant=(q.absmax2, q.offset, q.code2))),
         "scales only (absmax_fp32: bitsandbytes' dequantize_blockwise)": per_call(q.absmax_fp32),
     }
     previous = engine_switches.current()
@@ -110,19 +114,26 @@ def main() -> int:
     out = torch.empty_like(ref)
     rows = [{"decoder": "bitsandbytes", "ms": 1e3 * cuda_time(q.dequantize, reps=args.reps, warmup=3),
              "bit_identical": True}]
-    shapes = [(None, None)] + [(b, w) for b in DECODE_BLOCKS for w in DECODE_WARPS]  # None: as the engine runs it
+    # None: as the engine runs it; "dq": the engine's call on a double-quantized weight (uint8 scales decoded in the
+    # kernel; the other rows read the fp32 scales decoded beforehand, as bitsandbytes' row does)
+    shapes = [(None, None), ("dq", None)] + [(b, w) for b in DECODE_BLOCKS for w in DECODE_WARPS]
     for lookup in triton_nf4.LOOKUPS:
         for block, warps in shapes:
-            row = {"decoder": "triton", "lookup": lookup, "block": block, "warps": warps}
+            row = {"decoder": "triton" if block != "dq" else "triton, scales in kernel", "lookup": lookup,
+                   "block": None if block == "dq" else block, "warps": warps}
             try:
                 def run(lookup=lookup, block=block, warps=warps):
+                    if block == "dq":
+                        return triton_nf4.decode(q.packed, q.absmax, q.code, q.blocksize, list(q.shape),
+                                                 torch.bfloat16, out=out, lookup=lookup,
+                                                 double_quant=(q.absmax2, q.offset, q.code2))
                     return triton_nf4.decode(q.packed, absmax, q.code, q.blocksize, list(q.shape),
                                              torch.bfloat16, out=out, lookup=lookup, block=block, warps=warps)
                 out.zero_()
                 run()
                 row["bit_identical"] = bool(torch.equal(out, ref))
                 row["ms"] = 1e3 * cuda_time(run, reps=args.reps, warmup=3)
-                if block is None:  # the launch shape the autotuner chose for this size
+                if block in (None, "dq"):  # the launch shape the autotuner chose for this size
                     row["chosen"] = str(getattr(triton_nf4._kernel(autotuned=True), "best_config", None))
             except Exception as e:  # a variant this Triton cannot compile: recorded, the others measured
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -150,7 +161,7 @@ def main() -> int:
             lines.append(f"| {r['decoder']} | {r.get('lookup', '')} | {r.get('block', '')} | {r.get('warps', '')} | "
                          f"failed: {r['error'][:80]} | | | | |")
             continue
-        shape = ("autotuned", "") if r["decoder"] == "triton" and r.get("block") is None else \
+        shape = ("autotuned", "") if r["decoder"].startswith("triton") and r.get("block") is None else \
             (r.get("block", ""), r.get("warps", ""))
         lines.append(f"| {r['decoder']} | {r.get('lookup', '')} | {shape[0]} | {shape[1]} | "
                      f"{r['ms']:.3f} | {r['tb_per_s']:.2f} | {100 * r['of_copy_rate']:.0f} % | "
