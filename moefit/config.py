@@ -151,8 +151,10 @@ class EngineConfig:
     expert_matmul: Literal["dequant", "fused"] = "dequant"  # fused: Triton grouped GEMM straight from NF4 (CUDA)
     nf4_gemm_variant: NF4GemmVariant = "select-join"  # the fused kernel's NF4 decode - weight-tile layout
     # triton*: moefit's NF4 decoder, bit-identical to bitsandbytes, its NF4 table read through a tree of selects
-    # (triton), a load from the 16-entry table (triton-load) or a register gather (triton-gather)
-    nf4_decoder: Literal["bnb", "triton", "triton-load", "triton-gather"] = "bnb"
+    # (triton), a load from the 16-entry table (triton-load) or a register gather (triton-gather). triton-load
+    # decodes at 96 % of the copy rate (bitsandbytes 54 %) in one launch per weight (bitsandbytes: three); where
+    # Triton cannot run (CPU, no Triton) bitsandbytes decodes. benchmarks/nf4_decode_variants.md, speed_targets.md
+    nf4_decoder: Literal["bnb", "triton", "triton-load", "triton-gather"] = "triton-load"
     recompute_skip: bool = True  # skip the frozen projections the recomputation does not need (moe/recompute.py)
     # fused: one F.rms_norm per norm (models/rms_norm.py), bit-identical to transformers' (tests/test_rms_norm.py);
     # on an H200 Llama 3.1 8B ran 1.6x stock with transformers' norms, 2.0x fused (benchmarks/speed_targets.md)
