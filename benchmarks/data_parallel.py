@@ -86,8 +86,9 @@ def _plan(args: list[str], gpus: int) -> dict:
             "alltoall_s": fit.step.alltoall_s if fit.step else None}
 
 
-def plan_of(args: list[str], gpus: int):
-    """The moefit.plan.Plan of `moefit bench` arguments on `gpus` H200s."""
+def plan_of(args: list[str], gpus: int, nf4_decoder: str | None = None):
+    """The moefit.plan.Plan of `moefit bench` arguments on `gpus` H200s (NF4 decoded by `nf4_decoder`, default the
+    engine's)."""
     from moefit.plan import plan
 
     flags = {"--embeddings-on-host"}
@@ -104,6 +105,8 @@ def plan_of(args: list[str], gpus: int):
     base.lora.alpha = 2.0 * int(a["--rank"])
     base.quantization.embeddings_on_host = "--embeddings-on-host" in args
     base.lora.dtype = a.get("--lora-dtype", "float32")
+    if nf4_decoder:
+        base.engine.nf4_decoder = nf4_decoder
     return plan(base, gpus=["h200"], search=False, **cfg)
 
 
@@ -163,7 +166,7 @@ def recorded_doc_command(args, merge, report, reading: Path) -> bool:
 
 def _run_record(res: dict) -> dict:
     return res["runs"][0] | {"build_s": res["build_s"], "device_name": res["device_name"],
-                             "world_size": res.get("world_size", 1)}
+                             "world_size": res.get("world_size", 1), "engine": res.get("engine")}
 
 
 def measure(names: list[str], gpus: int, side_by_side: list[str], save) -> dict:

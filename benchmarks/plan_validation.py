@@ -243,7 +243,7 @@ def _now() -> str:
 
 def _measurement(doc: dict) -> dict:
     """The GPU run's own metadata, as recorded (never this machine's)."""
-    return {k: doc[k] for k in ("command", "date", "gpu", "versions")}
+    return {k: doc[k] for k in ("command", "date", "gpu", "versions", "engine") if k in doc}
 
 
 def _versions() -> dict:
@@ -362,14 +362,31 @@ STALE = {"scout_qlora_settings:seed-1x8-host-emb:1x2048x8", "scout_qlora_setting
 EARLIER = ["plan_validation.json", "scout_qlora_settings.json", "raw/step_ab_large_micro_batch_h200.json",
            "raw/step_ab_host_emb_nosync_h200.json", "data_parallel.json",
            "raw/data_parallel_dense_repeat_h200x2.json"]
-# The records of the engine as it stands (fifth session, 2026-11-30 17:30-18:10 UTC, four H200 hosts): the 27
-# configurations of the leave-one-out set on one host, the seed recipe 1 x 8 / 1 x 1 / 1 x 2 and the 4 x 2 auto
-# layout, Llama 3.1 8B 1 x 2: the set the time constants are fitted to (benchmarks/plan_validation_current_engine.md).
-CURRENT = ["raw/plan_validation_loo_one_host_session5_h200.json", "raw/step_ab_session5_call_e_h200.json",
-           "raw/scout_auto_default_session5_call_f_h200.json", "raw/families_dense_call_d_h200.json"]
-# ... and one record each of the MoE families without one in CURRENT (GLM-4.5-Air, Mixtral, gpt-oss-120b; measured on
-# the earlier engine): each sets its family's host and GPU scale, so it cannot be left out of a fit.
-FITTED = [*CURRENT, "raw/families_fitted_h200.json"]
+# The records of the fifth session's engine (2026-11-30 17:30-18:10 UTC, four H200 hosts, bitsandbytes' NF4 decoder):
+# the 27 configurations of the leave-one-out set on one host, the seed recipe 1 x 8 / 1 x 1 / 1 x 2 and the 4 x 2 auto
+# layout, Llama 3.1 8B 1 x 2: the set the time constants were fitted to in the sixth session.
+BNB_DECODER = ["raw/plan_validation_loo_one_host_session5_h200.json", "raw/step_ab_session5_call_e_h200.json",
+               "raw/scout_auto_default_session5_call_f_h200.json", "raw/families_dense_call_d_h200.json"]
+# The records of the engine as it stands (seventh session, 2026-11-30 22:00-22:10 UTC, one H200 host; NF4 decoded by
+# moefit's Triton kernel, engine.nf4_decoder: triton-load, the default since): the 27 configurations of the
+# leave-one-out set and the seed recipe at 1 x 8 and in its 4 x 2 auto layout (the same call's bitsandbytes rows are
+# left out by engine): the set the time constants are fitted to (benchmarks/plan_validation_current_engine.md).
+CURRENT = ["raw/plan_validation_loo_triton_load_session7_h200.json",
+           "raw/step_ab_scales_in_kernel_session7_call_u_h200.json"]
+# The records the shipped time constants are fitted to. GLM-4.5-Air, Mixtral and gpt-oss-120b have one record each,
+# measured with bitsandbytes decoding (raw/families_fitted_h200.json): a fit of the current engine leaves them out
+# (this_engine), so their families' host and GPU scales stay as the sixth session fitted them, and gpt-oss-120b
+# takes gpt-oss-20b's.
+FITTED = [*CURRENT]
+
+
+def _engine() -> dict:
+    """The engine settings every configuration runs with (the defaults: the set sets none)."""
+    import dataclasses
+
+    from moefit.config import EngineConfig
+
+    return dataclasses.asdict(EngineConfig())
 
 
 def load_records(paths: list[Path]) -> list[dict]:
@@ -381,6 +398,21 @@ def load_records(paths: list[Path]) -> list[dict]:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
         out += [r for r in records_from_document(doc, Path(path).stem) if r["name"] not in STALE]
     return out
+
+
+def this_engine(records: list[dict], decoder: str | None = None) -> list[dict]:
+    """The records of one engine, `decoder`'s (default: the engine's default, which the shipped constants plan): a
+    fit or a leave-one-out table over two engines would average them. Those left out are counted on stderr."""
+    from moefit.plan.validation import other_engine
+
+    skipped: dict[str, int] = {}
+    for r in records:
+        why = other_engine(r, decoder)
+        if why:
+            skipped[why] = skipped.get(why, 0) + 1
+    for why, n in skipped.items():
+        print(f"left out {n} record(s) measured with {why}", file=sys.stderr)
+    return [r for r in records if not other_engine(r, decoder)]
 
 
 def loo_report(records: list[dict], title: str) -> tuple[list[str], dict]:
@@ -479,7 +511,11 @@ def main() -> int:
         plan_only(args.configs, args.timed_steps, args.fresh_process)
         return 0
     if args.loo:
-        lines, worst = loo_report(load_records(args.loo), ", ".join(str(p) for p in args.loo))
+        from moefit.plan.validation import record_decoder
+
+        records = load_records(args.loo)  # the set's engine: its first record's
+        records = this_engine(records, record_decoder(records[0])) if records else records
+        lines, worst = loo_report(records, ", ".join(str(p) for p in args.loo))
         (args.loo[0].parent / f"{args.loo[0].stem}_loo.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
         print("\n".join(lines))
         return 0 if worst["step_time_leave_one_out"] <= 0.15 and worst["allocated"] <= 0.03 else 1
@@ -488,8 +524,9 @@ def main() -> int:
 
         doc = json.loads(args.fit[0].read_text(encoding="utf-8"))
         names = ", ".join(p.name for p in args.fit)
+        records = this_engine(load_records(args.fit))
         try:
-            cal = fit_calibration(load_records(args.fit), f"{doc['gpu']}, {doc['date']}, {names}",
+            cal = fit_calibration(records, f"{doc['gpu']}, {doc['date']}, {names}",
                                   sections=tuple(args.fit_sections.split(",")))
         except ValueError as e:
             ap.error(f"--fit {names}: {e}")
@@ -498,7 +535,7 @@ def main() -> int:
         fit = {"command": " ".join(["python", "benchmarks/plan_validation.py", *sys.argv[1:]]), "date": _now(),
                "versions": _versions()}
         write_reports(doc["results"], args.fit[0].parent, _measurement(doc), doc.get("configurations_skipped", 0),
-                      fit, load_records(args.fit))
+                      fit, records)
         return 0
     if not args.out:
         ap.error("--out DIR is required to measure (or use --plan-only / --fit / --loo)")
@@ -518,10 +555,10 @@ def main() -> int:
 
     def measurement() -> dict:
         return {"command": command, "date": _now(), "gpu": results[0]["device_name"] if results else None,
-                "versions": _versions()}
+                "versions": _versions(), "engine": _engine()}
 
     def keep(rec: dict) -> None:  # the JSON after every configuration: a run cut short loses nothing measured
-        results.append(rec)
+        results.append({**rec, "engine": _engine()})
         write_json(results, args.out, measurement(), len(recs) - len(results))
         print(f"  {rec['name']}: step {rec['measured']['step_s']:.3f} s ({rec['measure_s']:.0f} s to measure), "
               f"{time.perf_counter() - t0:.0f} s so far", flush=True)

@@ -288,3 +288,19 @@ def test_a_plan_says_when_its_step_time_depends_on_the_host_cpu():
     assert "host share large on H200 141GB SXM" in small.render()
     big = plan(model="llama3.1-8b", gpus=["h200"], search=False, seq_len=2048, batch=8, grad_accum=1)
     assert big.to_dict()["gpus"][0]["host_bound"] is False and "host share large" not in big.render()
+
+
+def test_plan_times_the_nf4_decoder_the_run_config_chooses():
+    """engine.nf4_decoder sets the dequantization rate (calibration `dequant_bandwidth_efficiency`, one measured
+    rate per decoder): the default Triton decoder's step is planned shorter than bitsandbytes', by the counted
+    decode bytes over the two rates, and nothing else changes."""
+    from moefit.plan.timing import dequant_efficiency
+
+    seed = {"model": "llama4-scout", "train": {"max_length": 2048, "batch_size": 1, "grad_accum": 8}}
+    fast = plan(config_from_dict(seed), gpus=["h200"], search=False).gpus[0]
+    slow = plan(config_from_dict({**seed, "engine": {"nf4_decoder": "bnb"}}), gpus=["h200"], search=False).gpus[0]
+    ct = load_calibration()["time"]
+    assert dequant_efficiency(ct) == dequant_efficiency(ct, "triton-load") > 2 * dequant_efficiency(ct, "bnb")
+    assert slow.step.memory_s > 2 * fast.step.memory_s and slow.step.step_s > fast.step.step_s
+    assert slow.step.compute_s == fast.step.compute_s and slow.total_bytes == fast.total_bytes
+    assert dequant_efficiency({"dequant_bandwidth_efficiency": 0.5}, "bnb") == 0.5  # an older calibration

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import LoraConfig, QuantConfig, normalize_targets
+from ..config import EngineConfig, LoraConfig, QuantConfig, normalize_targets
 from ..loss_chunk import loss_chunk_tokens
 from .model_facts import Layer, ModelFacts
 
@@ -60,6 +60,7 @@ class RunShape:
     keep_routed_gate_up: bool = False  # TrainConfig.keep_routed_gate_up
     num_gpus: int = 1  # GPUs of the run (data-parallel replicas x expert_parallel)
     expert_parallel: int = 1  # GPUs sharing each MoE layer's routed experts (parallel.expert)
+    nf4_decoder: str = EngineConfig.nf4_decoder  # engine.nf4_decoder: who decodes NF4, at which rate (timing.py)
 
     @property
     def tokens(self) -> int:

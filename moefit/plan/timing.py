@@ -159,9 +159,21 @@ def activation_bytes(f: ModelFacts, shape: RunShape) -> float:
     return passes * sum(saved[la] for la in f.layers) + LOSS_BYTES_PER_LOGIT * shape.tokens * f.vocab
 
 
-def seconds_per_unit(gpu: Gpu, ct: dict[str, Any], family: str | None = None) -> dict[str, float]:
+def dequant_efficiency(ct: dict[str, Any], nf4_decoder: str | None = None) -> float:
+    """The NF4 decoder's rate as a fraction of the memory bandwidth: `dequant_bandwidth_efficiency` is one number
+    (an older calibration) or one per engine.nf4_decoder, each measured (benchmarks/nf4_decode_variants.md)."""
+    eff = ct["dequant_bandwidth_efficiency"]
+    if not isinstance(eff, dict):
+        return eff
+    from ..config import EngineConfig
+
+    return eff.get(nf4_decoder or EngineConfig.nf4_decoder, eff[EngineConfig.nf4_decoder])
+
+
+def seconds_per_unit(gpu: Gpu, ct: dict[str, Any], family: str | None = None,
+                     nf4_decoder: str | None = None) -> dict[str, float]:
     """Seconds per unit of each TIME_TERMS work on this GPU with these constants (a constant missing from an
-    older calibration turns its term off)."""
+    older calibration turns its term off); NF4 decoded by `nf4_decoder` (default: the engine's default)."""
     peak, bw = gpu.bf16_tflops * 1e12, gpu.bandwidth_gbs * 1e9
     host = ct.get("host_family_scale", {}).get(family, 1.0)
     dev = ct.get("gpu_family_scale", {}).get(family, 1.0)  # the family's kernels against the counted rates
@@ -169,7 +181,7 @@ def seconds_per_unit(gpu: Gpu, ct: dict[str, Any], family: str | None = None) ->
     return {"matmul": dev / (peak * ct["gemm_efficiency"]),
             "attention": dev / (peak * ct["attention_efficiency"]),
             "masked_attention": dev / (peak * ct["masked_attention_efficiency"]),
-            "dequant": 1 / (bw * ct["dequant_bandwidth_efficiency"]),
+            "dequant": 1 / (bw * dequant_efficiency(ct, nf4_decoder)),
             "activation": dev / (bw * act) if act else 0.0,
             "gpu_layer_passes": dev * ct.get("gpu_layer_pass_s", 0.0),
             "moe_layer_passes": host * ct["moe_layer_pass_s"], "dense_layer_passes": host * ct["dense_layer_pass_s"],
@@ -249,7 +261,7 @@ def step_time(f: ModelFacts, shape: RunShape, gpu: Gpu, calib: dict[str, Any], w
         return None
     ct = calib["time"]
     work = time_work(f, shape, weight_bytes)
-    unit = seconds_per_unit(gpu, ct, f.family)
+    unit = seconds_per_unit(gpu, ct, f.family, shape.nf4_decoder)
     sec = {k: work[k] * unit[k] for k in TIME_TERMS}
     compute = sec["matmul"] + sec["attention"] + sec["masked_attention"]
     micro, gpu_s, overhead = micro_step_seconds(sec, ct, shape.expert_parallel)

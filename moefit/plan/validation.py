@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..config import LoraConfig, QuantConfig
+from ..config import EngineConfig, LoraConfig, QuantConfig
 from .calibration import CALIBRATION_PATH, load_calibration
 from .gpus import get_gpu, gpu_from_memory, match_device_name
 from .memory import RunShape, estimate_memory
@@ -29,7 +29,8 @@ def record_shape(rec: dict[str, Any]) -> RunShape:
                     lora=LoraConfig(**rec.get("lora", {})),
                     optimizer=rec.get("optimizer", "adamw_8bit"),
                     gradient_checkpointing=rec.get("gradient_checkpointing", True),
-                    keep_routed_gate_up=rec.get("keep_routed_gate_up", False))
+                    keep_routed_gate_up=rec.get("keep_routed_gate_up", False),
+                    nf4_decoder=record_decoder(rec))
 
 
 def record_facts(rec: dict[str, Any]) -> ModelFacts:
@@ -60,7 +61,7 @@ def planned_for(rec: dict[str, Any], calib: dict[str, Any] | None = None) -> dic
         out.update(step_s=st.step_s, optimizer_s=st.optimizer_s,
                    # per optimizer step, as step_s: grad_accum micro-steps
                    time_work={k: v * shape.grad_accum for k, v in time_work(f, shape, by).items()},
-                   time_unit_s=seconds_per_unit(gpu, calib["time"]),
+                   time_unit_s=seconds_per_unit(gpu, calib["time"], nf4_decoder=shape.nf4_decoder),
                    peak_flops=gpu.bf16_tflops * 1e12)
     return out
 
@@ -85,6 +86,11 @@ def compare(rec: dict[str, Any], calib: dict[str, Any] | None = None) -> dict[st
 
 # ---------------------------------------------------------------------------------------------- records
 
+# The engine of a recorded measurement that does not name one: every such file predates the Triton NF4 decoder's
+# becoming the default (2026-11-30, seventh session; since then plan_validation.py and moefit bench record it), so
+# bitsandbytes decoded (the engine's other settings were their defaults of then, which the planner does not read).
+UNRECORDED_ENGINE = {"nf4_decoder": "bnb"}
+
 # What a record keeps of a measurement (moefit.bench.measure_training's result), from any recorded format.
 MEASURED_KEYS = ("peak_allocated_bytes", "peak_reserved_bytes", "step_s", "tokens_per_s", "kernel_s",
                  "gpu_busy_fraction", "kernel_launches", "host_op_s", "micro_step_s", "optimizer_s")
@@ -105,7 +111,9 @@ def records_from_document(doc: dict[str, Any], source: str) -> list[dict[str, An
             return [r for row in rows if row.get("measured")
                     for r in _bench_records(_bench_doc_from_args(row["args"], row["measured"]),
                                             f"{source}:{row['model']}")]
-        return [copy.deepcopy(r) for r in rows]
+        # a plan_validation.json: every configuration ran the engine its document records
+        return [{**copy.deepcopy(r), "engine": r.get("engine") or doc.get("engine") or UNRECORDED_ENGINE}
+                for r in rows]
     if "runs" in doc:
         return _bench_records(doc, source)
     return [r for key, sub in doc.items() if isinstance(sub, dict) and "runs" in sub
@@ -147,8 +155,22 @@ def _bench_records(doc: dict[str, Any], name: str) -> list[dict[str, Any]]:
                     "optimizer": doc.get("optimizer", "adamw_8bit"), "gradient_checkpointing": True,
                     "keep_routed_gate_up": bool(doc.get("keep_routed_gate_up")),
                     "device_name": run.get("device_name") or doc.get("device_name", ""),
+                    "engine": doc.get("engine") or UNRECORDED_ENGINE,
                     "measured": {k: run[k] for k in MEASURED_KEYS if run.get(k) is not None}})
     return out
+
+
+def record_decoder(rec: dict[str, Any]) -> str:
+    """The engine.nf4_decoder a record ran (a record of no recorded file: the engine's default)."""
+    return (rec.get("engine") or {}).get("nf4_decoder") or EngineConfig.nf4_decoder
+
+
+def other_engine(rec: dict[str, Any], decoder: str | None = None) -> str | None:
+    """Why a record measured another engine than `decoder`'s (default: the engine's default NF4 decoder), or None.
+    Its host issues other kernels (bitsandbytes decodes in three launches, the Triton decoder in one): time
+    constants fitted to one engine leave the other's records out rather than average the two."""
+    want, got = decoder or EngineConfig.nf4_decoder, record_decoder(rec)
+    return None if got == want else f"engine.nf4_decoder={got} (this fit: {want})"
 
 
 # ---------------------------------------------------------------------------------------------- fitting
@@ -272,7 +294,7 @@ class _TimeRecords:
                 continue
             f, shape = record_facts(rec), record_shape(rec)
             work = time_work(f, shape, estimate_memory(f, shape, calib).by_key())
-            unit = seconds_per_unit(gpu, ones)
+            unit = seconds_per_unit(gpu, ones, nf4_decoder=shape.nf4_decoder)
             opt = optimizer_seconds(f, shape, gpu, dict(calib["time"], optimizer_tensor_s=0.0))[1]
             rows.append((f.family, shape.grad_accum, [work[t] * unit[t] for t in _PRICED.values()],
                          work["dequant"] * unit["dequant"], opt,
