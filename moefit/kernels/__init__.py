@@ -1,12 +1,13 @@
-"""Opt-in Triton kernels, outside the core engine: none of them is the default, and no core module imports them
-at import time. The NF4 code paths import them on first use, and only when an engine switch selects them:
+"""Triton kernels, outside the core engine: no core module imports them at import time. The NF4 code paths
+import them on first use on a GPU, and only when an engine setting selects them:
 
-- `nf4_grouped_mm`: the fused NF4 grouped GEMM (`engine.expert_matmul: fused`, variants
+- `nf4_grouped_mm`: the fused NF4 grouped GEMM (opt-in, `engine.expert_matmul: fused`, variants
   `engine.nf4_gemm_variant`), called from moefit.moe.grouped;
-- `triton_nf4`: the Triton NF4 decoder (`engine.nf4_decoder: triton`), called from moefit.quant.nf4;
+- `triton_nf4`: the Triton NF4 decoder (`engine.nf4_decoder`, default `triton-load`), called from moefit.quant.nf4;
 - `_nf4_gemm_kernels`: the Triton code of both (imports triton).
 
-Triton itself is optional: every path asks `triton_importable()` first. docs/engine.md says why each is opt-in.
+Triton itself is optional: every path asks `triton_importable()` first, and without it bitsandbytes decodes.
+docs/engine.md says what each measured.
 """
 
 from __future__ import annotations

@@ -5,11 +5,12 @@ absmax: the same arithmetic as bitsandbytes (fp32 code x fp32 absmax, then the c
 (tests/test_gpu.py; tests/test_nf4_grouped_mm.py in the interpreter). The table is read through a tree of selects
 (`engine.nf4_decoder: triton`), a load from the table (`triton-load`) or a register gather (`triton-gather`).
 
-Opt-in: on an H200 the select tree decodes a Scout expert bank in 0.762 ms against bitsandbytes' 0.750 ms
-(2.24 TB/s, 53 % of the copy rate; benchmarks/expert_matmul.md), and the full-depth seed recipe step at seq 2048
-took 1.433 s against 1.215 s with bitsandbytes (benchmarks/raw/step_ab_skip_recompute*_h200.json). The select tree
-costs ~20 operations per value, about as long as the value's bytes take to move: the load and gather lookups
-(one operation) and the launch shapes are measured by benchmarks/nf4_decode_variants.py (not yet on a GPU).
+The engine's default decoder (`triton-load`) since 2026-11-30: on an H200 the table load decodes a Scout expert
+bank in 0.420 ms against bitsandbytes' 0.754 ms (96 % of the copy rate; the select tree, ~20 operations per value,
+0.629 ms), double-quantized scales included, in one launch where bitsandbytes takes three; the seed recipe's step
+ran 2,533 tokens/s against 2,147 with bitsandbytes in the same call (benchmarks/nf4_decode_variants.md,
+benchmarks/speed_targets.md). At micro-batch 1 the host sets the pace, so host time per call counts as much as GPU
+time: the launch shape is autotuned once per size and then launched directly (25-30 us of host per call).
 """
 
 from __future__ import annotations

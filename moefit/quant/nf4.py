@@ -24,8 +24,8 @@ from .. import engine_switches
 
 
 def _triton_decoder():
-    """moefit.kernels.triton_nf4 when `engine.nf4_decoder: triton` selects it and it can run, else None. The opt-in
-    Triton kernels are imported here, on first use, never with this module."""
+    """moefit.kernels.triton_nf4 when `engine.nf4_decoder` (default `triton-load`) selects it and it can run, else
+    None (bitsandbytes decodes). The Triton kernels are imported here, on first use, never with this module."""
     return _triton_decoder_for(engine_switches.current().nf4_decoder)
 
 
