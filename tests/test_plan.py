@@ -233,7 +233,9 @@ def test_faster_layout_keeps_the_sequences_per_step_and_fits():
 def test_weight_passes_follow_what_the_recomputation_skips():
     """Per weight group, the frozen matmul passes of a checkpointed micro-step: forward + backward always, and in
     the recomputation everything but Llama 4's routed / shared down projections and, when kept, the routed gate/up;
-    without checkpointing, 2. The planned step follows: keeping the outputs is planned faster."""
+    without checkpointing, 2. The planned step follows: keeping the outputs is planned faster, by the GPU time it
+    saves (>= 5 % of a micro-step's kernels); at micro-batch 1 the host's share is unchanged and sets most of the
+    pace, so the step gains less."""
     from moefit.plan.timing import weight_passes
 
     scout, dense = load_model_facts("llama4-scout"), load_model_facts("llama3.1-8b")
@@ -244,9 +246,10 @@ def test_weight_passes_follow_what_the_recomputation_skips():
     assert kept["routed_experts"] == 2 and kept["shared_experts"] == wp["shared_experts"]
     assert weight_passes(dense, RunShape(seq_len=2048))["dense_mlp"] == 3
     assert set(weight_passes(scout, RunShape(seq_len=2048, gradient_checkpointing=False)).values()) == {2.0}
-    base = plan(model="llama4-scout", gpus=["h200"], search=False).gpus[0].step.step_s
+    base = plan(model="llama4-scout", gpus=["h200"], search=False).gpus[0].step
     cfg = config_from_dict({"model": "llama4-scout", "train": {"keep_routed_gate_up": True}})
-    assert plan(cfg, gpus=["h200"], search=False).gpus[0].step.step_s < 0.95 * base
+    kept = plan(cfg, gpus=["h200"], search=False).gpus[0].step
+    assert kept.gpu_s < 0.95 * base.gpu_s and kept.overhead_s == base.overhead_s and kept.step_s < base.step_s
 
 
 def test_step_time_overlaps_host_and_gpu_time():
