@@ -427,3 +427,30 @@ def test_fused_rms_norm_is_one_kernel_each_way_on_cuda_and_close_to_transformers
     (gwant,) = torch.autograd.grad(want, x, g)
     assert (y.float() - want.float()).abs().max() <= 2 ** -6 * want.float().abs().max()
     assert (gx.float() - gwant.float()).norm() <= 1e-2 * gwant.float().norm()
+
+
+def test_loss_over_labels_in_host_memory_never_syncs_the_host():
+    """Labels in host memory (as the trainer and moefit bench pass them): selecting the label positions, the
+    chunked loss and its backward queue their work without a device sync (torch's sync debug mode raises on
+    one); the same loss as the labels on the GPU (a boolean mask, which syncs)."""
+    from moefit.labels import IGNORE_INDEX
+    from moefit.models.causal_lm import label_rows
+    from moefit.models.loss import chunked_cross_entropy_sum
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 700, 64, device="cuda", requires_grad=True)
+    weight = torch.randn(1000, 64, device="cuda")
+    labels = torch.randint(0, 1000, (2, 700))
+    labels[0, :100] = IGNORE_INDEX
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rows, y = label_rows(labels, hidden.device)
+        loss = chunked_cross_entropy_sum(hidden.reshape(-1, 64).index_select(0, rows), weight, y, 256)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    rows_gpu, y_gpu = label_rows(labels.cuda(), hidden.device)
+    assert torch.equal(rows, rows_gpu) and torch.equal(y, y_gpu)
+    want = chunked_cross_entropy_sum(hidden.detach().reshape(-1, 64)[rows_gpu], weight, y_gpu, 256)
+    assert torch.equal(loss.detach(), want)

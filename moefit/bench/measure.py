@@ -78,7 +78,9 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
             mark()
             ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
             with grad_sync(wrapped, sync=i == grad_accum - 1):
-                out = wrapped(ids.to(model.input_device), labels=ids.to(device))
+                # labels in host memory, as the trainer passes them (MoefitCausalLM.forward selects the label
+                # positions there: no host sync; a blocking copy to the GPU would wait for the queued work)
+                out = wrapped(ids.to(model.input_device, non_blocking=True), labels=ids)
                 (out.loss / grad_accum).backward()
             losses.append(out.loss.detach())
         mark()

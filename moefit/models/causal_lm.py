@@ -22,6 +22,19 @@ class CausalLMOutput:
     logits: torch.Tensor | None = None
 
 
+def label_rows(labels: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows of the [B*S, H] hidden states that predict a label token, those labels), both on `device`: position t
+    predicts labels[t+1] (HF's shift), IGNORE_INDEX positions left out. Labels in host memory are selected there
+    and copied without waiting: selecting them on the GPU (a boolean mask) reads the count back, a host sync in
+    every micro-step that stops the host from queuing the backward while the GPU runs the forward."""
+    valid = labels[:, 1:] != IGNORE_INDEX
+    rows = torch.arange(labels.numel(), device=labels.device).view(labels.shape)[:, :-1][valid]
+    y = labels[:, 1:][valid]
+    if labels.device.type == "cpu" and device.type == "cuda":
+        return rows.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return rows.to(device), y.to(device)
+
+
 class MoefitCausalLM(nn.Module):
     """`hf` is the transformers model itself (same class, config and module names as the checkpoint), so
     `generate`, chat templates and exports keep working; `forward` computes the loss without full logits."""
@@ -74,10 +87,8 @@ class MoefitCausalLM(nn.Module):
                                use_cache=False).last_hidden_state
         out = CausalLMOutput()
         if labels is not None:
-            targets = labels[:, 1:]
-            mask = targets != IGNORE_INDEX
-            h = hidden[:, :-1][mask]
-            y = targets[mask]
+            rows, y = label_rows(labels, hidden.device)
+            h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
             out.num_tokens = int(y.numel())
             out.loss_sum = chunked_cross_entropy_sum(h, self.hf.lm_head.weight, y, self.loss_chunk)
             out.loss = out.loss_sum / max(out.num_tokens, 1)
