@@ -499,6 +499,9 @@ def main() -> int:
     ap.add_argument("--timed-steps", type=int, metavar="N",
                     help=f"timed steps per configuration (default {STEPS}; loo set {LOO_STEPS}, one for a step "
                          f"planned longer than {ONE_STEP_S:g} s)")
+    ap.add_argument("--no-profile", action="store_true",
+                    help="no profiled step after any configuration (kernel time and GPU busy are then not recorded): "
+                         "whether profiling one configuration slows the next ones in the same process")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -545,6 +548,8 @@ def main() -> int:
         print("no CUDA device: use --plan-only on CPU", file=sys.stderr)
         return 2
     recs = configs(args.configs, args.timed_steps)
+    if args.no_profile:
+        recs = [dict(r, profile=False) for r in recs]
     if args.only:
         unknown = sorted(set(args.only) - {r["name"] for r in recs})
         if unknown:
