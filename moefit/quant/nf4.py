@@ -23,20 +23,50 @@ from torch import nn
 from .. import engine_switches
 
 
-def _triton_decoder():
-    """moefit.kernels.triton_nf4 when `engine.nf4_decoder` (default `triton-load`) selects it and it can run, else
-    None (bitsandbytes decodes). The Triton kernels are imported here, on first use, never with this module."""
+def _triton_decoder(device: torch.device):
+    """moefit.kernels.triton_nf4 when `engine.nf4_decoder` (default `triton-load`) selects it and it can run on
+    `device` (CUDA), else None (bitsandbytes decodes). The Triton kernels are imported here, on first use, never
+    with this module."""
+    if device.type != "cuda":
+        return None
     return _triton_decoder_for(engine_switches.current().nf4_decoder)
 
 
 @functools.cache
 def _triton_decoder_for(nf4_decoder: str):
     """Asked once per setting: every decode asks, and a decode at micro-batch 1 is paid in host time."""
-    if not nf4_decoder.startswith("triton"):
+    if not nf4_decoder.startswith("triton") or nf4_decoder in _TRITON_FAILED:
         return None
     from ..kernels import triton_nf4
 
     return triton_nf4 if triton_nf4.available() else None
+
+
+# Triton decoders that failed on their first use in this process (a GPU or Triton version the kernel does not
+# compile for): bitsandbytes decodes instead, said once. A decoder that has run once is not second-guessed: a
+# later error (out of memory, a device fault) propagates.
+_TRITON_FAILED: set[str] = set()
+_TRITON_RAN: set[str] = set()
+
+
+def _triton_decode_or_fall_back(name: str, decode):
+    """`decode()` through the Triton decoder; on its first use, a failure other than running out of memory
+    switches this process to bitsandbytes' decoder (returns None: the caller decodes with bitsandbytes)."""
+    if name in _TRITON_RAN:
+        return decode()
+    try:
+        out = decode()
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # the kernel did not compile or launch here
+        _TRITON_FAILED.add(name)
+        _triton_decoder_for.cache_clear()
+        logging.getLogger(__name__).warning(
+            "engine.nf4_decoder=%s could not run on this GPU (%s: %s); NF4 is decoded by bitsandbytes instead "
+            "(set engine.nf4_decoder: bnb to skip the attempt).", name, type(e).__name__, str(e)[:200])
+        return None
+    _TRITON_RAN.add(name)
+    return out
 
 
 def _import_bitsandbytes():
@@ -212,7 +242,7 @@ class NF4Weight(nn.Module):
         into `out` (contiguous, `shape`) when given."""
         whole = rows == _ALL
         packed = self.packed if whole else self.packed[rows]
-        triton_nf4 = _triton_decoder() if self.packed.is_cuda else None
+        triton_nf4 = _triton_decoder(self.packed.device)
         direct = out is not None and dtype == self.dtype and self.packed.is_cuda  # (.out: CUDA backend only)
         if triton_nf4 is not None:  # double-quantized scales are decoded inside its kernel: one launch
             if self.double_quant:
@@ -221,9 +251,13 @@ class NF4Weight(nn.Module):
                 double_quant = (*second, self.code2)
             else:
                 absmax, double_quant = self.absmax_fp32(rows), None
-            got = triton_nf4.decode(packed, absmax, self.code, self.blocksize, shape, self.dtype,
-                                    out=out if direct else None, lookup=triton_nf4.engine_lookup(),
-                                    double_quant=double_quant)
+            got = _triton_decode_or_fall_back(
+                engine_switches.current().nf4_decoder,
+                lambda: triton_nf4.decode(packed, absmax, self.code, self.blocksize, shape, self.dtype,
+                                          out=out if direct else None, lookup=triton_nf4.engine_lookup(),
+                                          double_quant=double_quant))
+            if got is None:
+                return self._decode(rows, shape, dtype, out)
         elif direct:
             torch.ops.bitsandbytes.dequantize_4bit.out(packed.reshape(-1, 1), self.absmax_fp32(rows).reshape(-1),
                                                        self.blocksize, "nf4", shape, self.dtype, out=out)
