@@ -121,6 +121,8 @@ def test_run_directory_holds_everything(runs, model_dir):
     assert report["steps"] == 4 and report["tokens"] > 0 and report["data"]["train"]
     assert report["start_eval_loss"] == run.start_eval_loss and report["end_eval_loss"] == run.end_eval_loss
     assert report["versions"]["torch"] == torch.__version__ and report["device"].startswith("cpu")
+    # the engine asks for the Triton decoder; on the CPU bitsandbytes decodes, and the report says so
+    assert report["engine"]["nf4_decoder"] == "triton-load" and report["nf4_decoder_used"] == "bnb"
     assert "done: 4 steps" in (d / "train.log").read_text()
 
 

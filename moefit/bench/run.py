@@ -10,6 +10,7 @@ import torch
 from ..config import EngineConfig, LoraConfig, QuantConfig, RunConfig, TrainConfig
 from ..devices import cuda_index
 from ..errors import MoefitError
+from ..quant.nf4 import decoder_in_use
 from .measure import cuda_time, measure_training
 from .synthetic import build_synthetic_model
 
@@ -120,7 +121,8 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
                 "fp32_linear_scales": fp32_linear_scales,
                 "matmul_tflops": ceiling, "active_params_per_token": active, "lora": lora.__dict__,
                 "layout": chosen, "memory_limit_bytes": memory_limit_bytes,
-                "engine": engine_switches.current().__dict__, "versions": versions(), "runs": runs}
+                "engine": engine_switches.current().__dict__, "nf4_decoder_used": decoder_in_use(device),
+                "versions": versions(), "runs": runs}
 
 
 def choose_layout(model: str, lora: LoraConfig, quant: QuantConfig, train: TrainConfig, device: str,

@@ -42,6 +42,13 @@ def _triton_decoder_for(nf4_decoder: str):
     return triton_nf4 if triton_nf4.available() else None
 
 
+def decoder_in_use(device: torch.device | str) -> str:
+    """The NF4 decoder this process runs on `device`: engine.nf4_decoder's Triton decoder, or "bnb" (bitsandbytes:
+    chosen, on the CPU, without Triton, or after the Triton decoder failed on its first use). Run reports record
+    it beside the engine settings."""
+    return engine_switches.current().nf4_decoder if _triton_decoder(torch.device(device)) is not None else "bnb"
+
+
 # Triton decoders that failed on their first use in this process (a GPU or Triton version the kernel does not
 # compile for): bitsandbytes decodes instead, said once. A decoder that has run once is not second-guessed: a
 # later error (out of memory, a device fault) propagates.

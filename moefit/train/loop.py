@@ -28,6 +28,7 @@ from ..labels import IGNORE_INDEX
 from ..parallel import dist as pdist
 from ..parallel import expert_parallel
 from ..parallel.data_parallel import grad_sync, take_step, wrap_model
+from ..quant.nf4 import decoder_in_use
 from . import checkpoint as ckpt
 from . import failures, preempt, rundir_guard, verify
 from .metrics import MetricsLog, plot_loss, versions, write_report
@@ -611,6 +612,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
                    "max_length": t.max_length, "gradient_checkpointing": t.gradient_checkpointing,
                    "keep_routed_gate_up": t.keep_routed_gate_up, "layout": t.layout},
         "engine": cfg.engine.__dict__,
+        "nf4_decoder_used": decoder_in_use(device),  # engine.nf4_decoder, or bitsandbytes where it could not run
         "trainable_params": n_train,
         "data": bundle.report.to_dict(),
         "steps": state.step,
