@@ -48,18 +48,18 @@ def test_planner_matches_recorded_gpu_measurements():
     """The shipped calibration against the 27 configurations of the current engine measured on one H200 (micro-batch
     1-8, grad_accum 1-8, seq 512-16k; Scout, Llama 3.1 8B, Qwen3-30B, gpt-oss-20b). Target (issue 5): peak allocated
     within 3 %, step time within 15 % on every one. Holds the state as fitted: allocated within 3 %; step time within
-    22 %, 5 of 27 over 15 %, all of them host-bound (GPU busy 31-66 %, or accumulating at micro-batch 1: Llama 3.1 8B
-    1 x 2048 -21.7 %, 4 x 512 +18.8 %, Qwen3-30B 1 x 2048 -19.1 %, gpt-oss-20b 1 x 2048 +16.4 %, Scout 1 x 2048 ga4
-    -15.4 %); the GPU-bound ones (busy >= 90 %) within 5 %; reserved and total (memory constants of an earlier set) within 11 %."""
+    21 %, 4 of 27 over 15 %, all of them host-bound (GPU busy 31-48 %, or accumulating at micro-batch 1: Llama 3.1 8B
+    1 x 2048 -20.6 %, 4 x 512 +19.7 %, Qwen3-30B 1 x 2048 -18.8 %, Scout 1 x 2048 ga4 -16.5 %); the GPU-bound ones
+    (busy >= 90 %) within 5 %; reserved and total (memory constants of an earlier set) within 11 %."""
     results = _recorded()["results"]
     assert len(results) == 27, f"{len(results)} configurations recorded"
     errors = {r["name"]: compare(r) for r in results}
     assert all(e["step_time"] is not None for e in errors.values()), "a record's GPU has no timing model"
     bad = {n: e for n, e in errors.items()
-           if abs(e["allocated"]) > 0.03 or abs(e["step_time"]) > 0.22
+           if abs(e["allocated"]) > 0.03 or abs(e["step_time"]) > 0.21
            or abs(e["reserved"]) > 0.11 or (e.get("total") is not None and abs(e["total"]) > 0.11)}
     assert not bad, f"planned vs measured out of bounds (relative errors): {bad}"
-    assert sum(abs(e["step_time"]) > 0.15 for e in errors.values()) <= 5
+    assert sum(abs(e["step_time"]) > 0.15 for e in errors.values()) <= 4
     gpu_bound = [e["step_time"] for r, e in zip(results, errors.values(), strict=True)
                  if r["measured"].get("gpu_busy_fraction", 0) >= 0.9]
     assert len(gpu_bound) >= 9 and all(abs(e) <= 0.05 for e in gpu_bound), gpu_bound

@@ -72,8 +72,9 @@ def decode(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block
         nblocks2 = absmax2.shape[-1]
     args = (packed.reshape(-1), absmax.reshape(-1), code, out, n_bytes, absmax2, offset, code2, absmax.shape[-1],
             nblocks2)
-    consts = {"BYTES_PER_BLOCK": blocksize // 2, "LOOKUP": LOOKUPS[lookup], "DOUBLE_QUANT": int(double_quant is not None),
-              "enable_fp_fusion": False}
+    # fp fusion off: the scales' multiply and add round as two operations, as bitsandbytes computes them
+    consts = {"BYTES_PER_BLOCK": blocksize // 2, "LOOKUP": LOOKUPS[lookup],
+              "DOUBLE_QUANT": int(double_quant is not None), "enable_fp_fusion": False}
     if block is None:
         key = (n_bytes, lookup, dtype, double_quant is not None)
         tuned = _launch_shapes.get(key)
@@ -88,9 +89,10 @@ def decode(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block
     return out
 
 
-# (packed bytes, lookup, output dtype, double-quantized scales) -> the launch shape Triton's autotuner chose on the first call of that size.
-# Later calls launch the plain kernel with it: the autotuner's own dispatch (argument dict, key, lookup) is host
-# time on every call, and a seed step at micro-batch 1 is host-bound (benchmarks/nf4_decode_variants.md).
+# (packed bytes, lookup, output dtype, double-quantized scales) -> the launch shape Triton's autotuner chose on the
+# first call of that size. Later calls launch the plain kernel with it: the autotuner's own dispatch (argument dict,
+# key, lookup) is host time on every call, and a seed step at micro-batch 1 is host-bound
+# (benchmarks/nf4_decode_variants.md).
 _launch_shapes: dict[tuple[int, str, torch.dtype, bool], tuple[int, int]] = {}
 
 
