@@ -76,9 +76,10 @@ def _bench_side_by_side(args: list[str], gpus: int) -> list[tuple[dict | None, s
     return results
 
 
-def _plan(args: list[str], gpus: int) -> dict:
-    """moefit plan for the same settings on `gpus` H200s (what `moefit bench` prints as planned)."""
-    p = plan_of(args, gpus)
+def _plan(args: list[str], gpus: int, nf4_decoder: str | None = None) -> dict:
+    """moefit plan for the same settings on `gpus` H200s (what `moefit bench` prints as planned); NF4 decoded by
+    `nf4_decoder` (default: the engine's; a record is planned with the decoder it ran, validation.measured_decoder)."""
+    p = plan_of(args, gpus, nf4_decoder)
     fit = p.gpus[0]
     return {"peak_allocated_bytes": p.memory.peak_allocated, "total_bytes": p.memory.total,
             "peak_phase": p.memory.peak_phase, "step_s": fit.step.step_s if fit.step else None,

@@ -75,7 +75,7 @@ def configs(gpus: int) -> dict[str, list[str]]:
 
 def fit_overlap(doc: dict, source: Path) -> int:
     from moefit.plan.calibration import CALIBRATION_PATH
-    from moefit.plan.validation import UNRECORDED_ENGINE, fit_overlap_exponent, write_calibration
+    from moefit.plan.validation import fit_overlap_exponent, measured_decoder, write_calibration
 
     rows = [r for r in doc["results"] if r.get("measured") and "--expert-parallel" in r["args"]]
     if not rows:
@@ -85,8 +85,7 @@ def fit_overlap(doc: dict, source: Path) -> int:
     def planned() -> list[tuple[str, float, float, float, int, float]]:
         out = []
         for r in rows:
-            decoder = (r["measured"].get("engine") or UNRECORDED_ENGINE)["nf4_decoder"]  # as it was measured
-            st = plan_of(r["args"], doc["gpus"], decoder).gpus[0].step
+            st = plan_of(r["args"], doc["gpus"], measured_decoder(r["measured"])).gpus[0].step  # as it ran
             accum = int(dict(zip(r["args"][::2], r["args"][1::2], strict=False))["--grad-accum"])
             out.append((r["name"], st.gpu_s, st.overhead_s, st.step_s - accum * st.micro_step_s, accum,
                         r["measured"]["step_s"], st.step_s))

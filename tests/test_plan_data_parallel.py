@@ -50,6 +50,8 @@ def test_plan_matches_the_recorded_two_gpu_runs():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from data_parallel import _plan
 
+    from moefit.plan.validation import measured_decoder
+
     doc = json.loads(RECORD.read_text())
     assert doc["gpus"] == 2
     checked = 0
@@ -57,7 +59,8 @@ def test_plan_matches_the_recorded_two_gpu_runs():
         many = row.get("n_gpus")
         if not many:
             continue
-        p, p1, one = _plan(row["args"], 2), _plan(row["args"], 1), row["one_gpu"]
+        decoder = measured_decoder(row["one_gpu"])  # planned with the NF4 decoder it ran
+        p, p1, one = _plan(row["args"], 2, decoder), _plan(row["args"], 1, decoder), row["one_gpu"]
         for b in [] if row.get("memory_stale") else many["peak_allocated_bytes_per_rank"]:  # (the engine changed)
             assert abs(p["peak_allocated_bytes"] - b) / b <= 0.03, row["name"]
         # What data parallelism adds to the step (the all-reduce, the slowest rank), against the same call's one-GPU

@@ -160,6 +160,12 @@ def _bench_records(doc: dict[str, Any], name: str) -> list[dict[str, Any]]:
     return out
 
 
+def measured_decoder(measured: dict[str, Any]) -> str:
+    """The engine.nf4_decoder of a recorded `moefit bench` run (its "engine"; a run recording none predates the
+    Triton decoder's default: bitsandbytes)."""
+    return (measured.get("engine") or UNRECORDED_ENGINE)["nf4_decoder"]
+
+
 def record_decoder(rec: dict[str, Any]) -> str:
     """The engine.nf4_decoder a record ran (a record of no recorded file: the engine's default)."""
     return (rec.get("engine") or {}).get("nf4_decoder") or EngineConfig.nf4_decoder
