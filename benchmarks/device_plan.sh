@@ -2,7 +2,7 @@
 # The next device calls, each one command that fits a 600 s call (the timeouts plus ~25 s of setup stay under it;
 # at most 8 files come back from $OUT). Run on the GPU machine from the repo root:
 #   bash benchmarks/device_plan.sh A    # nvidia-h200: GPU tests, host-sync audit, issue 15's seed rows + stock
-#   bash benchmarks/device_plan.sh P    # nvidia-h200: grouped vs fresh processes, with and without the profiler
+#   bash benchmarks/device_plan.sh P    # nvidia-h200: grouped vs fresh processes; CUPTI torn down or not; no profiler
 #   bash benchmarks/device_plan.sh F    # nvidia-h200: issue 13's family rows on the current engine, stock beside
 #   bash benchmarks/device_plan.sh S    # nvidia-h200-x2: Scout expert parallel vs data parallel (1 sync of 4 left)
 # Order for a 30-minute budget (each call ~350-560 s with the machine's start): A, P, F; S when a later budget
@@ -30,21 +30,28 @@ case "${1:?A, P, F or S}" in
       --layouts per-expert --loras seed >> "$out/setup.log" 2>&1; echo "stock rc $?" >> "$out/setup.log"
     tail -4 "$out/setup.log"
     ;;
-  P)  # 7 files: setup.log, {grouped,noprof,fresh}/plan_validation.{json,md}
+  P)  # 5 files: setup.log, {grouped,cupti,noprof,fresh}/plan_validation.json
     # The same Scout 1 x 2048 micro-step ran 0.81 s in a fresh `moefit bench` process (call U) and 1.09 s in the
-    # planner set's grouped process (call V), after other configurations and their profiled steps: the same
-    # configurations grouped as the set runs them, grouped with no profiled step (is it the profiler, whose
-    # CUPTI may stay attached?), and each in a fresh process; 3 timed steps each.
+    # planner set's grouped process (call V), after other configurations and their profiled steps. Kineto leaves
+    # CUPTI attached after a profile unless TEARDOWN_CUPTI=1 (pytorch/pytorch#144455), which measure_training now
+    # sets: grouped as the set runs them (teardown on), grouped with CUPTI left attached (TEARDOWN_CUPTI=0, as call
+    # V ran), grouped with no profiled step, and each in a fresh process; 3 timed steps each.
     PAIRS="loo-scout-r32-s512-b1-ga1 loo-scout-r32-s2048-b1-ga1 loo-scout-r32-s2048-b1-ga4 loo-gpt-oss-20b-r16-s512-b1-ga1 loo-gpt-oss-20b-r16-s512-b1-ga4"
+    FRESH="loo-scout-r32-s2048-b1-ga1 loo-scout-r32-s2048-b1-ga4 loo-gpt-oss-20b-r16-s512-b1-ga1 loo-gpt-oss-20b-r16-s512-b1-ga4"
+    pv="python3 benchmarks/plan_validation.py --configs loo --timed-steps 3"
     # shellcheck disable=SC2086
-    timeout 150 python3 benchmarks/plan_validation.py --out "$out/grouped" --configs loo --timed-steps 3 \
-      --only $PAIRS --deadline 140 >> "$out/setup.log" 2>&1; echo "grouped rc $?" >> "$out/setup.log"
+    timeout 130 $pv --out "$out/grouped" --only $PAIRS --deadline 120 >> "$out/setup.log" 2>&1
+    echo "grouped rc $?" >> "$out/setup.log"
     # shellcheck disable=SC2086
-    timeout 150 python3 benchmarks/plan_validation.py --out "$out/noprof" --configs loo --timed-steps 3 --no-profile \
-      --only $PAIRS --deadline 140 >> "$out/setup.log" 2>&1; echo "noprof rc $?" >> "$out/setup.log"
+    TEARDOWN_CUPTI=0 timeout 130 $pv --out "$out/cupti" --only $PAIRS --deadline 120 >> "$out/setup.log" 2>&1
+    echo "cupti rc $?" >> "$out/setup.log"
     # shellcheck disable=SC2086
-    timeout 240 python3 benchmarks/plan_validation.py --out "$out/fresh" --configs loo --timed-steps 3 \
-      --fresh-process --only $PAIRS --deadline 230 >> "$out/setup.log" 2>&1; echo "fresh rc $?" >> "$out/setup.log"
+    timeout 130 $pv --out "$out/noprof" --no-profile --only $PAIRS --deadline 120 >> "$out/setup.log" 2>&1
+    echo "noprof rc $?" >> "$out/setup.log"
+    # shellcheck disable=SC2086
+    timeout 150 $pv --out "$out/fresh" --fresh-process --only $FRESH --deadline 140 >> "$out/setup.log" 2>&1
+    echo "fresh rc $?" >> "$out/setup.log"
+    rm -f "$out"/*/plan_validation.md
     python3 -c "import json, sys
 for f in sys.argv[1:]:
     try:
@@ -54,7 +61,8 @@ for f in sys.argv[1:]:
     for r in rows:
         m = r['measured']; print(f.split('/')[-2], r['name'], round(m['step_s'], 3),
                                  [round(x, 3) for x in m.get('micro_step_s', [])], round(m.get('optimizer_s', 0), 3))
-" "$out/grouped/plan_validation.json" "$out/noprof/plan_validation.json" "$out/fresh/plan_validation.json"
+" "$out/grouped/plan_validation.json" "$out/cupti/plan_validation.json" "$out/noprof/plan_validation.json" \
+      "$out/fresh/plan_validation.json"
     ;;
   F)  # 3 files: setup.log, fam/families.{json,md}
     # Issue 13's rows measured on an earlier engine (bitsandbytes decoding) plan 18-27 % fast with the current

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import time
 from typing import Any
 
@@ -129,9 +130,15 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
 
 def kernel_profile(fn) -> tuple[float, float, int]:
     """One call of `fn` under torch.profiler (CUDA activity only): (seconds of CUDA kernels other than NCCL's,
-    seconds of NCCL kernels, how many kernels ran)."""
+    seconds of NCCL kernels, how many kernels ran).
+
+    The profiler is asked to tear CUPTI down when it stops (TEARDOWN_CUPTI=1, unless the environment says
+    otherwise): Kineto otherwise leaves CUPTI attached, and every later kernel launch of the process pays for it
+    (pytorch/pytorch#144455: 10-20 % slower training after a profile), which would slow whatever this process
+    measures next (benchmarks/plan_validation.py measures configurations one after another in one process)."""
     from torch.profiler import ProfilerActivity, profile
 
+    os.environ.setdefault("TEARDOWN_CUPTI", "1")
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
