@@ -34,7 +34,8 @@ ROOT = str(Path(__file__).resolve().parent.parent)
 
 def _where() -> str:
     """The innermost frames of the stack that are moefit's (else the innermost), as file:line function."""
-    frames = [f for f in traceback.extract_stack()[:-3] if "sync_audit.py" not in f.filename]
+    frames = [f for f in traceback.extract_stack()
+              if "sync_audit.py" not in f.filename and Path(f.filename).name != "warnings.py"]
     ours = [f for f in frames if f.filename.startswith(ROOT)]
     pick = (ours or frames)[-2:]
     return " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(pick))
