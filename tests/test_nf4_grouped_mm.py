@@ -64,6 +64,17 @@ CHILD = textwrap.dedent("""
                                             list(want.shape), torch.float16, lookup=lookup, block=block,
                                             warps=warps, double_quant=(dq.absmax2[rows], dq.offset[rows], dq.code2))
                 assert torch.equal(decoded, want), ("double quant", rows, lookup, block)
+    # Threads (the export's workers) each deciding a size's launch shape at once: the autotuning is serialized and
+    # each gets its own decode. (Sizes of their own: the interpreter cannot run two kernels at once.)
+    from concurrent.futures import ThreadPoolExecutor
+    triton_nf4._launch_shapes.clear()
+    ws = [NF4Weight((2, 24 + 8 * i, 64), dtype=torch.float16).quantize_(torch.randn(2, 24 + 8 * i, 64))
+          for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda w: triton_nf4.decode(w.packed, w.absmax, w.code, w.blocksize, list(w.shape),
+                                                        torch.float16, lookup="load",
+                                                        double_quant=(w.absmax2, w.offset, w.code2)), ws))
+    assert all(torch.equal(g, w.dequantize()) for g, w in zip(got, ws))
     print("ok")
 """)
 

@@ -16,6 +16,7 @@ time: the launch shape is autotuned once per size and then launched directly (25
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 
@@ -78,12 +79,15 @@ def decode(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block
     if block is None:
         key = (n_bytes, lookup, dtype, double_quant is not None)
         tuned = _launch_shapes.get(key)
-        if tuned is None:  # first call of this size: Triton times the shapes, the winner is kept for later calls
-            autotuned = _kernel(autotuned=True)
-            autotuned[lambda meta: (triton_cdiv(n_bytes, meta["BLOCK"]),)](*args, **consts)
-            best = autotuned.best_config
-            _launch_shapes[key] = (best.kwargs["BLOCK"], best.num_warps)
-            return out
+        if tuned is None:
+            with _tuning:  # the export decodes in threads: one autotuning at a time, its best_config its own
+                tuned = _launch_shapes.get(key)
+                if tuned is None:  # first call of this size: Triton times the shapes, the winner is kept
+                    autotuned = _kernel(autotuned=True)
+                    autotuned[lambda meta: (triton_cdiv(n_bytes, meta["BLOCK"]),)](*args, **consts)
+                    best = autotuned.best_config
+                    _launch_shapes[key] = (best.kwargs["BLOCK"], best.num_warps)
+                    return out
         block, warps = tuned
     _kernel()[(triton_cdiv(n_bytes, block),)](*args, BLOCK=block, num_warps=warps, **consts)
     return out
@@ -94,6 +98,7 @@ def decode(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block
 # key, lookup) is host time on every call, and a seed step at micro-batch 1 is host-bound
 # (benchmarks/nf4_decode_variants.md).
 _launch_shapes: dict[tuple[int, str, torch.dtype, bool], tuple[int, int]] = {}
+_tuning = threading.Lock()
 
 
 def triton_cdiv(a: int, b: int) -> int:
