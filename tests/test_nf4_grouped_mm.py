@@ -64,6 +64,13 @@ CHILD = textwrap.dedent("""
                                             list(want.shape), torch.float16, lookup=lookup, block=block,
                                             warps=warps, double_quant=(dq.absmax2[rows], dq.offset[rows], dq.code2))
                 assert torch.equal(decoded, want), ("double quant", rows, lookup, block)
+    # The largest quantization.blocksize (4096 values: 2,048 bytes per scale, more than the smallest launch block)
+    big = NF4Weight((2, 8, 1024), dtype=torch.float16, blocksize=4096).quantize_(torch.randn(2, 8, 1024))
+    for double in (False, True):
+        decoded = triton_nf4.decode(big.packed, big.absmax if double else big.absmax_fp32(), big.code, 4096,
+                                    list(big.shape), torch.float16, lookup="load",
+                                    double_quant=(big.absmax2, big.offset, big.code2) if double else None)
+        assert torch.equal(decoded, big.dequantize()), ("blocksize 4096", double)
     # Threads (the export's workers) each deciding a size's launch shape at once: the autotuning is serialized and
     # each gets its own decode. (Sizes of their own: the interpreter cannot run two kernels at once.)
     from concurrent.futures import ThreadPoolExecutor

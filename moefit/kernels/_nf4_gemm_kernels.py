@@ -282,18 +282,32 @@ DECODE_BLOCKS = (1024, 2048, 4096, 8192)
 DECODE_WARPS = (4, 8)
 
 
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def decode_configs():
-    if os.environ.get("TRITON_INTERPRET") == "1":  # CPU interpreter (tests): one config, nothing to time
-        return [triton.Config({"BLOCK": 1024}, num_warps=4)]
+    if _interpreted():  # CPU interpreter (tests): two shapes, so that the autotuner prunes and picks as on a GPU
+        return [triton.Config({"BLOCK": 1024}, num_warps=4), triton.Config({"BLOCK": 2048}, num_warps=4)]
     return [triton.Config({"BLOCK": b}, num_warps=w) for b in DECODE_BLOCKS for w in DECODE_WARPS]
 
 
 # Timed briefly (5 ms warm-up, 20 ms of runs per shape, against Triton's 25 / 100): a decode is under a
 # millisecond, and a training step meets several sizes on its first call.
 def _brief_bench(kernel_call, quantiles):
+    if _interpreted():  # nothing to time on the CPU: each shape runs once, all equally fast (the first is kept)
+        kernel_call()
+        return [1.0] * len(quantiles) if quantiles else 1.0
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
+def _whole_scale_blocks(configs, named_args, **kwargs):
+    """The launch shapes whose BLOCK holds whole scale blocks: quantization.blocksize goes up to 4096 values (2,048
+    bytes), past the smallest DECODE_BLOCKS."""
+    need = kwargs.get("BYTES_PER_BLOCK", 1)
+    return [c for c in configs if c.kwargs["BLOCK"] >= need] or [triton.Config({"BLOCK": need}, num_warps=4)]
+
+
 nf4_decode_autotuned = triton.autotune(configs=decode_configs(), key=["n_bytes", "LOOKUP", "DOUBLE_QUANT"],
-                                       do_bench=_brief_bench)(
-    nf4_decode)
+                                       do_bench=_brief_bench,
+                                       prune_configs_by={"early_config_prune": _whole_scale_blocks})(nf4_decode)
