@@ -127,6 +127,9 @@ def test_nf4_weight_decodes_through_the_triton_engine_path_as_bitsandbytes(monke
     q._decode(slice(None), list(q.shape), torch.bfloat16, out=out)
     for a, b in zip(want + [want[0]], got + [out], strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b)
+    from moefit.quant.nf4 import decoder_in_use
+
+    assert decoder_in_use("cuda") == decoder  # Triton decoded (no silent fall-back to bitsandbytes)
 
 
 def test_fused_nf4_grouped_matmul_matches_dequantize_then_grouped_mm(monkeypatch):
