@@ -109,6 +109,15 @@ def test_records_of_another_nf4_decoder_are_left_out_of_fits(capsys):
     # a recorded file that names no engine predates the Triton decoder's default: planned as bitsandbytes decoding
     legacy = _earlier_records("BNB_DECODER")
     assert legacy and all(r["engine"]["nf4_decoder"] == "bnb" for r in legacy)
+    # families.json / data_parallel.json rows keep the engine with each run (newer ones): read from there
+    from moefit.plan.validation import records_from_document
+
+    fam = json.loads((ROOT / "benchmarks" / "families.json").read_text())
+    assert {r["engine"]["nf4_decoder"] for r in records_from_document(fam, "families")} == {"bnb"}
+    for row in fam["results"]:
+        if row.get("measured"):
+            row["measured"]["engine"] = {"nf4_decoder": "triton-load"}
+    assert {r["engine"]["nf4_decoder"] for r in records_from_document(fam, "families")} == {"triton-load"}
     seed = next(r for r in recs if r["name"].endswith("seed-load:1x2048x8"))
     as_bnb = copy.deepcopy(seed) | {"engine": {"nf4_decoder": "bnb"}}
     assert planned_for(as_bnb)["step_s"] > planned_for(seed)["step_s"] * 1.05  # the slower decoder costs time

@@ -134,6 +134,7 @@ def _bench_doc_from_args(args: list[str], run: dict[str, Any]) -> dict[str, Any]
             "lora": {"r": r, "alpha": 2.0 * r, "expert_r": er, "routed_experts": er != 0,
                      "targets": a.get("--targets", "q,k,v,o,gate,up,down").split(","),
                      "dtype": a.get("--lora-dtype", "float32")},
+            "engine": run.get("engine"),  # kept with the run since 2026-11-30 (benchmarks/data_parallel._run_record)
             "runs": [run]}
 
 
