@@ -19,7 +19,7 @@ class _StandIn:
     def __init__(self, fail: list[BaseException | None]):
         self.fail, self.calls = fail, 0
 
-    def engine_lookup(self) -> str:
+    def lookup_of(self, nf4_decoder: str) -> str:
         return "load"
 
     def decode(self, packed, absmax, code, blocksize, shape, dtype, out=None, lookup="load", double_quant=None):
@@ -37,7 +37,7 @@ def stand_in(monkeypatch):
         monkeypatch.setattr(nf4, "_TRITON_FAILED", set())
         monkeypatch.setattr(nf4, "_TRITON_RAN", set())
         monkeypatch.setattr(nf4, "_triton_decoder",
-                            lambda device: None if nf4._TRITON_FAILED else decoder)
+                            lambda device, nf4_decoder=None: None if nf4._TRITON_FAILED else decoder)
         return decoder
     return install
 

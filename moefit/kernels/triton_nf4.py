@@ -43,9 +43,9 @@ LOOKUPS = {"select": 1, "load": 0, "gather": 2}
 DEFAULT_LOOKUP = "select"
 
 
-def engine_lookup() -> str:
-    """The lookup `engine.nf4_decoder` selects: triton (the select tree), triton-load, triton-gather."""
-    _, _, lookup = engine_switches.current().nf4_decoder.partition("-")
+def lookup_of(nf4_decoder: str) -> str:
+    """The lookup an `engine.nf4_decoder` value selects: triton (the select tree), triton-load, triton-gather."""
+    _, _, lookup = nf4_decoder.partition("-")
     return lookup or DEFAULT_LOOKUP
 
 

@@ -23,13 +23,13 @@ from torch import nn
 from .. import engine_switches
 
 
-def _triton_decoder(device: torch.device):
-    """moefit.kernels.triton_nf4 when `engine.nf4_decoder` (default `triton-load`) selects it and it can run on
-    `device` (CUDA), else None (bitsandbytes decodes). The Triton kernels are imported here, on first use, never
-    with this module."""
+def _triton_decoder(device: torch.device, nf4_decoder: str | None = None):
+    """moefit.kernels.triton_nf4 when `nf4_decoder` (default: the engine's setting, `triton-load` unless set)
+    selects it and it can run on `device` (CUDA), else None (bitsandbytes decodes). The Triton kernels are imported
+    here, on first use, never with this module."""
     if device.type != "cuda":
         return None
-    return _triton_decoder_for(engine_switches.current().nf4_decoder)
+    return _triton_decoder_for(nf4_decoder or engine_switches.current().nf4_decoder)
 
 
 @functools.cache
@@ -249,7 +249,8 @@ class NF4Weight(nn.Module):
         into `out` (contiguous, `shape`) when given."""
         whole = rows == _ALL
         packed = self.packed if whole else self.packed[rows]
-        triton_nf4 = _triton_decoder(self.packed.device)
+        name = engine_switches.current().nf4_decoder
+        triton_nf4 = _triton_decoder(self.packed.device, name)
         direct = out is not None and dtype == self.dtype and self.packed.is_cuda  # (.out: CUDA backend only)
         if triton_nf4 is not None:  # double-quantized scales are decoded inside its kernel: one launch
             if self.double_quant:
@@ -259,10 +260,9 @@ class NF4Weight(nn.Module):
             else:
                 absmax, double_quant = self.absmax_fp32(rows), None
             got = _triton_decode_or_fall_back(
-                engine_switches.current().nf4_decoder,
-                lambda: triton_nf4.decode(packed, absmax, self.code, self.blocksize, shape, self.dtype,
-                                          out=out if direct else None, lookup=triton_nf4.engine_lookup(),
-                                          double_quant=double_quant))
+                name, lambda: triton_nf4.decode(packed, absmax, self.code, self.blocksize, shape, self.dtype,
+                                                out=out if direct else None, lookup=triton_nf4.lookup_of(name),
+                                                double_quant=double_quant))
             if got is None:
                 return self._decode(rows, shape, dtype, out)
         elif direct:
