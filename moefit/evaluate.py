@@ -38,7 +38,9 @@ def heldout_sums(model: Any, sequences: list[dict], batch_size: int, pad_id: int
     passes = -(-len(starts) // world_size) if equal_passes else len(mine)
     for n in range(passes):
         i = mine[n] if n < len(mine) else starts[0]
-        batch = {k: v.to(device) for k, v in collate(sequences[i:i + batch_size], pad_id=pad_id).items()}
+        # position ids stay in host memory: the model tells packed rows there (no device sync per batch)
+        batch = {k: v if k == "position_ids" else v.to(device)
+                 for k, v in collate(sequences[i:i + batch_size], pad_id=pad_id).items()}
         out = model(**batch)
         if n < len(mine):
             loss_sum += float(out.loss_sum)

@@ -457,3 +457,33 @@ def test_loss_over_labels_in_host_memory_never_syncs_the_host():
     assert torch.equal(rows, rows_gpu) and torch.equal(y, y_gpu)
     want = chunked_cross_entropy_sum(hidden.detach().reshape(-1, 64)[rows_gpu], weight, y_gpu, 256)
     assert torch.equal(loss.detach(), want)
+
+
+@pytest.mark.parametrize("case", ["llama4-top2-4e-rope", "qwen3_moe", "gpt_oss"])
+def test_packed_micro_step_with_host_positions_and_labels_never_syncs_the_host(tmp_path, case):
+    """A training micro-step as the trainer runs it (packed rows; labels and position ids in host memory; NF4
+    experts; LoRA; checkpointing): forward and backward queue their work without a single device sync (torch's
+    sync debug mode raises on one), after one warm-up step (the decoder's launch shapes are tuned once)."""
+    import moefit
+    from moefit.lora import add_lora
+    from tests.families import CASES, write_checkpoint
+
+    write_checkpoint(tmp_path, CASES[case])
+    model = moefit.load_model(str(tmp_path), quantization="nf4", dtype=torch.bfloat16, device="cuda")
+    add_lora(model, r=8, alpha=16, dropout=0.0)
+    model.enable_gradient_checkpointing()
+    model.train()
+    ids = torch.randint(3, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    positions = torch.stack([torch.arange(64), torch.cat([torch.arange(20), torch.arange(44)])])
+    labels = ids.clone()
+    labels[1, 20] = -100  # the first token of the second sample carries no loss
+    ids = ids.cuda()
+    for debug in ("default", "error"):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode(debug)
+        try:
+            out = model(ids, labels=labels, position_ids=positions)
+            out.loss_sum.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out.loss_sum).item()

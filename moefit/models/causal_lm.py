@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from torch import nn
 from ..labels import IGNORE_INDEX
 from ..moe import recompute
 from ..moe.experts import MoefitExperts
+from . import host_positions
 from .loss import chunked_cross_entropy_sum
 
 
@@ -48,6 +50,7 @@ class MoefitCausalLM(nn.Module):
         self.quantization = quantization
         self.dtype = dtype
         self.loss_chunk = loss_chunk
+        host_positions.install()
 
     @property
     def config(self):
@@ -83,8 +86,18 @@ class MoefitCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 return_logits: bool = False) -> CausalLMOutput:
-        hidden = self.hf.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                               use_cache=False).last_hidden_state
+        """`labels` and `position_ids` may (and in training should) stay in host memory: the label positions and
+        whether rows pack several samples are then decided there, with no device sync (labels.label_rows,
+        host_positions)."""
+        if position_ids is None or position_ids.device.type == "cpu":
+            known = host_positions.known(position_ids, tuple(input_ids.shape))
+            if position_ids is not None:
+                position_ids = host_positions.to_device(position_ids, self.device)
+        else:
+            known = contextlib.nullcontext()
+        with known:
+            hidden = self.hf.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                   use_cache=False).last_hidden_state
         out = CausalLMOutput()
         if labels is not None:
             rows, y = label_rows(labels, hidden.device)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import host_positions
+
 NAME = "moefit_fused_sinks"  # no "sdpa" in it: transformers would check the class for its own SDPA path
 
 
@@ -65,7 +67,8 @@ def _with_sample_boundaries(attention_mask: torch.Tensor | None, position_ids: t
 
     transformers' gpt-oss builds its masks without the position ids, so packed samples would attend to each other
     (other families detect packing from them). Without packing, or with a KV cache (t != s), the mask is unchanged.
-    One host read per forward (cached on the position ids tensor), none per layer."""
+    Decided from the forward's host copy of the position ids when there is one (host_positions); else one host
+    read per forward (cached on the position ids tensor), none per layer."""
     if position_ids is None or t != s or position_ids.shape[-1] != t:
         return attention_mask
     # The tensors themselves are held with the entry, so their ids cannot be reused by new tensors meanwhile.
@@ -75,7 +78,7 @@ def _with_sample_boundaries(attention_mask: torch.Tensor | None, position_ids: t
         return _PACKED["mask"]
     pos = position_ids.reshape(-1, t)
     mask = attention_mask
-    if bool((pos[:, 1:] == 0).any()):
+    if _restarts_inside_a_row(position_ids):
         sample = torch.cumsum((pos == 0).to(torch.int32), dim=-1)  # [B, T]: which sample of the row
         q_at = torch.arange(t, device=pos.device)
         allowed = (sample[:, :, None] == sample[:, None, :]) & (q_at[None, :] <= q_at[:, None])[None]
@@ -90,6 +93,27 @@ def _with_sample_boundaries(attention_mask: torch.Tensor | None, position_ids: t
             mask = attention_mask[..., :s].masked_fill(~allowed, torch.finfo(attention_mask.dtype).min)
     _PACKED.update(key=key, mask=mask)
     return mask
+
+
+_RESTARTS: dict[str, object] = {}  # the last position ids seen and whether their rows restart inside
+
+
+def _restarts_inside_a_row(position_ids: torch.Tensor) -> bool:
+    """Some row packs several samples. From the forward's host copy when there is one (host_positions); kept
+    with the tensor, so the recomputation in backward (checkpointing, outside the forward) and the other
+    windows' layers reuse it; else read back from the device once."""
+    old = _RESTARTS.get("key")
+    if old is not None and old[0] is position_ids and old[1] == position_ids._version:
+        return bool(_RESTARTS["value"])
+    on_host = host_positions.current(position_ids)
+    value = on_host.restarts_inside_a_row() if on_host is not None else _restarts_on_device(position_ids)
+    _RESTARTS.update(key=(position_ids, position_ids._version), value=value)
+    return value
+
+
+def _restarts_on_device(position_ids: torch.Tensor) -> bool:
+    """The fall-back: one host read of the device's position ids."""
+    return bool((position_ids.reshape(-1, position_ids.shape[-1])[:, 1:] == 0).any())
 
 
 def _mask_with_sink(attention_mask: torch.Tensor | None, t: int, s: int, window: int | None,

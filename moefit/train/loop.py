@@ -488,8 +488,9 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
         denom = max(step_label_tokens, 1)
         loss_acc = torch.zeros((), dtype=torch.float32, device=device)
         for i, (batch, count) in enumerate(zip(step.mine, step.mine_label_tokens, strict=True)):
-            # labels stay in host memory: the model selects the label positions there (no device sync)
-            batch = {k: v if k == "labels" else
+            # labels and positions stay in host memory: the model selects the label positions and tells packed
+            # rows there (no device sync)
+            batch = {k: v if k in ("labels", "position_ids") else
                      v.to(model.input_device if k == "input_ids" else device, non_blocking=True)
                      for k, v in batch.items()}
             with grad_sync(wrapped, sync=i == len(step.mine) - 1):  # ranks' gradients summed after the last one
