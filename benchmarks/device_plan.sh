@@ -2,7 +2,8 @@
 # The next device calls, each one command that fits a 600 s call (the timeouts plus ~25 s of setup stay under it;
 # at most 8 files come back from $OUT). Run on the GPU machine from the repo root:
 #   bash benchmarks/device_plan.sh A    # nvidia-h200: GPU tests, host-sync audit, issue 15's seed rows + stock
-#   bash benchmarks/device_plan.sh B    # nvidia-h200: call A after the packed-rows check moved to the host (+ Qwen3)
+#   bash benchmarks/device_plan.sh B    # nvidia-h200: A with the no-sync GPU tests only, + Qwen3-30B vs stock
+#                                       # (run on 2026-12-01 as CALL_S=590 bash benchmarks/device_plan.sh B)
 #   bash benchmarks/device_plan.sh P    # nvidia-h200: grouped vs fresh processes; CUPTI torn down or not; no profiler
 #   bash benchmarks/device_plan.sh F    # nvidia-h200: issue 13's family rows on the current engine, stock beside
 #   bash benchmarks/device_plan.sh S    # nvidia-h200-x2: Scout expert parallel vs data parallel (1 sync of 4 left)
@@ -15,30 +16,16 @@ set -uo pipefail
 out=${OUT:?set OUT}
 . benchmarks/gpu_env.sh > "$out/setup.log" 2>&1 || { cat "$out/setup.log"; exit 1; }
 case "${1:?A, B, P, F or S}" in
-  A)  # 7 files: setup.log, gpu_tests.log, sync/sync_audit.{json,md}, step_ab.json, stock/stock_baseline.{json,md}
+  A|B)  # A: 7 files: setup.log, gpu_tests.log, sync/sync_audit.{json,md}, step_ab.json, stock/stock_baseline.json
+        # B: the same + fam/families.{json,md}
     # The GPU tests (the decoder's engine path, the loss without a sync), where the host still waits for the GPU
     # in a step (per family), then issue 15's acceptance rows in one call: the seed recipe as written and its auto
-    # layout with the default engine (labels now stay on the host), and the stock stack beside them.
-    timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py > "$out/gpu_tests.log" 2>&1
+    # layout with the default engine (labels and position ids stay on the host), and the stock stack beside them.
+    # B (after the packed-rows check moved to the host, host_positions): only the no-sync GPU tests, and Qwen3-30B
+    # against stock (micro-batch 1 and the 24 GB auto layout) if the call has time left.
+    tests=(); [ "$1" = B ] && tests=(-k "sync or host")
+    timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py "${tests[@]}" > "$out/gpu_tests.log" 2>&1
     echo "gpu tests rc $?" >> "$out/setup.log"; tail -3 "$out/gpu_tests.log"
-    timeout 120 python3 benchmarks/sync_audit.py --out "$out/sync" --models llama4-scout qwen3-30b-a3b gpt-oss-20b \
-      llama3.1-8b > "$out/sync.log" 2>&1; echo "sync audit rc $?" >> "$out/setup.log"
-    tail -6 "$out/sync.log"; rm -f "$out/sync.log"
-    auto="--grad-accum 8 --layout auto --memory-limit-gib 79.65"
-    STEPS=2 timeout 200 bash benchmarks/step_ab.sh 2048 "seed::--grad-accum 8" "auto::$auto" > "$out/a.log" 2>&1
-    echo "seed rc $?" >> "$out/setup.log"; cat "$out/a.log"; rm -f "$out/a.log"
-    timeout 110 python3 benchmarks/stock_baseline.py --out "$out/stock" --layers 2 4 --seq-len 2048 \
-      --layouts per-expert --loras seed >> "$out/setup.log" 2>&1; echo "stock rc $?" >> "$out/setup.log"
-    tail -4 "$out/setup.log"
-    ;;
-  B)  # 8 files: setup.log, gpu_tests.log, sync/sync_audit.{json,md}, step_ab.json, stock/stock_baseline.json,
-      # fam/families.{json,md}
-    # Call A again after the packed-rows check moved to the host (host_positions: transformers read the GPU back
-    # once per attention mask, i.e. at the start of every micro-step's forward, draining the queue): the no-sync
-    # GPU tests, the audit (expected: no sync left in Scout, Qwen3, gpt-oss, dense), the seed rows with stock
-    # beside them, and Qwen3-30B against stock (micro-batch 1 and the 24 GB auto layout) if time is left.
-    timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -k "sync or host" \
-      > "$out/gpu_tests.log" 2>&1; echo "gpu tests rc $?" >> "$out/setup.log"; tail -3 "$out/gpu_tests.log"
     timeout 120 python3 benchmarks/sync_audit.py --out "$out/sync" --models llama4-scout qwen3-30b-a3b gpt-oss-20b \
       llama3.1-8b > "$out/sync.log" 2>&1; echo "sync audit rc $?" >> "$out/setup.log"
     tail -6 "$out/sync.log"; rm -f "$out/sync.log"
@@ -49,7 +36,7 @@ case "${1:?A, B, P, F or S}" in
       --layouts per-expert --loras seed >> "$out/setup.log" 2>&1; echo "stock rc $?" >> "$out/setup.log"
     rm -f "$out/stock/stock_baseline.md"; tail -3 "$out/setup.log"
     left=$((${CALL_S:-600} - 60 - SECONDS))
-    if [ "$left" -gt 100 ]; then
+    if [ "$1" = B ] && [ "$left" -gt 100 ]; then
       timeout "$left" python3 benchmarks/families.py --out "$out/fam" --models qwen3-30b-a3b \
         --variants "auto24:--layout auto --memory-limit-gib 22.5" >> "$out/setup.log" 2>&1
       echo "families rc $?" >> "$out/setup.log"; grep -A3 "^| model | goal" "$out/fam/families.md"

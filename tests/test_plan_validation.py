@@ -113,7 +113,8 @@ def test_records_of_another_nf4_decoder_are_left_out_of_fits(capsys):
     from moefit.plan.validation import records_from_document
 
     fam = json.loads((ROOT / "benchmarks" / "families.json").read_text())
-    assert {r["engine"]["nf4_decoder"] for r in records_from_document(fam, "families")} == {"bnb"}
+    decoders = {r["name"]: r["engine"]["nf4_decoder"] for r in records_from_document(fam, "families")}
+    assert decoders and set(decoders.values()) == {"bnb", "triton-load"}, decoders  # older calls / eighth session
     for row in fam["results"]:
         if row.get("measured"):
             row["measured"]["engine"] = {"nf4_decoder": "triton-load"}
