@@ -5,17 +5,19 @@
 #   bash benchmarks/device_plan.sh B    # nvidia-h200: A with the no-sync GPU tests only, + Qwen3-30B vs stock
 #                                       # (run on 2026-12-01 as CALL_S=590 bash benchmarks/device_plan.sh B)
 #   bash benchmarks/device_plan.sh P    # nvidia-h200: grouped vs fresh processes; CUPTI torn down or not; no profiler
+#   bash benchmarks/device_plan.sh G    # nvidia-h200: engine.gc_freeze on/off: seed 1 x 8 twice each, Qwen3 1 x 2, GC pauses
+#   bash benchmarks/device_plan.sh D    # nvidia-h200: Llama 3.1 8B's set rows grouped / fresh / moefit bench (host per launch)
 #   bash benchmarks/device_plan.sh F    # nvidia-h200: issue 13's family rows on the current engine, stock beside
 #   bash benchmarks/device_plan.sh S    # nvidia-h200-x2: Scout expert parallel vs data parallel (1 sync of 4 left)
-# Order for a 30-minute budget (each call ~350-560 s with the machine's start): A, P, F; S when a later budget
-# allows. Calls Q, R, T, U (seventh session: the NF4 decoders, the seed step at 2,533 tok/s) are in git history;
-# what they measured is in benchmarks/speed_targets.md.
+# Next session (30-minute budget, each call ~350-560 s with the machine's start): G, D, then A for issue 15's rows
+# with stock beside them; S on the x2 kind when a budget allows. A, B, P, F ran in the eighth session, Q, R, T, U
+# in the seventh; what they measured is in benchmarks/speed_targets.md.
 # One GPU, one job at a time: host-bound steps measured next to another lane ran up to 2x slower
 # (benchmarks/speed_targets.md), so nothing here runs in lanes.
 set -uo pipefail
 out=${OUT:?set OUT}
 . benchmarks/gpu_env.sh > "$out/setup.log" 2>&1 || { cat "$out/setup.log"; exit 1; }
-case "${1:?A, B, P, F or S}" in
+case "${1:?A, B, D, G, P, F or S}" in
   A|B)  # A: 7 files: setup.log, gpu_tests.log, sync/sync_audit.{json,md}, step_ab.json, stock/stock_baseline.json
         # B: the same + fam/families.{json,md}
     # The GPU tests (the decoder's engine path, the loss without a sync), where the host still waits for the GPU
@@ -76,6 +78,39 @@ for f in sys.argv[1:]:
 " "$out/grouped/plan_validation.json" "$out/cupti/plan_validation.json" "$out/noprof/plan_validation.json" \
       "$out/fresh/plan_validation.json"
     ;;
+  G)  # 5 files: setup.log, step_ab.json, fam/families.{json,md}, gc/gc_pauses.json
+    # engine.gc_freeze (moefit/host_gc.py): the seed step 1 x 8 with the model frozen (default) and not,
+    # alternating twice in one call (the host's pace moves the step by +-15 % between runs), Qwen3-30B's host-bound
+    # 1 x 2 the same way, and the collector's pauses on this host (benchmarks/gc_pauses.py, CUDA, tiny widths).
+    STEPS=3 timeout 330 bash benchmarks/step_ab.sh 2048 "freeze::--grad-accum 8" \
+      "nofreeze:gc_freeze=false:--grad-accum 8" "freeze2::--grad-accum 8" "nofreeze2:gc_freeze=false:--grad-accum 8" \
+      > "$out/g.log" 2>&1; echo "seed rc $?" >> "$out/setup.log"; cat "$out/g.log"; rm -f "$out/g.log"
+    left=$((${CALL_S:-600} - 40 - SECONDS))
+    timeout $((left > 150 ? 110 : left - 40)) python3 benchmarks/families.py --out "$out/fam" --models qwen3-30b-a3b \
+      --no-stock --variants "nofreeze:--engine gc_freeze=false" >> "$out/setup.log" 2>&1
+    echo "families rc $?" >> "$out/setup.log"; grep -A3 "^| model | variant" "$out/fam/families.md"
+    mkdir -p "$out/gc"; left=$((${CALL_S:-600} - 20 - SECONDS))
+    timeout "$left" python3 benchmarks/gc_pauses.py --device cuda --steps 2 --json "$out/gc/gc_pauses.json" \
+      >> "$out/setup.log" 2>&1; echo "gc pauses rc $?" >> "$out/setup.log"; rm -f "$out/gc/gc_pauses.md"
+    tail -8 "$out/setup.log"
+    ;;
+  D)  # 4 files: setup.log, {grouped,fresh}/plan_validation.json, bench8b.json
+    # Llama 3.1 8B's 1 x 2048 micro-step took 0.685 s in the planner set's group (call V, 70 us of host per launch)
+    # and 0.29 s in families.py's `moefit bench` (call F, 30 us) with the same kernels (0.224 s, ~9,850
+    # launches): the 8B rows of the set grouped and fresh, and the bench beside them, one host, one call.
+    R8="loo-llama3.1-8b-r16-s512-b1-ga1 loo-llama3.1-8b-r16-s2048-b1-ga1 loo-llama3.1-8b-r16-s2048-b1-ga8"
+    pv="python3 benchmarks/plan_validation.py --configs loo --timed-steps 3"
+    # shellcheck disable=SC2086
+    timeout 150 $pv --out "$out/grouped" --only $R8 --deadline 140 >> "$out/setup.log" 2>&1
+    echo "grouped rc $?" >> "$out/setup.log"
+    # shellcheck disable=SC2086
+    timeout 170 $pv --out "$out/fresh" --fresh-process --only $R8 --deadline 160 >> "$out/setup.log" 2>&1
+    echo "fresh rc $?" >> "$out/setup.log"
+    timeout 120 python3 -m moefit bench --model llama3.1-8b --seq-len 2048 --grad-accum 2 --rank 16 --expert-rank 0 \
+      --targets q,k,v,o,gate,up,down --json > "$out/bench8b.json" 2>> "$out/setup.log"
+    echo "bench rc $?" >> "$out/setup.log"; rm -f "$out"/*/plan_validation.md
+    grep -h "^| loo-llama" "$out"/*/plan_validation_loo.md 2>/dev/null | cut -c1-60; tail -4 "$out/setup.log"
+    ;;
   F)  # 3 files: setup.log, fam/families.{json,md}
     # Issue 13's rows measured on an earlier engine (bitsandbytes decoding) plan 18-27 % fast with the current
     # constants: the four one-GPU families that fit a quick call measured again, stock beside each
@@ -90,5 +125,5 @@ for f in sys.argv[1:]:
     timeout 540 python3 benchmarks/expert_parallel.py --out "$out/ep" --gpus 2 --configs scout > "$out/s.log" 2>&1
     echo "S rc $?" >> "$out/setup.log"; tail -12 "$out/s.log"
     ;;
-  *) echo "unknown call $1 (A, B, P, F or S)"; exit 2 ;;
+  *) echo "unknown call $1 (A, B, D, G, P, F or S)"; exit 2 ;;
 esac

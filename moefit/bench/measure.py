@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import engine_switches
 from ..errors import MoefitError
+from ..host_gc import frozen_heap
 from ..models.causal_lm import MoefitCausalLM
 
 
@@ -90,15 +92,16 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
         mark()
 
     times = []
-    for step in range(warmup + steps):
-        if cuda:
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        one_step()
-        if cuda:
-            torch.cuda.synchronize(device)
-        if step >= warmup:
-            times.append(time.perf_counter() - t0)
+    with frozen_heap(engine_switches.current().gc_freeze):  # as the trainer's loop runs (moefit/host_gc.py)
+        for step in range(warmup + steps):
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            one_step()
+            if cuda:
+                torch.cuda.synchronize(device)
+            if step >= warmup:
+                times.append(time.perf_counter() - t0)
     step_s = sum(times) / len(times)
     result = {"seq_len": seq_len, "batch": batch, "grad_accum": grad_accum, "steps": steps,
               "step_s": step_s, "tokens_per_s": batch * seq_len * grad_accum / step_s,

@@ -24,6 +24,7 @@ import torch
 from ..config import RunConfig, save_config
 from ..devices import pick_device
 from ..errors import ConfigError, DataError, MoefitError
+from ..host_gc import frozen_heap
 from ..labels import IGNORE_INDEX
 from ..parallel import dist as pdist
 from ..parallel import expert_parallel
@@ -480,94 +481,96 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
     session_t0, session_tokens, session_train_s = time.perf_counter(), 0, 0.0
     elapsed_base = state.elapsed_s
     nan_step = None
-    while state.step < stop_step:
-        ts = time.perf_counter()
-        # This rank's micro-batches of the step; the label tokens and tokens of the whole step (all ranks).
-        step = take_step(batches, t.grad_accum, ctx, _label_tokens)
-        pos, step_label_tokens, step_tokens = step.position, step.label_tokens, step.tokens
-        denom = max(step_label_tokens, 1)
-        loss_acc = torch.zeros((), dtype=torch.float32, device=device)
-        for i, (batch, count) in enumerate(zip(step.mine, step.mine_label_tokens, strict=True)):
-            # labels and positions stay in host memory: the model selects the label positions and tells packed
-            # rows there (no device sync)
-            batch = {k: v if k in ("labels", "position_ids") else
-                     v.to(model.input_device if k == "input_ids" else device, non_blocking=True)
-                     for k, v in batch.items()}
-            with grad_sync(wrapped, sync=i == len(step.mine) - 1):  # ranks' gradients summed after the last one
-                out = wrapped(**batch)
-                if int(out.num_tokens) != count:
-                    raise RuntimeError(f"label-token count mismatch: loop counted {count}, "
-                                       f"model {int(out.num_tokens)}")
-                loss = out.loss_sum / denom  # the gradient of the step = that of the mean over all its label tokens
-                (scaler.scale(loss) if scaler else loss).backward()
-            loss_acc += out.loss_sum.detach().float()
-        if scaler:
-            scaler.unscale_(optimizer)
-        if ep:
-            ep.reduce_expert_grads(experts)
-            grad_norm = ep.clip_grad_norm_(replicated, experts, max_norm)
-        else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
-        lr = scheduler.get_last_lr()[0]
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=not ctx.enabled)  # DDP's gradients are views of its buckets: keep them
+    # the model's Python objects out of the garbage collector's full collections while the loop runs (host_gc)
+    with frozen_heap(cfg.engine.gc_freeze):
+        while state.step < stop_step:
+            ts = time.perf_counter()
+            # This rank's micro-batches of the step; the label tokens and tokens of the whole step (all ranks).
+            step = take_step(batches, t.grad_accum, ctx, _label_tokens)
+            pos, step_label_tokens, step_tokens = step.position, step.label_tokens, step.tokens
+            denom = max(step_label_tokens, 1)
+            loss_acc = torch.zeros((), dtype=torch.float32, device=device)
+            for i, (batch, count) in enumerate(zip(step.mine, step.mine_label_tokens, strict=True)):
+                # labels and positions stay in host memory: the model selects the label positions and tells packed
+                # rows there (no device sync)
+                batch = {k: v if k in ("labels", "position_ids") else
+                         v.to(model.input_device if k == "input_ids" else device, non_blocking=True)
+                         for k, v in batch.items()}
+                with grad_sync(wrapped, sync=i == len(step.mine) - 1):  # ranks' gradients summed after the last one
+                    out = wrapped(**batch)
+                    if int(out.num_tokens) != count:
+                        raise RuntimeError(f"label-token count mismatch: loop counted {count}, "
+                                           f"model {int(out.num_tokens)}")
+                    loss = out.loss_sum / denom  # the gradient of the step = that of the mean over all its label tokens
+                    (scaler.scale(loss) if scaler else loss).backward()
+                loss_acc += out.loss_sum.detach().float()
+            if scaler:
+                scaler.unscale_(optimizer)
+            if ep:
+                ep.reduce_expert_grads(experts)
+                grad_norm = ep.clip_grad_norm_(replicated, experts, max_norm)
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+            lr = scheduler.get_last_lr()[0]
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=not ctx.enabled)  # DDP's gradients are views of its buckets: keep them
 
-        step_loss = pdist.all_reduce_sum([float(loss_acc)], ctx)[0] / denom
-        state.step += 1
-        state.data_epoch, state.data_index = pos.epoch, pos.index
-        state.tokens_seen += step_tokens
-        state.label_tokens_seen += step_label_tokens
-        state.train_time_s += time.perf_counter() - ts
-        session_train_s += time.perf_counter() - ts
-        session_tokens += step_tokens
-        step_losses.append(step_loss)
-        state.elapsed_s = elapsed_base + time.perf_counter() - session_t0
-        tok_s = session_tokens / max(session_train_s, 1e-9)  # training only: evals are not in it; all ranks
-        logged = state.step % t.log_every == 0 or state.step == stop_step or not math.isfinite(step_loss)
-        peaks = pdist.all_gather_int(peak_memory_bytes(device), ctx) if logged else [peak_memory_bytes(device)]
-        peak = max(peaks)
-        if logged:
-            record = {"kind": "train", "step": state.step, "loss": step_loss, "lr": lr,
-                      "tokens_per_s": round(tok_s, 2), "peak_mem_bytes": peak, "grad_norm": grad_norm,
-                      "elapsed_s": round(state.elapsed_s, 3), "tokens": state.tokens_seen,
-                      "label_tokens": step_label_tokens, "epoch": state.data_epoch}
-            if ctx.enabled:
-                record["peak_mem_bytes_per_rank"] = peaks
-            write_metrics(record)
-        done_s = time.perf_counter() - session_t0
-        eta = done_s / len(step_losses) * (stop_step - state.step)
-        console.status(progress_line(state.step, total_steps, step_loss, lr, grad_norm, tok_s, peaks, eta),
-                       permanent=state.step % t.log_every == 0 or state.step == stop_step)
-        bad = failures.non_finite(step_loss, grad_norm if scaler is None else 0.0)  # fp16: the scaler skips inf
-        if bad:
-            nan_step = state.step
-            if smoke:
-                break
-            raise MoefitError(failures.nan_message(bad, state.step, t, run_dir))
-        if has_eval and state.step % t.eval_every == 0:
-            last_eval_loss = run_eval(state.step)
-            last_eval_step = state.step
-        stopping = stop.agreed(ctx) and state.step < total_steps
-        path = None
-        if not smoke and (state.step % t.save_every == 0 or state.step == total_steps or stopping):
-            rngs = pdist.gather_objects(ckpt.capture_rng(), ctx)
-            adapter_state = whole_adapter()
-            # Expert parallelism: every rank's optimizer state is its own (its experts' moments)
-            optimizers = pdist.gather_objects(optimizer.state_dict(), ctx) if ep else None
-            path = run_dir / "checkpoints" / f"step-{state.step}"
-            if ctx.is_main:
-                ckpt.save_checkpoint(run_dir / "checkpoints", state, model, optimizer, scheduler, scaler,
-                                     rank_rngs=rngs, identity=identity, adapter_state=adapter_state,
-                                     rank_optimizers=optimizers)
-                ckpt.prune_checkpoints(run_dir / "checkpoints", t.keep_checkpoints)
-                say(f"checkpoint: {path}")
-        if stopping:
-            raise stop.preempted(state.step, path, run_dir)
+            step_loss = pdist.all_reduce_sum([float(loss_acc)], ctx)[0] / denom
+            state.step += 1
+            state.data_epoch, state.data_index = pos.epoch, pos.index
+            state.tokens_seen += step_tokens
+            state.label_tokens_seen += step_label_tokens
+            state.train_time_s += time.perf_counter() - ts
+            session_train_s += time.perf_counter() - ts
+            session_tokens += step_tokens
+            step_losses.append(step_loss)
+            state.elapsed_s = elapsed_base + time.perf_counter() - session_t0
+            tok_s = session_tokens / max(session_train_s, 1e-9)  # training only: evals are not in it; all ranks
+            logged = state.step % t.log_every == 0 or state.step == stop_step or not math.isfinite(step_loss)
+            peaks = pdist.all_gather_int(peak_memory_bytes(device), ctx) if logged else [peak_memory_bytes(device)]
+            peak = max(peaks)
+            if logged:
+                record = {"kind": "train", "step": state.step, "loss": step_loss, "lr": lr,
+                          "tokens_per_s": round(tok_s, 2), "peak_mem_bytes": peak, "grad_norm": grad_norm,
+                          "elapsed_s": round(state.elapsed_s, 3), "tokens": state.tokens_seen,
+                          "label_tokens": step_label_tokens, "epoch": state.data_epoch}
+                if ctx.enabled:
+                    record["peak_mem_bytes_per_rank"] = peaks
+                write_metrics(record)
+            done_s = time.perf_counter() - session_t0
+            eta = done_s / len(step_losses) * (stop_step - state.step)
+            console.status(progress_line(state.step, total_steps, step_loss, lr, grad_norm, tok_s, peaks, eta),
+                           permanent=state.step % t.log_every == 0 or state.step == stop_step)
+            bad = failures.non_finite(step_loss, grad_norm if scaler is None else 0.0)  # fp16: the scaler skips inf
+            if bad:
+                nan_step = state.step
+                if smoke:
+                    break
+                raise MoefitError(failures.nan_message(bad, state.step, t, run_dir))
+            if has_eval and state.step % t.eval_every == 0:
+                last_eval_loss = run_eval(state.step)
+                last_eval_step = state.step
+            stopping = stop.agreed(ctx) and state.step < total_steps
+            path = None
+            if not smoke and (state.step % t.save_every == 0 or state.step == total_steps or stopping):
+                rngs = pdist.gather_objects(ckpt.capture_rng(), ctx)
+                adapter_state = whole_adapter()
+                # Expert parallelism: every rank's optimizer state is its own (its experts' moments)
+                optimizers = pdist.gather_objects(optimizer.state_dict(), ctx) if ep else None
+                path = run_dir / "checkpoints" / f"step-{state.step}"
+                if ctx.is_main:
+                    ckpt.save_checkpoint(run_dir / "checkpoints", state, model, optimizer, scheduler, scaler,
+                                         rank_rngs=rngs, identity=identity, adapter_state=adapter_state,
+                                         rank_optimizers=optimizers)
+                    ckpt.prune_checkpoints(run_dir / "checkpoints", t.keep_checkpoints)
+                    say(f"checkpoint: {path}")
+            if stopping:
+                raise stop.preempted(state.step, path, run_dir)
 
     completed = state.step >= total_steps
     if not completed and nan_step is None:
