@@ -5,7 +5,8 @@
 #   bash benchmarks/device_plan.sh B    # nvidia-h200: A with the no-sync GPU tests only, + Qwen3-30B vs stock
 #                                       # (run on 2026-12-01 as CALL_S=590 bash benchmarks/device_plan.sh B)
 #   bash benchmarks/device_plan.sh P    # nvidia-h200: grouped vs fresh processes; CUPTI torn down or not; no profiler
-#   bash benchmarks/device_plan.sh G    # nvidia-h200: engine.gc_freeze on/off: seed 1 x 8 twice each, Qwen3 1 x 2, GC pauses
+#   bash benchmarks/device_plan.sh G    # nvidia-h200: engine.gc_freeze on/off, lora_cast_cache: seed 1 x 8 twice each,
+#                                       # Qwen3 1 x 2, GC pauses
 #   bash benchmarks/device_plan.sh D    # nvidia-h200: Llama 3.1 8B's set rows grouped / fresh / moefit bench (host per launch)
 #   bash benchmarks/device_plan.sh F    # nvidia-h200: issue 13's family rows on the current engine, stock beside
 #   bash benchmarks/device_plan.sh S    # nvidia-h200-x2: Scout expert parallel vs data parallel (1 sync of 4 left)
@@ -82,12 +83,16 @@ for f in sys.argv[1:]:
     # engine.gc_freeze (moefit/host_gc.py): the seed step 1 x 8 with the model frozen (default) and not,
     # alternating twice in one call (the host's pace moves the step by +-15 % between runs), Qwen3-30B's host-bound
     # 1 x 2 the same way, and the collector's pauses on this host (benchmarks/gc_pauses.py, CUDA, tiny widths).
-    STEPS=3 timeout 330 bash benchmarks/step_ab.sh 2048 "freeze::--grad-accum 8" \
-      "nofreeze:gc_freeze=false:--grad-accum 8" "freeze2::--grad-accum 8" "nofreeze2:gc_freeze=false:--grad-accum 8" \
-      > "$out/g.log" 2>&1; echo "seed rc $?" >> "$out/setup.log"; cat "$out/g.log"; rm -f "$out/g.log"
+    # engine.lora_cast_cache (opt-in, moefit/lora_copies.py) beside them: 28 launches less per Scout layer and
+    # micro-step for 224 MB.
+    STEPS=2 timeout 330 bash benchmarks/step_ab.sh 2048 "freeze::--grad-accum 8" \
+      "nofreeze:gc_freeze=false:--grad-accum 8" "casts:lora_cast_cache=true:--grad-accum 8" \
+      "freeze2::--grad-accum 8" "nofreeze2:gc_freeze=false:--grad-accum 8" > "$out/g.log" 2>&1
+    echo "seed rc $?" >> "$out/setup.log"; cat "$out/g.log"; rm -f "$out/g.log"
     left=$((${CALL_S:-600} - 40 - SECONDS))
-    timeout $((left > 150 ? 110 : left - 40)) python3 benchmarks/families.py --out "$out/fam" --models qwen3-30b-a3b \
-      --no-stock --variants "nofreeze:--engine gc_freeze=false" >> "$out/setup.log" 2>&1
+    timeout $((left > 190 ? 150 : left - 40)) python3 benchmarks/families.py --out "$out/fam" --models qwen3-30b-a3b \
+      --no-stock --variants "nofreeze:--engine gc_freeze=false" "casts:--engine lora_cast_cache=true" \
+      >> "$out/setup.log" 2>&1
     echo "families rc $?" >> "$out/setup.log"; grep -A3 "^| model | variant" "$out/fam/families.md"
     mkdir -p "$out/gc"; left=$((${CALL_S:-600} - 20 - SECONDS))
     timeout "$left" python3 benchmarks/gc_pauses.py --device cuda --steps 2 --json "$out/gc/gc_pauses.json" \

@@ -164,6 +164,10 @@ class EngineConfig:
     # garbage collector's reach for the loop (gc.freeze; moefit/host_gc.py): its full collections walked them
     # all, host pauses of up to 0.27 s every few micro-steps on the CPU measured (benchmarks/gc_pauses.md)
     gc_freeze: bool = True
+    # The bf16 copies of the attention / shared-expert / dense LoRA weights kept from one optimizer step to the
+    # next instead of cast in every pass (moefit/lora_copies.py): 2 launches less per adapted projection and pass,
+    # one bf16 copy of those weights held (Scout r=32: 224 MB). Opt-in until measured on the GPU
+    lora_cast_cache: bool = False
 
 
 @dataclass

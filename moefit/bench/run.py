@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .. import engine_switches
 from ..config import EngineConfig, LoraConfig, QuantConfig, RunConfig, TrainConfig
 from ..devices import cuda_index
 from ..errors import MoefitError
@@ -38,7 +39,6 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
     as written. `fp32_linear_scales`: None = quantization.fp32_linear_scales's default. `memory_limit_bytes`: cap
     the caching allocator (torch's per-process memory fraction) and plan for a GPU of that size, e.g. 80 GB on an
     H200 to stand in for an H100."""
-    from .. import engine_switches
     from ..parallel import dist as pdist
     from ..train.metrics import versions
 
@@ -57,6 +57,7 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
         lora = LoraConfig(r=rank, alpha=2.0 * rank, expert_r=expert_rank,
                           routed_experts=expert_rank != 0, dtype=lora_dtype,
                           targets=targets or ["q", "k", "v", "o", "gate", "up", "down"])
+        engine_switches.use(engine or EngineConfig())  # before the layout: its plan counts what the engine holds
         chosen = None
         if layout == "auto" or memory_limit_bytes:
             if device.startswith("cuda") and memory_limit_bytes:
@@ -75,7 +76,6 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
                 grad_accum = chosen["settings"].get("train.grad_accum", grad_accum)
                 embeddings_on_host = chosen["settings"].get("quantization.embeddings_on_host", embeddings_on_host)
                 keep_routed_gate_up = chosen["settings"].get("train.keep_routed_gate_up", keep_routed_gate_up)
-        engine_switches.use(engine or EngineConfig())
         t0 = time.perf_counter()
         quant = QuantConfig(embeddings_on_host=embeddings_on_host, fp32_linear_scales=fp32_linear_scales)
         ep = None
@@ -136,7 +136,8 @@ def choose_layout(model: str, lora: LoraConfig, quant: QuantConfig, train: Train
 
     from ..train.loop import apply_layout, fit_check
 
-    cfg = copy.deepcopy(RunConfig(model=model, lora=lora, quantization=quant, train=train))
+    cfg = copy.deepcopy(RunConfig(model=model, lora=lora, quantization=quant, train=train,
+                                  engine=engine_switches.current()))  # the settings this bench runs with
     cfg.parallel.expert = expert_parallel
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(device)
@@ -186,7 +187,8 @@ def _planned_peak(model: str, layers: int | None, lora: LoraConfig, quant: Quant
 
     from ..plan import plan
 
-    cfg = copy.deepcopy(RunConfig(model=model, lora=lora, quantization=quant, train=train))
+    cfg = copy.deepcopy(RunConfig(model=model, lora=lora, quantization=quant, train=train,
+                                  engine=engine_switches.current()))
     cfg.plan.num_gpus, cfg.parallel.expert = num_gpus, expert_parallel
     try:
         p = plan(cfg, gpus=["h200"], search=False)

@@ -9,6 +9,7 @@ import math
 import torch
 from torch import nn
 
+from ..lora_copies import compute_copy
 from ..moe import recompute
 from ..moe.grouped import exact_scale, frozen_linear, scaled_copy
 from ..moe.recompute import discarded_output
@@ -86,8 +87,8 @@ class _LoraLinear(torch.autograd.Function):
         if bias is not None:
             y = y + bias
         fold = exact_scale(scale)
-        a16 = lora_a.to(dtype)
-        b16 = scaled_copy(lora_b, scale, dtype) if fold else lora_b.to(dtype)
+        a16 = compute_copy(lora_a, dtype)
+        b16 = compute_copy(lora_b, dtype, scale if fold else None)
         h = xd2.mm(a16.t())
         if not fold:
             h.mul_(scale)

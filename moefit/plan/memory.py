@@ -61,6 +61,7 @@ class RunShape:
     num_gpus: int = 1  # GPUs of the run (data-parallel replicas x expert_parallel)
     expert_parallel: int = 1  # GPUs sharing each MoE layer's routed experts (parallel.expert)
     nf4_decoder: str = EngineConfig.nf4_decoder  # engine.nf4_decoder: who decodes NF4, at which rate (timing.py)
+    lora_cast_cache: bool = EngineConfig.lora_cast_cache  # engine.lora_cast_cache: bf16 LoRA copies held
 
     @property
     def tokens(self) -> int:
@@ -201,8 +202,13 @@ def lora_tensors(f: ModelFacts, shape: RunShape) -> list[tuple[int, list[int]]]:
 
 
 def _layer_lora(f: ModelFacts, la: Layer, shape: RunShape) -> list[int]:
-    lo, t, h = shape.lora, shape.targets, f.hidden
-    r, re = lo.r, shape.expert_rank
+    """Numels of the layer's LoRA tensors: the adapted linears' (attention, shared expert or dense MLP), then
+    the routed experts' banks."""
+    return _linear_lora(f, la, shape) + _expert_lora(f, la, shape)
+
+
+def _linear_lora(f: ModelFacts, la: Layer, shape: RunShape) -> list[int]:
+    t, h, r = shape.targets, f.hidden, shape.lora.r
     ts: list[int] = []
     dims = {"q": (h, f.q_dim), "k": (h, f.kv_dim), "v": (h, f.kv_dim), "o": (f.q_dim, h)}
     for name, (i_dim, o_dim) in dims.items():
@@ -214,6 +220,12 @@ def _layer_lora(f: ModelFacts, la: Layer, shape: RunShape) -> list[int]:
         for name, (i_dim, o_dim) in mlp.items():
             if name in t:
                 ts += [r * i_dim, o_dim * r]
+    return ts
+
+
+def _expert_lora(f: ModelFacts, la: Layer, shape: RunShape) -> list[int]:
+    t, h, re = shape.targets, f.hidden, shape.expert_rank
+    ts: list[int] = []
     if la.moe and re:
         ei = f.expert_intermediate
         emlp = {"gate": (h, ei), "up": (h, ei), "down": (ei, h)}
@@ -333,7 +345,7 @@ _STATIC: dict[tuple, tuple] = {}
 def _static_parts(f: ModelFacts, shape: RunShape) -> tuple:
     """Weights, LoRA, gradients and optimizer state: independent of sequence length and batch, so computed
     once per (model, quantization, LoRA, optimizer) while the planner searches shapes."""
-    key = (f, repr(shape.quant), repr(shape.lora), shape.optimizer, shape.expert_parallel)
+    key = (f, repr(shape.quant), repr(shape.lora), shape.optimizer, shape.expert_parallel, shape.lora_cast_cache)
     if key in _STATIC:
         return _STATIC[key]
     comps, persistent_waste = weight_components(f, shape.quant, shape.expert_parallel)
@@ -357,6 +369,10 @@ def _static_parts(f: ModelFacts, shape: RunShape) -> tuple:
     comps.append(Component("lora_grads", "LoRA gradients", sum(grad_by_layer), "trainable", dtype))
     opt_label = {"adamw": "AdamW fp32 m, v"}.get(shape.optimizer, "8-bit AdamW (bitsandbytes)")
     comps.append(Component("optimizer_state", "optimizer state", optim, "trainable", opt_label))
+    if shape.lora_cast_cache and param_bytes != BF16:  # moefit/lora_copies.py: held from step to step
+        kept = {la: sum(_r(n * BF16) for n in _linear_lora(f, la, shape)) for la in distinct}
+        comps.append(Component("lora_copies", "LoRA bf16 copies (lora_cast_cache)", sum(kept[la] for la in f.layers),
+                               "trainable", "attention / shared-expert / dense LoRA, cast once per step"))
     _STATIC[key] = (comps, persistent_waste, trainable, grad_by_layer)
     return _STATIC[key]
 

@@ -84,7 +84,8 @@ def _shape(cfg: RunConfig) -> RunShape:
     return RunShape(seq_len=t.max_length, batch=t.batch_size, grad_accum=t.grad_accum, quant=cfg.quantization,
                     lora=cfg.lora, optimizer=t.optimizer, gradient_checkpointing=t.gradient_checkpointing,
                     keep_routed_gate_up=t.keep_routed_gate_up, num_gpus=cfg.plan.num_gpus,
-                    expert_parallel=cfg.parallel.expert, nf4_decoder=cfg.engine.nf4_decoder)
+                    expert_parallel=cfg.parallel.expert, nf4_decoder=cfg.engine.nf4_decoder,
+                    lora_cast_cache=cfg.engine.lora_cast_cache)
 
 
 def _with(shape: RunShape, **kw: Any) -> RunShape:
