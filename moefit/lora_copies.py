@@ -37,6 +37,12 @@ def _install() -> None:
         _hook = register_optimizer_step_post_hook(_count_step)
 
 
+def invalidate() -> None:
+    """Every copy made so far is stale: for writes to the weights that neither move their version counters nor
+    come from an optimizer step (a collective such as DistributedDataParallel's broadcast at construction)."""
+    _count_step()
+
+
 def compute_copy(weight: torch.Tensor, dtype: torch.dtype, scale: float | None = None) -> torch.Tensor:
     """`weight` (times `scale`, in the same kernel) in `dtype`; with engine.lora_cast_cache the copy is kept with
     the weight until it may have changed. The same bits either way."""

@@ -87,3 +87,14 @@ def test_the_plan_counts_the_copies():
     # Scout r=32 on q,k,v,o and the shared expert's gate/up/down: 2.33 M LoRA weights per layer, 48 layers, bf16
     assert 0.20e9 < on["lora_copies"] < 0.25e9
     assert sum(on.values()) - sum(off.values()) >= on["lora_copies"] * 0.99
+
+
+def test_invalidate_makes_every_copy_again(cache_on):
+    """Writes that move no version counter and are no optimizer step (a collective's broadcast): invalidate()."""
+    from moefit.lora_copies import invalidate
+
+    w = torch.nn.Parameter(torch.randn(8, 64))
+    first = compute_copy(w, torch.bfloat16)
+    invalidate()
+    again = compute_copy(w, torch.bfloat16)
+    assert again is not first and torch.equal(again, first)

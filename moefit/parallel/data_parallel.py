@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import lora_copies
 from .dist import DistContext
 
 
@@ -73,6 +74,7 @@ def wrap_model(model: nn.Module, ctx: DistContext, exclude: set[int] | None = No
         if p.requires_grad and p.grad is None and id(p) not in exclude:
             p.grad = torch.zeros_like(p)
     ddp = DDP(model, device_ids=None, gradient_as_bucket_view=True)  # no buffers: nothing to broadcast
+    lora_copies.invalidate()  # DDP broadcast rank 0's LoRA weights in place: any compute copy is stale
     ddp.register_comm_hook(None, _sum_allreduce_hook)
     # DDP re-lays its buckets once, in the order the first backward produced the gradients, at the start of the
     # next forward: new buckets are allocated before the old ones go, a second copy of every LoRA gradient (4 GiB
