@@ -3,11 +3,12 @@
     python benchmarks/gc_pauses.py --json benchmarks/gc_pauses.json    # CPU: Scout and Qwen3-30B, 48 layers
     python benchmarks/gc_pauses.py --report benchmarks/gc_pauses.json   # the markdown table from the JSON
 
-The number of Python objects a model holds does not depend on its widths, so a full-depth model at tiny widths
+The number of Python objects a training process holds (~450,000 from the imports, ~30,000 more for Scout's 48
+layers) does not depend on the model's widths, so a full-depth model at tiny widths
 (benchmarks/host_overhead.py's builder: every expert, top-k and routing rule of the real model) has the real one's
-objects, and the collector's full collections walk all of them. One process per family: the model built once,
-warm-up micro-steps, then the same micro-steps unfrozen and frozen, alternating in blocks of one optimizer step
-(grad_accum micro-steps), each collection timed by `gc.callbacks`. The micro-step times on a 2-core CPU shared with
+objects, and the collector's full collections walk all of them. The families one after the other in one process;
+for each, the model built once, a warm-up optimizer step, then the same micro-steps unfrozen and frozen,
+alternating in blocks of one optimizer step (grad_accum micro-steps), each collection timed by `gc.callbacks`. The micro-step times on a 2-core CPU shared with
 other work are noisy; the collection times are the measure. On the GPU the same pauses stop the host from issuing
 kernels (`moefit bench --engine gc_freeze=false` against the default measures the step).
 """

@@ -160,7 +160,7 @@ class EngineConfig:
     # fused: one F.rms_norm per norm (models/rms_norm.py), bit-identical to transformers' (tests/test_rms_norm.py);
     # on an H200 Llama 3.1 8B ran 1.6x stock with transformers' norms, 2.0x fused (benchmarks/speed_targets.md)
     rms_norm: Literal["transformers", "fused"] = "fused"
-    # The Python objects alive when the training loop starts (the model's: ~475,000 on Scout) out of the cyclic
+    # The Python objects alive when the training loop starts (~480,000 with Scout built) out of the cyclic
     # garbage collector's reach for the loop (gc.freeze; moefit/host_gc.py): its full collections walked them
     # all, host pauses of up to 0.27 s every few micro-steps on the CPU measured (benchmarks/gc_pauses.md)
     gc_freeze: bool = True

@@ -481,7 +481,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
     session_t0, session_tokens, session_train_s = time.perf_counter(), 0, 0.0
     elapsed_base = state.elapsed_s
     nan_step = None
-    # the model's Python objects out of the garbage collector's full collections while the loop runs (host_gc)
+    # the process's long-lived Python objects (imports, the model) out of the collector's full collections (host_gc)
     with frozen_heap(cfg.engine.gc_freeze):
         while state.step < stop_step:
             ts = time.perf_counter()
