@@ -98,3 +98,21 @@ def test_invalidate_makes_every_copy_again(cache_on):
     invalidate()
     again = compute_copy(w, torch.bfloat16)
     assert again is not first and torch.equal(again, first)
+
+
+def test_the_plan_counts_only_the_copies_that_are_made():
+    """bf16 LoRA weights need no cast: only B's copy is held, where the scale (alpha / r a power of two) is folded
+    into it; with another scale, nothing."""
+    from moefit.config import RunConfig
+    from moefit.plan import plan
+
+    def held(alpha: float) -> int:
+        cfg = RunConfig(model="llama4-scout")
+        cfg.train.max_length = 2048
+        cfg.lora.dtype, cfg.lora.alpha = "bfloat16", alpha
+        cfg.engine.lora_cast_cache = True
+        comps = {c.key: c.bytes for c in plan(cfg, gpus=["h200"], search=False).memory.components}
+        return comps.get("lora_copies", 0)
+
+    assert 0.09e9 < held(64.0) < 0.13e9  # r=32, scale 2: B only, about half of the fp32 case's A + B
+    assert held(48.0) == 0  # scale 1.5: B is not copied either

@@ -369,10 +369,15 @@ def _static_parts(f: ModelFacts, shape: RunShape) -> tuple:
     comps.append(Component("lora_grads", "LoRA gradients", sum(grad_by_layer), "trainable", dtype))
     opt_label = {"adamw": "AdamW fp32 m, v"}.get(shape.optimizer, "8-bit AdamW (bitsandbytes)")
     comps.append(Component("optimizer_state", "optimizer state", optim, "trainable", opt_label))
-    if shape.lora_cast_cache and param_bytes != BF16:  # moefit/lora_copies.py: held from step to step
-        kept = {la: sum(_r(n * BF16) for n in _linear_lora(f, la, shape)) for la in distinct}
-        comps.append(Component("lora_copies", "LoRA bf16 copies (lora_cast_cache)", sum(kept[la] for la in f.layers),
-                               "trainable", "attention / shared-expert / dense LoRA, cast once per step"))
+    if shape.lora_cast_cache:  # moefit/lora_copies.py: the bf16 copies held from step to step
+        # fp32 LoRA: A and B copied; bf16 LoRA: only B, and only where the scale is folded into its copy (2^k)
+        folded = math.frexp(shape.lora.alpha / shape.lora.r)[0] == 0.5
+        kept = {la: sum(_r(n * BF16) for i, n in enumerate(_linear_lora(f, la, shape))
+                        if param_bytes != BF16 or (i % 2 and folded)) for la in distinct}
+        if any(kept.values()):
+            comps.append(Component("lora_copies", "LoRA bf16 copies (lora_cast_cache)",
+                                   sum(kept[la] for la in f.layers), "trainable",
+                                   "attention / shared-expert / dense LoRA, cast once per step"))
     _STATIC[key] = (comps, persistent_waste, trainable, grad_by_layer)
     return _STATIC[key]
 
