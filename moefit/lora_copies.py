@@ -19,7 +19,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import engine_switches
-from .moe.grouped import scaled_copy
+from .moe.grouped import cast_copy
 
 _ATTR = "_moefit_compute_copy"
 _optimizer_steps = 0
@@ -60,4 +60,4 @@ def compute_copy(weight: torch.Tensor, dtype: torch.dtype, scale: float | None =
 
 def _fresh(weight: torch.Tensor, dtype: torch.dtype, scale: float | None) -> torch.Tensor:
     with torch.no_grad():
-        return weight.to(dtype) if scale is None else scaled_copy(weight, scale, dtype)
+        return cast_copy(weight, dtype, scale)

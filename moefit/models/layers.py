@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from ..lora_copies import compute_copy
+from ..lora_scale import exact_scale
 from ..moe import recompute
-from ..moe.grouped import exact_scale, frozen_linear, scaled_copy
+from ..moe.grouped import cast_copy, frozen_linear
 from ..moe.recompute import discarded_output
 from ..quant.nf4 import make_weight
 
@@ -73,7 +74,7 @@ class _LoraLinear(torch.autograd.Function):
     """y = x W^T (+ b) + ((xd A^T) * scale) B^T with W frozen (decoded on each pass, never saved) and xd = x or
     its dropout: one autograd node for what took nine (the frozen matmul, two casts, the LoRA GEMMs, the scaling,
     transposes and reshapes), with the same arithmetic, forward and backward, the LoRA product added in addmm's
-    epilogue. A power-of-two scale (exact: moe.grouped.exact_scale) is multiplied into B's copy as it is cast and
+    epilogue. A power-of-two scale (exact: lora_scale.exact_scale) is multiplied into B's copy as it is cast and
     into B's gradient as it is cast back, no kernel of its own; another scale multiplies the rank-r activation.
     `skip`: the recomputation of a checkpointed layer throws this output away (moe.recompute): the frozen matmul
     is not run (a zero output)."""
@@ -107,7 +108,7 @@ class _LoraLinear(torch.autograd.Function):
             grad_x = g2.mm(ctx.weight.dequantize(dtype=g2.dtype)).view(ctx.x_shape)
         if need_b:
             grad_b = g2.t().mm(h)
-            grad_b = scaled_copy(grad_b, ctx.scale, ctx.dtypes[1]) if ctx.fold else grad_b.to(ctx.dtypes[1])
+            grad_b = cast_copy(grad_b, ctx.dtypes[1], ctx.scale if ctx.fold else None)
         if need_xd or need_a:
             grad_h = g2.mm(b16)
             if not ctx.fold:

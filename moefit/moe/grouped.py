@@ -11,12 +11,12 @@ the backward pass dequantizes again (the DESIGN's "save inputs, recompute dequan
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
 from .. import engine_switches
 from ..devices import cuda_index
+from ..lora_scale import exact_scale
 from ..quant.nf4 import FrozenWeight, NF4Weight
 
 _GROUPED_MM = getattr(torch, "_grouped_mm", None)
@@ -159,19 +159,13 @@ def grouped_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
     return grouped_matmul(h, b.to(x.dtype), groups)
 
 
-def exact_scale(scale: float) -> bool:
-    """Whether `scale` is a power of two (LoRA's usual alpha = 2r gives 2): multiplying it into B instead of into
-    the rank-r activation then gives the same bits (scaling by 2^k commutes with rounding)."""
-    return math.frexp(scale)[0] == 0.5
-
-
 def _cast_padded(w: torch.Tensor, dtype: torch.dtype, dim: int, width: int, scale: float | None = None
                  ) -> torch.Tensor:
     """`w` (times `scale`, in the same kernel) in `dtype`, zero-padded along `dim` (1 or 2 of [E, ., .]) to
     `width`."""
     pad = width - w.shape[dim]
     if not pad:
-        return w.to(dtype) if scale is None else scaled_copy(w, scale, dtype)
+        return cast_copy(w, dtype, scale)
     out = w.new_zeros((*w.shape[:dim], width, *w.shape[dim + 1:]), dtype=dtype)
     part = out[:, :w.shape[1]] if dim == 1 else out[..., :w.shape[2]]
     if scale is None:
@@ -181,8 +175,10 @@ def _cast_padded(w: torch.Tensor, dtype: torch.dtype, dim: int, width: int, scal
     return out
 
 
-def scaled_copy(w: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """w * scale in `dtype`: one kernel (the multiply writes the cast)."""
+def cast_copy(w: torch.Tensor, dtype: torch.dtype, scale: float | None = None) -> torch.Tensor:
+    """`w` in `dtype`, times `scale` when given: one kernel either way (the multiply writes the cast)."""
+    if scale is None:
+        return w.to(dtype)
     return torch.mul(w, scale, out=torch.empty(w.shape, dtype=dtype, device=w.device))
 
 
@@ -217,7 +213,7 @@ class _GroupedLoRA(torch.autograd.Function):
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[2]:
             grad_b = _GROUPED_MM(h.t(), grad_y, offs=offs).masked_fill_(groups.empty, 0)[:, :r]
-            grad_b = scaled_copy(grad_b, ctx.scale, ctx.dtypes[1]) if ctx.fold else grad_b.to(ctx.dtypes[1])
+            grad_b = cast_copy(grad_b, ctx.dtypes[1], ctx.scale if ctx.fold else None)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             grad_h = _GROUPED_MM(grad_y, b16.transpose(-2, -1), offs=offs)  # [N, rp]
             if not ctx.fold:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import EngineConfig, LoraConfig, QuantConfig, normalize_targets
+from ..lora_scale import exact_scale
 from ..loss_chunk import loss_chunk_tokens
 from .model_facts import Layer, ModelFacts
 
@@ -371,7 +372,7 @@ def _static_parts(f: ModelFacts, shape: RunShape) -> tuple:
     comps.append(Component("optimizer_state", "optimizer state", optim, "trainable", opt_label))
     if shape.lora_cast_cache:  # moefit/lora_copies.py: the bf16 copies held from step to step
         # fp32 LoRA: A and B copied; bf16 LoRA: only B, and only where the scale is folded into its copy (2^k)
-        folded = math.frexp(shape.lora.alpha / shape.lora.r)[0] == 0.5
+        folded = exact_scale(shape.lora.alpha / shape.lora.r)
         kept = {la: sum(_r(n * BF16) for i, n in enumerate(_linear_lora(f, la, shape))
                         if param_bytes != BF16 or (i % 2 and folded)) for la in distinct}
         if any(kept.values()):
