@@ -58,7 +58,10 @@ def sdpa_with_sinks(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     return out[..., :d].transpose(1, 2).contiguous(), None
 
 
-_PACKED: dict[str, object] = {}  # the last position_ids seen and their mask: every layer of a forward shares it
+# One entry: the last position ids seen (the tensor itself, so its id cannot be reused meanwhile), whether their
+# rows restart inside, and the masks made from them, one per window and attention mask: every layer of a forward
+# and of its recomputation in backward shares them (gpt-oss alternates sliding and full layers).
+_PACKED: dict[str, object] = {}
 
 
 def _with_sample_boundaries(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, t: int, s: int,
@@ -68,47 +71,44 @@ def _with_sample_boundaries(attention_mask: torch.Tensor | None, position_ids: t
     transformers' gpt-oss builds its masks without the position ids, so packed samples would attend to each other
     (other families detect packing from them). Without packing, or with a KV cache (t != s), the mask is unchanged.
     Decided from the forward's host copy of the position ids when there is one (host_positions); else one host
-    read per forward (cached on the position ids tensor), none per layer."""
+    read per forward (kept with the position ids tensor), none per layer."""
     if position_ids is None or t != s or position_ids.shape[-1] != t:
         return attention_mask
-    # The tensors themselves are held with the entry, so their ids cannot be reused by new tensors meanwhile.
-    key = (position_ids, position_ids._version, window, attention_mask)
-    old = _PACKED.get("key")
-    if old is not None and old[0] is key[0] and old[1] == key[1] and old[2] == key[2] and old[3] is key[3]:
-        return _PACKED["mask"]
+    entry = _entry_for(position_ids)
+    if not entry["restarts"]:
+        return attention_mask
+    for win, given, mask in entry["masks"]:
+        if win == window and given is attention_mask:
+            return mask
     pos = position_ids.reshape(-1, t)
-    mask = attention_mask
-    if _restarts_inside_a_row(position_ids):
-        sample = torch.cumsum((pos == 0).to(torch.int32), dim=-1)  # [B, T]: which sample of the row
-        q_at = torch.arange(t, device=pos.device)
-        allowed = (sample[:, :, None] == sample[:, None, :]) & (q_at[None, :] <= q_at[:, None])[None]
-        if window is not None:
-            allowed &= (q_at[None, :] > q_at[:, None] - window)[None]
-        allowed = allowed[:, None]  # [B, 1, T, T]
-        if attention_mask is None:
-            mask = allowed
-        elif attention_mask.dtype == torch.bool:
-            mask = attention_mask[..., :s] & allowed
-        else:
-            mask = attention_mask[..., :s].masked_fill(~allowed, torch.finfo(attention_mask.dtype).min)
-    _PACKED.update(key=key, mask=mask)
+    sample = torch.cumsum((pos == 0).to(torch.int32), dim=-1)  # [B, T]: which sample of the row
+    q_at = torch.arange(t, device=pos.device)
+    allowed = (sample[:, :, None] == sample[:, None, :]) & (q_at[None, :] <= q_at[:, None])[None]
+    if window is not None:
+        allowed &= (q_at[None, :] > q_at[:, None] - window)[None]
+    allowed = allowed[:, None]  # [B, 1, T, T]
+    if attention_mask is None:
+        mask = allowed
+    elif attention_mask.dtype == torch.bool:
+        mask = attention_mask[..., :s] & allowed
+    else:
+        mask = attention_mask[..., :s].masked_fill(~allowed, torch.finfo(attention_mask.dtype).min)
+    entry["masks"].append((window, attention_mask, mask))
     return mask
 
 
-_RESTARTS: dict[str, object] = {}  # the last position ids seen and whether their rows restart inside
-
-
-def _restarts_inside_a_row(position_ids: torch.Tensor) -> bool:
-    """Some row packs several samples. From the forward's host copy when there is one (host_positions); kept
-    with the tensor, so the recomputation in backward (checkpointing, outside the forward) and the other
-    windows' layers reuse it; else read back from the device once."""
-    old = _RESTARTS.get("key")
-    if old is not None and old[0] is position_ids and old[1] == position_ids._version:
-        return bool(_RESTARTS["value"])
-    on_host = host_positions.current(position_ids)
-    value = on_host.restarts_inside_a_row() if on_host is not None else _restarts_on_device(position_ids)
-    _RESTARTS.update(key=(position_ids, position_ids._version), value=value)
-    return value
+def _entry_for(position_ids: torch.Tensor) -> dict[str, object]:
+    """`_PACKED` for these position ids, started afresh when they changed. Whether some row packs several samples
+    is decided once per entry: from the forward's host copy when there is one (host_positions), so the
+    recomputation in backward (checkpointing, outside the forward) reuses the answer; else read back from the
+    device."""
+    key = _PACKED.get("key")
+    if key is None or key[0] is not position_ids or key[1] != position_ids._version:
+        on_host = host_positions.current(position_ids)
+        restarts = on_host.restarts_inside_a_row() if on_host is not None else _restarts_on_device(position_ids)
+        _PACKED.clear()
+        _PACKED.update(key=(position_ids, position_ids._version), restarts=restarts, masks=[])
+    return _PACKED
 
 
 def _restarts_on_device(position_ids: torch.Tensor) -> bool:
