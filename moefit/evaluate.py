@@ -29,6 +29,7 @@ def heldout_sums(model: Any, sequences: list[dict], batch_size: int, pad_id: int
     the same number of forward passes (expert parallelism: each pass is a collective), a rank short of a batch
     runs the first one again and does not count it."""
     from .data import collate
+    from .models.causal_lm import placed_batch
 
     loss_sum, tokens = 0.0, 0
     starts = range(0, len(sequences), batch_size)
@@ -38,9 +39,7 @@ def heldout_sums(model: Any, sequences: list[dict], batch_size: int, pad_id: int
     passes = -(-len(starts) // world_size) if equal_passes else len(mine)
     for n in range(passes):
         i = mine[n] if n < len(mine) else starts[0]
-        # position ids stay in host memory: the model tells packed rows there (no device sync per batch)
-        batch = {k: v if k == "position_ids" else v.to(device)
-                 for k, v in collate(sequences[i:i + batch_size], pad_id=pad_id).items()}
+        batch = placed_batch(collate(sequences[i:i + batch_size], pad_id=pad_id), model, device)
         out = model(**batch)
         if n < len(mine):
             loss_sum += float(out.loss_sum)

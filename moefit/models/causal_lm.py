@@ -37,6 +37,16 @@ def label_rows(labels: torch.Tensor, device: torch.device) -> tuple[torch.Tensor
     return rows.to(device), y.to(device)
 
 
+def placed_batch(batch: dict[str, torch.Tensor], model: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
+    """A collated batch placed as `MoefitCausalLM.forward` takes it best: the input ids where the input embedding is
+    (host memory when quantization.embeddings_on_host), labels and position ids left in host memory (the label
+    positions and packed rows are decided there, no device sync), anything else on `device`; copies that do not
+    make the host wait."""
+    input_device = getattr(model, "input_device", device)
+    return {k: v if k in ("labels", "position_ids") else
+            v.to(input_device if k == "input_ids" else device, non_blocking=True) for k, v in batch.items()}
+
+
 class MoefitCausalLM(nn.Module):
     """`hf` is the transformers model itself (same class, config and module names as the checkpoint), so
     `generate`, chat templates and exports keep working; `forward` computes the loss without full logits."""

@@ -26,6 +26,7 @@ from ..devices import pick_device
 from ..errors import ConfigError, DataError, MoefitError
 from ..host_gc import frozen_heap
 from ..labels import IGNORE_INDEX
+from ..models.causal_lm import placed_batch
 from ..parallel import dist as pdist
 from ..parallel import expert_parallel
 from ..parallel.data_parallel import grad_sync, take_step, wrap_model
@@ -491,11 +492,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
             denom = max(step_label_tokens, 1)
             loss_acc = torch.zeros((), dtype=torch.float32, device=device)
             for i, (batch, count) in enumerate(zip(step.mine, step.mine_label_tokens, strict=True)):
-                # labels and positions stay in host memory: the model selects the label positions and tells packed
-                # rows there (no device sync)
-                batch = {k: v if k in ("labels", "position_ids") else
-                         v.to(model.input_device if k == "input_ids" else device, non_blocking=True)
-                         for k, v in batch.items()}
+                batch = placed_batch(batch, model, device)
                 with grad_sync(wrapped, sync=i == len(step.mine) - 1):  # ranks' gradients summed after the last one
                     out = wrapped(**batch)
                     if int(out.num_tokens) != count:
