@@ -1,5 +1,6 @@
 """Device choice: `auto` means the GPU when CUDA is available, else the CPU (train.device, `moefit eval`,
-`moefit generate`); which GPU a device name means. One copy, so that every command means the same by it."""
+`moefit generate`); which GPU a device name means; a host-to-GPU copy that does not wait. One copy, so that every
+command means the same by it."""
 
 from __future__ import annotations
 
@@ -18,3 +19,11 @@ def cuda_index(device: str | torch.device) -> int:
     set_per_process_memory_fraction want an index and refuse "cuda")."""
     index = (device if isinstance(device, torch.device) else torch.device(device)).index  # (no new object per call)
     return torch.cuda.current_device() if index is None else index
+
+
+def copy_without_waiting(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; from host memory to a GPU through pinned memory, so the copy is queued and the host does
+    not wait for the work queued before it (a copy from pageable memory would)."""
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

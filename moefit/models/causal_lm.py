@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..devices import copy_without_waiting
 from ..labels import IGNORE_INDEX
 from ..moe import recompute
 from ..moe.experts import MoefitExperts
@@ -32,9 +33,7 @@ def label_rows(labels: torch.Tensor, device: torch.device) -> tuple[torch.Tensor
     valid = labels[:, 1:] != IGNORE_INDEX
     rows = torch.arange(labels.numel(), device=labels.device).view(labels.shape)[:, :-1][valid]
     y = labels[:, 1:][valid]
-    if labels.device.type == "cpu" and device.type == "cuda":
-        return rows.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return rows.to(device), y.to(device)
+    return copy_without_waiting(rows, device), copy_without_waiting(y, device)
 
 
 def placed_batch(batch: dict[str, torch.Tensor], model: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
@@ -102,7 +101,7 @@ class MoefitCausalLM(nn.Module):
         if position_ids is None or position_ids.device.type == "cpu":
             known = host_positions.known(position_ids, tuple(input_ids.shape))
             if position_ids is not None:
-                position_ids = host_positions.to_device(position_ids, self.device)
+                position_ids = copy_without_waiting(position_ids, self.device)
         else:
             known = contextlib.nullcontext()
         with known:

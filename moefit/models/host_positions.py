@@ -66,15 +66,6 @@ def known(position_ids: torch.Tensor | None, shape: tuple[int, int]) -> Iterator
         _CURRENT.reset(token)
 
 
-def to_device(position_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copied without making the host wait (pinned first when the target is a GPU)."""
-    if position_ids.device == device:
-        return position_ids
-    if position_ids.device.type == "cpu" and device.type == "cuda":
-        return position_ids.pin_memory().to(device, non_blocking=True)
-    return position_ids.to(device)
-
-
 _stock = None  # transformers' own check, kept for position ids this module knows nothing about
 
 
