@@ -23,7 +23,8 @@ def cuda_index(device: str | torch.device) -> int:
 
 def copy_without_waiting(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`t` on `device`; from host memory to a GPU through pinned memory, so the copy is queued and the host does
-    not wait for the work queued before it (a copy from pageable memory would)."""
+    not wait for the work queued before it (from pageable memory the driver may sync the stream first: CUDA's
+    "API synchronization behavior")."""
     if t.device.type == "cpu" and device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)

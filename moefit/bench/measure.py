@@ -13,7 +13,7 @@ from torch import nn
 from .. import engine_switches
 from ..errors import MoefitError
 from ..host_gc import frozen_heap
-from ..models.causal_lm import MoefitCausalLM
+from ..models.causal_lm import MoefitCausalLM, placed_batch
 
 
 def _make_optimizer(params: list[nn.Parameter], name: str, lr: float = 1e-5):
@@ -81,9 +81,8 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
             mark()
             ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
             with grad_sync(wrapped, sync=i == grad_accum - 1):
-                # labels in host memory, as the trainer passes them (MoefitCausalLM.forward selects the label
-                # positions there: no host sync; a blocking copy to the GPU would wait for the queued work)
-                out = wrapped(ids.to(model.input_device, non_blocking=True), labels=ids)
+                # placed as the trainer places its batches (labels in host memory: no host sync)
+                out = wrapped(**placed_batch({"input_ids": ids, "labels": ids}, model, device))
                 (out.loss / grad_accum).backward()
             losses.append(out.loss.detach())
         mark()

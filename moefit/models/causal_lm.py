@@ -39,11 +39,11 @@ def label_rows(labels: torch.Tensor, device: torch.device) -> tuple[torch.Tensor
 def placed_batch(batch: dict[str, torch.Tensor], model: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
     """A collated batch placed as `MoefitCausalLM.forward` takes it best: the input ids where the input embedding is
     (host memory when quantization.embeddings_on_host), labels and position ids left in host memory (the label
-    positions and packed rows are decided there, no device sync), anything else on `device`; copies that do not
-    make the host wait."""
+    positions and packed rows are decided there, no device sync), anything else on `device`; copied through pinned
+    memory (devices.copy_without_waiting: from pageable memory the driver may sync the stream first)."""
     input_device = getattr(model, "input_device", device)
     return {k: v if k in ("labels", "position_ids") else
-            v.to(input_device if k == "input_ids" else device, non_blocking=True) for k, v in batch.items()}
+            copy_without_waiting(v, input_device if k == "input_ids" else device) for k, v in batch.items()}
 
 
 class MoefitCausalLM(nn.Module):
