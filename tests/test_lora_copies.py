@@ -72,17 +72,21 @@ def test_training_with_the_cache_is_bit_identical(tmp_path):
     assert all(torch.equal(runs[True][1][k], runs[False][1][k]) for k in runs[False][1])
 
 
-def test_the_plan_counts_the_copies():
+def _planned_components(cache: bool, **lora) -> dict[str, int]:
+    """Scout at seq 2048 planned for an H200: bytes per memory component, with these LoRA settings."""
     from moefit.config import RunConfig
     from moefit.plan import plan
 
-    def components(on: bool) -> dict[str, int]:
-        cfg = RunConfig(model="llama4-scout")
-        cfg.train.max_length = 2048
-        cfg.engine.lora_cast_cache = on
-        return {c.key: c.bytes for c in plan(cfg, gpus=["h200"], search=False).memory.components}
+    cfg = RunConfig(model="llama4-scout")
+    cfg.train.max_length = 2048
+    for key, value in lora.items():
+        setattr(cfg.lora, key, value)
+    cfg.engine.lora_cast_cache = cache
+    return {c.key: c.bytes for c in plan(cfg, gpus=["h200"], search=False).memory.components}
 
-    off, on = components(False), components(True)
+
+def test_the_plan_counts_the_copies():
+    off, on = _planned_components(False), _planned_components(True)
     assert "lora_copies" not in off
     # Scout r=32 on q,k,v,o and the shared expert's gate/up/down: 2.33 M LoRA weights per layer, 48 layers, bf16
     assert 0.20e9 < on["lora_copies"] < 0.25e9
@@ -103,16 +107,9 @@ def test_invalidate_makes_every_copy_again(cache_on):
 def test_the_plan_counts_only_the_copies_that_are_made():
     """bf16 LoRA weights need no cast: only B's copy is held, where the scale (alpha / r a power of two) is folded
     into it; with another scale, nothing."""
-    from moefit.config import RunConfig
-    from moefit.plan import plan
 
     def held(alpha: float) -> int:
-        cfg = RunConfig(model="llama4-scout")
-        cfg.train.max_length = 2048
-        cfg.lora.dtype, cfg.lora.alpha = "bfloat16", alpha
-        cfg.engine.lora_cast_cache = True
-        comps = {c.key: c.bytes for c in plan(cfg, gpus=["h200"], search=False).memory.components}
-        return comps.get("lora_copies", 0)
+        return _planned_components(True, dtype="bfloat16", alpha=alpha).get("lora_copies", 0)
 
     assert 0.09e9 < held(64.0) < 0.13e9  # r=32, scale 2: B only, about half of the fp32 case's A + B
     assert held(48.0) == 0  # scale 1.5: B is not copied either
