@@ -13,7 +13,6 @@ from ..lora_copies import compute_copy
 from ..lora_scale import exact_scale
 from ..moe import recompute
 from ..moe.grouped import cast_copy, frozen_linear
-from ..moe.recompute import discarded_output
 from ..quant.nf4 import make_weight
 
 
@@ -60,7 +59,7 @@ class MoefitLinear(nn.Module):
             xd = x if isinstance(dropout, nn.Identity) else dropout(x)  # (p = 0: not even a module call)
             y = _LoraLinear.apply(x, xd, self.qweight, self.bias, self.lora_A, self.lora_B, self.lora_scale, skip)
             return y.view(*x.shape[:-1], self.out_features)  # (a view made outside the Function: in-place safe)
-        y = discarded_output(x, self.out_features) if skip else frozen_linear(x, self.qweight)
+        y = frozen_linear(x, self.qweight, skip=skip)
         if self.bias is not None:
             y = y + self.bias
         return y

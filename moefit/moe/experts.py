@@ -15,7 +15,6 @@ from torch import nn
 from ..quant.nf4 import make_weight
 from . import recompute
 from .grouped import ExpertGroups, frozen_expert_matmul, grouped_lora
-from .recompute import discarded_output
 
 EXPERT_PROJECTIONS = ("gate", "up", "down")
 
@@ -135,7 +134,7 @@ class MoefitExperts(nn.Module):
             up = up + self.up_bias[groups.row_expert].to(up.dtype)
         h = self.act(gate, up, **self.act_kwargs)
         if discard_output:
-            out = discarded_output(h, self.hidden_size)
+            out = frozen_expert_matmul(h, self.down, groups, result=h.new_zeros(h.shape[0], self.hidden_size))
         else:
             out = frozen_expert_matmul(h, self.down, groups)
             if self.has_bias:

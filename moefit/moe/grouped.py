@@ -330,21 +330,24 @@ def frozen_expert_matmul(x: torch.Tensor, weight: NF4Weight | FrozenWeight, grou
 
 
 class _FrozenLinear(torch.autograd.Function):
-    """y = x @ W^T for a frozen (quantized) W; saves nothing but the weight's handle."""
+    """y = x @ W^T for a frozen (quantized) W; saves nothing but the weight's handle. `skip`: zeros instead of y (a
+    recomputation that throws y away, moe.recompute), the backward unchanged."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: NF4Weight | FrozenWeight):
+    def forward(ctx, x: torch.Tensor, weight: NF4Weight | FrozenWeight, skip: bool = False):
         ctx.weight = weight
+        if skip:
+            return x.new_zeros(*x.shape[:-1], weight.shape[0])
         w = weight.dequantize(dtype=x.dtype)
         return x @ w.t()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         if not ctx.needs_input_grad[0]:
-            return None, None
+            return None, None, None
         w = ctx.weight.dequantize(dtype=grad_out.dtype)
-        return grad_out @ w, None
+        return grad_out @ w, None, None
 
 
-def frozen_linear(x: torch.Tensor, weight: NF4Weight | FrozenWeight) -> torch.Tensor:
-    return _FrozenLinear.apply(x, weight)
+def frozen_linear(x: torch.Tensor, weight: NF4Weight | FrozenWeight, skip: bool = False) -> torch.Tensor:
+    return _FrozenLinear.apply(x, weight, skip)

@@ -7,7 +7,9 @@ With activation checkpointing, backward re-runs a layer's forward only to rebuil
 - `recomputing()`: the frozen matmul that produces an MoE layer's output (the routed and shared experts' down
   projections, whose dequantized weight is its whole cost) saves nothing for backward, and its result only flows
   into the residual sum, which the recomputation throws away: skip it. (Their LoRA still runs: backward reads its
-  saved inputs.)
+  saved inputs.) The skipped node's forward gives zeros, its backward is the real one (the input gradient through
+  the frozen weight): torch's checkpoint discards the recomputed graph, but a recomputation that is itself
+  backpropagated (models.layer_graphs) needs it.
 - `keep()` / `kept()` (`MoefitExperts.keep_gate_up`, set by `enable_gradient_checkpointing`): the routed experts'
   frozen gate/up outputs are kept from the first pass and handed to the recomputation instead of being computed
   again (two fewer expert-bank decodes and grouped GEMMs per layer and micro-step, for T x top_k x intermediate x
@@ -57,29 +59,14 @@ def _phase(phase: str, frame: dict) -> Iterator[None]:
         _state.phase, _state.frame = previous
 
 
-class _Discarded(torch.autograd.Function):
-    """Zeros standing in for a skipped projection's output. Like the frozen matmul it replaces, the result requires
-    grad exactly when the input does and nothing is saved: the recomputation must save the same tensors as the
-    original forward (torch.utils.checkpoint checks the count), e.g. the routed rows' index in the combine."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, width: int) -> torch.Tensor:
-        return x.new_zeros(*x.shape[:-1], width)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # never reached: checkpoint discards the recomputed graph
-        return None, None
-
-
-def discarded_output(x: torch.Tensor, width: int) -> torch.Tensor:
-    """The placeholder for a projection of `x` to `width` features skipped during recomputation."""
-    return _Discarded.apply(x, width)
+def phases(frame: dict) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """(first pass, recomputation) of one checkpointed call; `frame` holds what the first pass keeps for the
+    recomputation. `engine.recompute_skip: false` turns the shortcuts off (A/B runs)."""
+    if not engine_switches.current().recompute_skip:
+        return contextlib.nullcontext(), contextlib.nullcontext()
+    return _phase("forward", frame), _phase("recompute", frame)
 
 
 def context_fn() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    """For `torch.utils.checkpoint.checkpoint(..., use_reentrant=False, context_fn=context_fn)`.
-    `engine.recompute_skip: false` turns the shortcuts off (A/B runs)."""
-    if not engine_switches.current().recompute_skip:
-        return contextlib.nullcontext(), contextlib.nullcontext()
-    frame: dict = {}  # what this checkpoint call's first pass keeps for its recomputation
-    return _phase("forward", frame), _phase("recompute", frame)
+    """For `torch.utils.checkpoint.checkpoint(..., use_reentrant=False, context_fn=context_fn)`."""
+    return phases({})
