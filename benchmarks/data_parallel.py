@@ -76,10 +76,11 @@ def _bench_side_by_side(args: list[str], gpus: int) -> list[tuple[dict | None, s
     return results
 
 
-def _plan(args: list[str], gpus: int, nf4_decoder: str | None = None) -> dict:
+def _plan(args: list[str], gpus: int, nf4_decoder: str | None = None, layer_graphs: bool | None = None) -> dict:
     """moefit plan for the same settings on `gpus` H200s (what `moefit bench` prints as planned); NF4 decoded by
-    `nf4_decoder` (default: the engine's; a record is planned with the decoder it ran, validation.measured_decoder)."""
-    p = plan_of(args, gpus, nf4_decoder)
+    `nf4_decoder` (default: the engine's; a record is planned with the decoder it ran, validation.measured_decoder),
+    engine.layer_graphs as given (default: the engine's)."""
+    p = plan_of(args, gpus, nf4_decoder, layer_graphs)
     fit = p.gpus[0]
     return {"peak_allocated_bytes": p.memory.peak_allocated, "total_bytes": p.memory.total,
             "peak_phase": p.memory.peak_phase, "step_s": fit.step.step_s if fit.step else None,
@@ -87,7 +88,7 @@ def _plan(args: list[str], gpus: int, nf4_decoder: str | None = None) -> dict:
             "alltoall_s": fit.step.alltoall_s if fit.step else None}
 
 
-def plan_of(args: list[str], gpus: int, nf4_decoder: str | None = None):
+def plan_of(args: list[str], gpus: int, nf4_decoder: str | None = None, layer_graphs: bool | None = None):
     """The moefit.plan.Plan of `moefit bench` arguments on `gpus` H200s (NF4 decoded by `nf4_decoder`, default the
     engine's)."""
     from moefit.plan import plan
@@ -108,6 +109,8 @@ def plan_of(args: list[str], gpus: int, nf4_decoder: str | None = None):
     base.lora.dtype = a.get("--lora-dtype", "float32")
     if nf4_decoder:
         base.engine.nf4_decoder = nf4_decoder
+    if layer_graphs is not None:
+        base.engine.layer_graphs = layer_graphs
     return plan(base, gpus=["h200"], search=False, **cfg)
 
 

@@ -7,6 +7,8 @@
 #   bash benchmarks/device_plan.sh P    # nvidia-h200: grouped vs fresh processes; CUPTI torn down or not; no profiler
 #   bash benchmarks/device_plan.sh G    # nvidia-h200: engine.gc_freeze on/off, lora_cast_cache: seed 1 x 8 twice each,
 #                                       # Qwen3 1 x 2, GC pauses
+#   bash benchmarks/device_plan.sh H    # nvidia-h200: engine.layer_graphs: GPU tests, the seed 1 x 8 with and without,
+#                                       # Qwen3-30B 1 x 2 with and without
 #   bash benchmarks/device_plan.sh D    # nvidia-h200: Llama 3.1 8B's set rows grouped / fresh / moefit bench (host per launch)
 #   bash benchmarks/device_plan.sh F    # nvidia-h200: issue 13's family rows on the current engine, stock beside
 #   bash benchmarks/device_plan.sh S    # nvidia-h200-x2: Scout expert parallel vs data parallel (1 sync of 4 left)
@@ -18,7 +20,25 @@
 set -uo pipefail
 out=${OUT:?set OUT}
 . benchmarks/gpu_env.sh > "$out/setup.log" 2>&1 || { cat "$out/setup.log"; exit 1; }
-case "${1:?A, B, D, G, P, F or S}" in
+case "${1:?A, B, D, G, H, P, F or S}" in
+  H)  # 5 files: setup.log, gpu_tests.log, step_ab.json, fam/families.{json,md}
+    # engine.layer_graphs (moefit/models/layer_graphs.py): each checkpointed layer's first pass replayed from a
+    # CUDA graph. Its GPU tests (losses bit for bit, gradients, no sync in a replayed micro-step), then the seed
+    # recipe as written with and without it (and with lora_cast_cache, which then only serves the recomputation),
+    # then Qwen3-30B's host-bound 1 x 2 with and without it if the call has time left.
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -k "layer_graphs or never_syncs" \
+      > "$out/gpu_tests.log" 2>&1; echo "gpu tests rc $?" >> "$out/setup.log"; tail -3 "$out/gpu_tests.log"
+    STEPS=2 timeout 330 bash benchmarks/step_ab.sh 2048 "seed::--grad-accum 8" "graphs:layer_graphs=true:--grad-accum 8" \
+      "graphs_casts:layer_graphs=true,lora_cast_cache=true:--grad-accum 8" > "$out/h.log" 2>&1
+    echo "seed rc $?" >> "$out/setup.log"; cat "$out/h.log"; rm -f "$out/h.log"
+    left=$((${CALL_S:-600} - 30 - SECONDS))
+    if [ "$left" -gt 120 ]; then
+      timeout "$left" python3 benchmarks/families.py --out "$out/fam" --models qwen3-30b-a3b --no-stock \
+        --variants "graphs:--engine layer_graphs=true" >> "$out/setup.log" 2>&1
+      echo "families rc $?" >> "$out/setup.log"; grep -A3 "^| model | variant" "$out/fam/families.md"
+    fi
+    tail -4 "$out/setup.log"
+    ;;
   A|B)  # A: 7 files: setup.log, gpu_tests.log, sync/sync_audit.{json,md}, step_ab.json, stock/stock_baseline.json
         # B: the same + fam/families.{json,md}
     # The GPU tests (the decoder's engine path, the loss without a sync), where the host still waits for the GPU
@@ -130,5 +150,5 @@ for f in sys.argv[1:]:
     timeout 540 python3 benchmarks/expert_parallel.py --out "$out/ep" --gpus 2 --configs scout > "$out/s.log" 2>&1
     echo "S rc $?" >> "$out/setup.log"; tail -12 "$out/s.log"
     ;;
-  *) echo "unknown call $1 (A, B, D, G, P, F or S)"; exit 2 ;;
+  *) echo "unknown call $1 (A, B, D, G, H, P, F or S)"; exit 2 ;;
 esac

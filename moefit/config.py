@@ -166,8 +166,14 @@ class EngineConfig:
     gc_freeze: bool = True
     # The bf16 copies of the attention / shared-expert / dense LoRA weights kept from one optimizer step to the
     # next instead of cast in every pass (moefit/lora_copies.py): 2 launches less per adapted projection and pass,
-    # one bf16 copy of those weights held (Scout r=32: 224 MB). Opt-in until measured on the GPU
-    lora_cast_cache: bool = False
+    # one bf16 copy of those weights held (Scout r=32: 224 MB). With layer_graphs it serves the recomputation: on
+    # an H200 the seed step (Scout 1 x 8) ran 2,446 -> 2,539 tok/s, every micro-step at the GPU's pace
+    lora_cast_cache: bool = True
+    # Each checkpointed decoder layer's first pass captured once per input shape as a CUDA graph and replayed (one
+    # launch instead of ~170 per layer; moefit/models/layer_graphs.py); its recomputation and backward stay eager.
+    # Holds one layer's first-pass temporaries in the graphs' own memory pool (planned). On an H200 the seed step
+    # (Scout 1 x 8) ran 1,748 -> 2,446 tok/s, Qwen3-30B 1 x 2 2,701 -> 3,222 (benchmarks/speed_targets.md)
+    layer_graphs: bool = True
 
 
 @dataclass

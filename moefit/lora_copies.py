@@ -48,6 +48,10 @@ def compute_copy(weight: torch.Tensor, dtype: torch.dtype, scale: float | None =
     the weight until it may have changed. The same bits either way."""
     if not engine_switches.current().lora_cast_cache or (weight.dtype == dtype and scale is None):
         return _fresh(weight, dtype, scale)
+    if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+        # A CUDA graph (models.layer_graphs) would read a kept copy at its address after it was replaced: the
+        # graph casts the weight itself, on every replay.
+        return _fresh(weight, dtype, scale)
     _install()
     key = (weight._version, weight.data_ptr(), _optimizer_steps, dtype, scale)
     held = weight.__dict__.get(_ATTR)

@@ -9,11 +9,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import engine_switches
 from ..devices import copy_without_waiting
 from ..labels import IGNORE_INDEX
 from ..moe import recompute
 from ..moe.experts import MoefitExperts
 from . import host_positions
+from .layer_graphs import LayerGraphs
 from .loss import chunked_cross_entropy_sum
 
 
@@ -59,6 +61,7 @@ class MoefitCausalLM(nn.Module):
         self.quantization = quantization
         self.dtype = dtype
         self.loss_chunk = loss_chunk
+        self.layer_graphs: LayerGraphs | None = None  # engine.layer_graphs, from enable_gradient_checkpointing
         host_positions.install()
 
     @property
@@ -83,14 +86,22 @@ class MoefitCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, MoefitExperts):
                 module.keep_gate_up = keep_routed_gate_up
-        if any(getattr(m, "gradient_checkpointing", False) for m in self.hf.modules()):
-            return  # on already: transformers would add its input-requires-grad hook to the embedding once more
-        # transformers >= 5.2x renamed the method; 5.17 (the GPU image) only has the old name.
-        kwargs = {"use_reentrant": False, "context_fn": recompute.context_fn}
-        if hasattr(self.hf, "activation_checkpointing_enable"):
-            self.hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if not any(getattr(m, "gradient_checkpointing", False) for m in self.hf.modules()):
+            # (on already: transformers would add its input-requires-grad hook to the embedding once more)
+            # transformers >= 5.2x renamed the method; 5.17 (the GPU image) only has the old name.
+            kwargs = {"use_reentrant": False, "context_fn": recompute.context_fn}
+            if hasattr(self.hf, "activation_checkpointing_enable"):
+                self.hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if engine_switches.current().layer_graphs and self.layer_graphs is None:
+            self.use_layer_graphs(LayerGraphs())
+
+    def use_layer_graphs(self, graphs: LayerGraphs) -> None:
+        """Replay the checkpointed layers' first passes from CUDA graphs (engine.layer_graphs; after
+        enable_gradient_checkpointing). `graphs.stats()` says what ran how."""
+        graphs.install(self.hf)
+        self.layer_graphs = graphs
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,

@@ -39,6 +39,11 @@ _CURRENT: contextvars.ContextVar[HostPositions | None] = contextvars.ContextVar(
                                                                                 default=None)
 
 
+def this_forward() -> HostPositions | None:
+    """The host answer of the forward running now, whatever position ids a module was handed."""
+    return _CURRENT.get()
+
+
 def current(position_ids: torch.Tensor | None) -> HostPositions | None:
     """The host answer for `position_ids` (the tensor a layer or mask builder was handed), if this forward has
     one and the shapes agree; None: decide on the device as before."""
@@ -60,6 +65,17 @@ def known(position_ids: torch.Tensor | None, shape: tuple[int, int]) -> Iterator
     if position_ids is not None and position_ids.device.type != "cpu":
         raise ValueError("host_positions.known takes position ids in host memory")
     token = _CURRENT.set(HostPositions(position_ids, shape))
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+@contextlib.contextmanager
+def restored(answer: HostPositions | None) -> Iterator[None]:
+    """Within the block, `answer` (an earlier forward's, from this_forward) is the host answer again: for the
+    recomputation of a layer in backward, which runs after that forward's `known` block has closed."""
+    token = _CURRENT.set(answer)
     try:
         yield
     finally:

@@ -63,6 +63,12 @@ class RunShape:
     expert_parallel: int = 1  # GPUs sharing each MoE layer's routed experts (parallel.expert)
     nf4_decoder: str = EngineConfig.nf4_decoder  # engine.nf4_decoder: who decodes NF4, at which rate (timing.py)
     lora_cast_cache: bool = EngineConfig.lora_cast_cache  # engine.lora_cast_cache: bf16 LoRA copies held
+    layer_graphs: bool = EngineConfig.layer_graphs  # engine.layer_graphs: first passes replayed from CUDA graphs
+
+    @property
+    def replays_first_pass(self) -> bool:
+        """engine.layer_graphs in effect: checkpointed layers in one process (several fall back to eager)."""
+        return self.layer_graphs and self.gradient_checkpointing and self.num_gpus == 1
 
     @property
     def tokens(self) -> int:
@@ -383,6 +389,23 @@ def _static_parts(f: ModelFacts, shape: RunShape) -> tuple:
     return _STATIC[key]
 
 
+def layer_graph_pool_bytes(f: ModelFacts, shape: RunShape) -> int:
+    """The CUDA graphs' own memory pool (models.layer_graphs): the largest layer's first-pass temporaries, held
+    apart from the eager allocator's for the run. A first pass saves nothing, so at its peak it holds one decoded
+    weight (an MoE layer's whole routed bank) and the few activations around it."""
+    if not shape.replays_first_pass:
+        return 0
+    T, h = shape.tokens, f.hidden
+    peaks = [_r(max(f.q_dim, f.kv_dim) * h * BF16) + 2 * _r(T * (f.q_dim + 2 * f.kv_dim) * BF16)]
+    if f.num_experts:
+        Tk, ei = T * f.top_k, f.expert_intermediate
+        peaks.append(_r(local_experts(f, shape.expert_parallel) * ei * h * BF16) + 3 * _r(Tk * ei * BF16)
+                     + 2 * _r(Tk * h * BF16))
+    for inter in {f.shared_intermediate, *(la.dense_intermediate for la in f.layers)} - {0, None}:
+        peaks.append(_r(inter * h * BF16) + 3 * _r(T * inter * BF16) + 2 * _r(T * h * BF16))
+    return max(peaks)
+
+
 def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> MemoryEstimate:
     cm = calib["memory"]
     static, persistent_waste, trainable, grad_by_layer = _static_parts(f, shape)
@@ -483,6 +506,11 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
                                "overhead", "calibration.json: extra_allocated_bytes"))
     comps.append(Component("allocator_reserve", "allocator reserve / fragmentation", reserve, "overhead",
                            f"{cm['allocator_dynamic_reserve_fraction']:.0%} of transient + segment rounding"))
+    pool = layer_graph_pool_bytes(f, shape)
+    if pool:
+        comps.append(Component("layer_graph_pool", "CUDA graphs' memory pool (layer_graphs)", pool, "overhead",
+                               "one layer's first-pass temporaries, held apart from the allocator's cache"))
+        reserve += pool
     ctx = cm["cuda_context_bytes"]
     comps.append(Component("cuda_context", "CUDA context", ctx, "overhead", "outside the caching allocator"))
     if data_parallel:

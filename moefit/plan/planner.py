@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -85,7 +86,7 @@ def _shape(cfg: RunConfig) -> RunShape:
                     lora=cfg.lora, optimizer=t.optimizer, gradient_checkpointing=t.gradient_checkpointing,
                     keep_routed_gate_up=t.keep_routed_gate_up, num_gpus=cfg.plan.num_gpus,
                     expert_parallel=cfg.parallel.expert, nf4_decoder=cfg.engine.nf4_decoder,
-                    lora_cast_cache=cfg.engine.lora_cast_cache)
+                    lora_cast_cache=cfg.engine.lora_cast_cache, layer_graphs=cfg.engine.layer_graphs)
 
 
 def _with(shape: RunShape, **kw: Any) -> RunShape:
@@ -175,20 +176,23 @@ class _Planner:
         per_step = s.batch * s.grad_accum
         hosts = {s.quant.embeddings_on_host} | ({True} if not f.tied_embeddings else set())
         keeps = {s.keep_routed_gate_up} | ({True} if f.num_experts and s.gradient_checkpointing else set())
+        # engine.layer_graphs pays at small micro-batches (the host sets their pace) and holds a pool that grows
+        # with the micro-batch: a larger one may fit, and be faster, without it
+        graphs = {s.layer_graphs} | ({False} if s.layer_graphs else set())
         room = fit.gpu.memory_bytes - min(fit.margin_bytes, int(FASTER_MIN_MARGIN * fit.gpu.memory_bytes))
         best, best_s = None, fit.step.step_s * (1 - FASTER_MIN_GAIN)
         for b in (d for d in range(1, per_step + 1)
                   if per_step % d == 0 and (d * s.seq_len <= FASTER_MAX_TOKENS or d <= s.batch)):
-            for host in sorted(hosts):
-                for keep in sorted(keeps):
-                    cand = dataclasses.replace(s, batch=b, grad_accum=per_step // b, keep_routed_gate_up=keep,
-                                               quant=dataclasses.replace(s.quant, embeddings_on_host=host))
-                    mem = self.memory(cand)
-                    if cand == s or mem.total > room:
-                        continue
-                    st = step_time(f, cand, fit.gpu, self.calib, mem.by_key(), fit.num_gpus)
-                    if st and st.step_s < best_s:
-                        best, best_s = (cand, st, mem), st.step_s
+            for host, keep, graph in itertools.product(sorted(hosts), sorted(keeps), sorted(graphs, reverse=True)):
+                cand = dataclasses.replace(s, batch=b, grad_accum=per_step // b, keep_routed_gate_up=keep,
+                                           quant=dataclasses.replace(s.quant, embeddings_on_host=host),
+                                           layer_graphs=graph)
+                mem = self.memory(cand)
+                if cand == s or mem.total > room:
+                    continue
+                st = step_time(f, cand, fit.gpu, self.calib, mem.by_key(), fit.num_gpus)
+                if st and st.step_s < best_s:
+                    best, best_s = (cand, st, mem), st.step_s
         return best
 
     def faster_layout(self, fit: GpuFit) -> tuple[str, dict[str, Any]] | None:
@@ -204,6 +208,8 @@ class _Planner:
             settings["quantization.embeddings_on_host"] = best.quant.embeddings_on_host
         if best.keep_routed_gate_up != s.keep_routed_gate_up:
             settings["train.keep_routed_gate_up"] = best.keep_routed_gate_up
+        if best.layer_graphs != s.layer_graphs:
+            settings["engine.layer_graphs"] = best.layer_graphs
         changes = [f"{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items()]
         gib = 2**30
         per_gpu = " per GPU" if fit.num_gpus > 1 else ""

@@ -144,10 +144,13 @@ def time_work(f: ModelFacts, shape: RunShape, weight_bytes: dict[str, int]) -> d
                 dequant += wp[k] * (stored + 2 * written)
     expert_lora = f.moe_layers if (shape.expert_rank and f.num_experts and
                                    {"gate", "up", "down"} & shape.targets) else 0
+    # engine.layer_graphs: the first pass is one replay per layer, its host time gone (models.layer_graphs)
+    host_passes = passes - 1 if shape.replays_first_pass else passes
     return {"matmul": matmul, "attention": attn, "masked_attention": masked, "dequant": dequant,
             "activation": activation_bytes(f, shape), "gpu_layer_passes": passes * f.num_layers,
-            "moe_layer_passes": passes * f.moe_layers, "dense_layer_passes": passes * (f.num_layers - f.moe_layers),
-            "expert_lora_layer_passes": passes * expert_lora, "micro_steps": 1.0}
+            "moe_layer_passes": host_passes * f.moe_layers,
+            "dense_layer_passes": host_passes * (f.num_layers - f.moe_layers),
+            "expert_lora_layer_passes": host_passes * expert_lora, "micro_steps": 1.0}
 
 
 def activation_bytes(f: ModelFacts, shape: RunShape) -> float:

@@ -31,7 +31,8 @@ def record_shape(rec: dict[str, Any]) -> RunShape:
                     gradient_checkpointing=rec.get("gradient_checkpointing", True),
                     keep_routed_gate_up=rec.get("keep_routed_gate_up", False),
                     nf4_decoder=record_decoder(rec),
-                    lora_cast_cache=bool((rec.get("engine") or {}).get("lora_cast_cache", False)))
+                    lora_cast_cache=bool((rec.get("engine") or {}).get("lora_cast_cache", False)),
+                    layer_graphs=bool((rec.get("engine") or {}).get("layer_graphs", False)))
 
 
 def record_facts(rec: dict[str, Any]) -> ModelFacts:

@@ -1,0 +1,369 @@
+"""The first pass of every checkpointed decoder layer replayed from a CUDA graph (`engine.layer_graphs`).
+
+At micro-batch 1 the host issuing kernels sets the pace of a step (benchmarks/speed_targets.md): ~560 launches per
+Scout layer and micro-step at ~35 us of host time each, about what the GPU spends on them. A checkpointed layer's
+first pass builds nothing backward reads (its activations are dropped), and for one input shape it is the same
+kernels every micro-step with no host sync (benchmarks/sync_audit.py), so it is captured once and then replayed:
+one launch per layer instead of ~170. The recomputation and backward stay eager: in backward the layer is run
+again from its saved input with autograd recording and backpropagated (as torch's reentrant checkpoint does),
+from the random-number state the replay started from, so its dropout masks are the replay's.
+
+What a replay reads and writes stays where the capture put it: each layer's input is the previous layer's
+captured output (the first layer's a buffer the input is copied into), which is what checkpointing saves anyway;
+tensor arguments (rotary tables, masks, position ids) are copied into shared buffers once per forward; what the
+first pass keeps for the recomputation (moe.recompute.keep) is the capture's own tensors. All graphs of a model
+share one private memory pool, which holds one layer's first-pass temporaries (the decoded expert banks) apart
+from the eager allocator's: the plan counts it (plan.memory, `layer_graph_pool`).
+
+A call runs eagerly, through torch's checkpoint as without the setting, when a graph cannot stand in: tensors
+not on a GPU, several processes (DistributedDataParallel's hooks expect the non-reentrant checkpoint), an argument
+that is not a tensor / number / None, a third input shape per layer, a forward before the previous forward's
+backward, or a failed capture (then for the rest of the run, with the reason logged). `stats()` counts each.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import weakref
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..moe import recompute
+from . import host_positions
+
+log = logging.getLogger(__name__)
+
+MAX_SHAPES_PER_LAYER = 2  # graphs kept per layer (each holds its own outputs); past it a new shape runs eagerly
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+class _Token:
+    """Held by the autograd node of one replay: alive while that forward's graph may still be backpropagated."""
+
+
+class _SharedArgument:
+    """A static copy of one tensor argument that several layers' graphs read (the rotary table, a mask)."""
+
+    def __init__(self, source: torch.Tensor):
+        self.buffer = source.detach().clone()
+        self.source: torch.Tensor | None = source  # the tensor last copied in (held: its id cannot be reused)
+
+    def feed(self, source: torch.Tensor) -> None:
+        if source is not self.source:
+            self.buffer.copy_(source)
+            self.source = source
+
+
+class _LayerGraph:
+    """One layer's captured first pass for one input shape."""
+
+    def __init__(self, owner: LayerGraphs, key: tuple):
+        self.owner, self.key = owner, key  # key: (layer, what the graph was captured for)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.input: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+        self.arguments: list[_SharedArgument] = []
+        self.kept: dict = {}  # what the captured first pass keeps for the recomputation (moe.recompute)
+        self.pending: weakref.ref | None = None
+
+    def bind(self, function: functools.partial, hidden: torch.Tensor, sources: list[torch.Tensor]
+             ) -> functools.partial:
+        """Where this graph's inputs live: the previous layer's captured output (else a copy of `hidden`) and the
+        shared copies of the tensor arguments; returns `function` reading those."""
+        previous = self.owner.output_of(hidden)
+        self.input = previous if previous is not None else hidden.detach().clone()
+        self.arguments = [self.owner.shared_argument(s) for s in sources]
+        return _with_tensors(function, [a.buffer for a in self.arguments])
+
+    def feed(self, hidden: torch.Tensor, sources: list[torch.Tensor]) -> torch.Tensor:
+        """Copy this call's inputs where the graph reads them (those already there stay); returns the
+        random-number state the first pass starts from."""
+        if hidden.data_ptr() != self.input.data_ptr():
+            self.input.copy_(hidden)
+        for argument, source in zip(self.arguments, sources, strict=True):
+            argument.feed(source)
+        return _rng_state(hidden.device)
+
+    def capture(self, function: functools.partial, hidden: torch.Tensor, sources: list[torch.Tensor]) -> None:
+        owner = self.owner
+        static = self.bind(function, hidden, sources)
+        stream, device = owner.capture_stream(hidden.device), hidden.device
+        rng = torch.cuda.get_rng_state(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream), torch.no_grad(), recompute.phases({})[0]:
+            static(self.input)  # warm-up on the capture stream: lazy initialisation and autotuning happen here
+        torch.cuda.set_rng_state(rng, device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), recompute.phases(self.kept)[0], \
+                torch.cuda.graph(graph, pool=owner.pool(), stream=stream, capture_error_mode="thread_local"):
+            out = static(self.input)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        torch.cuda.set_rng_state(rng, device)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"the layer returned {type(out).__name__}, not a tensor")
+        self.graph, self.output = graph, out
+        owner.outputs[out.data_ptr()] = out
+
+    def replay(self, hidden: torch.Tensor, sources: list[torch.Tensor]) -> torch.Tensor:
+        """Run the captured first pass on `hidden`; returns the random-number state it started from."""
+        rng = self.feed(hidden, sources)
+        self.graph.replay()
+        return rng
+
+    def awaits_backward(self) -> bool:
+        """Replayed for a forward whose backward has not run and may still run (its autograd graph is alive): the
+        buffers hold what that backward reads, a replay now would overwrite them."""
+        return self.pending is not None and self.pending() is not None
+
+    def kept_for_recomputation(self) -> dict:
+        return {key: list(values) for key, values in self.kept.items()}
+
+
+class _EagerStandIn(_LayerGraph):
+    """The first pass run eagerly where a replay would be (LayerGraphs(stand_in=True)): everything but the CUDA
+    graph itself (static inputs, shared arguments, random-number states, the recomputation and its backward)
+    runs as with graphs, so CPU tests check that bookkeeping against torch's checkpoint."""
+
+    def capture(self, function: functools.partial, hidden: torch.Tensor, sources: list[torch.Tensor]) -> None:
+        self.static = self.bind(function, hidden, sources)
+        with torch.no_grad():
+            self.output = self.static(self.input).clone()
+        self.owner.outputs[self.output.data_ptr()] = self.output
+
+    def replay(self, hidden: torch.Tensor, sources: list[torch.Tensor]) -> torch.Tensor:
+        rng = self.feed(hidden, sources)
+        self.kept = {}
+        with torch.no_grad(), recompute.phases(self.kept)[0]:
+            self.output.copy_(self.static(self.input))
+        return rng
+
+
+class _Replayed(torch.autograd.Function):
+    """A layer's first pass replayed (forward) and recomputed with autograd recording, then backpropagated
+    (backward). `anchor` requires grad so the output does even when the layer's input does not (the first layer):
+    the layer's LoRA weights are not inputs of this node, their gradients accumulate in the inner backward."""
+
+    @staticmethod
+    def forward(ctx, graph: _LayerGraph, function: functools.partial, sources: list[torch.Tensor],
+                hidden: torch.Tensor, anchor: torch.Tensor):
+        ctx.graph, ctx.function = graph, function
+        ctx.rng = graph.replay(hidden, sources)
+        ctx.host = host_positions.this_forward()  # the recomputation's masks are decided as the forward's were
+        ctx.token = _Token()
+        graph.pending = weakref.ref(ctx.token)
+        return graph.output.detach()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        graph = ctx.graph
+        graph.pending = None
+        need_x = ctx.needs_input_grad[3]
+        x = graph.input.detach().requires_grad_(need_x)
+        device = x.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            _set_rng_state(ctx.rng, device)
+            with torch.enable_grad(), recompute.phases(graph.kept_for_recomputation())[1], \
+                    host_positions.restored(ctx.host):
+                out = ctx.function(x)
+        if out.requires_grad:
+            torch.autograd.backward(out, grad)
+        return None, None, None, x.grad if need_x else None, None
+
+
+class LayerGraphs:
+    """The graphs of one model's checkpointed layers, their shared memory pool, and counts of what ran how."""
+
+    def __init__(self, *, stand_in: bool = False):
+        """`stand_in`: run each first pass eagerly where a graph would replay (CPU tests of the bookkeeping)."""
+        self.stand_in = stand_in
+        self.graphs: dict[tuple, _LayerGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}  # data_ptr -> a captured layer output
+        self.shared: list[_SharedArgument] = []
+        self.counts: Counter = Counter()
+        self.disabled: str | None = None
+        self.this_forward: list[_LayerGraph] = []  # the graphs replayed in the forward running now
+        self._last_layer = -1
+        self._behind_a_backward = False
+        self._pool = None
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._anchor: torch.Tensor | None = None
+        self._host_answer: tuple[object, tuple] = (None, ())
+
+    def install(self, model: nn.Module) -> int:
+        """Route every checkpointed layer of `model` (transformers' `_gradient_checkpointing_func`, set by
+        enabling gradient checkpointing first) through these graphs; returns how many layers."""
+        n = 0
+        for module in model.modules():
+            fallback = getattr(module, "_gradient_checkpointing_func", None)
+            if fallback is None:
+                continue
+            if isinstance(fallback, _LayerCheckpoint):  # other graphs installed before: these replace them
+                fallback = fallback.fallback
+            module._gradient_checkpointing_func = _LayerCheckpoint(self, n, fallback)
+            n += 1
+        return n
+
+    def stats(self) -> dict[str, Any]:
+        """Captured graphs, replayed layer passes, eager ones by reason, and why graphs stopped (if they did)."""
+        return {"graphs": len(self.graphs),
+                "replayed": self.counts["replayed"],
+                "eager": {k[6:]: v for k, v in self.counts.items() if k.startswith("eager:")},
+                "disabled": self.disabled}
+
+    # -- used by the layers' graphs
+    def pool(self):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+    def capture_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def output_of(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        out = self.outputs.get(hidden.data_ptr())
+        return out if out is not None and out.shape == hidden.shape and out.dtype == hidden.dtype else None
+
+    def shared_argument(self, source: torch.Tensor) -> _SharedArgument:
+        for argument in self.shared:
+            if argument.source is source:
+                return argument
+        argument = _SharedArgument(source)
+        self.shared.append(argument)
+        return argument
+
+    def anchor(self) -> torch.Tensor:
+        if self._anchor is None:
+            self._anchor = torch.zeros((), requires_grad=True)
+        return self._anchor
+
+    def host_answer(self) -> tuple:
+        """This forward's packed-rows answers from host memory (host_positions): part of what a graph was
+        captured for, since the masks the layers build depend on them."""
+        known = host_positions.this_forward()
+        if known is None:
+            return ()
+        if self._host_answer[0] is not known:
+            self._host_answer = (known, (known.restarts_inside_a_row(), known.breaks_inside_a_row()))
+        return self._host_answer[1]
+
+    def behind_a_backward(self, layer: int) -> bool:
+        """Whether the forward calling `layer` started while an earlier forward's backward may still run: its
+        replays would overwrite what that backward reads (inputs, kept tensors, and what graphs of other shapes
+        captured over memory the earlier ones had freed), so it runs eagerly. Layers run in order: a layer
+        index not above the last one's starts a forward."""
+        if layer <= self._last_layer:
+            self._behind_a_backward = any(g.awaits_backward() for g in self.this_forward)
+            self.this_forward = []
+        self._last_layer = layer
+        return self._behind_a_backward
+
+    def eager(self, reason: str) -> None:
+        self.counts["eager:" + reason] += 1
+
+
+class _LayerCheckpoint:
+    """What one layer calls instead of torch's checkpoint (transformers' `_gradient_checkpointing_func`)."""
+
+    def __init__(self, owner: LayerGraphs, layer: int, fallback: Callable):
+        self.owner, self.layer, self.fallback = owner, layer, fallback
+
+    def __call__(self, function: Callable, *args: Any):
+        owner = self.owner
+        reason = "forward before backward" if owner.behind_a_backward(self.layer) else \
+            _why_eager(owner, function, args)
+        if reason is not None:
+            owner.eager(reason)
+            return self.fallback(function, *args)
+        described = _tensors(function)
+        if described is None:
+            owner.eager("an argument of another type")
+            return self.fallback(function, *args)
+        hidden = args[0]
+        sources, shape = described
+        key = (self.layer, _describe(hidden), shape, owner.host_answer())
+        graph = owner.graphs.get(key)
+        if graph is None:
+            if sum(k[0] == self.layer for k in owner.graphs) >= MAX_SHAPES_PER_LAYER:
+                owner.eager(f"more than {MAX_SHAPES_PER_LAYER} input shapes")
+                return self.fallback(function, *args)
+            graph = owner.graphs[key] = (_EagerStandIn if owner.stand_in else _LayerGraph)(owner, key)
+            try:
+                graph.capture(function, hidden, sources)
+            except Exception as e:  # noqa: BLE001 - any failure: this run goes on without graphs, and says why
+                owner.disabled = f"layer {self.layer}: {type(e).__name__}: {e}"
+                log.warning("engine.layer_graphs: capture failed, the run goes on without graphs (%s)",
+                            owner.disabled)
+                owner.graphs.clear()
+                owner.outputs.clear()
+                owner.eager("capture failed")
+                return self.fallback(function, *args)
+        owner.counts["replayed"] += 1
+        owner.this_forward.append(graph)
+        return _Replayed.apply(graph, function, sources, hidden, owner.anchor())
+
+
+def _why_eager(owner: LayerGraphs, function: Callable, args: tuple) -> str | None:
+    if owner.disabled:
+        return "disabled"
+    if len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        return "not one tensor argument"
+    if not args[0].is_cuda and not owner.stand_in:
+        return "not on a GPU"
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        return "several processes"
+    if not isinstance(function, functools.partial):
+        return "not a partial"
+    return None
+
+
+def _tensors(function: functools.partial) -> tuple[list[torch.Tensor], tuple] | None:
+    """The tensor keyword arguments of `function` (in a fixed order) and a description of all of them, or None
+    when one is neither a tensor, a tuple of tensors, a number, a string, a bool nor None."""
+    sources, shape = [], []
+    for name in sorted(function.keywords):
+        value = function.keywords[name]
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                sources.append(item)
+                shape.append((name, _describe(item)))
+            elif item is None or isinstance(item, (bool, int, float, str)):
+                shape.append((name, item))
+            else:
+                return None
+    return sources, tuple(shape)
+
+
+def _describe(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.stride(), t.dtype, t.device
+
+
+def _with_tensors(function: functools.partial, tensors: list[torch.Tensor]) -> functools.partial:
+    """`function` with its tensor keyword arguments replaced, in `_tensors`' order, by `tensors`."""
+    feed = iter(tensors)
+    keywords = {}
+    for name in sorted(function.keywords):
+        value = function.keywords[name]
+        if isinstance(value, (tuple, list)):
+            keywords[name] = type(value)(next(feed) if isinstance(v, torch.Tensor) else v for v in value)
+        else:
+            keywords[name] = next(feed) if isinstance(value, torch.Tensor) else value
+    return functools.partial(function.func, *function.args, **keywords)

@@ -1,0 +1,103 @@
+"""engine.layer_graphs: each checkpointed layer's first pass replayed, its recomputation backpropagated.
+
+On CPU the graph is stood in for by the same first pass run eagerly (LayerGraphs(stand_in=True)): the static
+inputs, shared arguments, random-number states, kept tensors and the recomputation's backward are the code the GPU
+runs, and must give torch's checkpoint's gradients bit for bit. The capture itself is checked on the GPU
+(tests/test_gpu.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from moefit import engine_switches
+from moefit.bench import build_synthetic_model
+from moefit.config import LoraConfig
+from moefit.models.layer_graphs import LayerGraphs
+from tests.test_engine_parity import CONFIGS, tiny_config
+
+
+def _model(folder, config: str, keep: bool, graphs: bool):
+    tiny_config(**CONFIGS[config]).save_pretrained(folder)
+    model = build_synthetic_model(str(folder), device="cpu", dtype=torch.float32,
+                                  lora=LoraConfig(r=4, alpha=8, dropout=0.1), seed=3)
+    model.enable_gradient_checkpointing(keep_routed_gate_up=keep)
+    if graphs:
+        model.use_layer_graphs(LayerGraphs(stand_in=True))
+    model.train()
+    return model
+
+
+def _batches():
+    gen = torch.Generator().manual_seed(0)
+    ids = [torch.randint(3, 256, (2, 24), generator=gen) for _ in range(3)]
+    packed = torch.cat([torch.arange(10), torch.arange(14)]).repeat(2, 1)  # two samples per row
+    return [(ids[0], None), (ids[1], packed), (ids[2], None)]
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+@pytest.mark.parametrize("config,keep,skip", [("top1-4e-norope", False, True), ("top1-4e-norope", True, True),
+                                              ("top2-8e-norope", True, True), ("top1-4e-norope", False, False)])
+def test_replayed_first_pass_gives_torch_checkpoints_gradients(tmp_path, monkeypatch, config, keep, skip):
+    """Three micro-steps (one with packed rows, i.e. other masks), LoRA dropout on: the same losses and the same
+    accumulated LoRA gradients, bit for bit, as torch's checkpoint."""
+    monkeypatch.setattr(engine_switches, "_current",
+                        dataclasses.replace(engine_switches.current(), recompute_skip=skip))
+    results = {}
+    for graphs in (False, True):
+        model = _model(tmp_path / str(graphs), config, keep, graphs)
+        losses = []
+        for i, (ids, positions) in enumerate(_batches()):
+            torch.manual_seed(100 + i)
+            out = model(ids, labels=ids, position_ids=positions)
+            out.loss.backward()
+            losses.append(out.loss.detach())
+        results[graphs] = (losses, _grads(model), model.layer_graphs)
+    (plain_losses, plain_grads, _), (losses, grads, layer_graphs) = results[False], results[True]
+    assert all(torch.equal(a, b) for a, b in zip(plain_losses, losses, strict=True))
+    assert grads.keys() == plain_grads.keys() and len(grads) > 10
+    assert all(torch.equal(grads[k], plain_grads[k]) for k in grads), \
+        [k for k in grads if not torch.equal(grads[k], plain_grads[k])]
+    stats = layer_graphs.stats()
+    # 3 layers x 3 micro-steps replayed; packed and unpacked rows build other masks: two captures per layer
+    assert stats["replayed"] == 9 and stats["graphs"] == 6 and not stats["eager"] and stats["disabled"] is None
+
+
+def test_a_second_forward_before_backward_runs_eagerly(tmp_path):
+    """Two forwards, then their two backwards: the second cannot overwrite what the first's backward will read,
+    so it runs through torch's checkpoint; the gradients are still torch's. A forward whose graph was dropped
+    without a backward does not hold the next one back."""
+    results = {}
+    for graphs in (False, True):
+        model = _model(tmp_path / str(graphs), "top1-4e-norope", True, graphs)
+        (a, _), (b, _), _ = _batches()
+        torch.manual_seed(7)
+        first = model(a, labels=a).loss
+        torch.manual_seed(8)
+        second = model(b, labels=b).loss
+        second.backward()
+        first.backward()
+        model(a, labels=a)  # dropped, never backpropagated
+        torch.manual_seed(9)
+        model(b, labels=b).loss.backward()
+        results[graphs] = (_grads(model), model.layer_graphs)
+    grads, plain = results[True][0], results[False][0]
+    assert all(torch.equal(grads[k], plain[k]) for k in plain)
+    stats = results[True][1].stats()
+    assert stats["eager"] == {"forward before backward": 3} and stats["replayed"] == 9
+
+
+def test_on_from_the_engine_setting_and_eager_off_the_gpu(tmp_path, monkeypatch):
+    model = _model(tmp_path / "on", "top1-4e-norope", False, False)
+    assert model.layer_graphs is not None and not model.layer_graphs.stand_in  # the default
+    ids = _batches()[0][0]
+    model(ids, labels=ids).loss.backward()  # on CPU no graph can stand in: torch's checkpoint, counted
+    assert model.layer_graphs.stats()["eager"] == {"not on a GPU": 3}
+    monkeypatch.setattr(engine_switches, "_current",
+                        dataclasses.replace(engine_switches.current(), layer_graphs=False))
+    assert _model(tmp_path / "off", "top1-4e-norope", False, False).layer_graphs is None
