@@ -9,6 +9,8 @@
 #                                       # Qwen3 1 x 2, GC pauses
 #   bash benchmarks/device_plan.sh H    # nvidia-h200: engine.layer_graphs: GPU tests, the seed 1 x 8 with and without,
 #                                       # Qwen3-30B 1 x 2 with and without
+#   bash benchmarks/device_plan.sh I    # nvidia-h200: issue 15's seed rows with layer_graphs (default): the seed as
+#                                       # written, the same before (graphs and cast cache off), auto, stock beside
 #   bash benchmarks/device_plan.sh D    # nvidia-h200: Llama 3.1 8B's set rows grouped / fresh / moefit bench (host per launch)
 #   bash benchmarks/device_plan.sh F    # nvidia-h200: issue 13's family rows on the current engine, stock beside
 #   bash benchmarks/device_plan.sh S    # nvidia-h200-x2: Scout expert parallel vs data parallel (1 sync of 4 left)
@@ -20,7 +22,18 @@
 set -uo pipefail
 out=${OUT:?set OUT}
 . benchmarks/gpu_env.sh > "$out/setup.log" 2>&1 || { cat "$out/setup.log"; exit 1; }
-case "${1:?A, B, D, G, H, P, F or S}" in
+case "${1:?A, B, D, G, H, I, P, F or S}" in
+  I)  # 4 files: setup.log, gpu_tests.log, step_ab.json, stock/stock_baseline.json
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -k "layer_graphs or never_syncs" \
+      > "$out/gpu_tests.log" 2>&1; echo "gpu tests rc $?" >> "$out/setup.log"; tail -3 "$out/gpu_tests.log"
+    auto="--grad-accum 8 --layout auto --memory-limit-gib 79.65"
+    STEPS=2 timeout 330 bash benchmarks/step_ab.sh 2048 "seed::--grad-accum 8" \
+      "before:layer_graphs=false,lora_cast_cache=false:--grad-accum 8" "auto::$auto" > "$out/i.log" 2>&1
+    echo "seed rc $?" >> "$out/setup.log"; cat "$out/i.log"; rm -f "$out/i.log"
+    timeout 110 python3 benchmarks/stock_baseline.py --out "$out/stock" --layers 2 4 --seq-len 2048 \
+      --layouts per-expert --loras seed >> "$out/setup.log" 2>&1; echo "stock rc $?" >> "$out/setup.log"
+    rm -f "$out/stock/stock_baseline.md"; tail -4 "$out/setup.log"
+    ;;
   H)  # 5 files: setup.log, gpu_tests.log, step_ab.json, fam/families.{json,md}
     # engine.layer_graphs (moefit/models/layer_graphs.py): each checkpointed layer's first pass replayed from a
     # CUDA graph. Its GPU tests (losses bit for bit, gradients, no sync in a replayed micro-step), then the seed
@@ -150,5 +163,5 @@ for f in sys.argv[1:]:
     timeout 540 python3 benchmarks/expert_parallel.py --out "$out/ep" --gpus 2 --configs scout > "$out/s.log" 2>&1
     echo "S rc $?" >> "$out/setup.log"; tail -12 "$out/s.log"
     ;;
-  *) echo "unknown call $1 (A, B, D, G, H, P, F or S)"; exit 2 ;;
+  *) echo "unknown call $1 (A, B, D, G, H, I, P, F or S)"; exit 2 ;;
 esac
