@@ -11,6 +11,8 @@
 #                                       # Qwen3-30B 1 x 2 with and without
 #   bash benchmarks/device_plan.sh I    # nvidia-h200: issue 15's seed rows with layer_graphs (default): the seed as
 #                                       # written, the same before (graphs and cast cache off), auto, stock beside
+#   bash benchmarks/device_plan.sh J    # nvidia-h200: layer_graphs on / off alternated: Llama 3.1 8B 1 x 2 twice each,
+#                                       # the seed 1 x 8 once each
 #   bash benchmarks/device_plan.sh D    # nvidia-h200: Llama 3.1 8B's set rows grouped / fresh / moefit bench (host per launch)
 #   bash benchmarks/device_plan.sh F    # nvidia-h200: issue 13's family rows on the current engine, stock beside
 #   bash benchmarks/device_plan.sh S    # nvidia-h200-x2: Scout expert parallel vs data parallel (1 sync of 4 left)
@@ -22,7 +24,35 @@
 set -uo pipefail
 out=${OUT:?set OUT}
 . benchmarks/gpu_env.sh > "$out/setup.log" 2>&1 || { cat "$out/setup.log"; exit 1; }
-case "${1:?A, B, D, G, H, I, P, F or S}" in
+case "${1:?A, B, D, G, H, I, J, P, F or S}" in
+  J)  # 3 files: setup.log, dense_ab.json, step_ab.json
+    # Does replaying the first pass pay on a dense model too (call 3 of the ninth session: Llama 3.1 8B 1 x 2 at
+    # 5,864 tok/s with it, 6,617 the day before without, on another host)? Alternated in one call, then the seed.
+    dense="--model llama3.1-8b --seq-len 2048 --grad-accum 2 --rank 16 --expert-rank 0 --targets q,k,v,o,gate,up,down"
+    for run in on1 off1 on2 off2; do
+      flag=""; [ "${run:0:3}" = off ] && flag="--engine layer_graphs=false"
+      # shellcheck disable=SC2086
+      timeout 100 python3 -m moefit bench $dense $flag --steps 3 --json > "$out/dense_$run.json" 2>> "$out/setup.log"
+      echo "dense $run rc $?" >> "$out/setup.log"
+    done
+    python3 - "$out" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1]); merged = {}
+for f in sorted(out.glob("dense_*.json")):
+    try:
+        merged[f.stem] = json.loads(f.read_text())
+    except json.JSONDecodeError:
+        continue
+    r = merged[f.stem]["runs"][0]
+    print(f.stem, round(r["step_s"], 3), round(r["tokens_per_s"]), [round(x, 3) for x in r.get("micro_step_s", [])],
+          round(r.get("gpu_busy_fraction", 0), 2), r.get("layer_graphs"))
+    f.unlink()
+(out / "dense_ab.json").write_text(json.dumps(merged, indent=2) + "\n")
+PY
+    STEPS=2 timeout 230 bash benchmarks/step_ab.sh 2048 "seed::--grad-accum 8" \
+      "before:layer_graphs=false,lora_cast_cache=false:--grad-accum 8" > "$out/j.log" 2>&1
+    echo "seed rc $?" >> "$out/setup.log"; cat "$out/j.log"; rm -f "$out/j.log"; tail -3 "$out/setup.log"
+    ;;
   I)  # 4 files: setup.log, gpu_tests.log, step_ab.json, stock/stock_baseline.json
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -k "layer_graphs or never_syncs" \
       > "$out/gpu_tests.log" 2>&1; echo "gpu tests rc $?" >> "$out/setup.log"; tail -3 "$out/gpu_tests.log"
@@ -163,5 +193,5 @@ for f in sys.argv[1:]:
     timeout 540 python3 benchmarks/expert_parallel.py --out "$out/ep" --gpus 2 --configs scout > "$out/s.log" 2>&1
     echo "S rc $?" >> "$out/setup.log"; tail -12 "$out/s.log"
     ;;
-  *) echo "unknown call $1 (A, B, D, G, H, I, P, F or S)"; exit 2 ;;
+  *) echo "unknown call $1 (A, B, D, G, H, I, J, P, F or S)"; exit 2 ;;
 esac
