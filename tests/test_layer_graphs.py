@@ -101,3 +101,27 @@ def test_on_from_the_engine_setting_and_eager_off_the_gpu(tmp_path, monkeypatch)
     monkeypatch.setattr(engine_switches, "_current",
                         dataclasses.replace(engine_switches.current(), layer_graphs=False))
     assert _model(tmp_path / "off", "top1-4e-norope", False, False).layer_graphs is None
+
+
+def test_padding_to_one_shape_leaves_the_loss_and_gradients_of_the_real_tokens(tmp_path):
+    """The trainer pads every packed micro-batch to train.max_length for the graphs (data.dataset.collate's
+    pad_to): the padding is a sample of its own (restarting positions) with no labels, so the loss and the LoRA
+    gradients of the real tokens stay those of the unpadded batch."""
+    from moefit.data.dataset import collate, padding_fraction
+
+    gen = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": ids, "labels": ids, "position_ids": list(range(10)) + list(range(n - 10))}
+            for n in (20, 17) for ids in [torch.randint(3, 256, (n,), generator=gen).tolist()]]
+    assert padding_fraction(rows, 24) == pytest.approx(1 - 37 / 48)
+    results = []
+    for pad_to in (None, 24):
+        model = _model(tmp_path / str(pad_to), "top1-4e-norope", False, False)
+        model.eval()  # no dropout: the two batches draw different masks
+        batch = collate(rows, 0, pad_to)
+        assert batch["input_ids"].shape == (2, 24 if pad_to else 20)
+        out = model(**batch)
+        out.loss_sum.backward()
+        results.append((out.loss_sum.detach(), out.num_tokens, _grads(model)))
+    (loss, n, grads), (padded_loss, padded_n, padded_grads) = results
+    assert n == padded_n and torch.allclose(loss, padded_loss, rtol=1e-5)
+    assert all(torch.allclose(grads[k], padded_grads[k], rtol=1e-4, atol=1e-7) for k in grads)

@@ -212,6 +212,12 @@ def fingerprint(sequences: list[Sequence]) -> str:
     return h.hexdigest()[:16]
 
 
+def padding_fraction(sequences: list[Sequence], length: int) -> float:
+    """The share of padding when every sequence is padded to `length` tokens."""
+    real = sum(len(s["input_ids"]) for s in sequences)
+    return 1 - real / max(len(sequences) * length, 1)
+
+
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
     order = list(range(n))
     if shuffle:
@@ -219,9 +225,10 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int
     return order
 
 
-def collate(rows: list[Sequence], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad rows to the longest: pad_id with label -100; padding gets its own restarting positions."""
-    length = max(len(r["input_ids"]) for r in rows)
+def collate(rows: list[Sequence], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad rows to the longest (at least `pad_to`): pad_id with label -100; padding gets its own restarting
+    positions."""
+    length = max(max(len(r["input_ids"]) for r in rows), pad_to or 0)
     ids, labels, pos = [], [], []
     for r in rows:
         n = length - len(r["input_ids"])
@@ -233,11 +240,12 @@ def collate(rows: list[Sequence], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def iterate_batches(sequences: list[Sequence], batch_size: int, seed: int, start: DataPosition | None = None,
-                    pad_id: int | None = None, shuffle: bool = True
+                    pad_id: int | None = None, shuffle: bool = True, pad_to: int | None = None
                     ) -> Iterator[tuple[dict[str, torch.Tensor], DataPosition]]:
     """Endless batches over epochs, each with the position to resume from after it.
 
-    The last batch of an epoch may be smaller than batch_size (no sequence is dropped or repeated).
+    The last batch of an epoch may be smaller than batch_size (no sequence is dropped or repeated). `pad_to`: every
+    batch at least that many tokens long (one shape for CUDA graphs, engine.layer_graphs).
     """
     n = len(sequences)
     if n == 0:
@@ -255,5 +263,5 @@ def iterate_batches(sequences: list[Sequence], batch_size: int, seed: int, start
         while index < n:
             rows = [sequences[i] for i in order[index:index + batch_size]]
             index += len(rows)
-            yield collate(rows, pad), (DataPosition(epoch, index) if index < n else DataPosition(epoch + 1, 0))
+            yield collate(rows, pad, pad_to), (DataPosition(epoch, index) if index < n else DataPosition(epoch + 1, 0))
         epoch, index = epoch + 1, 0

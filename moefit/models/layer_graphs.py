@@ -62,11 +62,12 @@ class _SharedArgument:
     def __init__(self, source: torch.Tensor):
         self.buffer = source.detach().clone()
         self.source: torch.Tensor | None = source  # the tensor last copied in (held: its id cannot be reused)
+        self.version = source._version  # ... and its version then (written in place since: copied again)
 
     def feed(self, source: torch.Tensor) -> None:
-        if source is not self.source:
+        if source is not self.source or source._version != self.version:
             self.buffer.copy_(source)
-            self.source = source
+            self.source, self.version = source, source._version
 
 
 class _LayerGraph:

@@ -319,7 +319,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
          resume_from: Path | None, smoke: bool, smoke_steps: int | None, force: bool, stop_after: int | None,
          stop: preempt.StopFlag) -> RunResult:
     from ..data import DataPosition, build_datasets, iterate_batches, load_tokenizer
-    from ..data.dataset import fingerprint
+    from ..data.dataset import fingerprint, padding_fraction
     from ..lora import add_lora, save_adapter
     from ..models import load_model
 
@@ -476,8 +476,15 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
 
     say(f"{total_steps} optimizer steps ({per_epoch} per epoch of {len(bundle.train)} sequences), batch "
         f"{t.batch_size} x accumulation {t.grad_accum}, lr {t.lr:g} {'constant (smoke)' if smoke else t.scheduler}")
+    pad_to = None
+    if cfg.engine.layer_graphs and cfg.data.packing and t.gradient_checkpointing and device.type == "cuda" \
+            and ctx.world_size == 1:
+        # one shape for the CUDA graphs of the layers' first passes: packed rows are nearly full anyway
+        pad_to = t.max_length
+        say(f"micro-batches padded to train.max_length {pad_to} for engine.layer_graphs (one shape to replay): "
+            f"{100 * padding_fraction(bundle.train, pad_to):.1f} % of their tokens are padding")
     batches = iterate_batches(bundle.train, t.batch_size, t.seed,
-                              start=DataPosition(state.data_epoch, state.data_index), pad_id=pad_id)
+                              start=DataPosition(state.data_epoch, state.data_index), pad_id=pad_id, pad_to=pad_to)
     step_losses: list[float] = []
     session_t0, session_tokens, session_train_s = time.perf_counter(), 0, 0.0
     elapsed_base = state.elapsed_s
