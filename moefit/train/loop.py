@@ -621,6 +621,8 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
                    "keep_routed_gate_up": t.keep_routed_gate_up, "layout": t.layout},
         "engine": cfg.engine.__dict__,
         "nf4_decoder_used": decoder_in_use(device),  # engine.nf4_decoder, or bitsandbytes where it could not run
+        # engine.layer_graphs: layer passes replayed, those run eagerly and why (None: the setting off)
+        "layer_graphs": model.layer_graphs.stats() if getattr(model, "layer_graphs", None) is not None else None,
         "trainable_params": n_train,
         "data": bundle.report.to_dict(),
         "steps": state.step,
@@ -653,6 +655,11 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
         f"{' / '.join(fmt_bytes(b) for b in peaks)}{' (per rank)' if ctx.enabled else ''}")
     if state.start_eval_loss is not None and end_eval is not None:
         say(f"held-out loss {state.start_eval_loss:.4f} -> {end_eval:.4f}")
+    if report["layer_graphs"] and (report["layer_graphs"]["replayed"] or device.type == "cuda"):
+        g = report["layer_graphs"]
+        eager = ", ".join(f"{n} {why}" for why, n in g["eager"].items()) or "none"
+        say(f"layer graphs (engine.layer_graphs): {g['graphs']} captured, {g['replayed']:,} first passes replayed, "
+            f"eager: {eager}" + (f"; stopped: {g['disabled']}" if g["disabled"] else ""))
     if adapter_dir:
         say(f"adapter: {run_dir / 'adapter_model.safetensors'}")
     say(f"report: {run_dir / 'report.json'}, loss curve: {run_dir / 'loss.png'}")
