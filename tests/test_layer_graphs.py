@@ -8,6 +8,7 @@ runs, and must give torch's checkpoint's gradients bit for bit. The capture itse
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -125,3 +126,33 @@ def test_padding_to_one_shape_leaves_the_loss_and_gradients_of_the_real_tokens(t
     (loss, n, grads), (padded_loss, padded_n, padded_grads) = results
     assert n == padded_n and torch.allclose(loss, padded_loss, rtol=1e-5)
     assert all(torch.allclose(grads[k], padded_grads[k], rtol=1e-4, atol=1e-7) for k in grads)
+
+
+def test_the_trainer_pads_to_one_shape_only_where_the_graphs_replay():
+    from moefit.config import RunConfig
+    from moefit.train.loop import graph_pad_length
+
+    cfg = RunConfig()
+    cfg.train.gradient_checkpointing, cfg.train.max_length = True, 1024
+    cuda = torch.device("cuda", 0)
+    assert graph_pad_length(cfg, cuda, 1) == 1024
+    assert graph_pad_length(cfg, torch.device("cpu"), 1) is None
+    assert graph_pad_length(cfg, cuda, 2) is None  # several processes run eagerly
+    cfg.data.packing = False  # unpacked rows vary in length: padding them all would cost more than the graphs save
+    assert graph_pad_length(cfg, cuda, 1) is None
+    cfg.data.packing, cfg.engine.layer_graphs = True, False
+    assert graph_pad_length(cfg, cuda, 1) is None
+
+
+def test_the_trainer_installs_the_graphs_and_reports_them(tmp_path):
+    """Through `moefit train`'s path with checkpointing: on CPU every first pass runs through torch's checkpoint,
+    counted as such in report.json."""
+    from moefit.assets import tiny_model_dir
+    from moefit.train import train
+    from tests.test_train import small
+
+    settings = small(tiny_model_dir(), **{"train.max_steps": 2, "train.gradient_checkpointing": True,
+                                          "train.eval_every": 100})
+    train(output_dir=tmp_path / "run", echo=False, **settings)
+    graphs = json.loads((tmp_path / "run" / "report.json").read_text())["layer_graphs"]
+    assert graphs["replayed"] == 0 and graphs["eager"].get("not on a GPU", 0) > 0 and graphs["disabled"] is None

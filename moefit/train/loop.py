@@ -129,6 +129,17 @@ def evaluate(model: Any, examples: list[dict], batch_size: int, pad_id: int, dev
 
 # ------------------------------------------------------------------------------------------------- run
 
+def graph_pad_length(cfg: RunConfig, device: torch.device, world_size: int) -> int | None:
+    """The length every micro-batch is padded to so that the CUDA graphs of the layers' first passes
+    (engine.layer_graphs) see one shape: train.max_length where they run (a GPU, one process, checkpointing) and
+    the rows are packed (nearly full anyway); None: each batch as long as its longest row."""
+    t = cfg.train
+    if cfg.engine.layer_graphs and cfg.data.packing and t.gradient_checkpointing and device.type == "cuda" \
+            and world_size == 1:
+        return t.max_length
+    return None
+
+
 def apply_layout(cfg: RunConfig, settings: dict[str, Any]) -> None:
     """Set the planner's faster layout (dotted settings, e.g. `train.batch_size`) on `cfg`, in place."""
     for dotted, value in settings.items():
@@ -476,11 +487,8 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
 
     say(f"{total_steps} optimizer steps ({per_epoch} per epoch of {len(bundle.train)} sequences), batch "
         f"{t.batch_size} x accumulation {t.grad_accum}, lr {t.lr:g} {'constant (smoke)' if smoke else t.scheduler}")
-    pad_to = None
-    if cfg.engine.layer_graphs and cfg.data.packing and t.gradient_checkpointing and device.type == "cuda" \
-            and ctx.world_size == 1:
-        # one shape for the CUDA graphs of the layers' first passes: packed rows are nearly full anyway
-        pad_to = t.max_length
+    pad_to = graph_pad_length(cfg, device, ctx.world_size)
+    if pad_to:
         say(f"micro-batches padded to train.max_length {pad_to} for engine.layer_graphs (one shape to replay): "
             f"{100 * padding_fraction(bundle.train, pad_to):.1f} % of their tokens are padding")
     batches = iterate_batches(bundle.train, t.batch_size, t.seed,
