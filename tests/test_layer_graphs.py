@@ -156,3 +156,23 @@ def test_the_trainer_installs_the_graphs_and_reports_them(tmp_path):
     train(output_dir=tmp_path / "run", echo=False, **settings)
     graphs = json.loads((tmp_path / "run" / "report.json").read_text())["layer_graphs"]
     assert graphs["replayed"] == 0 and graphs["eager"].get("not on a GPU", 0) > 0 and graphs["disabled"] is None
+
+
+def test_a_run_that_fits_only_without_the_graphs_memory_runs_without_them():
+    """Scout at seq 8192 on an H100 80GB: the graphs' memory grows with the tokens and tips it over; the trainer's
+    check turns engine.layer_graphs off instead of refusing. Where nothing fits, the refusal stands and the
+    setting is left as it was."""
+    from moefit.config import load_config
+    from moefit.plan import plan
+    from moefit.train.loop import fit_check_without_graphs_if_needed
+
+    cfg = load_config("recipes/llama4-scout-qlora.yaml")
+    cfg.train.max_length = 8192
+    h100 = int(79.65 * 2**30)
+    assert not plan(cfg, gpus=["h100-80gb"], search=False).gpus[0].fits  # as written, with the graphs
+    fitted, msg, off = fit_check_without_graphs_if_needed(cfg, "NVIDIA H100 80GB HBM3", h100)
+    assert msg is None and off and cfg.engine.layer_graphs is False and fitted.fits
+    assert "layer_graph_pool" not in fitted.memory.by_key()
+    cfg.engine.layer_graphs, cfg.train.max_length = True, 65536
+    _, msg, off = fit_check_without_graphs_if_needed(cfg, "NVIDIA H100 80GB HBM3", h100)
+    assert msg is not None and not off and cfg.engine.layer_graphs is True

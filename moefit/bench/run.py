@@ -138,7 +138,7 @@ def choose_layout(model: str, lora: LoraConfig, quant: QuantConfig, train: Train
     written (and says so) instead of refusing a run that fits."""
     import copy
 
-    from ..train.loop import apply_layout, fit_check
+    from ..train.loop import apply_layout, fit_check_without_graphs_if_needed
 
     cfg = copy.deepcopy(RunConfig(model=model, lora=lora, quantization=quant, train=train,
                                   engine=engine_switches.current()))  # the settings this bench runs with
@@ -148,7 +148,7 @@ def choose_layout(model: str, lora: LoraConfig, quant: QuantConfig, train: Train
         label, memory = props.name, min(props.total_memory, memory_limit_bytes or props.total_memory)
     else:
         label, memory = "h200", memory_limit_bytes or 80 * 10**9  # no GPU here: plan the layout for an H200
-    plan, refusal = fit_check(cfg, label, memory, num_gpus)
+    plan, refusal, graphs_off = fit_check_without_graphs_if_needed(cfg, label, memory, num_gpus)
     if refusal is not None and layers is None:
         raise MoefitError(refusal)
     if refusal is not None:
@@ -158,6 +158,8 @@ def choose_layout(model: str, lora: LoraConfig, quant: QuantConfig, train: Train
                                       f"(no faster layout to plan); this bench runs it cut to {layers} layers",
                 "as_written": _as_written(train, quant), "gpu_memory_bytes": memory}
     settings = dict(plan.faster_settings or {}) if plan.faster else {}
+    if graphs_off:  # fits only without the graphs' memory
+        settings.setdefault("engine.layer_graphs", False)
     apply_layout(cfg, settings)  # (checks every key is a setting)
     return {"settings": settings, "why": plan.faster or "the layout as written is the fastest that fits",
             "as_written": _as_written(train, quant), "gpu_memory_bytes": memory}

@@ -390,12 +390,17 @@ def _static_parts(f: ModelFacts, shape: RunShape) -> tuple:
 
 
 def layer_graph_pool_bytes(f: ModelFacts, shape: RunShape) -> int:
-    """The CUDA graphs' own memory pool (models.layer_graphs): the largest layer's first-pass temporaries, held
-    apart from the eager allocator's for the run. A first pass saves nothing, so at its peak it holds one decoded
-    weight (an MoE layer's whole routed bank) and the few activations around it."""
+    """The CUDA graphs' own memory (models.layer_graphs): the largest layer's first-pass temporaries, held in
+    their pool apart from the eager allocator's for the run (a first pass saves nothing, so at its peak it holds
+    one decoded weight, an MoE layer's whole routed bank, and the few activations around it), and a second input
+    shape's captured outputs: real data has packed and unpacked rows, whose masks differ, so a layer holds two
+    graphs, each with its outputs (one [B, S, H] per layer) and what it keeps for the recomputation."""
     if not shape.replays_first_pass:
         return 0
     T, h = shape.tokens, f.hidden
+    second = f.num_layers * _r(T * h * BF16)
+    if shape.keep_routed_gate_up and f.num_experts:
+        second += f.moe_layers * 2 * _r(T * f.top_k * f.expert_intermediate * BF16)
     peaks = [_r(max(f.q_dim, f.kv_dim) * h * BF16) + 2 * _r(T * (f.q_dim + 2 * f.kv_dim) * BF16)]
     if f.num_experts:
         Tk, ei = T * f.top_k, f.expert_intermediate
@@ -403,7 +408,7 @@ def layer_graph_pool_bytes(f: ModelFacts, shape: RunShape) -> int:
                      + 2 * _r(Tk * h * BF16))
     for inter in {f.shared_intermediate, *(la.dense_intermediate for la in f.layers)} - {0, None}:
         peaks.append(_r(inter * h * BF16) + 3 * _r(T * inter * BF16) + 2 * _r(T * h * BF16))
-    return max(peaks)
+    return max(peaks) + second
 
 
 def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> MemoryEstimate:
@@ -508,8 +513,8 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
                            f"{cm['allocator_dynamic_reserve_fraction']:.0%} of transient + segment rounding"))
     pool = layer_graph_pool_bytes(f, shape)
     if pool:
-        comps.append(Component("layer_graph_pool", "CUDA graphs' memory pool (layer_graphs)", pool, "overhead",
-                               "one layer's first-pass temporaries, held apart from the allocator's cache"))
+        comps.append(Component("layer_graph_pool", "CUDA graphs' memory (layer_graphs)", pool, "overhead",
+                               "one layer's first-pass temporaries + a second input shape's outputs"))
         reserve += pool
     ctx = cm["cuda_context_bytes"]
     comps.append(Component("cuda_context", "CUDA context", ctx, "overhead", "outside the caching allocator"))

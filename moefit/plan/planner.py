@@ -244,6 +244,13 @@ class _Planner:
                 saved = (fit.total_bytes - self.memory(lean).total) / 2**30
                 ideas.append(f"the linears' NF4 scales left double-quantized: quantization.fp32_linear_scales false "
                              f"fits ({saved:.2f} GiB less, a little slower)")
+        if s.replays_first_pass:
+            eager = dataclasses.replace(s, layer_graphs=False)
+            if self.fits(eager, fit.gpu):
+                saved = (fit.total_bytes - self.memory(eager).total) / 2**30
+                ideas.append(f"the layers' first passes issued by the host instead of replayed from CUDA graphs: "
+                             f"engine.layer_graphs false fits ({saved:.2f} GiB less; slower where the host sets "
+                             f"the pace, at small micro-batches)")
         if fit.max_seq_len and fit.max_seq_len < s.seq_len:
             ideas.append(f"a shorter sequence: train.max_length {fit.max_seq_len} fits (--seq-len {fit.max_seq_len})")
         if s.batch > 1 and fit.max_batch:

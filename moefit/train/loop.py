@@ -232,6 +232,21 @@ def fit_check(cfg: RunConfig, gpu_label: str, gpu_memory_bytes: int, num_gpus: i
                   f" {plan.suggestion or ''} Run `moefit plan` for the breakdown, or pass --force to try anyway.")
 
 
+def fit_check_without_graphs_if_needed(cfg: RunConfig, gpu_label: str, gpu_memory_bytes: int, num_gpus: int = 1):
+    """`fit_check`, and when the run does not fit but would without the CUDA graphs' memory (engine.layer_graphs:
+    their pool and a second shape's outputs grow with the tokens per micro-batch), the graphs turned off in `cfg`
+    and that plan: (plan, message or None, whether the graphs were turned off)."""
+    plan, msg = fit_check(cfg, gpu_label, gpu_memory_bytes, num_gpus)
+    if msg is None or not cfg.engine.layer_graphs:
+        return plan, msg, False
+    cfg.engine.layer_graphs = False
+    eager_plan, eager_msg = fit_check(cfg, gpu_label, gpu_memory_bytes, num_gpus)
+    if eager_msg is not None:
+        cfg.engine.layer_graphs = True
+        return plan, msg, False
+    return eager_plan, None, True
+
+
 def run(
     cfg: RunConfig,
     *,
@@ -367,7 +382,11 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
     plan = None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        plan, msg = fit_check(cfg, props.name, props.total_memory, ctx.world_size)
+        plan, msg, graphs_off = fit_check_without_graphs_if_needed(cfg, props.name, props.total_memory,
+                                                                   ctx.world_size)
+        if graphs_off:
+            say("engine.layer_graphs off: the run fits this GPU only without the CUDA graphs' memory (each "
+                "layer's first pass is issued by the host instead)")
         if msg is not None:
             if not force:
                 raise MoefitError(msg)
