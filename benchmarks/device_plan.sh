@@ -13,18 +13,36 @@
 #                                       # written, the same before (graphs and cast cache off), auto, stock beside
 #   bash benchmarks/device_plan.sh J    # nvidia-h200: layer_graphs on / off alternated: Llama 3.1 8B 1 x 2 twice each,
 #                                       # the seed 1 x 8 once each
+#   bash benchmarks/device_plan.sh L    # nvidia-h200: the planner's leave-one-out set (27 configurations, ~7 min) on
+#                                       # the current engine (layer_graphs, lora_cast_cache on), for the refit
+#   bash benchmarks/device_plan.sh T    # nvidia-h200: `moefit train` itself with layer_graphs on / off (tiny model,
+#                                       # checkpointing on, packed data padded to max_length): same losses, report
 #   bash benchmarks/device_plan.sh D    # nvidia-h200: Llama 3.1 8B's set rows grouped / fresh / moefit bench (host per launch)
 #   bash benchmarks/device_plan.sh F    # nvidia-h200: issue 13's family rows on the current engine, stock beside
 #   bash benchmarks/device_plan.sh S    # nvidia-h200-x2: Scout expert parallel vs data parallel (1 sync of 4 left)
-# Next session (30-minute budget, each call ~350-560 s with the machine's start): G, D, then A for issue 15's rows
-# with stock beside them; S on the x2 kind when a budget allows. A, B, P, F ran in the eighth session, Q, R, T, U
-# in the seventh; what they measured is in benchmarks/speed_targets.md.
+# Next session (30-minute budget, each call ~350-560 s with the machine's start): T (short), L, then the refit on
+# CPU (`plan_validation.py --fit` / `--loo`); S on the x2 kind when a budget allows. H, I, F, J ran in the ninth
+# session, A, B, P, F in the eighth; what they measured is in benchmarks/speed_targets.md.
 # One GPU, one job at a time: host-bound steps measured next to another lane ran up to 2x slower
 # (benchmarks/speed_targets.md), so nothing here runs in lanes.
 set -uo pipefail
 out=${OUT:?set OUT}
 . benchmarks/gpu_env.sh > "$out/setup.log" 2>&1 || { cat "$out/setup.log"; exit 1; }
-case "${1:?A, B, D, G, H, I, J, P, F or S}" in
+case "${1:?A, B, D, G, H, I, J, L, T, P, F or S}" in
+  L)  # 3 files: setup.log, loo/plan_validation.{json,md}
+    timeout 560 python3 benchmarks/plan_validation.py --configs loo --out "$out/loo" --deadline 540 \
+      >> "$out/setup.log" 2>&1; echo "loo rc $?" >> "$out/setup.log"; tail -35 "$out/loo/plan_validation.md"
+    ;;
+  T)  # 5 files: setup.log, train_{true,false}.log, report_{true,false}.json
+    # The trainer's own path with the graphs (ninth session measured them through moefit bench only): the packed
+    # micro-batches padded to max_length, the graphs captured once, the same losses as without, and what ran how.
+    for g in true false; do
+      timeout 150 python3 -m moefit train --output-dir "/tmp/run_$g" --max-steps 30 \
+        --set train.gradient_checkpointing=true --set engine.layer_graphs=$g > "$out/train_$g.log" 2>&1
+      echo "train layer_graphs=$g rc $?" >> "$out/setup.log"; cp "/tmp/run_$g/report.json" "$out/report_$g.json"
+      grep -i "padded\|layer graphs\|done:\|held-out" "$out/train_$g.log"
+    done
+    ;;
   J)  # 3 files: setup.log, dense_ab.json, step_ab.json
     # Does replaying the first pass pay on a dense model too (call 3 of the ninth session: Llama 3.1 8B 1 x 2 at
     # 5,864 tok/s with it, 6,617 the day before without, on another host)? Alternated in one call, then the seed.
@@ -193,5 +211,5 @@ for f in sys.argv[1:]:
     timeout 540 python3 benchmarks/expert_parallel.py --out "$out/ep" --gpus 2 --configs scout > "$out/s.log" 2>&1
     echo "S rc $?" >> "$out/setup.log"; tail -12 "$out/s.log"
     ;;
-  *) echo "unknown call $1 (A, B, D, G, H, I, J, P, F or S)"; exit 2 ;;
+  *) echo "unknown call $1 (A, B, D, G, H, I, J, L, T, P, F or S)"; exit 2 ;;
 esac
