@@ -135,13 +135,14 @@ def test_the_trainer_pads_to_one_shape_only_where_the_graphs_replay():
     cfg = RunConfig()
     cfg.train.gradient_checkpointing, cfg.train.max_length = True, 1024
     cuda = torch.device("cuda", 0)
-    assert graph_pad_length(cfg, cuda, 1) == 1024
-    assert graph_pad_length(cfg, torch.device("cpu"), 1) is None
-    assert graph_pad_length(cfg, cuda, 2) is None  # several processes run eagerly
-    cfg.data.packing = False  # unpacked rows vary in length: padding them all would cost more than the graphs save
-    assert graph_pad_length(cfg, cuda, 1) is None
+    assert graph_pad_length(cfg, cuda) == 1024
+    assert graph_pad_length(cfg, torch.device("cpu")) is None
+    cfg.parallel.expert = 2  # expert-parallel layers run eagerly
+    assert graph_pad_length(cfg, cuda) is None
+    cfg.parallel.expert, cfg.data.packing = 1, False  # unpacked rows vary in length: padding would cost more
+    assert graph_pad_length(cfg, cuda) is None
     cfg.data.packing, cfg.engine.layer_graphs = True, False
-    assert graph_pad_length(cfg, cuda, 1) is None
+    assert graph_pad_length(cfg, cuda) is None
 
 
 def test_the_trainer_installs_the_graphs_and_reports_them(tmp_path):
@@ -176,3 +177,22 @@ def test_a_run_that_fits_only_without_the_graphs_memory_runs_without_them():
     cfg.engine.layer_graphs, cfg.train.max_length = True, 65536
     _, msg, off = fit_check_without_graphs_if_needed(cfg, "NVIDIA H100 80GB HBM3", h100)
     assert msg is not None and not off and cfg.engine.layer_graphs is True
+
+
+def test_data_parallel_keeps_the_graphs_and_torch_checkpoints_gradients(tmp_path):
+    """Two processes (torchrun, gloo), DistributedDataParallel as the trainer wraps it, an accumulation step
+    without the sync and one with it: the all-reduced LoRA gradients of the replayed first passes (stood in on
+    CPU) are torch's checkpoint's bit for bit (tests/graphs_dp_worker.py checks them on each rank)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    tiny_config(**CONFIGS["top1-4e-norope"]).save_pretrained(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(repo / "tests" / "graphs_dp_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and (tmp_path / "ok").is_file(), proc.stderr[-3000:]

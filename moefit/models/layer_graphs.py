@@ -16,9 +16,11 @@ share one private memory pool, which holds one layer's first-pass temporaries (t
 from the eager allocator's: the plan counts it (plan.memory, `layer_graph_pool`).
 
 A call runs eagerly, through torch's checkpoint as without the setting, when a graph cannot stand in: tensors
-not on a GPU, several processes (DistributedDataParallel's hooks expect the non-reentrant checkpoint), an argument
-that is not a tensor / number / None, a third input shape per layer, a forward before the previous forward's
-backward, or a failed capture (then for the rest of the run, with the reason logged). `stats()` counts each.
+not on a GPU, a layer whose experts are spread over processes (expert parallelism: its all-to-all reads row counts
+on the host), an argument that is not a tensor / number / None, a third input shape per layer, a forward before
+the previous forward's backward, or a failed capture (then for the rest of the run, with the reason logged).
+`stats()` counts each. Data parallelism keeps the graphs: DistributedDataParallel's gradient hooks fire in the
+recomputation's backward as they do in torch's checkpoint's (tests/graphs_dp_worker.py).
 """
 
 from __future__ import annotations
@@ -215,7 +217,7 @@ class LayerGraphs:
                 continue
             if isinstance(fallback, _LayerCheckpoint):  # other graphs installed before: these replace them
                 fallback = fallback.fallback
-            module._gradient_checkpointing_func = _LayerCheckpoint(self, n, fallback)
+            module._gradient_checkpointing_func = _LayerCheckpoint(self, n, fallback, module)
             n += 1
         return n
 
@@ -282,13 +284,22 @@ class LayerGraphs:
 class _LayerCheckpoint:
     """What one layer calls instead of torch's checkpoint (transformers' `_gradient_checkpointing_func`)."""
 
-    def __init__(self, owner: LayerGraphs, layer: int, fallback: Callable):
+    def __init__(self, owner: LayerGraphs, layer: int, fallback: Callable, module: nn.Module):
         self.owner, self.layer, self.fallback = owner, layer, fallback
+        self.module = module
+        self._collective: bool | None = None
+
+    def exchanges_rows(self) -> bool:
+        """The layer sends routed rows to other processes (expert parallelism: its all-to-all needs the row counts
+        on the host, a sync no graph can hold)."""
+        if self._collective is None:
+            self._collective = any(getattr(m, "expert_dispatch", None) is not None for m in self.module.modules())
+        return self._collective
 
     def __call__(self, function: Callable, *args: Any):
         owner = self.owner
         reason = "forward before backward" if owner.behind_a_backward(self.layer) else \
-            _why_eager(owner, function, args)
+            "expert parallel" if self.exchanges_rows() else _why_eager(owner, function, args)
         if reason is not None:
             owner.eager(reason)
             return self.fallback(function, *args)
@@ -327,9 +338,6 @@ def _why_eager(owner: LayerGraphs, function: Callable, args: tuple) -> str | Non
         return "not one tensor argument"
     if not args[0].is_cuda and not owner.stand_in:
         return "not on a GPU"
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
-        return "several processes"
     if not isinstance(function, functools.partial):
         return "not a partial"
     return None

@@ -67,8 +67,9 @@ class RunShape:
 
     @property
     def replays_first_pass(self) -> bool:
-        """engine.layer_graphs in effect: checkpointed layers in one process (several fall back to eager)."""
-        return self.layer_graphs and self.gradient_checkpointing and self.num_gpus == 1
+        """engine.layer_graphs in effect: checkpointed layers whose experts stay on their GPU (expert parallelism
+        runs them eagerly)."""
+        return self.layer_graphs and self.gradient_checkpointing and self.expert_parallel == 1
 
     @property
     def tokens(self) -> int:

@@ -129,13 +129,13 @@ def evaluate(model: Any, examples: list[dict], batch_size: int, pad_id: int, dev
 
 # ------------------------------------------------------------------------------------------------- run
 
-def graph_pad_length(cfg: RunConfig, device: torch.device, world_size: int) -> int | None:
+def graph_pad_length(cfg: RunConfig, device: torch.device) -> int | None:
     """The length every micro-batch is padded to so that the CUDA graphs of the layers' first passes
-    (engine.layer_graphs) see one shape: train.max_length where they run (a GPU, one process, checkpointing) and
-    the rows are packed (nearly full anyway); None: each batch as long as its longest row."""
+    (engine.layer_graphs) see one shape: train.max_length where they run (a GPU, checkpointing, no expert
+    parallelism) and the rows are packed (nearly full anyway); None: each batch as long as its longest row."""
     t = cfg.train
     if cfg.engine.layer_graphs and cfg.data.packing and t.gradient_checkpointing and device.type == "cuda" \
-            and world_size == 1:
+            and cfg.parallel.expert == 1:
         return t.max_length
     return None
 
@@ -506,7 +506,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
 
     say(f"{total_steps} optimizer steps ({per_epoch} per epoch of {len(bundle.train)} sequences), batch "
         f"{t.batch_size} x accumulation {t.grad_accum}, lr {t.lr:g} {'constant (smoke)' if smoke else t.scheduler}")
-    pad_to = graph_pad_length(cfg, device, ctx.world_size)
+    pad_to = graph_pad_length(cfg, device)
     if pad_to:
         say(f"micro-batches padded to train.max_length {pad_to} for engine.layer_graphs (one shape to replay): "
             f"{100 * padding_fraction(bundle.train, pad_to):.1f} % of their tokens are padding")
