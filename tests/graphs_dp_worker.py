@@ -9,20 +9,13 @@ from pathlib import Path
 
 import torch
 
-from moefit.bench import build_synthetic_model
-from moefit.config import LoraConfig
-from moefit.models.layer_graphs import LayerGraphs
 from moefit.parallel.data_parallel import grad_sync, wrap_model
 from moefit.parallel.dist import init_distributed
+from tests.test_layer_graphs import built
 
 
 def gradients(folder: Path, graphs: bool, rank: int) -> dict[str, torch.Tensor]:
-    model = build_synthetic_model(str(folder), device="cpu", dtype=torch.float32,
-                                  lora=LoraConfig(r=4, alpha=8, dropout=0.1), seed=3)
-    model.enable_gradient_checkpointing(keep_routed_gate_up=True)
-    if graphs:
-        model.use_layer_graphs(LayerGraphs(stand_in=True))
-    model.train()
+    model = built(folder, keep=True, graphs=graphs)
     wrapped = wrap_model(model, ctx)
     gen = torch.Generator().manual_seed(rank)
     for i in range(2):

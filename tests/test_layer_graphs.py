@@ -22,6 +22,12 @@ from tests.test_engine_parity import CONFIGS, tiny_config
 
 def _model(folder, config: str, keep: bool, graphs: bool):
     tiny_config(**CONFIGS[config]).save_pretrained(folder)
+    return built(folder, keep, graphs)
+
+
+def built(folder, keep: bool, graphs: bool):
+    """The tiny model of the config in `folder`, NF4, LoRA with dropout, checkpointed, in training mode; with
+    `graphs` its first passes stood in for graph replays."""
     model = build_synthetic_model(str(folder), device="cpu", dtype=torch.float32,
                                   lora=LoraConfig(r=4, alpha=8, dropout=0.1), seed=3)
     model.enable_gradient_checkpointing(keep_routed_gate_up=keep)
