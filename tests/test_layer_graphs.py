@@ -76,18 +76,21 @@ def test_replayed_first_pass_gives_torch_checkpoints_gradients(tmp_path, monkeyp
 
 
 def test_a_second_forward_before_backward_runs_eagerly(tmp_path):
-    """Two forwards, then their two backwards: the second cannot overwrite what the first's backward will read,
-    so it runs through torch's checkpoint; the gradients are still torch's. A forward whose graph was dropped
-    without a backward does not hold the next one back."""
+    """Three forwards, then their three backwards: the second and third cannot overwrite what the first's
+    backward will read, so they run through torch's checkpoint; the gradients are still torch's. A forward whose
+    graph was dropped without a backward does not hold the next one back."""
     results = {}
     for graphs in (False, True):
         model = _model(tmp_path / str(graphs), "top1-4e-norope", True, graphs)
-        (a, _), (b, _), _ = _batches()
+        (a, _), (b, _), (c, _) = _batches()
         torch.manual_seed(7)
         first = model(a, labels=a).loss
         torch.manual_seed(8)
         second = model(b, labels=b).loss
+        torch.manual_seed(6)
+        third = model(c, labels=c).loss
         second.backward()
+        third.backward()
         first.backward()
         model(a, labels=a)  # dropped, never backpropagated
         torch.manual_seed(9)
@@ -96,7 +99,7 @@ def test_a_second_forward_before_backward_runs_eagerly(tmp_path):
     grads, plain = results[True][0], results[False][0]
     assert all(torch.equal(grads[k], plain[k]) for k in plain)
     stats = results[True][1].stats()
-    assert stats["eager"] == {"forward before backward": 3} and stats["replayed"] == 9
+    assert stats["eager"] == {"forward before backward": 6} and stats["replayed"] == 9
 
 
 def test_on_from_the_engine_setting_and_eager_off_the_gpu(tmp_path, monkeypatch):

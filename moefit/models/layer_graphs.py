@@ -199,7 +199,7 @@ class LayerGraphs:
         self.shared: list[_SharedArgument] = []
         self.counts: Counter = Counter()
         self.disabled: str | None = None
-        self.this_forward: list[_LayerGraph] = []  # the graphs replayed in the forward running now
+        self.unfinished: list[_LayerGraph] = []  # replayed, their backward not run yet (as of the forward's start)
         self._last_layer = -1
         self._behind_a_backward = False
         self._pool = None
@@ -272,8 +272,8 @@ class LayerGraphs:
         captured over memory the earlier ones had freed), so it runs eagerly. Layers run in order: a layer
         index not above the last one's starts a forward."""
         if layer <= self._last_layer:
-            self._behind_a_backward = any(g.awaits_backward() for g in self.this_forward)
-            self.this_forward = []
+            self.unfinished = [g for g in self.unfinished if g.awaits_backward()]
+            self._behind_a_backward = bool(self.unfinished)
         self._last_layer = layer
         return self._behind_a_backward
 
@@ -327,7 +327,7 @@ class _LayerCheckpoint:
                 owner.eager("capture failed")
                 return self.fallback(function, *args)
         owner.counts["replayed"] += 1
-        owner.this_forward.append(graph)
+        owner.unfinished.append(graph)
         return _Replayed.apply(graph, function, sources, hidden, owner.anchor())
 
 
