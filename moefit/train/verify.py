@@ -20,7 +20,10 @@ MANIFEST = "manifest.json"
 # Settings that do not change what a step computes: a resume may change them without a warning.
 _NOT_TRAINING = {"output_dir", "smoke", "plan", "train.max_steps", "train.epochs", "train.eval_every",
                  "train.eval_batches", "train.save_every", "train.keep_checkpoints", "train.log_every",
-                 "train.device", "train.num_threads"}
+                 "train.device", "train.num_threads",
+                 # how the host issues the same arithmetic (the same kernels, masks and bits): the trainer may turn
+                 # the graphs off where their memory does not fit, e.g. when a run resumes on a smaller GPU
+                 "engine.layer_graphs", "engine.gc_freeze", "engine.lora_cast_cache"}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -129,6 +132,8 @@ def identity_changes(checkpoint: Path, now: dict[str, Any]) -> list[str]:
     old_cfg = manifest.get("config")
     if isinstance(old_cfg, dict) and manifest.get("config_fingerprint") != now["config_fingerprint"]:
         diffs = [f"{k} {old_cfg.get(k)!r} -> {now['config'].get(k)!r}"
-                 for k in sorted(set(old_cfg) | set(now["config"])) if old_cfg.get(k) != now["config"].get(k)]
-        out.append(f"warning: the config changed since {checkpoint} was written: {', '.join(diffs)}.")
+                 for k in sorted(set(old_cfg) | set(now["config"]))
+                 if old_cfg.get(k) != now["config"].get(k) and k not in _NOT_TRAINING]  # (older manifests had some)
+        if diffs:
+            out.append(f"warning: the config changed since {checkpoint} was written: {', '.join(diffs)}.")
     return out
