@@ -459,15 +459,22 @@ def test_loss_over_labels_in_host_memory_never_syncs_the_host():
     assert torch.equal(loss.detach(), want)
 
 
+@pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("case", ["llama4-top2-4e-rope", "qwen3_moe", "gpt_oss"])
-def test_packed_micro_step_with_host_positions_and_labels_never_syncs_the_host(tmp_path, case):
+def test_packed_micro_step_with_host_positions_and_labels_never_syncs_the_host(tmp_path, monkeypatch, case, graphs):
     """A training micro-step as the trainer runs it (packed rows; labels and position ids in host memory; NF4
-    experts; LoRA; checkpointing): forward and backward queue their work without a single device sync (torch's
-    sync debug mode raises on one), after one warm-up step (the decoder's launch shapes are tuned once)."""
+    experts; LoRA; checkpointing; the first passes eager or replayed): forward and backward queue their work
+    without a single device sync (torch's sync debug mode raises on one), after one warm-up step (the decoder's
+    launch shapes are tuned once, the graphs captured)."""
+    import dataclasses
+
     import moefit
+    from moefit import engine_switches
     from moefit.lora import add_lora
     from tests.families import CASES, write_checkpoint
 
+    monkeypatch.setattr(engine_switches, "_current",
+                        dataclasses.replace(engine_switches.current(), layer_graphs=graphs))
     write_checkpoint(tmp_path, CASES[case])
     model = moefit.load_model(str(tmp_path), quantization="nf4", dtype=torch.bfloat16, device="cuda")
     add_lora(model, r=8, alpha=16, dropout=0.0)
@@ -487,19 +494,26 @@ def test_packed_micro_step_with_host_positions_and_labels_never_syncs_the_host(t
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out.loss_sum).item()
+    assert (model.layer_graphs is not None and model.layer_graphs.stats()["replayed"] > 0) == graphs
 
 
 @pytest.mark.parametrize("case", ["llama4-top1-4e-norope", "qwen3_moe", "gpt_oss"])
-def test_layer_graphs_replay_the_first_pass_with_eager_losses_and_gradients(tmp_path, case):
+def test_layer_graphs_replay_the_first_pass_with_eager_losses_and_gradients(tmp_path, monkeypatch, case):
     """engine.layer_graphs on CUDA: four packed / unpacked NF4 + LoRA micro-steps with dropout, each layer's first
     pass captured once per mask shape and replayed: the same losses as eager (bit for bit where the eager forward
     is deterministic: top-1 or two experts summed into zeros; gpt-oss sums four with atomics) and the same LoRA
     gradients up to the backward's atomics; a replayed micro-step queues its work without a device sync."""
+    import dataclasses
+
     import moefit
+    from moefit import engine_switches
     from moefit.lora import add_lora
     from moefit.models.layer_graphs import LayerGraphs
     from tests.families import CASES, write_checkpoint
 
+    # the eager run must not get the graphs from the default engine.layer_graphs
+    monkeypatch.setattr(engine_switches, "_current",
+                        dataclasses.replace(engine_switches.current(), layer_graphs=False))
     write_checkpoint(tmp_path, CASES[case])
     gen = torch.Generator().manual_seed(0)
     ids = [torch.randint(3, 200, (2, 64), generator=gen) for _ in range(3)]
@@ -513,6 +527,7 @@ def test_layer_graphs_replay_the_first_pass_with_eager_losses_and_gradients(tmp_
             for _, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
                 p.copy_(0.05 * torch.randn(p.shape, generator=init))
         model.enable_gradient_checkpointing(keep_routed_gate_up=True)
+        assert model.layer_graphs is None
         if graphs:
             model.use_layer_graphs(LayerGraphs())
         model.train()

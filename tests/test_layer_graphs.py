@@ -75,6 +75,26 @@ def test_replayed_first_pass_gives_torch_checkpoints_gradients(tmp_path, monkeyp
     assert stats["replayed"] == 9 and stats["graphs"] == 6 and not stats["eager"] and stats["disabled"] is None
 
 
+def test_packed_and_single_sample_rows_replay_one_graph_per_layer(tmp_path):
+    """The trainer's batches carry position ids: with the graphs replaying, rows of one sample get their masks
+    built the packed way too (host_positions.as_packed; the same masks), so packed and unpacked batches share one
+    graph per layer, and the gradients are those of the masks built the usual way."""
+    gen = torch.Generator().manual_seed(0)
+    ids = [torch.randint(3, 256, (2, 24), generator=gen) for _ in range(3)]
+    packed = torch.cat([torch.arange(10), torch.arange(14)]).repeat(2, 1)
+    whole = torch.arange(24).repeat(2, 1)
+    results = {}
+    for graphs in (False, True):
+        model = _model(tmp_path / str(graphs), "top1-4e-norope", False, graphs)
+        for i, positions in enumerate([whole, packed, whole]):
+            torch.manual_seed(100 + i)
+            model(ids[i], labels=ids[i], position_ids=positions).loss.backward()
+        results[graphs] = (_grads(model), model.layer_graphs.stats())
+    (plain, _), (grads, stats) = results[False], results[True]
+    assert stats["graphs"] == 3 and stats["replayed"] == 9 and not stats["eager"]
+    assert all(torch.allclose(grads[k], plain[k], rtol=1e-4, atol=1e-7) for k in plain)
+
+
 def test_a_second_forward_before_backward_runs_eagerly(tmp_path):
     """Three forwards, then their three backwards: the second and third cannot overwrite what the first's
     backward will read, so they run through torch's checkpoint; the gradients are still torch's. A forward whose
@@ -169,7 +189,7 @@ def test_the_trainer_installs_the_graphs_and_reports_them(tmp_path):
 
 
 def test_a_run_that_fits_only_without_the_graphs_memory_runs_without_them():
-    """Scout at seq 8192 on an H100 80GB: the graphs' memory grows with the tokens and tips it over; the trainer's
+    """Scout at seq 10240 on an H100 80GB: the graphs' memory grows with the tokens and tips it over; the trainer's
     check turns engine.layer_graphs off instead of refusing. Where nothing fits, the refusal stands and the
     setting is left as it was."""
     from moefit.config import load_config
@@ -177,7 +197,7 @@ def test_a_run_that_fits_only_without_the_graphs_memory_runs_without_them():
     from moefit.train.loop import fit_check_without_graphs_if_needed
 
     cfg = load_config("recipes/llama4-scout-qlora.yaml")
-    cfg.train.max_length = 8192
+    cfg.train.max_length = 10240
     h100 = int(79.65 * 2**30)
     assert not plan(cfg, gpus=["h100-80gb"], search=False).gpus[0].fits  # as written, with the graphs
     fitted, msg, off = fit_check_without_graphs_if_needed(cfg, "NVIDIA H100 80GB HBM3", h100)

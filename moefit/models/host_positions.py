@@ -25,14 +25,18 @@ class HostPositions:
 
     ids: torch.Tensor | None
     shape: tuple[int, int]
+    # Build the masks the packed way even where no row packs several samples: the same masks (one sample per row
+    # gives the causal mask), one kind of them, so that the layers' CUDA graphs (models.layer_graphs) replay one
+    # graph for packed and unpacked batches alike
+    as_packed: bool = False
 
     def restarts_inside_a_row(self) -> bool:
         """Some row holds several samples (its positions restart at 0): the sink attention's criterion."""
-        return self.ids is not None and bool((self.ids[:, 1:] == 0).any())
+        return self.ids is not None and (self.as_packed or bool((self.ids[:, 1:] == 0).any()))
 
     def breaks_inside_a_row(self) -> bool:
         """Some row has consecutive positions not one apart: transformers' criterion for packed rows."""
-        return self.ids is not None and bool((self.ids[:, 1:] - self.ids[:, :-1] != 1).any())
+        return self.ids is not None and (self.as_packed or bool((self.ids[:, 1:] - self.ids[:, :-1] != 1).any()))
 
 
 _CURRENT: contextvars.ContextVar[HostPositions | None] = contextvars.ContextVar("moefit_host_positions",
@@ -59,12 +63,12 @@ def current(position_ids: torch.Tensor | None) -> HostPositions | None:
 
 
 @contextlib.contextmanager
-def known(position_ids: torch.Tensor | None, shape: tuple[int, int]) -> Iterator[None]:
+def known(position_ids: torch.Tensor | None, shape: tuple[int, int], as_packed: bool = False) -> Iterator[None]:
     """Within the block, mask builders use these host-memory position ids (None: each row 0..T-1) of a batch of
-    `shape` (rows, tokens) instead of reading the device's copy back."""
+    `shape` (rows, tokens) instead of reading the device's copy back; `as_packed`: HostPositions.as_packed."""
     if position_ids is not None and position_ids.device.type != "cpu":
         raise ValueError("host_positions.known takes position ids in host memory")
-    token = _CURRENT.set(HostPositions(position_ids, shape))
+    token = _CURRENT.set(HostPositions(position_ids, shape, as_packed))
     try:
         yield
     finally:

@@ -221,6 +221,10 @@ class LayerGraphs:
             n += 1
         return n
 
+    def replays_on(self, device: torch.device) -> bool:
+        """Whether first passes on `device` may be replayed (a GPU, or the CPU stand-in; graphs not stopped)."""
+        return not self.disabled and (self.stand_in or device.type == "cuda")
+
     def stats(self) -> dict[str, Any]:
         """Captured graphs, replayed layer passes, eager ones by reason, and why graphs stopped (if they did)."""
         return {"graphs": len(self.graphs),

@@ -393,15 +393,17 @@ def _static_parts(f: ModelFacts, shape: RunShape) -> tuple:
 def layer_graph_pool_bytes(f: ModelFacts, shape: RunShape) -> int:
     """The CUDA graphs' own memory (models.layer_graphs): the largest layer's first-pass temporaries, held in
     their pool apart from the eager allocator's for the run (a first pass saves nothing, so at its peak it holds
-    one decoded weight, an MoE layer's whole routed bank, and the few activations around it), and a second input
-    shape's captured outputs: real data has packed and unpacked rows, whose masks differ, so a layer holds two
-    graphs, each with its outputs (one [B, S, H] per layer) and what it keeps for the recomputation."""
+    one decoded weight, an MoE layer's whole routed bank, and the few activations around it), and at a
+    micro-batch above 1 the graphs of an epoch's last, smaller batch: their captured outputs (one [b, S, H] per
+    layer, b < B) and what they keep for the recomputation. (Packed and unpacked rows share one graph: the trainer
+    pads to max_length and builds every mask the packed way, host_positions.as_packed.)"""
     if not shape.replays_first_pass:
         return 0
     T, h = shape.tokens, f.hidden
-    second = f.num_layers * _r(T * h * BF16)
-    if shape.keep_routed_gate_up and f.num_experts:
-        second += f.moe_layers * 2 * _r(T * f.top_k * f.expert_intermediate * BF16)
+    smaller = (shape.batch - 1) * shape.seq_len  # the tokens of the largest smaller batch
+    second = f.num_layers * _r(smaller * h * BF16)
+    if shape.keep_routed_gate_up and f.num_experts and smaller:
+        second += f.moe_layers * 2 * _r(smaller * f.top_k * f.expert_intermediate * BF16)
     peaks = [_r(max(f.q_dim, f.kv_dim) * h * BF16) + 2 * _r(T * (f.q_dim + 2 * f.kv_dim) * BF16)]
     if f.num_experts:
         Tk, ei = T * f.top_k, f.expert_intermediate
@@ -515,7 +517,7 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
     pool = layer_graph_pool_bytes(f, shape)
     if pool:
         comps.append(Component("layer_graph_pool", "CUDA graphs' memory (layer_graphs)", pool, "overhead",
-                               "one layer's first-pass temporaries + a second input shape's outputs"))
+                               "one layer's first-pass temporaries (+ a smaller last batch's graphs)"))
         reserve += pool
     ctx = cm["cuda_context_bytes"]
     comps.append(Component("cuda_context", "CUDA context", ctx, "overhead", "outside the caching allocator"))
