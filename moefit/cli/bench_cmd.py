@@ -121,6 +121,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"seq {r['seq_len']}: peak allocated per GPU "
                   f"{' / '.join(f'{b / gib:.2f}' for b in r['peak_allocated_bytes_per_rank'])} GiB; NCCL kernels "
                   f"{r.get('nccl_kernel_s', 0):.3f} s of a {r['step_s']:.2f} s step")
+    for r in results["runs"]:
+        graphs = r.get("layer_graphs")
+        if graphs and (graphs["replayed"] or graphs["disabled"]):
+            from ..models.layer_graphs import describe
+
+            print(f"seq {r['seq_len']}: layer graphs (engine.layer_graphs): {describe(graphs)}")
     if results.get("layout"):
         print(f"layout (--layout auto): {results['layout']['why']}")
     gpus = f"{results['world_size']}x " if results.get("world_size", 1) > 1 else ""

@@ -285,6 +285,13 @@ class LayerGraphs:
         self.counts["eager:" + reason] += 1
 
 
+def describe(stats: dict[str, Any]) -> str:
+    """`LayerGraphs.stats()` in words, for the trainer's and the bench's last lines."""
+    eager = ", ".join(f"{n} {why}" for why, n in stats["eager"].items()) or "none"
+    return (f"{stats['graphs']} captured, {stats['replayed']:,} first passes replayed, eager: {eager}"
+            + (f"; stopped: {stats['disabled']}" if stats["disabled"] else ""))
+
+
 class _LayerCheckpoint:
     """What one layer calls instead of torch's checkpoint (transformers' `_gradient_checkpointing_func`)."""
 

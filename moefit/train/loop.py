@@ -683,10 +683,9 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
     if state.start_eval_loss is not None and end_eval is not None:
         say(f"held-out loss {state.start_eval_loss:.4f} -> {end_eval:.4f}")
     if report["layer_graphs"] and (report["layer_graphs"]["replayed"] or device.type == "cuda"):
-        g = report["layer_graphs"]
-        eager = ", ".join(f"{n} {why}" for why, n in g["eager"].items()) or "none"
-        say(f"layer graphs (engine.layer_graphs): {g['graphs']} captured, {g['replayed']:,} first passes replayed, "
-            f"eager: {eager}" + (f"; stopped: {g['disabled']}" if g["disabled"] else ""))
+        from ..models.layer_graphs import describe
+
+        say(f"layer graphs (engine.layer_graphs): {describe(report['layer_graphs'])}")
     if adapter_dir:
         say(f"adapter: {run_dir / 'adapter_model.safetensors'}")
     say(f"report: {run_dir / 'report.json'}, loss curve: {run_dir / 'loss.png'}")
