@@ -93,6 +93,22 @@ def test_packed_and_single_sample_rows_replay_one_graph_per_layer(tmp_path):
     (plain, _), (grads, stats) = results[False], results[True]
     assert stats["graphs"] == 3 and stats["replayed"] == 9 and not stats["eager"]
     assert all(torch.allclose(grads[k], plain[k], rtol=1e-4, atol=1e-7) for k in plain)
+    # the trainer turns it off where no row is packed (data.dataset.any_packed): then two kinds, two graphs
+    model = _model(tmp_path / "causal", "top1-4e-norope", False, True)
+    model.layer_graphs.masks_as_packed = False
+    for i, positions in enumerate([whole, packed]):
+        model(ids[i], labels=ids[i], position_ids=positions).loss.backward()
+    assert model.layer_graphs.stats()["graphs"] == 6
+
+
+def test_any_packed_tells_when_the_trainer_may_keep_the_causal_masks():
+    from moefit.data.dataset import any_packed
+
+    whole = {"input_ids": [5] * 8, "labels": [5] * 8, "position_ids": list(range(8))}
+    two = {"input_ids": [5] * 8, "labels": [5] * 8, "position_ids": list(range(3)) + list(range(5))}
+    short = {"input_ids": [5] * 6, "labels": [5] * 6, "position_ids": list(range(6))}
+    assert not any_packed([whole, whole], 8)
+    assert any_packed([whole, two], 8) and any_packed([whole, short], 8)  # (short: padded to 8, a second sample)
 
 
 def test_a_second_forward_before_backward_runs_eagerly(tmp_path):

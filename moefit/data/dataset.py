@@ -212,6 +212,11 @@ def fingerprint(sequences: list[Sequence]) -> str:
     return h.hexdigest()[:16]
 
 
+def any_packed(sequences: list[Sequence], length: int) -> bool:
+    """Whether some sequence, padded to `length`, holds more than one sample (the padding is one of its own)."""
+    return any(len(s["input_ids"]) < length or 0 in s["position_ids"][1:] for s in sequences)
+
+
 def padding_fraction(sequences: list[Sequence], length: int) -> float:
     """The share of padding when every sequence is padded to `length` tokens."""
     real = sum(len(s["input_ids"]) for s in sequences)

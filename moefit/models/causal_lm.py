@@ -111,8 +111,8 @@ class MoefitCausalLM(nn.Module):
         host_positions)."""
         if position_ids is None or position_ids.device.type == "cpu":
             # with layer graphs replaying this forward, one kind of masks: one graph per layer (host_positions)
-            replays = self.layer_graphs is not None and self.layer_graphs.replays_on(self.device) \
-                and self.training and torch.is_grad_enabled()
+            replays = self.layer_graphs is not None and self.layer_graphs.masks_as_packed \
+                and self.layer_graphs.replays_on(self.device) and self.training and torch.is_grad_enabled()
             known = host_positions.known(position_ids, tuple(input_ids.shape), as_packed=replays)
             if position_ids is not None:
                 position_ids = copy_without_waiting(position_ids, self.device)

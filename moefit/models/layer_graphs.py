@@ -191,9 +191,13 @@ class _Replayed(torch.autograd.Function):
 class LayerGraphs:
     """The graphs of one model's checkpointed layers, their shared memory pool, and counts of what ran how."""
 
-    def __init__(self, *, stand_in: bool = False):
-        """`stand_in`: run each first pass eagerly where a graph would replay (CPU tests of the bookkeeping)."""
+    def __init__(self, *, stand_in: bool = False, masks_as_packed: bool = True):
+        """`stand_in`: run each first pass eagerly where a graph would replay (CPU tests of the bookkeeping).
+        `masks_as_packed`: the forwards build every mask the packed way (host_positions.as_packed: the same masks)
+        so that packed and unpacked batches replay one graph per layer; the trainer turns it off when no training
+        row is packed (all one sample at full length: the plain causal masks are faster and one kind anyway)."""
         self.stand_in = stand_in
+        self.masks_as_packed = masks_as_packed
         self.graphs: dict[tuple, _LayerGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # data_ptr -> a captured layer output
         self.shared: list[_SharedArgument] = []

@@ -345,7 +345,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
          resume_from: Path | None, smoke: bool, smoke_steps: int | None, force: bool, stop_after: int | None,
          stop: preempt.StopFlag) -> RunResult:
     from ..data import DataPosition, build_datasets, iterate_batches, load_tokenizer
-    from ..data.dataset import fingerprint, padding_fraction
+    from ..data.dataset import any_packed, fingerprint, padding_fraction
     from ..lora import add_lora, save_adapter
     from ..models import load_model
 
@@ -507,6 +507,9 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
     say(f"{total_steps} optimizer steps ({per_epoch} per epoch of {len(bundle.train)} sequences), batch "
         f"{t.batch_size} x accumulation {t.grad_accum}, lr {t.lr:g} {'constant (smoke)' if smoke else t.scheduler}")
     pad_to = graph_pad_length(cfg, device)
+    if getattr(model, "layer_graphs", None) is not None:
+        # one graph per layer: packed rows' masks for all rows, unless none is packed (then the causal ones)
+        model.layer_graphs.masks_as_packed = any_packed(bundle.train, pad_to or t.max_length)
     if pad_to:
         say(f"micro-batches padded to train.max_length {pad_to} for engine.layer_graphs (one shape to replay): "
             f"{100 * padding_fraction(bundle.train, pad_to):.1f} % of their tokens are padding")
