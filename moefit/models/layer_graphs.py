@@ -17,8 +17,10 @@ from the eager allocator's: the plan counts it (plan.memory, `layer_graph_pool`)
 
 A call runs eagerly, through torch's checkpoint as without the setting, when a graph cannot stand in: tensors
 not on a GPU, a layer whose experts are spread over processes (expert parallelism: its all-to-all reads row counts
-on the host), an argument that is not a tensor / number / None, a third input shape per layer, a forward before
-the previous forward's backward, or a failed capture (then for the rest of the run, with the reason logged).
+on the host), an argument that is not a tensor / number / None, a third input shape per layer, a forward while
+an earlier replayed forward's backward may still run, or a failed capture (then for the rest of the run, with the
+reason logged). Packed and unpacked batches build other masks; with `masks_as_packed` every mask is built the
+packed way (the same masks), so they share one graph per layer.
 `stats()` counts each. Data parallelism keeps the graphs: DistributedDataParallel's gradient hooks fire in the
 recomputation's backward as they do in torch's checkpoint's (tests/graphs_dp_worker.py).
 """
