@@ -1,5 +1,5 @@
 """The compute-dtype copies of LoRA weights, made once per optimizer step instead of once per pass
-(`engine.lora_cast_cache`, opt-in).
+(`engine.lora_cast_cache`, on by default).
 
 The LoRA weights are kept in fp32 (`lora.dtype`) and the matmuls run in bf16, so each adapted projection casts
 its A and B in the forward and again in the recomputation of every micro-step: two kernel launches each time, 14 of

@@ -127,7 +127,7 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
         # own stream, overlapping the backward) are counted apart.
         result["kernel_s"], result["nccl_kernel_s"], result["kernel_launches"] = kernel_profile(one_step)
         result["gpu_busy_fraction"] = result["kernel_s"] / step_s
-    if getattr(model, "layer_graphs", None) is not None:  # engine.layer_graphs: what replayed, what ran eagerly
+    if model.layer_graphs is not None:  # engine.layer_graphs: what replayed, what ran eagerly
         result["layer_graphs"] = model.layer_graphs.stats()
     return result  # the optimizer (and its state) goes with this frame
 

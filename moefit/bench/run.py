@@ -77,9 +77,10 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
                 grad_accum = chosen["settings"].get("train.grad_accum", grad_accum)
                 embeddings_on_host = chosen["settings"].get("quantization.embeddings_on_host", embeddings_on_host)
                 keep_routed_gate_up = chosen["settings"].get("train.keep_routed_gate_up", keep_routed_gate_up)
-                if "engine.layer_graphs" in chosen["settings"]:
-                    engine_switches.use(dataclasses.replace(engine_switches.current(),
-                                                            layer_graphs=chosen["settings"]["engine.layer_graphs"]))
+                engine_changes = {k.removeprefix("engine."): v for k, v in chosen["settings"].items()
+                                  if k.startswith("engine.")}  # (engine.layer_graphs, where their memory does not fit)
+                if engine_changes:
+                    engine_switches.use(dataclasses.replace(engine_switches.current(), **engine_changes))
         t0 = time.perf_counter()
         quant = QuantConfig(embeddings_on_host=embeddings_on_host, fp32_linear_scales=fp32_linear_scales)
         ep = None

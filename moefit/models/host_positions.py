@@ -62,23 +62,19 @@ def current(position_ids: torch.Tensor | None) -> HostPositions | None:
     return known if same else None
 
 
-@contextlib.contextmanager
-def known(position_ids: torch.Tensor | None, shape: tuple[int, int], as_packed: bool = False) -> Iterator[None]:
+def known(position_ids: torch.Tensor | None, shape: tuple[int, int], as_packed: bool = False
+          ) -> contextlib.AbstractContextManager:
     """Within the block, mask builders use these host-memory position ids (None: each row 0..T-1) of a batch of
     `shape` (rows, tokens) instead of reading the device's copy back; `as_packed`: HostPositions.as_packed."""
     if position_ids is not None and position_ids.device.type != "cpu":
         raise ValueError("host_positions.known takes position ids in host memory")
-    token = _CURRENT.set(HostPositions(position_ids, shape, as_packed))
-    try:
-        yield
-    finally:
-        _CURRENT.reset(token)
+    return restored(HostPositions(position_ids, shape, as_packed))
 
 
 @contextlib.contextmanager
 def restored(answer: HostPositions | None) -> Iterator[None]:
-    """Within the block, `answer` (an earlier forward's, from this_forward) is the host answer again: for the
-    recomputation of a layer in backward, which runs after that forward's `known` block has closed."""
+    """Within the block, `answer` is the host answer (`known`'s, or an earlier forward's from this_forward again:
+    for the recomputation of a layer in backward, which runs after that forward's `known` block has closed)."""
     token = _CURRENT.set(answer)
     try:
         yield

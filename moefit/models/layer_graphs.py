@@ -65,7 +65,7 @@ class _SharedArgument:
 
     def __init__(self, source: torch.Tensor):
         self.buffer = source.detach().clone()
-        self.source: torch.Tensor | None = source  # the tensor last copied in (held: its id cannot be reused)
+        self.source = source  # the tensor last copied in (held: its id cannot be reused)
         self.version = source._version  # ... and its version then (written in place since: copied again)
 
     def feed(self, source: torch.Tensor) -> None:
@@ -77,8 +77,8 @@ class _SharedArgument:
 class _LayerGraph:
     """One layer's captured first pass for one input shape."""
 
-    def __init__(self, owner: LayerGraphs, key: tuple):
-        self.owner, self.key = owner, key  # key: (layer, what the graph was captured for)
+    def __init__(self, owner: LayerGraphs):
+        self.owner = owner
         self.graph: torch.cuda.CUDAGraph | None = None
         self.input: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
@@ -122,7 +122,6 @@ class _LayerGraph:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the layer returned {type(out).__name__}, not a tensor")
         self.graph, self.output = graph, out
-        owner.outputs[out.data_ptr()] = out
 
     def replay(self, hidden: torch.Tensor, sources: list[torch.Tensor]) -> torch.Tensor:
         """Run the captured first pass on `hidden`; returns the random-number state it started from."""
@@ -148,7 +147,6 @@ class _EagerStandIn(_LayerGraph):
         self.static = self.bind(function, hidden, sources)
         with torch.no_grad():
             self.output = self.static(self.input).clone()
-        self.owner.outputs[self.output.data_ptr()] = self.output
 
     def replay(self, hidden: torch.Tensor, sources: list[torch.Tensor]) -> torch.Tensor:
         rng = self.feed(hidden, sources)
@@ -332,9 +330,10 @@ class _LayerCheckpoint:
             if sum(k[0] == self.layer for k in owner.graphs) >= MAX_SHAPES_PER_LAYER:
                 owner.eager(f"more than {MAX_SHAPES_PER_LAYER} input shapes")
                 return self.fallback(function, *args)
-            graph = owner.graphs[key] = (_EagerStandIn if owner.stand_in else _LayerGraph)(owner, key)
+            graph = owner.graphs[key] = (_EagerStandIn if owner.stand_in else _LayerGraph)(owner)
             try:
                 graph.capture(function, hidden, sources)
+                owner.outputs[graph.output.data_ptr()] = graph.output  # the next layer's graph reads it there
             except Exception as e:  # noqa: BLE001 - any failure: this run goes on without graphs, and says why
                 owner.disabled = f"layer {self.layer}: {type(e).__name__}: {e}"
                 log.warning("engine.layer_graphs: capture failed, the run goes on without graphs (%s)",

@@ -234,8 +234,8 @@ def fit_check(cfg: RunConfig, gpu_label: str, gpu_memory_bytes: int, num_gpus: i
 
 def fit_check_without_graphs_if_needed(cfg: RunConfig, gpu_label: str, gpu_memory_bytes: int, num_gpus: int = 1):
     """`fit_check`, and when the run does not fit but would without the CUDA graphs' memory (engine.layer_graphs:
-    their pool and a second shape's outputs grow with the tokens per micro-batch), the graphs turned off in `cfg`
-    and that plan: (plan, message or None, whether the graphs were turned off)."""
+    their pool grows with the tokens per micro-batch), the graphs turned off in `cfg` and that plan: (plan,
+    message or None, whether the graphs were turned off)."""
     plan, msg = fit_check(cfg, gpu_label, gpu_memory_bytes, num_gpus)
     if msg is None or not cfg.engine.layer_graphs:
         return plan, msg, False
@@ -507,7 +507,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
     say(f"{total_steps} optimizer steps ({per_epoch} per epoch of {len(bundle.train)} sequences), batch "
         f"{t.batch_size} x accumulation {t.grad_accum}, lr {t.lr:g} {'constant (smoke)' if smoke else t.scheduler}")
     pad_to = graph_pad_length(cfg, device)
-    if getattr(model, "layer_graphs", None) is not None:
+    if model.layer_graphs is not None:
         # one graph per layer: packed rows' masks for all rows, unless none is packed (then the causal ones)
         model.layer_graphs.masks_as_packed = any_packed(bundle.train, pad_to or t.max_length)
     if pad_to:
@@ -652,7 +652,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
         "engine": cfg.engine.__dict__,
         "nf4_decoder_used": decoder_in_use(device),  # engine.nf4_decoder, or bitsandbytes where it could not run
         # engine.layer_graphs: layer passes replayed, those run eagerly and why (None: the setting off)
-        "layer_graphs": model.layer_graphs.stats() if getattr(model, "layer_graphs", None) is not None else None,
+        "layer_graphs": model.layer_graphs.stats() if model.layer_graphs is not None else None,
         "trainable_params": n_train,
         "data": bundle.report.to_dict(),
         "steps": state.step,
