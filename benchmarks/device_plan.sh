@@ -33,9 +33,12 @@ case "${1:?A, B, D, G, H, I, J, L, T, P, F or S}" in
     timeout 560 python3 benchmarks/plan_validation.py --configs loo --out "$out/loo" --deadline 540 \
       >> "$out/setup.log" 2>&1; echo "loo rc $?" >> "$out/setup.log"; tail -35 "$out/loo/plan_validation.md"
     ;;
-  T)  # 5 files: setup.log, train_{true,false}.log, report_{true,false}.json
+  T)  # 6 files: setup.log, gpu_tests.log, train_{true,false}.log, report_{true,false}.json
     # The trainer's own path with the graphs (ninth session measured them through moefit bench only): the packed
     # micro-batches padded to max_length, the graphs captured once, the same losses as without, and what ran how.
+    # First the graphs' GPU tests as mended after call I (the eager side really eager, no-sync with graphs on/off).
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -k "layer_graphs or never_syncs" \
+      > "$out/gpu_tests.log" 2>&1; echo "gpu tests rc $?" >> "$out/setup.log"; tail -3 "$out/gpu_tests.log"
     for g in true false; do
       timeout 150 python3 -m moefit train --output-dir "/tmp/run_$g" --max-steps 30 \
         --set train.gradient_checkpointing=true --set engine.layer_graphs=$g > "$out/train_$g.log" 2>&1

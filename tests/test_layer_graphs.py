@@ -138,6 +138,21 @@ def test_a_second_forward_before_backward_runs_eagerly(tmp_path):
     assert stats["eager"] == {"forward before backward": 6} and stats["replayed"] == 9
 
 
+def test_each_measurement_replays_with_graphs_of_its_own(tmp_path):
+    """moefit bench and plan_validation measure several shapes on one model: each measurement gets fresh graphs,
+    as a run of one shape would (the earlier shapes' graphs would hold memory and, past MAX_SHAPES_PER_LAYER,
+    send the later shapes' first passes to torch's checkpoint), and reports what replayed."""
+    from moefit.bench import measure_training
+    from moefit.models.layer_graphs import MAX_SHAPES_PER_LAYER
+
+    model = _model(tmp_path, "top1-4e-norope", False, True)
+    for seq_len in range(8, 8 + 4 * (MAX_SHAPES_PER_LAYER + 1), 4):
+        before = model.layer_graphs
+        r = measure_training(model, seq_len=seq_len, batch=1, steps=1, warmup=0, optimizer="adamw")
+        assert r["layer_graphs"] == {"graphs": 3, "replayed": 3, "eager": {}, "disabled": None}, seq_len
+        assert model.layer_graphs.stand_in and (model.layer_graphs is not before) == (seq_len > 8)
+
+
 def test_on_from_the_engine_setting_and_eager_off_the_gpu(tmp_path, monkeypatch):
     model = _model(tmp_path / "on", "top1-4e-norope", False, False)
     assert model.layer_graphs is not None and not model.layer_graphs.stand_in  # the default

@@ -14,6 +14,7 @@ from .. import engine_switches
 from ..errors import MoefitError
 from ..host_gc import frozen_heap
 from ..models.causal_lm import MoefitCausalLM, placed_batch
+from ..models.layer_graphs import LayerGraphs
 
 
 def _make_optimizer(params: list[nn.Parameter], name: str, lr: float = 1e-5):
@@ -52,6 +53,13 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
         raise MoefitError("measure_training needs a model with LoRA parameters (add_lora).")
     if gradient_checkpointing:
         model.enable_gradient_checkpointing(keep_routed_gate_up=keep_routed_gate_up)
+    if model.layer_graphs is not None and model.layer_graphs.graphs:
+        # Each measurement as a run of its own (a run replays one shape): fresh graphs. Those of an earlier
+        # measurement's shapes would hold their memory here and push this one's shapes past the graphs kept per
+        # layer (models.layer_graphs.MAX_SHAPES_PER_LAYER), so that it ran its first passes eagerly.
+        old = model.layer_graphs
+        model.use_layer_graphs(LayerGraphs(stand_in=old.stand_in, masks_as_packed=old.masks_as_packed))
+        del old
     model.train()
     ctx = current_context()
     held = expert_lora_names(model)  # the experts' own LoRA (expert parallelism): complete on its rank

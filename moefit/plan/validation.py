@@ -95,7 +95,7 @@ UNRECORDED_ENGINE = {"nf4_decoder": "bnb"}
 
 # What a record keeps of a measurement (moefit.bench.measure_training's result), from any recorded format.
 MEASURED_KEYS = ("peak_allocated_bytes", "peak_reserved_bytes", "step_s", "tokens_per_s", "kernel_s",
-                 "gpu_busy_fraction", "kernel_launches", "host_op_s", "micro_step_s", "optimizer_s")
+                 "gpu_busy_fraction", "kernel_launches", "host_op_s", "micro_step_s", "optimizer_s", "layer_graphs")
 
 
 def records_from_document(doc: dict[str, Any], source: str) -> list[dict[str, Any]]:
