@@ -434,6 +434,10 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
     kept_layer = 2 * _r(T * f.top_k * f.expert_intermediate * BF16) \
         if shape.gradient_checkpointing and shape.keep_routed_gate_up and f.num_experts else 0
     kept = [kept_layer if la.moe else 0 for la in f.layers]
+    # engine.layer_graphs: each layer's output is its graph's static output and the first layer's input a static
+    # copy (models.layer_graphs), alive from capture to the end of the run: the checkpoints are not freed as the
+    # backward goes down the layers.
+    graph_inputs = _r(T * h * BF16) if shape.replays_first_pass else 0
 
     ws_cache: dict[int, int] = {}
 
@@ -464,8 +468,8 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
     if data_parallel:  # DDP lays out its buckets before training: old and new buckets alive, no optimizer state yet
         optim = next(c.bytes for c in comps if c.key == "optimizer_state")
         phases.append(("DDP bucket layout (before the first step)", base - optim + 2 * g_all, 2 * g_all, 0, 0, 0))
-    phases.append(("loss (lm_head chunks)", base + g0 + sum(ckpt) + sum(kept) + rotary + loss_b, g0, sum(ckpt),
-                   loss_b, sum(kept)))
+    phases.append(("loss (lm_head chunks)", base + g0 + sum(ckpt) + graph_inputs + sum(kept) + rotary + loss_b, g0,
+                   sum(ckpt) + graph_inputs, loss_b, sum(kept)))
     grads_so_far = 0
     ckpt_prefix, acc = [], 0
     for c_i in ckpt:
@@ -476,7 +480,7 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
         grads_so_far += grad_by_layer[i]
         kept_below -= kept[i]  # layer i's own kept outputs are consumed by its recomputation
         g = g_all if resident_grads else grads_so_far
-        c = ckpt_prefix[i]
+        c = ckpt_prefix[-1] + graph_inputs if shape.replays_first_pass else ckpt_prefix[i]
         w = layer_ws(i)
         phases.append((f"backward of layer {i}", base + g + c + kept_below + rotary + w, g, c, w, kept_below))
     name, peak, g_at, c_at, w_at, k_at = max(phases, key=lambda p: p[1])
@@ -487,8 +491,9 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
             c.detail += f"; {g_at / max(g_all, 1):.0%} of them exist at the peak" if g_all else ""
             c.bytes = g_at
     comps.append(Component("checkpoints", "saved activations (checkpoints)", c_at + rotary, "activations",
-                           f"one bf16 [{shape.batch}x{shape.seq_len}x{h}] per layer" if shape.gradient_checkpointing
-                           else "no checkpointing: every layer's activations"))
+                           (f"one bf16 [{shape.batch}x{shape.seq_len}x{h}] per layer"
+                            + (", the layer graphs' outputs: all alive" if shape.replays_first_pass else ""))
+                           if shape.gradient_checkpointing else "no checkpointing: every layer's activations"))
     if kept_layer:
         comps.append(Component("kept_gate_up", "kept routed gate/up outputs", k_at, "activations",
                                f"{kept_layer / 2**20:.0f} MiB per MoE layer, for the layers not yet recomputed"))
@@ -506,7 +511,7 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
         comps.append(Component("loss_chunk", "loss / logits chunk", w_at, "activations",
                                f"{min(loss_chunk_tokens(f.vocab), T)} tokens x {f.vocab} vocab, fp32 + grad"))
     peak_alloc = peak
-    transient = c_at + k_at + rotary + w_at
+    transient = (c_at if not shape.replays_first_pass else 0) + k_at + rotary + w_at  # (graph outputs: their pool)
     reserve = int(cm["allocator_dynamic_reserve_fraction"] * transient) + cm["allocator_fixed_reserve_bytes"] \
         + persistent_waste
     if cm["extra_allocated_bytes"]:

@@ -66,6 +66,7 @@ class StepTime:
     alltoall_s: float = 0.0  # expert parallelism: routed rows to their experts' GPUs and back, per optimizer step
     gpu_s: float = 0.0  # a micro-step's GPU time (compute, dequantization, activations, small-kernel floor)
     activation_s: float = 0.0  # elementwise work on activations
+    first_pass_s: float = 0.0  # of gpu_s, the replayed first pass (engine.layer_graphs): not covered by host work
 
 
 def _attention_pairs(seq: int, span: int | None) -> float:
@@ -114,52 +115,86 @@ def weight_passes(f: ModelFacts, shape: RunShape) -> dict[str, float]:
             "dense_mlp": 3.0, "router": 3.0, "lm_head": 3.0}  # lm_head: the chunked loss's 3 GEMMs
 
 
+def _frozen_params(f: ModelFacts, passes: dict[str, float], lm_head: bool = True) -> float:
+    """Frozen-base parameters a token passes through, each weight group x its passes (`weight_passes`)."""
+    g = f.groups()
+    routed_active = g["routed_experts"] * f.top_k / f.num_experts if f.num_experts else 0
+    head = (g["lm_head"] or g["embed_tokens"]) if lm_head else 0
+    return (passes["attention"] * g["attention"] + passes["routed_experts"] * routed_active
+            + passes["shared_experts"] * g["shared_experts"] + passes["dense_mlp"] * g["dense_mlp"]
+            + passes["router"] * g["router"] + passes["lm_head"] * head)
+
+
+def _attention_flops(f: ModelFacts, shape: RunShape, passes: float) -> tuple[float, float]:
+    """(causal flash, explicitly masked) attention FLOPs of `passes` forward-equivalents over every layer."""
+    attn = masked = 0.0
+    for la in f.layers:
+        per_pair = passes * 4.0 * f.head_dim * f.heads * shape.batch
+        if masked_attention(la, shape.seq_len):
+            masked += per_pair * shape.seq_len * shape.seq_len
+        else:
+            attn += per_pair * _attention_pairs(shape.seq_len, la.attention_span)
+    return attn, masked
+
+
+def _dequant_bytes(f: ModelFacts, shape: RunShape, weight_bytes: dict[str, int], passes: dict[str, float]) -> float:
+    """NF4 (+ its constants) read and bf16 written, once per pass of each quantized group's matmul."""
+    if shape.quant.weights != "nf4":
+        return 0.0  # bf16 weights are used as they are
+    g, consts = f.groups(), weight_bytes.get("quant_constants", 0)
+    quantized = sum(g[k] for k in ("attention", "routed_experts", "shared_experts", "dense_mlp"))
+    total = 0.0
+    for k in ("attention", "routed_experts", "shared_experts", "dense_mlp"):
+        if g[k]:  # NF4 + its share of the constants read, bf16 written
+            stored = weight_bytes.get(f"weights_{k}", 0) + consts * g[k] / quantized
+            written = g[k] / (shape.expert_parallel if k == "routed_experts" else 1)  # the GPU's own experts
+            total += passes[k] * (stored + 2 * written)
+    return total
+
+
 def time_work(f: ModelFacts, shape: RunShape, weight_bytes: dict[str, int]) -> dict[str, float]:
     """The work of one micro-step, per term of the model (TIME_TERMS): FLOPs, bytes or layer passes."""
     T = shape.tokens
     recompute = 1 if shape.gradient_checkpointing else 0  # forward passes repeated in the backward
     passes = 2 + recompute  # forward, recompute, backward
-    g, wp = f.groups(), weight_passes(f, shape)
-    routed_active = g["routed_experts"] * f.top_k / f.num_experts if f.num_experts else 0
-    head = g["lm_head"] or g["embed_tokens"]
-    frozen = (wp["attention"] * g["attention"] + wp["routed_experts"] * routed_active
-              + wp["shared_experts"] * g["shared_experts"] + wp["dense_mlp"] * g["dense_mlp"]
-              + wp["router"] * g["router"] + wp["lm_head"] * head)
-    matmul = 2.0 * frozen * T + (6.0 + 2 * recompute) * lora_active_params(f, shape) * T
-    attn = masked = 0.0
-    for la in f.layers:
-        per_pair = (ATTN_PASSES - 1 + recompute) * 4.0 * f.head_dim * f.heads * shape.batch
-        if masked_attention(la, shape.seq_len):
-            masked += per_pair * shape.seq_len * shape.seq_len
-        else:
-            attn += per_pair * _attention_pairs(shape.seq_len, la.attention_span)
-    dequant = 0.0  # bf16 weights are used as they are
-    if shape.quant.weights == "nf4":
-        consts = weight_bytes.get("quant_constants", 0)
-        quantized = sum(g[k] for k in ("attention", "routed_experts", "shared_experts", "dense_mlp"))
-        for k in ("attention", "routed_experts", "shared_experts", "dense_mlp"):
-            if g[k]:  # NF4 + its share of the constants read, bf16 written
-                stored = weight_bytes.get(f"weights_{k}", 0) + consts * g[k] / quantized
-                written = g[k] / (shape.expert_parallel if k == "routed_experts" else 1)  # the GPU's own experts
-                dequant += wp[k] * (stored + 2 * written)
+    wp = weight_passes(f, shape)
+    matmul = 2.0 * _frozen_params(f, wp) * T + (6.0 + 2 * recompute) * lora_active_params(f, shape) * T
+    attn, masked = _attention_flops(f, shape, ATTN_PASSES - 1 + recompute)
     expert_lora = f.moe_layers if (shape.expert_rank and f.num_experts and
                                    {"gate", "up", "down"} & shape.targets) else 0
     # engine.layer_graphs: the first pass is one replay per layer, its host time gone (models.layer_graphs)
     host_passes = passes - 1 if shape.replays_first_pass else passes
-    return {"matmul": matmul, "attention": attn, "masked_attention": masked, "dequant": dequant,
+    return {"matmul": matmul, "attention": attn, "masked_attention": masked,
+            "dequant": _dequant_bytes(f, shape, weight_bytes, wp),
             "activation": activation_bytes(f, shape), "gpu_layer_passes": passes * f.num_layers,
             "moe_layer_passes": host_passes * f.moe_layers,
             "dense_layer_passes": host_passes * (f.num_layers - f.moe_layers),
             "expert_lora_layer_passes": host_passes * expert_lora, "micro_steps": 1.0}
 
 
-def activation_bytes(f: ModelFacts, shape: RunShape) -> float:
+def first_pass_work(f: ModelFacts, shape: RunShape, weight_bytes: dict[str, int]) -> dict[str, float]:
+    """The GPU work (GPU_TERMS) of the decoder layers' first pass where it is replayed from CUDA graphs
+    (engine.layer_graphs), else nothing. The host queues those replays in moments and goes on to the backward,
+    but it can run ahead of the GPU only by the launch queue's depth (about a layer's kernels): the first pass's
+    GPU time is not covered by host work and adds to the rest of the micro-step (micro_step_seconds)."""
+    if not shape.replays_first_pass:
+        return dict.fromkeys(GPU_TERMS, 0.0)
+    once = dict.fromkeys(weight_passes(f, shape), 1.0)
+    attn, masked = _attention_flops(f, shape, 1.0)
+    return {"matmul": 2.0 * _frozen_params(f, once, lm_head=False) * shape.tokens
+            + 2.0 * lora_active_params(f, shape) * shape.tokens,
+            "attention": attn, "masked_attention": masked, "dequant": _dequant_bytes(f, shape, weight_bytes, once),
+            "activation": activation_bytes(f, shape, passes=1, loss=False), "gpu_layer_passes": f.num_layers}
+
+
+def activation_bytes(f: ModelFacts, shape: RunShape, passes: int | None = None, loss: bool = True) -> float:
     """Bytes of elementwise traffic on activations in one micro-step: what each layer saves for its backward (the
-    tensors its norms, rotary, routing, LoRA dropout and casts write) x (forward, recomputation, a backward that
-    reads and writes each), + the chunked loss's fp32 logits."""
-    passes = 4 if shape.gradient_checkpointing else 3
+    tensors its norms, rotary, routing, LoRA dropout and casts write) x `passes` (default: forward, recomputation,
+    a backward that reads and writes each), + the chunked loss's fp32 logits (`loss`)."""
+    if passes is None:
+        passes = 4 if shape.gradient_checkpointing else 3
     saved = {la: sum(layer_working_set(f, la, shape)[0].values()) for la in set(f.layers)}
-    return passes * sum(saved[la] for la in f.layers) + LOSS_BYTES_PER_LOGIT * shape.tokens * f.vocab
+    return passes * sum(saved[la] for la in f.layers) + (LOSS_BYTES_PER_LOGIT * shape.tokens * f.vocab if loss else 0)
 
 
 def dequant_efficiency(ct: dict[str, Any], nf4_decoder: str | None = None) -> float:
@@ -198,17 +233,18 @@ def overlap(gpu_s, host_s, p: float):
     return (gpu_s**p + host_s**p) ** (1 / p)
 
 
-def micro_step_seconds(sec: dict[str, float], ct: dict[str, Any], expert_parallel: int = 1
-                       ) -> tuple[float, float, float]:
-    """(wall, GPU, host) seconds of one micro-step from the seconds of each TIME_TERMS term. Under expert
-    parallelism the host reads every MoE layer's row counts before its all-to-all (a sync per layer and pass), so
-    it cannot run ahead of the GPU by more than a layer: the two overlap less (`overlap_exponent_expert_parallel`)."""
+def micro_step_seconds(sec: dict[str, float], ct: dict[str, Any], expert_parallel: int = 1,
+                       first_pass_s: float = 0.0) -> tuple[float, float, float]:
+    """(wall, GPU, host) seconds of one micro-step from the seconds of each TIME_TERMS term; `first_pass_s` of the
+    GPU's are a replayed first pass (first_pass_work), which host work does not cover. Under expert parallelism
+    the host reads every MoE layer's row counts before its all-to-all (a sync per layer and pass), so it cannot
+    run ahead of the GPU by more than a layer: the two overlap less (`overlap_exponent_expert_parallel`)."""
     gpu_s = sum(sec[k] for k in GPU_TERMS)
     host_s = sum(sec[k] for k in HOST_TERMS)
     p = ct.get("overlap_exponent", 1.0)
     if expert_parallel > 1:
         p = ct.get("overlap_exponent_expert_parallel", p)
-    return overlap(gpu_s, host_s, p), gpu_s, host_s
+    return first_pass_s + overlap(gpu_s - first_pass_s, host_s, p), gpu_s, host_s
 
 
 def optimizer_seconds(f: ModelFacts, shape: RunShape, gpu: Gpu, ct: dict[str, Any]) -> tuple[float, float]:
@@ -266,8 +302,10 @@ def step_time(f: ModelFacts, shape: RunShape, gpu: Gpu, calib: dict[str, Any], w
     work = time_work(f, shape, weight_bytes)
     unit = seconds_per_unit(gpu, ct, f.family, shape.nf4_decoder)
     sec = {k: work[k] * unit[k] for k in TIME_TERMS}
+    first = first_pass_work(f, shape, weight_bytes)
+    first_s = sum(first[k] * unit[k] for k in GPU_TERMS)
     compute = sec["matmul"] + sec["attention"] + sec["masked_attention"]
-    micro, gpu_s, overhead = micro_step_seconds(sec, ct, shape.expert_parallel)
+    micro, gpu_s, overhead = micro_step_seconds(sec, ct, shape.expert_parallel, first_s)
     n_train, optimizer = optimizer_seconds(f, shape, gpu, ct)
     param_bytes = 4 if shape.lora.dtype == "float32" else 2
     # Replicated LoRA is summed over every GPU; routed-expert LoRA (one GPU's share) over the GPUs holding the
@@ -281,4 +319,4 @@ def step_time(f: ModelFacts, shape: RunShape, gpu: Gpu, calib: dict[str, Any], w
     tokens = shape.tokens * shape.grad_accum * num_gpus
     flops = work["matmul"] + work["attention"] + work["masked_attention"]
     return StepTime(micro, step, tokens / step, flops, work["dequant"], compute, sec["dequant"], overhead,
-                    optimizer, allreduce, alltoall, gpu_s, sec["activation"])
+                    optimizer, allreduce, alltoall, gpu_s, sec["activation"], first_s)

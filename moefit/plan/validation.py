@@ -7,6 +7,7 @@ the current code, so a change in either the engine (new measurements) or the pla
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import json
@@ -18,7 +19,15 @@ from .calibration import CALIBRATION_PATH, load_calibration
 from .gpus import get_gpu, gpu_from_memory, match_device_name
 from .memory import RunShape, estimate_memory
 from .model_facts import ModelFacts, load_model_facts
-from .timing import HOST_TERMS, optimizer_seconds, overlap, seconds_per_unit, step_time, time_work
+from .timing import (
+    HOST_TERMS,
+    first_pass_work,
+    optimizer_seconds,
+    overlap,
+    seconds_per_unit,
+    step_time,
+    time_work,
+)
 
 
 def record_shape(rec: dict[str, Any]) -> RunShape:
@@ -114,8 +123,8 @@ def records_from_document(doc: dict[str, Any], source: str) -> list[dict[str, An
                     for r in _bench_records(_bench_doc_from_args(row["args"], row["measured"]),
                                             f"{source}:{row['model']}")]
         # a plan_validation.json: every configuration ran the engine its document records
-        return [{**copy.deepcopy(r), "engine": r.get("engine") or doc.get("engine") or UNRECORDED_ENGINE}
-                for r in rows]
+        return [{**copy.deepcopy(r), "engine": r.get("engine") or doc.get("engine") or UNRECORDED_ENGINE,
+                 "source": source} for r in rows]
     if "runs" in doc:
         return _bench_records(doc, source)
     return [r for key, sub in doc.items() if isinstance(sub, dict) and "runs" in sub
@@ -241,14 +250,21 @@ def fit_calibration(records: list[dict[str, Any]], measured_on: str,
             raw[section][k] = v
     if sections == ("memory", "time"):
         raw["measured_on"] = measured_on
-        raw["_status"] = (f"fitted by benchmarks/plan_validation.py --fit to {len(records)} measured configurations "
-                          f"({measured_on}); the first-principles values are in git history.")
+        for section in sections:  # refitted together: no section was refitted apart since
+            raw.get("sections_measured_on", {}).pop(section, None)
+        raw["_status"] = (f"fitted by benchmarks/plan_validation.py --fit to {_counted(records)} ({measured_on}); the "
+                          "first-principles values are in git history.")
     else:
         raw.setdefault("sections_measured_on", {}).update(dict.fromkeys(sections, measured_on))
         raw["_status"] = (f"{' and '.join(sections)} constants refitted by benchmarks/plan_validation.py --fit "
-                          f"--fit-sections {','.join(sections)} to {len(records)} measured configurations "
-                          f"({measured_on}); the others as fitted on {raw['measured_on']}.")
+                          f"--fit-sections {','.join(sections)} to {_counted(records)} ({measured_on}); the others "
+                          f"as fitted on {raw['measured_on']}.")
     return raw
+
+
+def _counted(records: list[dict[str, Any]]) -> str:
+    n, names = len(records), len({r["name"] for r in records})
+    return f"{n} measured configurations" if n == names else f"{n} measurements of {names} configurations"
 
 
 # ---------------------------------------------------------------------------------------------- time fit
@@ -302,19 +318,22 @@ class _TimeRecords:
             if not gpu or not gpu.bf16_tflops or not gpu.bandwidth_gbs or not step:
                 continue
             f, shape = record_facts(rec), record_shape(rec)
-            work = time_work(f, shape, estimate_memory(f, shape, calib).by_key())
+            by = estimate_memory(f, shape, calib).by_key()
+            work, first = time_work(f, shape, by), first_pass_work(f, shape, by)
             unit = seconds_per_unit(gpu, ones, nf4_decoder=shape.nf4_decoder)
             opt = optimizer_seconds(f, shape, gpu, dict(calib["time"], optimizer_tensor_s=0.0))[1]
             rows.append((f.family, shape.grad_accum, [work[t] * unit[t] for t in _PRICED.values()],
                          work["dequant"] * unit["dequant"], opt,
                          sum(len(ts) for _, ts in lora_tensors(f, shape)), step,
-                         rec["measured"].get("kernel_s") or np.nan))
+                         rec["measured"].get("kernel_s") or np.nan,
+                         [first.get(t, 0.0) * unit[t] for t in _PRICED.values()], first["dequant"] * unit["dequant"]))
         self.n = len(rows)
         if not rows:
             return
-        fam, ga, work, dq, opt, tensors, step, kern = zip(*rows, strict=True)
+        fam, ga, work, dq, opt, tensors, step, kern, first, first_dq = zip(*rows, strict=True)
         self.family = list(fam)
         self.work = np.array(work)  # [record, _PRICED term]
+        self.first, self.first_dequant = np.array(first), np.array(first_dq)  # the replayed first pass's share
         self.host = np.array([t in HOST_TERMS for t in _PRICED.values()])
         self.ga, self.dequant, self.optimizer = np.array(ga, float), np.array(dq), np.array(opt)
         self.tensors, self.step, self.kernel = np.array(tensors, float), np.array(step), np.array(kern)
@@ -328,7 +347,8 @@ class _TimeRecords:
         sec = self.work * prices
         gpu_s = sec[:, ~self.host].sum(axis=1) * dev + self.dequant
         host_s = sec[:, self.host].sum(axis=1) * host
-        micro = overlap(gpu_s, host_s, c["overlap_exponent"])
+        first = (self.first * prices)[:, ~self.host].sum(axis=1) * dev + self.first_dequant
+        micro = first + overlap(gpu_s - first, host_s, c["overlap_exponent"])  # (timing.micro_step_seconds)
         optimizer = self.optimizer + self.tensors * c["optimizer_tensor_s"] * host
         return self.ga * micro + optimizer, self.ga * gpu_s + self.optimizer
 
@@ -435,16 +455,28 @@ def _levenberg_marquardt(residuals, z, free: list[int], lo, hi, iterations: int 
 
 def leave_one_out(records: list[dict[str, Any]], calib: dict[str, Any] | None = None) -> dict[str, float]:
     """Step-time relative error of each record predicted by time constants fitted to all the others (nothing of
-    the record left out reaches its prediction: constants only it exercises take their prior value)."""
+    the record left out reaches its prediction: constants only it exercises take their prior value). A
+    configuration measured more than once (the same name in two recorded calls) is left out whole, each of its
+    records keyed `name [source]`."""
     calib = calib or load_calibration()
+    fits: dict[str, dict[str, Any]] = {}
     out = {}
-    for i, rec in enumerate(records):
-        cal = copy.deepcopy(calib)
-        cal["time"].update(fit_time_constants(records[:i] + records[i + 1:], cal, unexercised="prior"))
-        e = compare(rec, cal)["step_time"]
+    for rec, key in zip(records, record_keys(records), strict=True):
+        name = rec["name"]
+        if name not in fits:
+            fits[name] = copy.deepcopy(calib)
+            fits[name]["time"].update(fit_time_constants([r for r in records if r["name"] != name], fits[name],
+                                                         unexercised="prior"))
+        e = compare(rec, fits[name])["step_time"]
         if e is not None:
-            out[rec["name"]] = e
+            out[key] = e
     return out
+
+
+def record_keys(records: list[dict[str, Any]]) -> list[str]:
+    """Each record's name, or `name [source]` where a configuration was measured in more than one recorded call."""
+    counts = collections.Counter(r["name"] for r in records)
+    return [r["name"] if counts[r["name"]] == 1 else f"{r['name']} [{r.get('source', '?')}]" for r in records]
 
 
 def fit_overlap_exponent(points: list[tuple[float, float, float, int, float]], lo: float = 1.0,
