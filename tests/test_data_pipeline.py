@@ -10,7 +10,7 @@ import torch
 
 from moefit.config import DataConfig
 from moefit.data import DataPosition, build_datasets, fingerprint, iterate_batches, load_tokenizer
-from moefit.data.dataset import collate
+from moefit.data.dataset import batch_tokens, collate
 from moefit.data.packing import chunked_packing_problem, pack, packed_chunks_follow_positions
 from moefit.errors import DataError, MoefitError
 from moefit.labels import IGNORE_INDEX as IGNORE
@@ -194,6 +194,22 @@ def test_resume_from_a_data_position_sees_exactly_the_rest():
         next(iterate_batches(seqs, 3, seed=5, start=DataPosition(0, 11)))
     with pytest.raises(DataError):
         DataPosition.from_dict({"epoch": 0})
+
+
+def test_tokens_per_second_counts_the_datas_tokens_not_the_padding():
+    """Micro-batches padded to one shape (engine.layer_graphs) or to their longest row: the trainer's token count
+    (take_step, tokens/s, report.json) is the data's tokens, the padding left out."""
+    from moefit.parallel.data_parallel import take_step
+    from moefit.parallel.dist import DistContext
+
+    seqs = [{"input_ids": [i] * (1 + i), "labels": [IGNORE] + [i] * i, "position_ids": list(range(1 + i))}
+            for i in range(6)]
+    for pad_to in (None, 16):
+        it = iterate_batches(seqs, 2, seed=1, pad_id=99, shuffle=False, pad_to=pad_to)
+        step = take_step(it, 3, DistContext(), lambda labels: int((labels != IGNORE).sum()))
+        assert step.tokens == sum(len(s["input_ids"]) for s in seqs) == 21
+        assert sum(int(b["input_ids"].numel()) for b in step.mine) == (2 * 16 * 3 if pad_to else 2 * (2 + 4 + 6))
+    assert batch_tokens({"input_ids": torch.zeros(2, 5, dtype=torch.long)}) == 10  # an uncollated batch: every id
 
 
 def test_embedded_data_set_and_tiny_tokenizer():

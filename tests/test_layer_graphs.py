@@ -201,8 +201,34 @@ def test_the_trainer_pads_to_one_shape_only_where_the_graphs_replay():
     assert graph_pad_length(cfg, cuda) is None
     cfg.parallel.expert, cfg.data.packing = 1, False  # unpacked rows vary in length: padding would cost more
     assert graph_pad_length(cfg, cuda) is None
+
+    def rows(*lengths):
+        return [{"input_ids": [1] * n} for n in lengths]
+
+    assert graph_pad_length(cfg, cuda, rows(1000, 980, 1024)) == 1024  # nearly all full: padded, one shape
+    assert graph_pad_length(cfg, cuda, rows(1000, 300, 1024)) is None  # 42 % padding: no graphs instead
     cfg.data.packing, cfg.engine.layer_graphs = True, False
     assert graph_pad_length(cfg, cuda) is None
+
+
+def test_unpacked_rows_of_many_lengths_run_without_the_graphs_and_say_so(tmp_path, monkeypatch):
+    """`data.packing: false` with rows of many lengths: each shape would capture graphs of its own (memory the
+    plan does not count) and the rest run eagerly; the trainer turns the graphs off for the run and says why. (On
+    CPU the decision is taken as on a GPU: graphs_replay is made to say yes.)"""
+    import moefit.train.loop as loop
+    from moefit.assets import tiny_model_dir
+    from moefit.train import train
+    from tests.test_train import small
+
+    monkeypatch.setattr(loop, "graphs_replay", lambda cfg, device: True)
+    settings = small(tiny_model_dir(), **{"train.max_steps": 1, "train.gradient_checkpointing": True,
+                                          "train.eval_every": 100, "data.packing": False})
+    train(output_dir=tmp_path / "run", echo=False, **settings)
+    logged = "\n".join(p.read_text() for p in (tmp_path / "run").glob("*.log"))
+    assert "engine.layer_graphs off for this run: unpacked rows of many lengths" in logged
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["layer_graphs"]["disabled"].startswith("unpacked rows of many lengths")
+    assert report["layer_graphs"]["replayed"] == 0
 
 
 def test_the_trainer_installs_the_graphs_and_reports_them(tmp_path):

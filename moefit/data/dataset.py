@@ -230,7 +230,19 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int
     return order
 
 
-def collate(rows: list[Sequence], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+class Batch(dict):
+    """A collated batch: the model's keyword arguments, and how many of its tokens are the data's (`real_tokens`;
+    the rest is padding), which the trainer's tokens/s counts."""
+
+    real_tokens: int = 0
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The data's tokens in a batch: a collated Batch's real ones, else every input id."""
+    return batch.real_tokens if isinstance(batch, Batch) else int(batch["input_ids"].numel())
+
+
+def collate(rows: list[Sequence], pad_id: int, pad_to: int | None = None) -> Batch:
     """Right-pad rows to the longest (at least `pad_to`): pad_id with label -100; padding gets its own restarting
     positions."""
     length = max(max(len(r["input_ids"]) for r in rows), pad_to or 0)
@@ -240,8 +252,10 @@ def collate(rows: list[Sequence], pad_id: int, pad_to: int | None = None) -> dic
         ids.append(r["input_ids"] + [pad_id] * n)
         labels.append(r["labels"] + [IGNORE_INDEX] * n)
         pos.append(r["position_ids"] + list(range(n)))
-    return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
-            "position_ids": torch.tensor(pos, dtype=torch.long)}
+    batch = Batch(input_ids=torch.tensor(ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
+                  position_ids=torch.tensor(pos, dtype=torch.long))
+    batch.real_tokens = sum(len(r["input_ids"]) for r in rows)
+    return batch
 
 
 def iterate_batches(sequences: list[Sequence], batch_size: int, seed: int, start: DataPosition | None = None,

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import lora_copies
+from ..data.dataset import batch_tokens
 from .dist import DistContext
 
 
@@ -32,7 +33,7 @@ class StepBatches:
     mine: list[dict[str, torch.Tensor]]  # this rank's micro-batches, in order
     mine_label_tokens: list[int]  # the label tokens of each of them
     label_tokens: int  # label tokens of the whole step, all ranks
-    tokens: int  # input tokens of the whole step, all ranks
+    tokens: int  # input tokens of the whole step, all ranks (the data's: padding not counted)
     position: Any  # the data position after the step (the same on every rank)
 
 
@@ -45,7 +46,7 @@ def take_step(batches: Iterator[tuple[dict[str, torch.Tensor], Any]], grad_accum
     first = ctx.rank * grad_accum
     return StepBatches(mine=[b for b, _ in step[first:first + grad_accum]],
                        mine_label_tokens=counts[first:first + grad_accum], label_tokens=sum(counts),
-                       tokens=sum(int(b["input_ids"].numel()) for b, _ in step), position=step[-1][1])
+                       tokens=sum(batch_tokens(b) for b, _ in step), position=step[-1][1])
 
 
 def _sum_allreduce_hook(process_group, bucket):  # no annotations: DDP checks them against dist.GradBucket

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..config import RunConfig, save_config
+from ..data.dataset import padding_fraction
 from ..devices import pick_device
 from ..errors import ConfigError, DataError, MoefitError
 from ..host_gc import frozen_heap
@@ -129,14 +130,28 @@ def evaluate(model: Any, examples: list[dict], batch_size: int, pad_id: int, dev
 
 # ------------------------------------------------------------------------------------------------- run
 
-def graph_pad_length(cfg: RunConfig, device: torch.device) -> int | None:
+# Unpacked rows are padded to train.max_length for the layer graphs only while that adds at most this share of
+# padding; beyond it the graphs are turned off (rows of many lengths would otherwise capture a graph per shape,
+# each holding its own outputs, and run the rest eagerly).
+UNPACKED_PADDING_LIMIT = 0.10
+
+
+def graphs_replay(cfg: RunConfig, device: torch.device) -> bool:
+    """Whether the layers' first passes are replayed from CUDA graphs in this run (engine.layer_graphs on a GPU,
+    checkpointing on, no expert parallelism)."""
+    return bool(cfg.engine.layer_graphs and cfg.train.gradient_checkpointing and device.type == "cuda"
+                and cfg.parallel.expert == 1)
+
+
+def graph_pad_length(cfg: RunConfig, device: torch.device, sequences: list | None = None) -> int | None:
     """The length every micro-batch is padded to so that the CUDA graphs of the layers' first passes
-    (engine.layer_graphs) see one shape: train.max_length where they run (a GPU, checkpointing, no expert
-    parallelism) and the rows are packed (nearly full anyway); None: each batch as long as its longest row."""
-    t = cfg.train
-    if cfg.engine.layer_graphs and cfg.data.packing and t.gradient_checkpointing and device.type == "cuda" \
-            and cfg.parallel.expert == 1:
-        return t.max_length
+    (engine.layer_graphs) see one shape: train.max_length where they replay and the rows are packed (nearly full
+    anyway), or unpacked `sequences` that padding to it costs at most UNPACKED_PADDING_LIMIT; None: each batch as
+    long as its longest row."""
+    if not graphs_replay(cfg, device):
+        return None
+    if cfg.data.packing or (sequences and padding_fraction(sequences, cfg.train.max_length) <= UNPACKED_PADDING_LIMIT):
+        return cfg.train.max_length
     return None
 
 
@@ -345,7 +360,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
          resume_from: Path | None, smoke: bool, smoke_steps: int | None, force: bool, stop_after: int | None,
          stop: preempt.StopFlag) -> RunResult:
     from ..data import DataPosition, build_datasets, iterate_batches, load_tokenizer
-    from ..data.dataset import any_packed, fingerprint, padding_fraction
+    from ..data.dataset import any_packed, fingerprint
     from ..lora import add_lora, save_adapter
     from ..models import load_model
 
@@ -506,7 +521,12 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
 
     say(f"{total_steps} optimizer steps ({per_epoch} per epoch of {len(bundle.train)} sequences), batch "
         f"{t.batch_size} x accumulation {t.grad_accum}, lr {t.lr:g} {'constant (smoke)' if smoke else t.scheduler}")
-    pad_to = graph_pad_length(cfg, device)
+    pad_to = graph_pad_length(cfg, device, bundle.train)
+    if model.layer_graphs is not None and graphs_replay(cfg, device) and not pad_to:
+        share = padding_fraction(bundle.train, t.max_length)
+        model.layer_graphs.disabled = (f"unpacked rows of many lengths (padded to train.max_length {t.max_length} "
+                                       f"they would be {100 * share:.0f} % padding)")
+        say(f"engine.layer_graphs off for this run: {model.layer_graphs.disabled}; data.packing true keeps them")
     if model.layer_graphs is not None:
         # one graph per layer: packed rows' masks for all rows, unless none is packed (then the causal ones)
         model.layer_graphs.masks_as_packed = any_packed(bundle.train, pad_to or t.max_length)
