@@ -13,16 +13,18 @@
 #                                       # written, the same before (graphs and cast cache off), auto, stock beside
 #   bash benchmarks/device_plan.sh J    # nvidia-h200: layer_graphs on / off alternated: Llama 3.1 8B 1 x 2 twice each,
 #                                       # the seed 1 x 8 once each
-#   bash benchmarks/device_plan.sh L    # nvidia-h200: the planner's leave-one-out set (27 configurations, ~7 min) on
-#                                       # the current engine (layer_graphs, lora_cast_cache on), for the refit
+#   bash benchmarks/device_plan.sh L    # nvidia-h200: the planner's leave-one-out set (30 configurations, ~7.5 min)
+#                                       # on the current engine (layer_graphs, lora_cast_cache on), for the refit
 #   bash benchmarks/device_plan.sh T    # nvidia-h200: `moefit train` itself with layer_graphs on / off (tiny model,
 #                                       # checkpointing on, packed data padded to max_length): same losses, report
 #   bash benchmarks/device_plan.sh D    # nvidia-h200: Llama 3.1 8B's set rows grouped / fresh / moefit bench (host per launch)
 #   bash benchmarks/device_plan.sh F    # nvidia-h200: issue 13's family rows on the current engine, stock beside
 #   bash benchmarks/device_plan.sh S    # nvidia-h200-x2: Scout expert parallel vs data parallel (1 sync of 4 left)
-# Next session (30-minute budget, each call ~350-560 s with the machine's start): T (short), L, then the refit on
-# CPU (`plan_validation.py --fit` / `--loo`); S on the x2 kind when a budget allows. H, I, F, J ran in the ninth
-# session, A, B, P, F in the eighth; what they measured is in benchmarks/speed_targets.md.
+# Next session (30-minute budget, each call ~350-560 s with the machine's start): L on another machine (its
+# host-bound records moved up to 53 % between two machines in the tenth session: a third record of the set says
+# which machine was typical), then `plan_validation.py --fit` over the three and `--loo`; S on the x2 kind when it
+# is lent. T and L (three times) ran in the tenth session, H, I, F, J in the ninth, A, B, P, F in the eighth; what
+# they measured is in benchmarks/speed_targets.md.
 # One GPU, one job at a time: host-bound steps measured next to another lane ran up to 2x slower
 # (benchmarks/speed_targets.md), so nothing here runs in lanes.
 set -uo pipefail
