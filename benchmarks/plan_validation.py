@@ -285,15 +285,18 @@ def write_json(results: list[dict], out: Path, measurement: dict, skipped: int, 
 
 
 def write_reports(results: list[dict], out: Path, measurement: dict, skipped: int, fit: dict | None = None,
-                  loo_records: list[dict] | None = None) -> None:
+                  loo_records: list[dict] | None = None, source: str | None = None) -> None:
     """JSON + Markdown report. `measurement`: command, date, gpu, versions of the GPU run (kept as recorded);
     `fit`: when/how calibration.json was fitted (only with --fit), reported on its own line; `loo_records`: the
-    records the leave-one-out fits draw on (default `results`; with --fit, every file fitted)."""
+    records the leave-one-out fits draw on (default `results`; with --fit, every file fitted), `source` the name
+    the results have among them (a configuration recorded in several files is keyed `name [source]` there)."""
     from moefit.plan.validation import leave_one_out
 
     rows = write_json(results, out, measurement, skipped, fit)
     pool = rows if loo_records is None else loo_records
-    loo = leave_one_out(pool) if len(pool) >= 4 else {}
+    every = leave_one_out(pool) if len(pool) >= 4 else {}
+    loo = {r["name"]: every.get(r["name"], every.get(f"{r['name']} [{source}]")) for r in rows}
+    loo = {k: v for k, v in loo.items() if v is not None}
     g = 2**30
     lines = ["# Plan validation: measured vs planned peak memory and step time", "",
              f"- measured with: `{measurement['command']}`", f"- measured on: {measurement['gpu']}, "
@@ -548,7 +551,7 @@ def main() -> int:
         fit = {"command": " ".join(["python", "benchmarks/plan_validation.py", *sys.argv[1:]]), "date": _now(),
                "versions": _versions()}
         write_reports(doc["results"], args.fit[0].parent, _measurement(doc), doc.get("configurations_skipped", 0),
-                      fit, records)
+                      fit, records, args.fit[0].stem)
         return 0
     if not args.out:
         ap.error("--out DIR is required to measure (or use --plan-only / --fit / --loo)")

@@ -103,6 +103,7 @@ class MemoryEstimate:
     total: int  # peak_reserved + CUDA context: what the GPU must hold
     peak_phase: str  # where the peak happens
     trainable_params: int
+    transient: int = 0  # the eager allocator's short-lived bytes at the peak, which its dynamic reserve scales with
 
     def by_key(self) -> dict[str, int]:
         return {c.key: c.bytes for c in self.components}
@@ -531,4 +532,5 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
         comps.append(Component("nccl_buffers", "NCCL buffers (data parallel)", nccl, "overhead",
                                f"{shape.num_gpus} GPUs; outside the caching allocator"))
         ctx += nccl
-    return MemoryEstimate(comps, peak_alloc, peak_alloc + reserve, peak_alloc + reserve + ctx, name, trainable)
+    return MemoryEstimate(comps, peak_alloc, peak_alloc + reserve, peak_alloc + reserve + ctx, name, trainable,
+                          transient)

@@ -65,7 +65,8 @@ def planned_for(rec: dict[str, Any], calib: dict[str, Any] | None = None) -> dic
     out = {"peak_allocated_bytes": m.peak_allocated, "peak_reserved_bytes": m.peak_reserved,
            "total_bytes": m.total, "peak_phase": m.peak_phase,
            "working_set_bytes": by.get("layer_working_set", 0) + by.get("loss_chunk", 0),
-           "checkpoint_bytes": by.get("checkpoints", 0), "kept_bytes": by.get("kept_gate_up", 0)}
+           "checkpoint_bytes": by.get("checkpoints", 0), "kept_bytes": by.get("kept_gate_up", 0),
+           "transient_bytes": m.transient}
     gpu = _gpu(rec)
     st = step_time(f, shape, gpu, calib, by) if gpu else None
     if st:
@@ -231,7 +232,7 @@ def fit_calibration(records: list[dict[str, Any]], measured_on: str,
         p = planned_for(rec, base)
         without = p["peak_reserved_bytes"] - p["peak_allocated_bytes"]
         frac = base["memory"]["allocator_dynamic_reserve_fraction"]
-        transient = p["working_set_bytes"] + p["checkpoint_bytes"] + p["kept_bytes"]
+        transient = p["transient_bytes"]  # (as estimate_memory scales its dynamic reserve: the fit is its own fixpoint)
         seg = without - int(frac * transient) - base["memory"]["allocator_fixed_reserve_bytes"]
         rows.append([transient, 1.0])
         y.append(rec["measured"]["peak_reserved_bytes"] - rec["measured"]["peak_allocated_bytes"] - seg)
