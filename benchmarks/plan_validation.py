@@ -4,7 +4,7 @@
     python benchmarks/plan_validation.py --plan-only [--configs ...]   # on CPU: the plan of each config, and how
                                                                        # long measuring the set takes
     python benchmarks/plan_validation.py --fit DIR/plan_validation.json [MORE.json ...]   # refit calibration.json
-    python benchmarks/plan_validation.py --loo DIR/plan_validation.json [MORE.json ...]   # leave-one-out table
+    python benchmarks/plan_validation.py --loo DIR/plan_validation.json [MORE.json ...] [--median]   # leave-one-out
 
 Each group of configurations that share weights and LoRA runs in a fresh subprocess (so peak memory is clean):
 it builds the model once with synthetic NF4 weights at real shapes on the GPU (moefit.bench.build_synthetic_model)
@@ -502,6 +502,9 @@ def main() -> int:
     ap.add_argument("--plan-only", action="store_true", help="print the plan of each configuration (no GPU)")
     ap.add_argument("--fit", type=Path, nargs="+", metavar="JSON",
                     help="refit moefit/plan/calibration.json to recorded runs (the report goes beside the first)")
+    ap.add_argument("--median", action="store_true",
+                    help="with --loo: a configuration recorded in several files counts once, at its median step "
+                         "time (the typical machine; validation.median_of_repeats)")
     ap.add_argument("--fit-sections", default="memory,time",
                     help="with --fit: which constants to refit (memory, time or both; the others stay)")
     ap.add_argument("--loo", type=Path, nargs="+", metavar="JSON",
@@ -530,9 +533,14 @@ def main() -> int:
         from moefit.plan.validation import record_decoder
 
         records = load_records(args.loo)  # the set's engine: its first record's
+        if args.median:
+            from moefit.plan.validation import median_of_repeats
+
+            records = median_of_repeats(records)
         records = this_engine(records, record_decoder(records[0])) if records else records
         lines, worst = loo_report(records, ", ".join(str(p) for p in args.loo))
-        (args.loo[0].parent / f"{args.loo[0].stem}_loo.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        suffix = "_loo_median.md" if args.median else "_loo.md"
+        (args.loo[0].parent / f"{args.loo[0].stem}{suffix}").write_text("\n".join(lines) + "\n", encoding="utf-8")
         print("\n".join(lines))
         return 0 if worst["step_time_leave_one_out"] <= 0.15 and worst["allocated"] <= 0.03 else 1
     if args.fit:
