@@ -22,7 +22,7 @@
 #   bash benchmarks/device_plan.sh S    # nvidia-h200-x2: Scout expert parallel vs data parallel (1 sync of 4 left)
 # Next session (30-minute budget, each call ~350-560 s with the machine's start): L on another machine (its
 # host-bound records moved up to 53 % between two machines in the tenth session: a third record of the set says
-# which machine was typical), then `plan_validation.py --fit` over the three and `--loo`; S on the x2 kind when it
+# which machine was typical), then `plan_validation.py --fit` over the three and `--loo ... --median`; S on x2 when it
 # is lent. T and L (three times) ran in the tenth session, H, I, F, J in the ninth, A, B, P, F in the eighth; what
 # they measured is in benchmarks/speed_targets.md.
 # One GPU, one job at a time: host-bound steps measured next to another lane ran up to 2x slower
