@@ -435,15 +435,16 @@ def loo_report(records: list[dict], title: str) -> tuple[list[str], dict]:
     from moefit.plan.validation import compare, fit_calibration, leave_one_out, planned_for, record_keys
 
     loo, keys = leave_one_out(records), record_keys(records)  # (a configuration measured twice: left out whole)
-    memory_loo = {}
+    memory_loo, memory_fits = {}, {}  # (memory constants fitted without a configuration: once per configuration)
     for rec, key in zip(records, keys, strict=True):
         if "peak_allocated_bytes" not in rec["measured"]:  # a record of step time only
             memory_loo[key] = None
             continue
-        others = [r for r in records if r["name"] != rec["name"]]
-        cal = fit_calibration(others, "leave-one-out", sections=("memory",))
-        cal = {k: {n: v for n, v in cal[k].items() if not n.startswith("_")} for k in ("memory", "time")}
-        memory_loo[key] = compare(rec, dict(load_calibration(), memory=cal["memory"]))["allocated"]
+        name = rec["name"]
+        if name not in memory_fits:
+            cal = fit_calibration([r for r in records if r["name"] != name], "leave-one-out", sections=("memory",))
+            memory_fits[name] = {n: v for n, v in cal["memory"].items() if not n.startswith("_")}
+        memory_loo[key] = compare(rec, dict(load_calibration(), memory=memory_fits[name]))["allocated"]
     lines = [f"# Leave-one-out: {title}", "",
              "Each configuration predicted by the planner's time constants fitted to all the others "
              "(validation.fit_time_constants); memory likewise with the memory constants. `plan` = the shipped "

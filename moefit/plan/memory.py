@@ -477,11 +477,12 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
         acc += c_i
         ckpt_prefix.append(acc)
     kept_below = sum(kept)
+    held = ckpt_prefix[-1] + graph_inputs  # with the layer graphs: every checkpoint, through the whole backward
     for i in range(L - 1, -1, -1):
         grads_so_far += grad_by_layer[i]
         kept_below -= kept[i]  # layer i's own kept outputs are consumed by its recomputation
         g = g_all if resident_grads else grads_so_far
-        c = ckpt_prefix[-1] + graph_inputs if shape.replays_first_pass else ckpt_prefix[i]
+        c = held if shape.replays_first_pass else ckpt_prefix[i]
         w = layer_ws(i)
         phases.append((f"backward of layer {i}", base + g + c + kept_below + rotary + w, g, c, w, kept_below))
     name, peak, g_at, c_at, w_at, k_at = max(phases, key=lambda p: p[1])

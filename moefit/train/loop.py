@@ -522,17 +522,18 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
     say(f"{total_steps} optimizer steps ({per_epoch} per epoch of {len(bundle.train)} sequences), batch "
         f"{t.batch_size} x accumulation {t.grad_accum}, lr {t.lr:g} {'constant (smoke)' if smoke else t.scheduler}")
     pad_to = graph_pad_length(cfg, device, bundle.train)
-    if model.layer_graphs is not None and graphs_replay(cfg, device) and not pad_to:
+    if graphs_replay(cfg, device):  # (pad_to is set only then, and is t.max_length)
         share = padding_fraction(bundle.train, t.max_length)
-        model.layer_graphs.disabled = (f"unpacked rows of many lengths (padded to train.max_length {t.max_length} "
-                                       f"they would be {100 * share:.0f} % padding)")
-        say(f"engine.layer_graphs off for this run: {model.layer_graphs.disabled}; data.packing true keeps them")
+        if pad_to:
+            say(f"micro-batches padded to train.max_length {pad_to} for engine.layer_graphs (one shape to replay): "
+                f"{100 * share:.1f} % of their tokens are padding")
+        elif model.layer_graphs is not None:
+            model.layer_graphs.disabled = (f"unpacked rows of many lengths (padded to train.max_length "
+                                           f"{t.max_length} they would be {100 * share:.0f} % padding)")
+            say(f"engine.layer_graphs off for this run: {model.layer_graphs.disabled}; data.packing true keeps them")
     if model.layer_graphs is not None:
         # one graph per layer: packed rows' masks for all rows, unless none is packed (then the causal ones)
         model.layer_graphs.masks_as_packed = any_packed(bundle.train, pad_to or t.max_length)
-    if pad_to:
-        say(f"micro-batches padded to train.max_length {pad_to} for engine.layer_graphs (one shape to replay): "
-            f"{100 * padding_fraction(bundle.train, pad_to):.1f} % of their tokens are padding")
     batches = iterate_batches(bundle.train, t.batch_size, t.seed,
                               start=DataPosition(state.data_epoch, state.data_index), pad_id=pad_id, pad_to=pad_to)
     step_losses: list[float] = []
