@@ -20,11 +20,10 @@
 #   bash benchmarks/device_plan.sh D    # nvidia-h200: Llama 3.1 8B's set rows grouped / fresh / moefit bench (host per launch)
 #   bash benchmarks/device_plan.sh F    # nvidia-h200: issue 13's family rows on the current engine, stock beside
 #   bash benchmarks/device_plan.sh S    # nvidia-h200-x2: Scout expert parallel vs data parallel (1 sync of 4 left)
-# Next session (30-minute budget, each call ~350-560 s with the machine's start): L on another machine (its
-# host-bound records moved up to 53 % between two machines in the tenth session: a third record of the set says
-# which machine was typical), then `plan_validation.py --fit` over the three and `--loo ... --median`; S on x2 when it
-# is lent. T and L (three times) ran in the tenth session, H, I, F, J in the ninth, A, B, P, F in the eighth; what
-# they measured is in benchmarks/speed_targets.md.
+# Next session (30-minute budget, each call ~350-560 s with the machine's start): S on x2 when it is lent (refused
+# in the eleventh session: x2 no longer lent); issue 16's production_scale.sh on x4 / x8. L ran a fourth time in the
+# eleventh session (a third machine; the fit now reads each configuration's median), T and L three times in the
+# tenth, H, I, F, J in the ninth, A, B, P, F in the eighth; what they measured is in benchmarks/speed_targets.md.
 # One GPU, one job at a time: host-bound steps measured next to another lane ran up to 2x slower
 # (benchmarks/speed_targets.md), so nothing here runs in lanes.
 set -uo pipefail

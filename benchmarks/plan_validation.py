@@ -303,6 +303,9 @@ def write_reports(results: list[dict], out: Path, measurement: dict, skipped: in
              f"{measurement['date']}", "- versions at measurement: "
              + ", ".join(f"{k} {v}" for k, v in measurement["versions"].items()),
              f"- configurations not measured: {skipped}"]
+    if measurement.get("median_of"):
+        lines.append(f"- each row: the configuration's median over the calls recorded in {measurement['median_of']} "
+                     "(step time, kernel time, peak memory; validation.median_of_repeats)")
     if fit:
         lines.append(f"- calibration fitted: {fit['date']} with `{fit['command']}` "
                      f"({', '.join(f'{k} {v}' for k, v in fit['versions'].items())}); planned columns use it")
@@ -381,12 +384,14 @@ BNB_DECODER = ["raw/plan_validation_loo_one_host_session5_h200.json", "raw/step_
 # left out by engine): the set the time constants were fitted to until the tenth session.
 SEVENTH = ["raw/plan_validation_loo_triton_load_session7_h200.json",
            "raw/step_ab_scales_in_kernel_session7_call_u_h200.json"]
-# The records of the engine as it stands (tenth session, 2026-12-01, two device calls on one H200 each; first passes
-# replayed from CUDA graphs, engine.layer_graphs, and the LoRA casts cached, both default since the ninth): the
-# leave-one-out set of 30 configurations and the 27 of them measured in the call before (the host-bound ones
-# differ between the two calls by up to 53 %, the GPU-bound ones by 2.5 %): what the shipped constants, memory and
-# time, are fitted to (benchmarks/plan_validation_current_engine.md).
-CURRENT = ["raw/plan_validation_loo30_session10_h200.json", "raw/plan_validation_loo_graphs_fresh_session10_h200.json"]
+# The records of the engine as it stands (first passes replayed from CUDA graphs, engine.layer_graphs, and the LoRA
+# casts cached, both default since the ninth session): the leave-one-out set of 30 configurations measured in three
+# device calls on three H200 machines (2026-12-01: two in the tenth session, the first of them without the three
+# configurations added after it; one in the eleventh). Host-bound steps of one configuration differ between the
+# machines by up to 53 %, GPU-bound ones by 2.5 %: the shipped constants, memory and time, are fitted to each
+# configuration's median over the calls (`--fit ... --median`; benchmarks/plan_validation_current_engine.md).
+CURRENT = ["raw/plan_validation_loo30_session10_h200.json", "raw/plan_validation_loo_graphs_fresh_session10_h200.json",
+           "raw/plan_validation_loo30_session11_h200.json"]
 FITTED = [*CURRENT]
 
 
@@ -504,7 +509,7 @@ def main() -> int:
     ap.add_argument("--fit", type=Path, nargs="+", metavar="JSON",
                     help="refit moefit/plan/calibration.json to recorded runs (the report goes beside the first)")
     ap.add_argument("--median", action="store_true",
-                    help="with --loo: a configuration recorded in several files counts once, at its median step "
+                    help="with --loo or --fit: a configuration recorded in several files counts once, at its median step "
                          "time (the typical machine; validation.median_of_repeats)")
     ap.add_argument("--fit-sections", default="memory,time",
                     help="with --fit: which constants to refit (memory, time or both; the others stay)")
@@ -550,6 +555,10 @@ def main() -> int:
         doc = json.loads(args.fit[0].read_text(encoding="utf-8"))
         names = ", ".join(p.name for p in args.fit)
         records = this_engine(load_records(args.fit))
+        if args.median:
+            from moefit.plan.validation import median_of_repeats
+
+            records = median_of_repeats(records)
         try:
             cal = fit_calibration(records, f"{doc['gpu']}, {doc['date']}, {names}",
                                   sections=tuple(args.fit_sections.split(",")))
@@ -559,8 +568,14 @@ def main() -> int:
         print(json.dumps({k: cal[k] for k in ("memory", "time")}, indent=2))
         fit = {"command": " ".join(["python", "benchmarks/plan_validation.py", *sys.argv[1:]]), "date": _now(),
                "versions": _versions()}
-        write_reports(doc["results"], args.fit[0].parent, _measurement(doc), doc.get("configurations_skipped", 0),
-                      fit, records, args.fit[0].stem)
+        if args.median:  # the report's rows: each configuration at its median over the calls fitted
+            docs = [json.loads(p.read_text(encoding="utf-8")) for p in args.fit]
+            measurement = dict(_measurement(doc), command=" ; ".join(dict.fromkeys(d["command"] for d in docs)),
+                               date=", ".join(d["date"] for d in docs), median_of=names)
+            write_reports(records, args.fit[0].parent, measurement, doc.get("configurations_skipped", 0), fit)
+        else:
+            write_reports(doc["results"], args.fit[0].parent, _measurement(doc), doc.get("configurations_skipped", 0),
+                          fit, records, args.fit[0].stem)
         return 0
     if not args.out:
         ap.error("--out DIR is required to measure (or use --plan-only / --fit / --loo)")

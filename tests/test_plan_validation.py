@@ -17,7 +17,7 @@ from moefit.plan.calibration import load_calibration
 from moefit.plan.validation import compare, fit_calibration, leave_one_out, planned_for, record_keys
 
 ROOT = Path(__file__).resolve().parent.parent
-RECORDED = ROOT / "benchmarks" / "plan_validation_current_engine.json"  # the 30-configuration set, tenth session
+RECORDED = ROOT / "benchmarks" / "plan_validation_current_engine.json"  # the 30 configurations, median of 3 calls
 
 
 def _bench_module():
@@ -46,26 +46,21 @@ def _recorded() -> dict:
 
 def test_planner_matches_recorded_gpu_measurements():
     """The shipped calibration against the 30 configurations of the current engine (first passes replayed from CUDA
-    graphs) measured on one H200 (micro-batch 1-8, grad_accum 1-8, seq 512-16k; Scout, Llama 3.1 8B, Qwen3-30B,
-    gpt-oss-20b; the tenth session's second call). Target (issue 5): peak allocated within 3 %, step time within 15 %
-    on every one. Holds the state as fitted: allocated within 3.2 % (Llama 3.1 8B at 16k tokens -3.1 %); step time
-    within 31 %, 3 of 30 over 15 %, all host-bound (GPU busy 53-55 %: Qwen3-30B 1 x 2048 -30 %, Llama 3.1 8B 1 x 2048
-    -23 %, gpt-oss-20b 2 x 512 -19 %; the same three ran 35-53 % faster in the call before); the GPU-bound ones
-    (busy >= 90 %) within 9 %; reserved and total within 11 %."""
+    graphs) measured on three H200 machines (micro-batch 1-8, grad_accum 1-8, seq 512-16k; Scout, Llama 3.1 8B,
+    Qwen3-30B, gpt-oss-20b), each at its median over the calls. Target (issue 5): peak allocated within 3 %, step
+    time within 15 % on every one. As fitted: allocated within 2.7 %, step time within 9.4 %, the GPU-bound ones
+    (busy >= 90 %) within 7 %, reserved within 10.4 % and total within 10.1 %."""
     results = _recorded()["results"]
     assert len(results) == 30, f"{len(results)} configurations recorded"
     errors = {r["name"]: compare(r) for r in results}
     assert all(e["step_time"] is not None for e in errors.values()), "a record's GPU has no timing model"
     bad = {n: e for n, e in errors.items()
-           if abs(e["allocated"]) > 0.032 or abs(e["step_time"]) > 0.31
+           if abs(e["allocated"]) > 0.03 or abs(e["step_time"]) > 0.10
            or abs(e["reserved"]) > 0.11 or (e.get("total") is not None and abs(e["total"]) > 0.11)}
     assert not bad, f"planned vs measured out of bounds (relative errors): {bad}"
-    assert sum(abs(e["allocated"]) > 0.03 for e in errors.values()) <= 1
-    over = [r for r in results if abs(errors[r["name"]]["step_time"]) > 0.15]
-    assert len(over) <= 3 and all(r["measured"]["gpu_busy_fraction"] < 0.6 for r in over), over
     gpu_bound = [e["step_time"] for r, e in zip(results, errors.values(), strict=True)
                  if r["measured"].get("gpu_busy_fraction", 0) >= 0.9]
-    assert len(gpu_bound) >= 12 and all(abs(e) <= 0.09 for e in gpu_bound), gpu_bound
+    assert len(gpu_bound) >= 12 and all(abs(e) <= 0.075 for e in gpu_bound), gpu_bound
 
 
 def _earlier_records(which: str = "EARLIER") -> list[dict]:
@@ -87,26 +82,26 @@ def test_step_time_model_generalises_leave_one_out():
 
 
 def test_the_shipped_time_constants_fit_the_records_they_are_fitted_to():
-    """The shipped calibration against the 57 records it is fitted to (30 configurations of the current engine, 27
-    of them measured in two device calls): step time within 31 % (4 over 15 %, all host-bound), GPU-bound ones
-    (busy >= 90 %) within 9 %, peak allocated within 3.2 % (one over 3 %). The seventh session's engine (first passes
-    issued eagerly, cast cache off) it plans up to 55 % fast where host-bound; the earlier engines' Scout records
-    (EARLIER, decoded by bitsandbytes) 14-32 % fast: the engine runs faster since."""
+    """The shipped calibration against each of the 87 records whose medians it is fitted to (30 configurations of the
+    current engine, 27 of them measured in three device calls, 3 in two): step time within 37 % (7 over 15 %, all
+    host-bound records of one machine), GPU-bound ones (busy >= 90 %) within 10 %, peak allocated within 2.7 %. The
+    seventh session's engine (first passes issued eagerly, cast cache off) it plans from 55 % fast (host-bound) to
+    19 % slow (the seed recipe 1 x 8 as that call measured it); the earlier engines' Scout records (EARLIER, decoded
+    by bitsandbytes) 9-24 % fast: the engine runs faster since."""
     mod = _bench_module()
     recs = mod.this_engine(_earlier_records("FITTED"))
     errors = {k: compare(r) for k, r in zip(record_keys(recs), recs, strict=True)}
-    assert len(errors) == 57 and len({r["name"] for r in recs}) == 30
-    bad = {n: e for n, e in errors.items() if abs(e["step_time"]) > 0.31 or abs(e["allocated"]) > 0.032}
+    assert len(errors) == 87 and len({r["name"] for r in recs}) == 30
+    bad = {n: e for n, e in errors.items() if abs(e["step_time"]) > 0.37 or abs(e["allocated"]) > 0.03}
     assert not bad, bad
-    assert sum(abs(e["step_time"]) > 0.15 for e in errors.values()) <= 4
-    assert sum(abs(e["allocated"]) > 0.03 for e in errors.values()) <= 1
+    assert sum(abs(e["step_time"]) > 0.15 for e in errors.values()) <= 7
     busy = [e["step_time"] for r, e in zip(recs, errors.values(), strict=True)
             if (r["measured"].get("gpu_busy_fraction") or 0) >= 0.9]
-    assert len(busy) >= 26 and all(abs(e) <= 0.09 for e in busy), busy
+    assert len(busy) >= 37 and all(abs(e) <= 0.10 for e in busy), busy
     seventh = {r["name"]: compare(r)["step_time"] for r in mod.this_engine(_earlier_records("SEVENTH"))}
-    assert len(seventh) == 29 and all(-0.56 <= e <= 0.09 for e in seventh.values()), seventh
+    assert len(seventh) == 29 and all(-0.56 <= e <= 0.19 for e in seventh.values()), seventh
     earlier = {r["name"]: compare(r)["step_time"] for r in _earlier_records() if r["model"] == "llama4-scout"}
-    assert len(earlier) >= 14 and all(-0.33 <= e <= -0.13 for e in earlier.values()), earlier
+    assert len(earlier) >= 14 and all(-0.24 <= e <= -0.09 for e in earlier.values()), earlier
 
 
 def test_records_of_another_nf4_decoder_are_left_out_of_fits(capsys):
@@ -131,37 +126,37 @@ def test_records_of_another_nf4_decoder_are_left_out_of_fits(capsys):
     assert {r["engine"]["nf4_decoder"] for r in records_from_document(fam, "families")} == {"triton-load"}
     seed = next(r for r in recs if r["name"].endswith("seed-load:1x2048x8"))
     as_bnb = copy.deepcopy(seed) | {"engine": {"nf4_decoder": "bnb"}}
-    assert planned_for(as_bnb)["step_s"] > planned_for(seed)["step_s"] * 1.05  # the slower decoder costs time
+    # the slower decoder costs time (a step the host leads: the decode partly hides behind the host's launches)
+    assert planned_for(as_bnb)["step_s"] > planned_for(seed)["step_s"] * 1.01
 
 
 def test_current_engine_set_leave_one_out_as_fitted():
-    """Leave-one-out over the current engine's 57 records (CURRENT: 30 configurations, 27 measured in two calls; a
-    configuration is left out with both its records): issue 15's target is <= 15 % on all; the state: 50 of 57
-    within, none over 35 %. All seven over are host-bound (GPU busy 27-77 %); the same configuration measured in
-    the two calls differs by up to 53 % (Qwen3-30B 1 x 2048: 0.548 s and 0.841 s), more than the target itself
-    (benchmarks/speed_targets.md, tenth session)."""
+    """Leave-one-out over every one of the current engine's 87 records (CURRENT: 30 configurations, measured in
+    three calls on three machines; a configuration is left out with all its records): 80 of 87 within 15 %, none
+    over 38 %. The seven over are host-bound or nearly (GPU busy 53-85 %, one unprofiled): the same configuration
+    measured on two machines differs by up to 53 % (Qwen3-30B 1 x 2048: 0.548 s and 0.841 s), more than the
+    target itself (benchmarks/speed_targets.md, tenth and eleventh sessions)."""
     recs = _bench_module().this_engine(_earlier_records("CURRENT"))
-    assert len(recs) == 57
+    assert len(recs) == 87
     loo = leave_one_out(recs)
-    assert len(loo) == 57
+    assert len(loo) == 87
     over = {n: e for n, e in loo.items() if abs(e) > 0.15}
-    assert len(over) <= 7 and all(abs(e) <= 0.35 for e in loo.values()), over
+    assert len(over) <= 7 and all(abs(e) <= 0.38 for e in loo.values()), over
     busy = {k: r["measured"].get("gpu_busy_fraction") or 0 for k, r in zip(record_keys(recs), recs, strict=True)}
-    assert all(busy[n] < 0.8 for n in over), {n: busy[n] for n in over}
+    assert all(busy[n] < 0.9 for n in over), {n: busy[n] for n in over}
 
 
 def test_current_engine_medians_leave_one_out():
-    """The same records with each configuration counted once at its median over the calls that measured it (the
-    typical machine; `plan_validation.py --loo ... --median`): leave-one-out within 15 % on 29 of 30, the one over
-    (Llama 3.1 8B 1 x 512 ga4, -16.3 %) measured once, on the slower machine; peak allocated within 3 % on all."""
+    """Issue 15's acceptance: the same records with each configuration counted once at its median over the calls
+    that measured it (the typical machine; `plan_validation.py --loo ... --median`, the set the shipped constants
+    are fitted to): leave-one-out step time within 15 % on all 30 (worst 12.2 %, Llama 3.1 8B 1 x 512 ga4), peak
+    allocated within 3 % on all (2.7 %)."""
     from moefit.plan.validation import median_of_repeats
 
     recs = median_of_repeats(_bench_module().this_engine(_earlier_records("CURRENT")))
-    assert len(recs) == 30 and sum(r["repeats"] == 2 for r in recs) == 27
+    assert len(recs) == 30 and sum(r["repeats"] == 3 for r in recs) == 27 and sum(r["repeats"] == 2 for r in recs) == 3
     loo = leave_one_out(recs)
-    over = {n: e for n, e in loo.items() if abs(e) > 0.15}
-    assert len(over) <= 1 and all(abs(e) <= 0.17 for e in loo.values()), over
-    assert all(r["repeats"] == 1 for r in recs if r["name"] in over)
+    assert len(loo) == 30 and all(abs(e) <= 0.15 for e in loo.values()), loo
     assert all(abs(compare(r)["allocated"]) <= 0.03 for r in recs)
 
 
@@ -261,7 +256,7 @@ def _synthetic(recs: list[dict], truth: dict) -> list[dict]:
         p = planned_for(r, truth)
         r["measured"] = {"peak_allocated_bytes": p["peak_allocated_bytes"],
                          "peak_reserved_bytes": p["peak_reserved_bytes"], "step_s": p["step_s"],
-                         "context_bytes": 600 << 20}
+                         "optimizer_s": p["optimizer_s"], "context_bytes": 600 << 20}
     kernel = _TimeRecords(recs, truth).predict(truth["time"])[1]
     for r, k in zip(recs, kernel, strict=True):
         r["measured"]["kernel_s"] = float(k)
@@ -281,7 +276,7 @@ def test_fit_recovers_known_constants():
     mod = _bench_module()
     recs = mod.configs("all") + mod.configs("loo")
     truth = copy.deepcopy(load_calibration())
-    truth["memory"].update(working_set_scale=1.3, activation_scale=1.1, extra_allocated_bytes=300 << 20,
+    truth["memory"].update(working_set_scale=1.3, activation_scale=1.0, extra_allocated_bytes=300 << 20,
                            allocator_dynamic_reserve_fraction=0.05, allocator_fixed_reserve_bytes=100 << 20,
                            cuda_context_bytes=600 << 20)
     truth["time"].update(TRUTH_TIME)
@@ -289,7 +284,8 @@ def test_fit_recovers_known_constants():
     fitted = fit_calibration(recs, "synthetic")
     cal = {s: {k: v for k, v in fitted[s].items() if not k.startswith("_")} for s in ("memory", "time")}
     assert cal["memory"]["working_set_scale"] == pytest.approx(1.3, rel=0.02)
-    assert cal["memory"]["activation_scale"] == pytest.approx(1.1, rel=0.05)
+    assert cal["memory"]["activation_scale"] == 1.0  # the checkpoints are exact tensors: not fitted
+    assert cal["time"]["optimizer_tensor_s"] == pytest.approx(3e-5, rel=0.1)  # the measured updates pin it
     for k in ("gemm_efficiency", "attention_efficiency", "masked_attention_efficiency",
               "activation_bandwidth_efficiency", "moe_layer_pass_s", "dense_layer_pass_s", "overlap_exponent"):
         assert cal["time"][k] == pytest.approx(truth["time"][k], rel=0.1), k
