@@ -20,6 +20,8 @@
 #   bash benchmarks/device_plan.sh D    # nvidia-h200: Llama 3.1 8B's set rows grouped / fresh / moefit bench (host per launch)
 #   bash benchmarks/device_plan.sh F    # nvidia-h200: issue 13's family rows on the current engine, stock beside
 #   bash benchmarks/device_plan.sh S    # nvidia-h200-x2: Scout expert parallel vs data parallel (1 sync of 4 left)
+#   bash benchmarks/device_plan.sh K    # nvidia-h200: issue 15's seed rows again (4 timed steps) with stock beside,
+#                                       # and the kernels of one Scout layer's micro-step at 1 x 2048 (what is left)
 # Next session (30-minute budget, each call ~350-560 s with the machine's start): S on x2 when it is lent (refused
 # in the eleventh session: x2 no longer lent); issue 16's production_scale.sh on x4 / x8. L ran a fourth time in the
 # eleventh session (a third machine; the fit now reads each configuration's median), T and L three times in the
@@ -29,7 +31,21 @@
 set -uo pipefail
 out=${OUT:?set OUT}
 . benchmarks/gpu_env.sh > "$out/setup.log" 2>&1 || { cat "$out/setup.log"; exit 1; }
-case "${1:?A, B, D, G, H, I, J, L, T, P, F or S}" in
+case "${1:?A, B, D, G, H, I, J, K, L, T, P, F or S}" in
+  K)  # 5 files: setup.log, prof/profile.{json,txt}, step_ab.json, stock/stock_baseline.json
+    # The seed's kernels per decoder layer at its own layout (1 x 2048, the first pass replayed from its graph):
+    # two depths (4 and 8 layers, one global-attention layer in four at both), their difference per layer.
+    timeout 150 python3 benchmarks/profile_step.py --layers 4 8 --seq-len 2048 --batch 1 --out "$out/prof" \
+      > "$out/prof.log" 2>&1; echo "profile rc $?" >> "$out/setup.log"; tail -14 "$out/prof.log"; rm -f "$out/prof.log"
+    mv "$out/prof/profile_table.txt" "$out/prof/profile.txt" 2>/dev/null
+    auto="--grad-accum 8 --layout auto --memory-limit-gib 79.65"
+    STEPS=4 timeout 260 bash benchmarks/step_ab.sh 2048 "seed::--grad-accum 8" "auto::$auto" > "$out/k.log" 2>&1
+    echo "seed rc $?" >> "$out/setup.log"; cat "$out/k.log"; rm -f "$out/k.log"
+    left=$((${CALL_S:-600} - 20 - SECONDS))
+    timeout $((left < 110 ? left : 110)) python3 benchmarks/stock_baseline.py --out "$out/stock" --layers 2 4 \
+      --seq-len 2048 --layouts per-expert --loras seed >> "$out/setup.log" 2>&1; echo "stock rc $?" >> "$out/setup.log"
+    rm -f "$out/stock/stock_baseline.md"; tail -4 "$out/setup.log"
+    ;;
   L)  # 3 files: setup.log, loo/plan_validation.{json,md}
     timeout 560 python3 benchmarks/plan_validation.py --configs loo --out "$out/loo" --deadline 540 \
       >> "$out/setup.log" 2>&1; echo "loo rc $?" >> "$out/setup.log"; tail -35 "$out/loo/plan_validation.md"

@@ -1,7 +1,8 @@
 """Where a Scout QLoRA step spends its time: kernel micro-benchmarks at real shapes + a profiled step.
 
-    python benchmarks/profile_step.py --layers 4 --seq-len 2048 [--batch 4] --out DIR
-Prints dequantization bandwidth (one expert bank), grouped-GEMM rates, and the top CUDA kernels of one step.
+    python benchmarks/profile_step.py --layers 4 8 --seq-len 2048 [--batch 4] --out DIR
+Prints dequantization bandwidth (one expert bank), grouped-GEMM rates, and the CUDA kernels of one micro-step by
+category; with two depths, per decoder layer (their difference: the embedding and the loss drop out).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -42,70 +42,112 @@ def kernel_categories(averages) -> dict[str, dict[str, float]]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["ms"]))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=1, help="micro-batch of the measured and profiled step")
-    ap.add_argument("--out", default=".")
-    args = ap.parse_args()
-    from moefit.bench import build_synthetic_model, cuda_time, measure_training, profiled_kernel_seconds
-    from moefit.config import LoraConfig
+def profile_one_micro_step(m, batch: int, seq_len: int):
+    """One micro-step (forward + backward, as the trainer runs it: labels on the host) under the profiler, after
+    `measure_training` has warmed the model (its layer graphs captured for this shape). Returns the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from moefit.models.causal_lm import placed_batch
+
+    opt_params = [p for p in m.parameters() if p.requires_grad]
+    ids = torch.randint(0, 1000, (batch, seq_len))
+    for p in opt_params:
+        p.grad = None
+    cuda = m.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        out = m(**placed_batch({"input_ids": ids, "labels": ids}, m, m.device))
+        out.loss.backward()
+        if cuda:
+            torch.cuda.synchronize()
+    for p in opt_params:
+        p.grad = None
+    return prof
+
+
+def per_layer(shallow: dict, deep: dict, layers: int) -> dict[str, dict[str, float]]:
+    """Kernel ms and launches per decoder layer: the difference of two depths' categories over the layers between
+    them, so the embedding and the loss (the same at both depths) drop out."""
+    out = {}
+    for cat in {*shallow, *deep}:
+        a, b = shallow.get(cat, {"ms": 0.0, "kernels": 0}), deep.get(cat, {"ms": 0.0, "kernels": 0})
+        out[cat] = {"ms": (b["ms"] - a["ms"]) / layers, "kernels": (b["kernels"] - a["kernels"]) / layers}
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["ms"]))
+
+
+def kernel_rates(m, tokens: int) -> dict[str, float]:
+    """One expert bank's decode rate, the grouped GEMM's rate over `tokens` rows spread evenly, the copy rate."""
+    from moefit.bench import cuda_time
     from moefit.moe.experts import MoefitExperts
     from moefit.moe.grouped import _GROUPED_MM, offsets_from_counts
 
-    m = build_synthetic_model("llama4-scout", num_layers=args.layers, lora=LoraConfig(r=32, alpha=64))
-    ex = next(x for x in m.modules() if isinstance(x, MoefitExperts))
-    bank = ex.gate
+    bank = next(x for x in m.modules() if isinstance(x, MoefitExperts)).gate
     n = bank.experts * bank.slice_numel
     t = cuda_time(lambda: bank.dequantize())
-    res = {"dequant_bank_s": t, "dequant_GBps_written_plus_read": (n * 2 + n / 2 + n / 32) / t / 1e9}
-    t2 = cuda_time(lambda: bank._dequantize_by_state(None, torch.bfloat16))
-    res["dequant_bank_by_state_s"] = t2
-    T = args.seq_len
-    counts = torch.full((16,), T // 16, device="cuda")
-    x = torch.randn(T, 5120, device="cuda", dtype=torch.bfloat16)
+    counts = torch.full((bank.experts,), tokens // bank.experts, device="cuda")
+    x = torch.randn(tokens, bank.slice_shape[1], device="cuda", dtype=torch.bfloat16)
     w = bank.dequantize().transpose(1, 2)
     tg = cuda_time(lambda: _GROUPED_MM(x, w, offs=offsets_from_counts(counts)))
-    res["grouped_gate_s"] = tg
-    res["grouped_gate_tflops"] = 2 * T * 5120 * 8192 / tg / 1e12
-    wc = w.contiguous()
-    res["grouped_gate_rowmajor_s"] = cuda_time(lambda: _GROUPED_MM(x, wc, offs=offsets_from_counts(counts)))
-    res["copy_GBps"] = 2 * w.numel() * 2 / cuda_time(lambda: w.clone()) / 1e9
-    r = measure_training(m, seq_len=T, batch=args.batch, steps=2, warmup=1)
-    res["step"] = r
-    from torch.profiler import ProfilerActivity, profile
+    return {"dequant_bank_s": t, "dequant_GBps_written_plus_read": (n * 2 + n / 2 + n / 32) / t / 1e9,
+            "grouped_gate_s": tg, "grouped_gate_tflops": 2 * tokens * bank.slice_numel / tg / 1e12,
+            "copy_GBps": 2 * w.numel() * 2 / cuda_time(lambda: w.clone()) / 1e9}
 
-    opt_params = [p for p in m.parameters() if p.requires_grad]
-    ids = torch.randint(0, 1000, (args.batch, T), device="cuda")
-    for p in opt_params:
-        p.grad = None
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], record_shapes=True) as prof:
-        t0 = time.perf_counter()
-        out = m(ids, labels=ids)
-        out.loss.backward()
-        torch.cuda.synchronize()
-        res["profiled_step_wall_s"] = time.perf_counter() - t0
-    for p in opt_params:
-        p.grad = None
-    averages = prof.key_averages()
-    res["profiled_kernel_s"] = profiled_kernel_seconds(averages)
-    res["profiled_kernels"] = sum(e.count for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
-    res["kernel_categories"] = kernel_categories(averages)
-    table = averages.table(sort_by="self_cuda_time_total", row_limit=40)
-    # The same step by operator and input shapes: which tensors the elementwise / copy time is spent on.
-    by_shape = prof.key_averages(group_by_input_shape=True).table(
-        sort_by="self_cuda_time_total", row_limit=80, max_name_column_width=48, max_shapes_column_width=90)
-    Path(args.out, "profile_table.txt").write_text(table + "\n\nby operator and input shapes\n" + by_shape)
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, nargs="+", default=[4],
+                    help="decoder depths to profile; with two (e.g. 4 8) the table is per layer, their difference")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=1, help="micro-batch of the measured and profiled step")
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--model", default="llama4-scout", help="a preset or a directory with config.json")
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script (no kernel rates, no CUDA table)")
+    args = ap.parse_args()
+    from moefit.bench import build_synthetic_model, measure_training, profiled_kernel_seconds
+    from moefit.config import LoraConfig
+
+    # The seed recipe's LoRA, as `moefit bench` builds it: r 32, alpha 64, all seven targets, the routed experts.
+    lora = LoraConfig(r=32, alpha=64, targets=["q", "k", "v", "o", "gate", "up", "down"], routed_experts=True)
+    res: dict = {"command": " ".join(sys.argv), "model": args.model, "seq_len": args.seq_len, "batch": args.batch, "depths": {}}
+    tables = []
+    for depth in args.layers:
+        m = build_synthetic_model(args.model, num_layers=depth, lora=lora, device=args.device)
+        if depth == args.layers[0] and args.device.startswith("cuda"):  # kernel micro-benchmarks at the real shapes, once
+            res.update(kernel_rates(m, args.seq_len * args.batch))
+        r = measure_training(m, seq_len=args.seq_len, batch=args.batch, steps=2, warmup=1)
+        prof = profile_one_micro_step(m, args.batch, args.seq_len)
+        averages = prof.key_averages()
+        res["depths"][str(depth)] = {
+            "step": r, "profiled_kernel_s": profiled_kernel_seconds(averages),
+            "profiled_kernels": sum(e.count for e in averages if e.device_type == torch.autograd.DeviceType.CUDA),
+            "kernel_categories": kernel_categories(averages)}
+        table = averages.table(sort_by="self_cuda_time_total", row_limit=40)
+        # The same micro-step by operator and input shapes: which tensors the elementwise / copy time is spent on.
+        by_shape = prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cuda_time_total", row_limit=80, max_name_column_width=48, max_shapes_column_width=90)
+        tables.append(f"=== {depth} layers, one micro-step {args.batch} x {args.seq_len}\n{table}\n\n"
+                      f"by operator and input shapes\n{by_shape}")
+        print(f"{depth} layers: step {r['step_s']:.3f} s, {r['tokens_per_s']:.0f} tok/s, "
+              f"{r.get('peak_allocated_bytes', 0) / 2**30:.2f} GiB, layer graphs {r.get('layer_graphs')}", flush=True)
+        del m, prof
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.out, "profile_table.txt").write_text("\n\n".join(tables))
+    first = res["depths"][str(args.layers[0])]["kernel_categories"]
+    if len(args.layers) >= 2:
+        lo, hi = args.layers[0], args.layers[-1]
+        res["per_layer"] = per_layer(first, res["depths"][str(hi)]["kernel_categories"], hi - lo)
+        title, rows = f"kernels per decoder layer and micro-step ({lo} -> {hi} layers)", res["per_layer"]
+    else:
+        title, rows = f"kernels of one micro-step ({args.layers[0]} layers + embedding/loss)", first
     Path(args.out, "profile.json").write_text(json.dumps(res, indent=2, default=str))
-    print(table)
-    print(json.dumps({k: v for k, v in res.items() if k != "step"}, indent=1))
-    print("step", {k: r[k] for k in ("step_s", "tokens_per_s", "peak_allocated_bytes")})
-    print(f"\n{'kernels of one profiled step (' + str(args.layers) + ' layers + embedding/loss)':58} {'ms':>8} "
-          f"{'per layer':>9} {'launches':>9}")
-    for cat, v in res["kernel_categories"].items():
-        print(f"{cat:58} {v['ms']:8.1f} {v['ms'] / args.layers:9.2f} {v['kernels']:9d}")
+    print(f"\n{title:58} {'ms':>8} {'launches':>9}")
+    for cat, v in rows.items():
+        print(f"{cat:58} {v['ms']:8.2f} {v['kernels']:9.0f}")
+    print(f"{'total':58} {sum(v['ms'] for v in rows.values()):8.2f} {sum(v['kernels'] for v in rows.values()):9.0f}")
     return 0
 
 
