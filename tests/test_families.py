@@ -21,6 +21,7 @@ import moefit
 from moefit.lora import add_lora, load_adapter, lora_parameters
 from moefit.models.families import FusedExperts, PerExpert
 from moefit.moe.experts import MoefitExperts
+from moefit.quant.nf4 import FrozenWeight, NF4Weight
 from tests.families import (
     CASES,
     FAMILY_CASES,
@@ -327,8 +328,19 @@ def test_bench_builds_and_trains_a_synthetic_model_of_each_family(tmp_path, case
     model = build_synthetic_model(str(tmp_path), device="cpu", dtype=torch.float32,
                                   lora=LoraConfig(r=4, alpha=8, dropout=0.0))
     assert all(torch.isfinite(b).all() for b in model.buffers() if b.is_floating_point())
+    # every frozen weight holds the random values it was filled with (std = initializer_range), none decodes to 0
+    stores = {n: m for n, m in model.named_modules() if isinstance(m, (NF4Weight, FrozenWeight))}
+    assert len(stores) > 5
+    std = CASES[case].config().initializer_range
+    for name, store in stores.items():
+        assert 0.5 * std < store.dequantize().float().std() < 2 * std, name
     r = measure_training(model, seq_len=16, batch=1, steps=1, warmup=0, optimizer="adamw")
     assert r["tokens_per_s"] > 0 and torch.isfinite(torch.tensor(r["loss_first"]))
+    # ... so the gradients reach every LoRA weight (B starts at 0: the A's only once B has moved; here the B's)
+    ids = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    model(ids, labels=ids).loss.backward()
+    zero = [n for n, p in model.named_parameters() if n.endswith("lora_B") and not p.grad.abs().sum() > 0]
+    assert not zero, zero
 
 
 def test_generate_from_the_run_equals_generate_from_its_merged_export(trained, tmp_path):

@@ -72,10 +72,15 @@ def fill_synthetic(model: nn.Module, *, std: float, seed: int = 0) -> None:
             p.fill_(1.0)
         else:
             p.copy_(randn(p.shape, p.dtype))
-    for module in root.modules():  # persistent buffers, e.g. GLM-4.5's router correction bias: zero, not garbage
+    # Persistent buffers, e.g. GLM-4.5's router correction bias: zero, not garbage. Not those of the quantized
+    # weights just filled (their NF4Weight holds the double quantization's second-level scales and offset as
+    # float buffers: zeroed, every frozen weight decoded to 0, as all synthetic models did from 2026-11-30 07:39
+    # to 2026-12-02).
+    for name, module in root.named_modules():
+        if name in owned or any(name.startswith(o + ".") for o in owned):
+            continue
         for bname, b in module.named_buffers(recurse=False):
-            if b is not None and b.is_floating_point() and bname not in module._non_persistent_buffers_set \
-                    and not isinstance(module, (MoefitLinear, MoefitExperts)):
+            if b is not None and b.is_floating_point() and bname not in module._non_persistent_buffers_set:
                 b.zero_()
     table = root.get_input_embeddings().weight
     if not isinstance(table, nn.Parameter):  # a HostEmbedding's buffer
