@@ -174,6 +174,12 @@ class EngineConfig:
     # Holds one layer's first-pass temporaries in the graphs' own memory pool (planned). On an H200 the seed step
     # (Scout 1 x 8) ran 1,748 -> 2,446 tok/s, Qwen3-30B 1 x 2 2,701 -> 3,222 (benchmarks/speed_targets.md)
     layer_graphs: bool = True
+    # With layer_graphs: each layer's recomputation and backward captured as a CUDA graph too (after its first
+    # eager backward) and replayed: one launch instead of ~310 per Scout layer and micro-step, the LoRA gradients
+    # accumulated after each replay (moefit/models/layer_graphs.py). Its memory sits in the graphs' pool. Eager
+    # under data parallelism (DistributedDataParallel reduces from autograd's accumulation hooks). Opt-in until
+    # measured on the GPU and counted by the planner.
+    backward_graphs: bool = False
 
 
 @dataclass

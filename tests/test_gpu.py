@@ -497,12 +497,15 @@ def test_packed_micro_step_with_host_positions_and_labels_never_syncs_the_host(t
     assert (model.layer_graphs is not None and model.layer_graphs.stats()["replayed"] > 0) == graphs
 
 
+@pytest.mark.parametrize("backward", [False, True])
 @pytest.mark.parametrize("case", ["llama4-top1-4e-norope", "qwen3_moe", "gpt_oss"])
-def test_layer_graphs_replay_the_first_pass_with_eager_losses_and_gradients(tmp_path, monkeypatch, case):
+def test_layer_graphs_replay_the_first_pass_with_eager_losses_and_gradients(tmp_path, monkeypatch, case, backward):
     """engine.layer_graphs on CUDA: four packed / unpacked NF4 + LoRA micro-steps with dropout, each layer's first
     pass captured once per mask shape and replayed: the same losses as eager (bit for bit where the eager forward
     is deterministic: top-1 or two experts summed into zeros; gpt-oss sums four with atomics) and the same LoRA
-    gradients up to the backward's atomics; a replayed micro-step queues its work without a device sync."""
+    gradients up to the backward's atomics; a replayed micro-step queues its work without a device sync.
+    `backward` (engine.backward_graphs): the recomputation and backward replayed too, from each mask shape's
+    second micro-step on (the dropout masks must be the first pass's for the gradients to match)."""
     import dataclasses
 
     import moefit
@@ -529,7 +532,7 @@ def test_layer_graphs_replay_the_first_pass_with_eager_losses_and_gradients(tmp_
         model.enable_gradient_checkpointing(keep_routed_gate_up=True)
         assert model.layer_graphs is None
         if graphs:
-            model.use_layer_graphs(LayerGraphs())
+            model.use_layer_graphs(LayerGraphs(backward=backward))
         model.train()
         losses = []
         for i, positions in enumerate([None, packed, None, packed]):
@@ -557,3 +560,5 @@ def test_layer_graphs_replay_the_first_pass_with_eager_losses_and_gradients(tmp_
     stats = layer_graphs.stats()
     layers = model.config.num_hidden_layers
     assert stats["replayed"] == 4 * layers and stats["graphs"] == 2 * layers and not stats["eager"], stats
+    if backward:
+        assert stats["backward"] == {"replayed": 2 * layers, "eager": {}, "disabled": None}, stats

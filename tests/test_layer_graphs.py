@@ -20,19 +20,19 @@ from moefit.models.layer_graphs import LayerGraphs
 from tests.test_engine_parity import CONFIGS, tiny_config
 
 
-def _model(folder, config: str, keep: bool, graphs: bool):
+def _model(folder, config: str, keep: bool, graphs: bool, backward: bool = False):
     tiny_config(**CONFIGS[config]).save_pretrained(folder)
-    return built(folder, keep, graphs)
+    return built(folder, keep, graphs, backward)
 
 
-def built(folder, keep: bool, graphs: bool):
+def built(folder, keep: bool, graphs: bool, backward: bool = False):
     """The tiny model of the config in `folder`, NF4, LoRA with dropout, checkpointed, in training mode; with
-    `graphs` its first passes stood in for graph replays."""
+    `graphs` its first passes stood in for graph replays (with `backward`, their recomputations and backwards too)."""
     model = build_synthetic_model(str(folder), device="cpu", dtype=torch.float32,
                                   lora=LoraConfig(r=4, alpha=8, dropout=0.1), seed=3)
     model.enable_gradient_checkpointing(keep_routed_gate_up=keep)
     if graphs:
-        model.use_layer_graphs(LayerGraphs(stand_in=True))
+        model.use_layer_graphs(LayerGraphs(stand_in=True, backward=backward))
     model.train()
     return model
 
@@ -48,18 +48,14 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
-@pytest.mark.parametrize("config,keep,skip", [("top1-4e-norope", False, True), ("top1-4e-norope", True, True),
-                                              ("top2-8e-norope", True, True), ("top1-4e-norope", False, False)])
-def test_replayed_first_pass_gives_torch_checkpoints_gradients(tmp_path, monkeypatch, config, keep, skip):
-    """Three micro-steps (one with packed rows, i.e. other masks), LoRA dropout on: the same losses and the same
-    accumulated LoRA gradients, bit for bit, as torch's checkpoint."""
-    monkeypatch.setattr(engine_switches, "_current",
-                        dataclasses.replace(engine_switches.current(), recompute_skip=skip))
+def same_as_torch_checkpoint(folder, config: str, keep: bool, batches: list, backward: bool = False):
+    """The batches' micro-steps (LoRA dropout on) with and without the graphs stood in: the same losses and
+    accumulated LoRA gradients bit for bit, every LoRA B with a gradient. Returns the graphs' LayerGraphs."""
     results = {}
     for graphs in (False, True):
-        model = _model(tmp_path / str(graphs), config, keep, graphs)
+        model = _model(folder / str(graphs), config, keep, graphs, backward)
         losses = []
-        for i, (ids, positions) in enumerate(_batches()):
+        for i, (ids, positions) in enumerate(batches):
             torch.manual_seed(100 + i)
             out = model(ids, labels=ids, position_ids=positions)
             out.loss.backward()
@@ -68,11 +64,51 @@ def test_replayed_first_pass_gives_torch_checkpoints_gradients(tmp_path, monkeyp
     (plain_losses, plain_grads, _), (losses, grads, layer_graphs) = results[False], results[True]
     assert all(torch.equal(a, b) for a, b in zip(plain_losses, losses, strict=True))
     assert grads.keys() == plain_grads.keys() and len(grads) > 10
+    assert all(grads[k].abs().sum() > 0 for k in grads if k.endswith("lora_B"))  # (a test of zeros proves nothing)
     assert all(torch.equal(grads[k], plain_grads[k]) for k in grads), \
         [k for k in grads if not torch.equal(grads[k], plain_grads[k])]
-    stats = layer_graphs.stats()
+    return layer_graphs
+
+
+@pytest.mark.parametrize("config,keep,skip", [("top1-4e-norope", False, True), ("top1-4e-norope", True, True),
+                                              ("top2-8e-norope", True, True), ("top1-4e-norope", False, False)])
+def test_replayed_first_pass_gives_torch_checkpoints_gradients(tmp_path, monkeypatch, config, keep, skip):
+    """Three micro-steps (one with packed rows, i.e. other masks), LoRA dropout on: the same losses and the same
+    accumulated LoRA gradients, bit for bit, as torch's checkpoint."""
+    monkeypatch.setattr(engine_switches, "_current",
+                        dataclasses.replace(engine_switches.current(), recompute_skip=skip))
+    stats = same_as_torch_checkpoint(tmp_path, config, keep, _batches()).stats()
     # 3 layers x 3 micro-steps replayed; packed and unpacked rows build other masks: two captures per layer
     assert stats["replayed"] == 9 and stats["graphs"] == 6 and not stats["eager"] and stats["disabled"] is None
+
+
+@pytest.mark.parametrize("config,keep", [("top1-4e-norope", False), ("top2-8e-norope", True)])
+def test_replayed_backward_gives_torch_checkpoints_gradients(tmp_path, config, keep):
+    """engine.backward_graphs: from a layer's second backward on, its recomputation and backward replay (stood in
+    on CPU) into shared buffers, and the LoRA gradients are accumulated after each: five micro-steps, LoRA dropout
+    on, one batch of packed rows (two captures per layer), the losses and accumulated gradients of torch's
+    checkpoint bit for bit. The first layer needs no input gradient; the others hand theirs on in one buffer."""
+    gen = torch.Generator().manual_seed(1)
+    packed = torch.cat([torch.arange(10), torch.arange(14)]).repeat(2, 1)
+    batches = [(torch.randint(3, 256, (2, 24), generator=gen), packed if i == 2 else None) for i in range(5)]
+    stats = same_as_torch_checkpoint(tmp_path, config, keep, batches, backward=True).stats()
+    # 3 layers x 5 micro-steps; the first backward of each of the 6 graphs eager (then captured), 9 replayed
+    assert stats["replayed"] == 15 and stats["graphs"] == 6 and not stats["eager"]
+    assert stats["backward"] == {"replayed": 9, "eager": {}, "disabled": None}
+
+
+def test_a_parameter_the_layer_does_not_use_keeps_no_gradient(tmp_path):
+    """A replayed backward accumulates only the gradients autograd would have given: a LoRA weight the layer's
+    output does not depend on keeps None (zeros would let weight decay and momentum move it)."""
+    model = _model(tmp_path, "top1-4e-norope", False, True, backward=True)
+    layer = model.hf.model.layers[1]
+    unused = torch.nn.Parameter(torch.ones(3))
+    layer.register_parameter("unused_lora", unused)
+    ids = _batches()[0][0]
+    for i in range(3):
+        torch.manual_seed(i)
+        model(ids, labels=ids).loss.backward()
+    assert unused.grad is None and model.layer_graphs.stats()["backward"]["replayed"] == 6
 
 
 def test_packed_and_single_sample_rows_replay_one_graph_per_layer(tmp_path):

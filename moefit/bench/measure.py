@@ -58,7 +58,8 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
         # measurement's shapes would hold their memory here and push this one's shapes past the graphs kept per
         # layer (models.layer_graphs.MAX_SHAPES_PER_LAYER), so that it ran its first passes eagerly.
         model.use_layer_graphs(LayerGraphs(stand_in=model.layer_graphs.stand_in,
-                                           masks_as_packed=model.layer_graphs.masks_as_packed))
+                                           masks_as_packed=model.layer_graphs.masks_as_packed,
+                                           backward=model.layer_graphs.backward))
     model.train()
     ctx = current_context()
     held = expert_lora_names(model)  # the experts' own LoRA (expert parallelism): complete on its rank

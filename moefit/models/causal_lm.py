@@ -95,7 +95,7 @@ class MoefitCausalLM(nn.Module):
             else:
                 self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if engine_switches.current().layer_graphs and self.layer_graphs is None:
-            self.use_layer_graphs(LayerGraphs())
+            self.use_layer_graphs(LayerGraphs(backward=engine_switches.current().backward_graphs))
 
     def use_layer_graphs(self, graphs: LayerGraphs) -> None:
         """Replay the checkpointed layers' first passes from CUDA graphs (engine.layer_graphs; after

@@ -85,6 +85,14 @@ class _LayerGraph:
         self.arguments: list[_SharedArgument] = []
         self.kept: dict = {}  # what the captured first pass keeps for the recomputation (moe.recompute)
         self.pending: weakref.ref | None = None
+        self.static: functools.partial | None = None  # the layer's function reading the static arguments
+        self.params: list[nn.Parameter] = []  # the layer's trainable parameters (LoRA), set by its checkpoint
+        # engine.backward_graphs: the recomputation and backward captured after the first eager one
+        self.backward_graph: torch.cuda.CUDAGraph | None = None
+        self.backward_needs_x: bool | None = None
+        self.grad: torch.Tensor | None = None  # the output's gradient in, the input's out (shared by the layers)
+        self.param_grads: list[torch.Tensor] = []  # the parameters' gradients out (shared by like layers)
+        self.used: list[bool] = []  # which parameters the layer's output depends on
 
     def bind(self, function: functools.partial, hidden: torch.Tensor, sources: list[torch.Tensor]
              ) -> functools.partial:
@@ -93,7 +101,8 @@ class _LayerGraph:
         previous = self.owner.output_of(hidden)
         self.input = previous if previous is not None else hidden.detach().clone()
         self.arguments = [self.owner.shared_argument(s) for s in sources]
-        return _with_tensors(function, [a.buffer for a in self.arguments])
+        self.static = _with_tensors(function, [a.buffer for a in self.arguments])
+        return self.static
 
     def feed(self, hidden: torch.Tensor, sources: list[torch.Tensor]) -> torch.Tensor:
         """Copy this call's inputs where the graph reads them (those already there stay); returns the
@@ -137,6 +146,73 @@ class _LayerGraph:
     def kept_for_recomputation(self) -> dict:
         return {key: list(values) for key, values in self.kept.items()}
 
+    # -- engine.backward_graphs
+    def _recompute_and_backward(self, host: object, needs_x: bool) -> None:
+        """The recomputation from the static input (under whatever random-number state is set: the first pass's),
+        backpropagated from `self.grad`: the parameters' gradients into `self.param_grads`, then the input's into
+        `self.grad` (after every read of it). Nothing is accumulated into `.grad` here."""
+        x = self.input.detach().requires_grad_(needs_x)
+        with torch.enable_grad(), recompute.phases(self.kept_for_recomputation())[1], host_positions.restored(host):
+            out = self.static(x)
+            grads = torch.autograd.grad(out, ([x] if needs_x else []) + self.params, self.grad, allow_unused=True)
+        self.used = [g is not None for g in grads[needs_x:]]
+        for buffer, g in zip(self.param_grads, grads[needs_x:], strict=True):
+            if g is not None:
+                buffer.copy_(g)
+        if needs_x:
+            self.grad.copy_(grads[0])
+
+    def capture_backward(self, rng: torch.Tensor, host: object, needs_x: bool) -> None:
+        """Capture the recomputation and backward (after the first eager one, so lazy initialisation is done):
+        one warm-up on the capture stream, then the capture into the graphs' shared pool."""
+        owner, device = self.owner, self.input.device
+        if self.output.shape != self.input.shape or self.output.dtype != self.input.dtype:
+            raise ValueError(f"the layer maps {tuple(self.input.shape)} to {tuple(self.output.shape)}")
+        self.grad = owner.grad_buffer(self.output)
+        self.param_grads = owner.param_grad_buffers(self.params)
+        stream = owner.capture_stream(device)
+        before = torch.cuda.get_rng_state(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            torch.cuda.set_rng_state(rng, device)
+            self._recompute_and_backward(host, needs_x)  # warm-up
+        torch.cuda.set_rng_state(rng, device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=owner.pool(), stream=stream, capture_error_mode="thread_local"):
+            self._recompute_and_backward(host, needs_x)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        torch.cuda.set_rng_state(before, device)
+        self.backward_graph, self.backward_needs_x = graph, needs_x
+
+    def replay_backward(self, grad: torch.Tensor, rng: torch.Tensor, host: object) -> torch.Tensor:
+        """The captured recomputation and backward for the output's gradient `grad`, from the random-number state
+        the first pass's replay started from (restored after); the parameters' gradients are accumulated into
+        their `.grad` as autograd would (the first one taken, the later ones added; a parameter the layer's
+        output does not depend on keeps None). Returns the input's gradient: a buffer shared by the layers, which
+        the next layer's replay reads as its output's gradient and then overwrites."""
+        if grad.data_ptr() != self.grad.data_ptr():
+            self.grad.copy_(grad)
+        device = self.input.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            _set_rng_state(rng, device)
+            self._run_backward(host)
+        self.accumulate()
+        return self.grad
+
+    def _run_backward(self, host: object) -> None:
+        self.backward_graph.replay()
+
+    def accumulate(self) -> None:
+        pairs = [(p, g) for p, g, used in zip(self.params, self.param_grads, self.used, strict=True) if used]
+        if all(p.grad is not None for p, _ in pairs):
+            torch._foreach_add_([p.grad for p, _ in pairs], [g for _, g in pairs])
+            return
+        for p, g in pairs:
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.add_(g)
+
 
 class _EagerStandIn(_LayerGraph):
     """The first pass run eagerly where a replay would be (LayerGraphs(stand_in=True)): everything but the CUDA
@@ -145,8 +221,10 @@ class _EagerStandIn(_LayerGraph):
 
     def capture(self, function: functools.partial, hidden: torch.Tensor, sources: list[torch.Tensor]) -> None:
         self.static = self.bind(function, hidden, sources)
+        rng = _rng_state(hidden.device)  # as a capture, it leaves the random-number state as it found it
         with torch.no_grad():
             self.output = self.static(self.input).clone()
+        _set_rng_state(rng, hidden.device)
 
     def replay(self, hidden: torch.Tensor, sources: list[torch.Tensor]) -> torch.Tensor:
         rng = self.feed(hidden, sources)
@@ -154,6 +232,14 @@ class _EagerStandIn(_LayerGraph):
         with torch.no_grad(), recompute.phases(self.kept)[0]:
             self.output.copy_(self.static(self.input))
         return rng
+
+    def capture_backward(self, rng: torch.Tensor, host: object, needs_x: bool) -> None:
+        self.grad = self.owner.grad_buffer(self.output)
+        self.param_grads = self.owner.param_grad_buffers(self.params)
+        self.backward_needs_x = needs_x
+
+    def _run_backward(self, host: object) -> None:
+        self._recompute_and_backward(host, self.backward_needs_x)
 
 
 class _Replayed(torch.autograd.Function):
@@ -176,6 +262,16 @@ class _Replayed(torch.autograd.Function):
         graph = ctx.graph
         graph.pending = None
         need_x = ctx.needs_input_grad[3]
+        owner = graph.owner
+        if graph.backward_graph is not None or (owner.stand_in and graph.backward_needs_x is not None):
+            if need_x == graph.backward_needs_x:
+                owner.counts["backward replayed"] += 1
+                dx = graph.replay_backward(grad, ctx.rng, ctx.host)
+                return None, None, None, dx if need_x else None, None
+            owner.eager_backward("another input gradient")
+        why = owner.why_backward_eager(graph)
+        if why is not None and why != "off":
+            owner.eager_backward(why)
         x = graph.input.detach().requires_grad_(need_x)
         device = x.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -185,19 +281,33 @@ class _Replayed(torch.autograd.Function):
                 out = ctx.function(x)
         if out.requires_grad:
             torch.autograd.backward(out, grad)
+        if why is None and graph.backward_needs_x is None:  # the first backward ran eagerly: capture the next ones
+            try:
+                graph.capture_backward(ctx.rng, ctx.host, need_x)
+            except Exception as e:  # noqa: BLE001 - any failure: the backward stays eager, and says why
+                owner.backward_disabled = f"{type(e).__name__}: {e}"
+                log.warning("engine.backward_graphs: capture failed, the backward stays eager (%s)",
+                            owner.backward_disabled)
+                graph.backward_graph, graph.backward_needs_x = None, None
         return None, None, None, x.grad if need_x else None, None
 
 
 class LayerGraphs:
     """The graphs of one model's checkpointed layers, their shared memory pool, and counts of what ran how."""
 
-    def __init__(self, *, stand_in: bool = False, masks_as_packed: bool = True):
+    def __init__(self, *, stand_in: bool = False, masks_as_packed: bool = True, backward: bool = False):
         """`stand_in`: run each first pass eagerly where a graph would replay (CPU tests of the bookkeeping).
         `masks_as_packed`: the forwards build every mask the packed way (host_positions.as_packed: the same masks)
         so that packed and unpacked batches replay one graph per layer; the trainer turns it off when no training
-        row is packed (all one sample at full length: the plain causal masks are faster and one kind anyway)."""
+        row is packed (all one sample at full length: the plain causal masks are faster and one kind anyway).
+        `backward` (engine.backward_graphs): each layer's recomputation and backward are captured too, after its
+        first eager backward, and replayed."""
         self.stand_in = stand_in
         self.masks_as_packed = masks_as_packed
+        self.backward = backward
+        self.backward_disabled: str | None = None
+        self._grad_buffers: dict[tuple, torch.Tensor] = {}
+        self._param_grad_buffers: dict[tuple, list[torch.Tensor]] = {}
         self.graphs: dict[tuple, _LayerGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # data_ptr -> a captured layer output
         self.shared: list[_SharedArgument] = []
@@ -231,10 +341,15 @@ class LayerGraphs:
 
     def stats(self) -> dict[str, Any]:
         """Captured graphs, replayed layer passes, eager ones by reason, and why graphs stopped (if they did)."""
-        return {"graphs": len(self.graphs),
-                "replayed": self.counts["replayed"],
-                "eager": {k[6:]: v for k, v in self.counts.items() if k.startswith("eager:")},
-                "disabled": self.disabled}
+        out = {"graphs": len(self.graphs),
+               "replayed": self.counts["replayed"],
+               "eager": {k[6:]: v for k, v in self.counts.items() if k.startswith("eager:")},
+               "disabled": self.disabled}
+        if self.backward:
+            out["backward"] = {"replayed": self.counts["backward replayed"],
+                               "eager": {k[15:]: v for k, v in self.counts.items() if k.startswith("eager backward:")},
+                               "disabled": self.backward_disabled}
+        return out
 
     # -- used by the layers' graphs
     def pool(self):
@@ -288,12 +403,53 @@ class LayerGraphs:
     def eager(self, reason: str) -> None:
         self.counts["eager:" + reason] += 1
 
+    def eager_backward(self, reason: str) -> None:
+        self.counts["eager backward:" + reason] += 1
+
+    def why_backward_eager(self, graph: _LayerGraph) -> str | None:
+        """Why `graph`'s recomputation and backward run eagerly this time (None: captured after it, if not yet)."""
+        if not self.backward:
+            return "off"
+        if self.backward_disabled:
+            return "disabled"
+        if graph.backward_needs_x is not None:
+            return None  # captured for the other input gradient (counted by the caller)
+        if _distributed():
+            # DistributedDataParallel reduces a gradient from autograd's accumulation hook, which a replay skips
+            return "data parallel"
+        return None
+
+    def grad_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """One gradient buffer per shape and dtype, shared by the layers (they run one after another)."""
+        key = (tuple(like.shape), like.dtype, like.device)
+        if key not in self._grad_buffers:
+            self._grad_buffers[key] = torch.zeros_like(like)
+        return self._grad_buffers[key]
+
+    def param_grad_buffers(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
+        key = tuple((tuple(p.shape), p.dtype, p.device) for p in params)
+        if key not in self._param_grad_buffers:
+            self._param_grad_buffers[key] = [torch.zeros_like(p) for p in params]
+        return self._param_grad_buffers[key]
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
 
 def describe(stats: dict[str, Any]) -> str:
     """`LayerGraphs.stats()` in words, for the trainer's and the bench's last lines."""
     eager = ", ".join(f"{n} {why}" for why, n in stats["eager"].items()) or "none"
-    return (f"{stats['graphs']} captured, {stats['replayed']:,} first passes replayed, eager: {eager}"
+    text = (f"{stats['graphs']} captured, {stats['replayed']:,} first passes replayed, eager: {eager}"
             + (f"; stopped: {stats['disabled']}" if stats["disabled"] else ""))
+    back = stats.get("backward")
+    if back:
+        eager = ", ".join(f"{n} {why}" for why, n in back["eager"].items()) or "none"
+        text += (f"; backward: {back['replayed']:,} replayed, eager: {eager}"
+                 + (f", stopped: {back['disabled']}" if back["disabled"] else ""))
+    return text
 
 
 class _LayerCheckpoint:
@@ -331,6 +487,7 @@ class _LayerCheckpoint:
                 owner.eager(f"more than {MAX_SHAPES_PER_LAYER} input shapes")
                 return self.fallback(function, *args)
             graph = owner.graphs[key] = (_EagerStandIn if owner.stand_in else _LayerGraph)(owner)
+            graph.params = [p for p in self.module.parameters() if p.requires_grad]
             try:
                 graph.capture(function, hidden, sources)
                 owner.outputs[graph.output.data_ptr()] = graph.output  # the next layer's graph reads it there
