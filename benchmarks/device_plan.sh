@@ -39,7 +39,7 @@ case "${1:?A, B, D, G, H, I, J, K, L, T, P, F, S or W}" in
     # gradients against eager, no host sync in a replayed micro-step), then the seed as written with and without,
     # on real synthetic weights (fill_synthetic zeroed them before 2026-12-02); how much the zero weights had
     # changed the speed (same process, alternated); the stock stack beside if the call has time left.
-    timeout 170 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -k "layer_graphs" \
+    timeout 170 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -k "layer_graphs or failed_capture" \
       > "$out/gpu_tests.log" 2>&1; echo "gpu tests rc $?" >> "$out/setup.log"; tail -3 "$out/gpu_tests.log"
     STEPS=3 timeout 240 bash benchmarks/step_ab.sh 2048 "seed::--grad-accum 8" \
       "bgraphs:backward_graphs=true:--grad-accum 8" > "$out/w.log" 2>&1

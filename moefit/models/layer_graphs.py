@@ -27,11 +27,12 @@ recomputation's backward as they do in torch's checkpoint's (tests/graphs_dp_wor
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -54,6 +55,26 @@ def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
         torch.cuda.set_rng_state(state, device)
     else:
         torch.set_rng_state(state)
+
+
+@contextlib.contextmanager
+def _capturing(graph: torch.cuda.CUDAGraph, pool, stream: torch.cuda.Stream) -> Iterator[None]:
+    """`torch.cuda.graph(...)`, and on a failed capture the CUDA random-number generator taken out of capture.
+
+    A capture that fails leaves the default generator marked as capturing (its epilogue never ran); every later
+    eager draw (the dropout of the recomputation that then runs eagerly) raises "Offset increment outside graph
+    capture encountered unexpectedly", and the run the fallback was meant to save dies (seen on an H200,
+    2026-12-02, when a backward capture failed). An empty capture ends that state: its prologue and epilogue run."""
+    try:
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            yield
+    except Exception:
+        try:
+            with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=stream, capture_error_mode="thread_local"):
+                pass
+        except Exception as e:  # noqa: BLE001 - the first failure is the one to report
+            log.warning("engine.layer_graphs: after a failed capture the generator could not be reset (%s)", e)
+        raise
 
 
 class _Token:
@@ -123,8 +144,7 @@ class _LayerGraph:
             static(self.input)  # warm-up on the capture stream: lazy initialisation and autotuning happen here
         torch.cuda.set_rng_state(rng, device)
         graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), recompute.phases(self.kept)[0], \
-                torch.cuda.graph(graph, pool=owner.pool(), stream=stream, capture_error_mode="thread_local"):
+        with torch.no_grad(), recompute.phases(self.kept)[0], _capturing(graph, owner.pool(), stream):
             out = static(self.input)
         torch.cuda.current_stream(device).wait_stream(stream)
         torch.cuda.set_rng_state(rng, device)
@@ -178,7 +198,7 @@ class _LayerGraph:
             self._recompute_and_backward(host, needs_x)  # warm-up
         torch.cuda.set_rng_state(rng, device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=owner.pool(), stream=stream, capture_error_mode="thread_local"):
+        with _capturing(graph, owner.pool(), stream):
             self._recompute_and_backward(host, needs_x)
         torch.cuda.current_stream(device).wait_stream(stream)
         torch.cuda.set_rng_state(before, device)
@@ -281,6 +301,11 @@ class _Replayed(torch.autograd.Function):
                 out = ctx.function(x)
         if out.requires_grad:
             torch.autograd.backward(out, grad)
+        dx = x.grad if need_x else None
+        # The recomputed graph goes now: alive, it keeps the LoRA weights' gradient-accumulation nodes of this eager
+        # pass, whose stream (the default one) a capture's backward would then have to wait for, which breaks the
+        # capture (torch warns of "the AccumulateGrad node's stream"; an H200 call, 2026-12-02).
+        del out, x
         if why is None and graph.backward_needs_x is None:  # the first backward ran eagerly: capture the next ones
             try:
                 graph.capture_backward(ctx.rng, ctx.host, need_x)
@@ -289,7 +314,7 @@ class _Replayed(torch.autograd.Function):
                 log.warning("engine.backward_graphs: capture failed, the backward stays eager (%s)",
                             owner.backward_disabled)
                 graph.backward_graph, graph.backward_needs_x = None, None
-        return None, None, None, x.grad if need_x else None, None
+        return None, None, None, dx, None
 
 
 class LayerGraphs:
