@@ -1,8 +1,10 @@
 """One rank of tests/test_layer_graphs.py's data-parallel check (torchrun, gloo): the tiny Llama 4 MoE wrapped in
 DistributedDataParallel as the trainer wraps it, two micro-steps per optimizer step (the first without the
 gradient sync), once through torch's checkpoint and once with each layer's first pass stood in for a graph
-replay (LayerGraphs(stand_in=True)): the summed LoRA gradients must be the same bit for bit. argv[1]: a folder
-holding the tiny config; rank 0 writes `ok` there."""
+replay (LayerGraphs(stand_in=True)): the summed LoRA gradients must be the same bit for bit. With
+engine.backward_graphs asked for, the backward stays eager under DistributedDataParallel (it reduces from
+autograd's accumulation hooks, which a replay would skip), and says so. argv[1]: a folder holding the tiny config;
+rank 0 writes `ok` there."""
 
 import sys
 from pathlib import Path
@@ -15,7 +17,7 @@ from tests.test_layer_graphs import built
 
 
 def gradients(folder: Path, graphs: bool, rank: int) -> dict[str, torch.Tensor]:
-    model = built(folder, keep=True, graphs=graphs)
+    model = built(folder, keep=True, graphs=graphs, backward=True)
     wrapped = wrap_model(model, ctx)
     gen = torch.Generator().manual_seed(rank)
     for i in range(2):
@@ -26,6 +28,7 @@ def gradients(folder: Path, graphs: bool, rank: int) -> dict[str, torch.Tensor]:
     if graphs:
         stats = model.layer_graphs.stats()
         assert stats["replayed"] == 6 and not stats["eager"], stats
+        assert stats["backward"] == {"replayed": 0, "eager": {"data parallel": 6}, "disabled": None}, stats
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
