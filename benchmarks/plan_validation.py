@@ -390,6 +390,9 @@ SEVENTH = ["raw/plan_validation_loo_triton_load_session7_h200.json",
 # configurations added after it; one in the eleventh). Host-bound steps of one configuration differ between the
 # machines by up to 53 %, GPU-bound ones by 2.5 %: the shipped constants, memory and time, are fitted to each
 # configuration's median over the calls (`--fit ... --median`; benchmarks/plan_validation_current_engine.md).
+# All of them, like every synthetic-model record from 2026-11-30 07:39 to 2026-12-02, ran with frozen weights that
+# decoded to 0 (moefit/bench/synthetic.py's old fill): 3.7-5.2 % less kernel time than real weights
+# (raw/zero_weights_ab_session12_call_w_h200.json). Records measured since replace them; they do not join them.
 CURRENT = ["raw/plan_validation_loo30_session10_h200.json", "raw/plan_validation_loo_graphs_fresh_session10_h200.json",
            "raw/plan_validation_loo30_session11_h200.json"]
 FITTED = [*CURRENT]
