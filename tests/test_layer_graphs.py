@@ -97,6 +97,32 @@ def test_replayed_backward_gives_torch_checkpoints_gradients(tmp_path, config, k
     assert stats["backward"] == {"replayed": 9, "eager": {}, "disabled": None}
 
 
+def test_replayed_backward_across_optimizer_steps_trains_as_torch_checkpoint(tmp_path):
+    """Three AdamW steps of two micro-steps each, gradients set to None between steps (the first replayed backward
+    of a step takes its gradients, the second adds): the LoRA weights after training equal torch's checkpoint's
+    bit for bit, so the replays read each step's updated weights."""
+    gen = torch.Generator().manual_seed(2)
+    ids = [torch.randint(3, 256, (2, 24), generator=gen) for _ in range(6)]
+    trained = {}
+    for graphs in (False, True):
+        model = _model(tmp_path / str(graphs), "top1-4e-norope", False, graphs, backward=True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        for step in range(3):
+            for micro in range(2):
+                torch.manual_seed(10 * step + micro)
+                (model(ids[2 * step + micro], labels=ids[2 * step + micro]).loss / 2).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        trained[graphs] = ({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+                           model.layer_graphs)
+    (plain, _), (replayed, layer_graphs) = trained[False], trained[True]
+    assert all(torch.equal(plain[k], replayed[k]) for k in plain), [k for k in plain
+                                                                    if not torch.equal(plain[k], replayed[k])]
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in replayed.items() if k.endswith("lora_B"))
+    assert layer_graphs.stats()["backward"]["replayed"] == 15  # 3 layers x 6 micro-steps, the first eager
+
+
 def test_a_parameter_the_layer_does_not_use_keeps_no_gradient(tmp_path):
     """A replayed backward accumulates only the gradients autograd would have given: a LoRA weight the layer's
     output does not depend on keeps None (zeros would let weight decay and momentum move it)."""
