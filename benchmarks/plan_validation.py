@@ -411,10 +411,16 @@ def load_records(paths: list[Path]) -> list[dict]:
     """The records of recorded benchmark files (any format `records_from_document` reads), less STALE."""
     from moefit.plan.validation import records_from_document
 
-    out = []
+    out, zero = [], []
     for path in paths:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
         out += [r for r in records_from_document(doc, Path(path).stem) if r["name"] not in STALE]
+        if "synthetic_weights" not in doc:
+            zero.append(Path(path).name)
+    if zero and len(zero) < len(paths):
+        print(f"warning: {len(zero)} of {len(paths)} files ran before 2026-12-02 with synthetic frozen weights that "
+              f"decoded to 0 (4-6 % less GPU time than real ones; benchmarks/speed_targets.md, twelfth session): "
+              f"{', '.join(zero)}. Fit or compare one kind at a time.", file=sys.stderr)
     return out
 
 
@@ -599,8 +605,10 @@ def main() -> int:
     results, t0 = [], time.perf_counter()
 
     def measurement() -> dict:
+        from moefit.bench.synthetic import SYNTHETIC_WEIGHTS
+
         return {"command": command, "date": _now(), "gpu": results[0]["device_name"] if results else None,
-                "versions": _versions(), "engine": _engine()}
+                "versions": _versions(), "engine": _engine(), "synthetic_weights": SYNTHETIC_WEIGHTS}
 
     def keep(rec: dict) -> None:  # the JSON after every configuration: a run cut short loses nothing measured
         results.append({**rec, "engine": _engine()})

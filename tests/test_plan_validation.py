@@ -407,3 +407,17 @@ def test_one_host_set_leave_one_out_as_recorded():
     no more than 7 over 15 %, none over 26 %; peak allocated within 3 % with the shipped constants."""
     _loo_state_holds("raw/plan_validation_loo_one_host_session5_h200.json", configurations=27, most_over=7,
                      worst=0.26, allocated=0.03)
+
+
+def test_loading_records_of_zero_and_real_synthetic_weights_together_warns(tmp_path, capsys):
+    """Records from before 2026-12-02 ran with frozen weights that decoded to 0 (4-6 % less GPU time): a fit or a
+    comparison that mixes them with records of real weights is told which files are which."""
+    mod = _bench_module()
+    old = ROOT / "benchmarks" / "raw" / "plan_validation_loo30_session11_h200.json"
+    new = tmp_path / "real.json"
+    new.write_text(json.dumps(dict(json.loads(old.read_text()), synthetic_weights="random")), encoding="utf-8")
+    assert len(mod.load_records([old, new])) == 2 * len(mod.load_records([old]))
+    err = capsys.readouterr().err
+    assert "1 of 2 files ran before 2026-12-02" in err and old.name in err and "real.json" not in err
+    mod.load_records([new])
+    assert "warning" not in capsys.readouterr().err

@@ -14,7 +14,7 @@ from ..devices import cuda_index
 from ..errors import MoefitError
 from ..quant.nf4 import decoder_in_use
 from .measure import cuda_time, measure_training
-from .synthetic import build_synthetic_model
+from .synthetic import SYNTHETIC_WEIGHTS, build_synthetic_model
 
 
 def matmul_tflops(device: str = "cuda", n: int = 8192, reps: int = 10) -> float:
@@ -127,7 +127,7 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
                 "matmul_tflops": ceiling, "active_params_per_token": active, "lora": lora.__dict__,
                 "layout": chosen, "memory_limit_bytes": memory_limit_bytes,
                 "engine": engine_switches.current().__dict__, "nf4_decoder_used": decoder_in_use(device),
-                "versions": versions(), "runs": runs}
+                "versions": versions(), "synthetic_weights": SYNTHETIC_WEIGHTS, "runs": runs}
 
 
 def choose_layout(model: str, lora: LoraConfig, quant: QuantConfig, train: TrainConfig, device: str,
