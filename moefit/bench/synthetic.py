@@ -70,8 +70,12 @@ def fill_synthetic(model: nn.Module, *, std: float, seed: int = 0) -> None:
                 for e in range(module.num_experts):
                     store.quantize_(randn(store.slice_shape, torch.bfloat16), expert=e)
             owned.add(name)
+
+    def filled(name: str) -> bool:  # a tensor of a module filled (and quantized) above
+        return any(name.startswith(o + ".") for o in owned)
+
     for name, p in root.named_parameters():
-        if any(name.startswith(o + ".") for o in owned) or p.requires_grad:
+        if filled(name) or p.requires_grad:
             continue
         if name.endswith("norm.weight"):
             p.fill_(1.0)
@@ -82,7 +86,7 @@ def fill_synthetic(model: nn.Module, *, std: float, seed: int = 0) -> None:
     # float buffers: zeroed, every frozen weight decoded to 0, as all synthetic models did from 2026-11-30 07:39
     # to 2026-12-02).
     for name, module in root.named_modules():
-        if name in owned or any(name.startswith(o + ".") for o in owned):
+        if name in owned or filled(name):
             continue
         for bname, b in module.named_buffers(recurse=False):
             if b is not None and b.is_floating_point() and bname not in module._non_persistent_buffers_set:

@@ -58,6 +58,14 @@ def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
 
 
 @contextlib.contextmanager
+def _from_rng_state(state: torch.Tensor, device: torch.device) -> Iterator[None]:
+    """Run from the random-number state `state` (the one a first pass started from), the state restored after."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        _set_rng_state(state, device)
+        yield
+
+
+@contextlib.contextmanager
 def _capturing(graph: torch.cuda.CUDAGraph, pool, stream: torch.cuda.Stream) -> Iterator[None]:
     """`torch.cuda.graph(...)`, and on a failed capture the CUDA random-number generator taken out of capture.
 
@@ -212,9 +220,7 @@ class _LayerGraph:
         the next layer's replay reads as its output's gradient and then overwrites."""
         if grad.data_ptr() != self.grad.data_ptr():
             self.grad.copy_(grad)
-        device = self.input.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            _set_rng_state(rng, device)
+        with _from_rng_state(rng, self.input.device):
             self._run_backward(host)
         self.accumulate()
         return self.grad
@@ -240,7 +246,7 @@ class _EagerStandIn(_LayerGraph):
     runs as with graphs, so CPU tests check that bookkeeping against torch's checkpoint."""
 
     def capture(self, function: functools.partial, hidden: torch.Tensor, sources: list[torch.Tensor]) -> None:
-        self.static = self.bind(function, hidden, sources)
+        self.bind(function, hidden, sources)
         rng = _rng_state(hidden.device)  # as a capture, it leaves the random-number state as it found it
         with torch.no_grad():
             self.output = self.static(self.input).clone()
@@ -283,7 +289,7 @@ class _Replayed(torch.autograd.Function):
         graph.pending = None
         need_x = ctx.needs_input_grad[3]
         owner = graph.owner
-        if graph.backward_graph is not None or (owner.stand_in and graph.backward_needs_x is not None):
+        if graph.backward_needs_x is not None:  # captured (the stand-in: taken over)
             if need_x == graph.backward_needs_x:
                 owner.counts["backward replayed"] += 1
                 dx = graph.replay_backward(grad, ctx.rng, ctx.host)
@@ -293,12 +299,9 @@ class _Replayed(torch.autograd.Function):
         if why is not None and why != "off":
             owner.eager_backward(why)
         x = graph.input.detach().requires_grad_(need_x)
-        device = x.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            _set_rng_state(ctx.rng, device)
-            with torch.enable_grad(), recompute.phases(graph.kept_for_recomputation())[1], \
-                    host_positions.restored(ctx.host):
-                out = ctx.function(x)
+        with _from_rng_state(ctx.rng, x.device), torch.enable_grad(), \
+                recompute.phases(graph.kept_for_recomputation())[1], host_positions.restored(ctx.host):
+            out = ctx.function(x)
         if out.requires_grad:
             torch.autograd.backward(out, grad)
         dx = x.grad if need_x else None
