@@ -1,6 +1,6 @@
 """Device choice: `auto` means the GPU when CUDA is available, else the CPU (train.device, `moefit eval`,
-`moefit generate`); which GPU a device name means; a host-to-GPU copy that does not wait. One copy, so that every
-command means the same by it."""
+`moefit generate`); which GPU a device name means; a host-to-GPU copy that does not wait; whether a tensor's work
+is being captured into a CUDA graph. One copy, so that every command means the same by it."""
 
 from __future__ import annotations
 
@@ -28,3 +28,10 @@ def copy_without_waiting(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if t.device.type == "cpu" and device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def in_graph_capture(t: torch.Tensor) -> bool:
+    """Whether work on `t` is being captured into a CUDA graph now (models.layer_graphs). A cache of device tensors
+    must then neither hand out nor keep a tensor: the graph reads it at its address on every replay, after the
+    cache has let it go and the allocator has given the memory to something else."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()

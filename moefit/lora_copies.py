@@ -19,6 +19,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import engine_switches
+from .devices import in_graph_capture
 from .moe.grouped import cast_copy
 
 _ATTR = "_moefit_compute_copy"
@@ -48,9 +49,7 @@ def compute_copy(weight: torch.Tensor, dtype: torch.dtype, scale: float | None =
     the weight until it may have changed. The same bits either way."""
     if not engine_switches.current().lora_cast_cache or (weight.dtype == dtype and scale is None):
         return _fresh(weight, dtype, scale)
-    if weight.is_cuda and torch.cuda.is_current_stream_capturing():
-        # A CUDA graph (models.layer_graphs) would read a kept copy at its address after it was replaced: the
-        # graph casts the weight itself, on every replay.
+    if in_graph_capture(weight):  # the graph casts the weight itself, on every replay
         return _fresh(weight, dtype, scale)
     _install()
     key = (weight._version, weight.data_ptr(), _optimizer_steps, dtype, scale)

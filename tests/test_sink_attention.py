@@ -97,3 +97,20 @@ def test_packed_samples_have_the_logits_they_have_alone(tmp_path, case):
             alone = model(sample[None], return_logits=True).logits[0]
             assert (alone - packed[off:off + len(sample)]).abs().max().item() < 1e-4, (case, len(sample))
             off += len(sample)
+
+
+def test_a_graph_capture_neither_reads_nor_keeps_a_cached_packed_mask(monkeypatch):
+    """Packed rows' masks are kept per position ids for the layers of a forward; captured into a CUDA graph
+    (engine.layer_graphs) a layer must make its mask itself: the graph would read a kept mask at its address after
+    the next position ids had cleared the cache (gpt-oss replays read other graphs' temporaries as their mask)."""
+    from moefit.models import sink_attention
+
+    positions = torch.cat([torch.arange(5), torch.arange(7)])[None]  # two samples in one row
+    kept = sink_attention._with_sample_boundaries(None, positions, 12, 12, 4)
+    assert sink_attention._with_sample_boundaries(None, positions, 12, 12, 4) is kept  # eager: the kept one
+    monkeypatch.setattr(sink_attention, "in_graph_capture", lambda t: True)
+    made = sink_attention._with_sample_boundaries(None, positions, 12, 12, 4)
+    assert made is not kept and torch.equal(made, kept)
+    full = sink_attention._with_sample_boundaries(None, positions, 12, 12, None)  # another window, made in the graph
+    assert not full[0, 0, 11, :5].any() and full[0, 0, 11, 5:].all()
+    assert all(mask is not made and mask is not full for _, _, mask in sink_attention._PACKED["masks"])

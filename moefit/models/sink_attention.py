@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..devices import in_graph_capture
 from . import host_positions
 
 NAME = "moefit_fused_sinks"  # no "sdpa" in it: transformers would check the class for its own SDPA path
@@ -77,7 +78,11 @@ def _with_sample_boundaries(attention_mask: torch.Tensor | None, position_ids: t
     entry = _entry_for(position_ids)
     if not entry["restarts"]:
         return attention_mask
-    for win, given, mask in entry["masks"]:
+    # Captured into a CUDA graph (models.layer_graphs), the mask is made inside the graph on every replay: a kept
+    # one would be read at its address after the next position ids had cleared it (an H200 call, 2026-12-02:
+    # replayed gpt-oss layers then read another graph's temporaries as their mask).
+    capturing = in_graph_capture(position_ids)
+    for win, given, mask in [] if capturing else entry["masks"]:
         if win == window and given is attention_mask:
             return mask
     pos = position_ids.reshape(-1, t)
@@ -93,7 +98,8 @@ def _with_sample_boundaries(attention_mask: torch.Tensor | None, position_ids: t
         mask = attention_mask[..., :s] & allowed
     else:
         mask = attention_mask[..., :s].masked_fill(~allowed, torch.finfo(attention_mask.dtype).min)
-    entry["masks"].append((window, attention_mask, mask))
+    if not capturing:
+        entry["masks"].append((window, attention_mask, mask))
     return mask
 
 
