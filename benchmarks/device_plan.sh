@@ -24,6 +24,10 @@
 #                                       # and the kernels of one Scout layer's micro-step at 1 x 2048 (what is left)
 #   bash benchmarks/device_plan.sh W    # nvidia-h200: engine.backward_graphs (GPU tests, the seed 1 x 8 with and
 #                                       # without), stock beside
+#   bash benchmarks/device_plan.sh X    # nvidia-h200: engine.backward_graphs on by default: GPU tests, the seed
+#                                       # with it / with the backward eager / auto, `moefit train` on/off, stock beside
+#   bash benchmarks/device_plan.sh Y    # nvidia-h200: the seed's layouts around auto's under 80 GB (8 x 1, 4 x 2 with
+#                                       # the first pass replayed, 2 x 4 with both graphs), real weights
 # Next session (30-minute budget; a call holds the machine ~100-120 s longer than its command runs): W first (the
 # mended engine.backward_graphs on the GPU), then L on real weights (the synthetic weights were zero before 455ee13:
 # every record of CURRENT in plan_validation.py is to be measured again, on three machines, and refitted); S on x2
@@ -35,7 +39,50 @@
 set -uo pipefail
 out=${OUT:?set OUT}
 . benchmarks/gpu_env.sh > "$out/setup.log" 2>&1 || { cat "$out/setup.log"; exit 1; }
-case "${1:?A, B, D, G, H, I, J, K, L, T, P, F, S or W}" in
+
+# The stock stack's seed rows (2 and 4 layers, extrapolated to 48) when more than $1 s of the call are left (at most
+# 110 s of it), then the call's last lines.
+stock_if_time_left() {
+  local left=$((${CALL_S:-600} - 15 - SECONDS))
+  if [ "$left" -gt "$1" ]; then
+    timeout $((left < 110 ? left : 110)) python3 benchmarks/stock_baseline.py --out "$out/stock" --layers 2 4 \
+      --seq-len 2048 --layouts per-expert --loras seed >> "$out/setup.log" 2>&1; echo "stock rc $?" >> "$out/setup.log"
+    rm -f "$out/stock/stock_baseline.md"
+  fi
+  tail -4 "$out/setup.log"
+}
+case "${1:?A, B, D, G, H, I, J, K, L, T, P, F, S, W, X or Y}" in
+  X)  # 6 files: setup.log, gpu_tests.log, step_ab.json, report_{true,false}.json, stock/stock_baseline.json
+    # engine.backward_graphs on by default (thirteenth session): the graphs' GPU tests with the gpt-oss mask fix,
+    # the seed as written (default), the same with the backward eager, auto; `moefit train` (tiny, packed) with
+    # and without (the trainer's path: same losses); the stock stack beside if time is left.
+    timeout 170 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
+      -k "layer_graphs or failed_capture or never_syncs" > "$out/gpu_tests.log" 2>&1
+    echo "gpu tests rc $?" >> "$out/setup.log"; grep -E "passed|failed|FAILED" "$out/gpu_tests.log"
+    auto="--grad-accum 8 --layout auto --memory-limit-gib 79.65"
+    STEPS=3 timeout 300 bash benchmarks/step_ab.sh 2048 "seed::--grad-accum 8" \
+      "eager_backward:backward_graphs=false:--grad-accum 8" "auto::$auto" > "$out/x.log" 2>&1
+    echo "seed rc $?" >> "$out/setup.log"; cat "$out/x.log"; rm -f "$out/x.log"
+    for g in true false; do
+      left=$((${CALL_S:-600} - 130 - SECONDS)); [ "$left" -gt 30 ] || break
+      timeout $((left < 80 ? left : 80)) python3 -m moefit train --output-dir "/tmp/run_$g" --max-steps 30 \
+        --set train.gradient_checkpointing=true --set engine.backward_graphs=$g > "/tmp/train_$g.log" 2>&1
+      echo "train backward_graphs=$g rc $?" >> "$out/setup.log"; cp "/tmp/run_$g/report.json" "$out/report_$g.json"
+      grep -i "padded\|graphs\|done:\|held-out" "/tmp/train_$g.log" | tail -4
+    done
+    stock_if_time_left 80
+    ;;
+  Y)  # 2 files: setup.log, step_ab.json
+    # issue 15's auto target (>= 4,000 tok/s within 80 GB) with real weights: auto's 4 x 2 (host embedding, graphs
+    # off) ran 3,791 in call X. The layouts around it under the same 79.65 GiB limit: 8 x 1 (host embedding,
+    # graphs off; planned 78.9 GiB), 4 x 2 with the first pass replayed (planned 78.4), 2 x 4 with both graphs.
+    lim="--memory-limit-gib 79.65 --embeddings-on-host"
+    STEPS=3 timeout $((${CALL_S:-600} - 30)) bash benchmarks/step_ab.sh 2048 \
+      "b8x1_nographs:layer_graphs=false:--batch 8 --grad-accum 1 $lim" \
+      "b4x2_firstpass:backward_graphs=false:--batch 4 --grad-accum 2 $lim" \
+      "b2x4_graphs::--batch 2 --grad-accum 4 $lim" > "$out/y.log" 2>&1
+    echo "layouts rc $?" >> "$out/setup.log"; cat "$out/y.log"; rm -f "$out/y.log"
+    ;;
   W)  # 4 files: setup.log, gpu_tests.log, step_ab.json, stock/stock_baseline.json
     # engine.backward_graphs (each layer's recomputation and backward replayed too). Run at 3ed0323 (twelfth
     # session) every backward capture failed and the fallback died; mended in 2a654c0. First the failed-capture
@@ -50,13 +97,7 @@ case "${1:?A, B, D, G, H, I, J, K, L, T, P, F, S or W}" in
     STEPS=3 timeout 250 bash benchmarks/step_ab.sh 2048 "seed::--grad-accum 8" \
       "bgraphs:backward_graphs=true:--grad-accum 8" > "$out/w.log" 2>&1
     echo "seed rc $?" >> "$out/setup.log"; cat "$out/w.log"; rm -f "$out/w.log"
-    left=$((${CALL_S:-600} - 15 - SECONDS))
-    if [ "$left" -gt 90 ]; then
-      timeout $((left < 110 ? left : 110)) python3 benchmarks/stock_baseline.py --out "$out/stock" --layers 2 4 \
-        --seq-len 2048 --layouts per-expert --loras seed >> "$out/setup.log" 2>&1; echo "stock rc $?" >> "$out/setup.log"
-      rm -f "$out/stock/stock_baseline.md"
-    fi
-    tail -4 "$out/setup.log"
+    stock_if_time_left 90
     ;;
   K)  # 5 files: setup.log, prof/profile.{json,txt}, step_ab.json, stock/stock_baseline.json
     # The seed's kernels per decoder layer at its own layout (1 x 2048, the first pass replayed from its graph):

@@ -384,17 +384,25 @@ BNB_DECODER = ["raw/plan_validation_loo_one_host_session5_h200.json", "raw/step_
 # left out by engine): the set the time constants were fitted to until the tenth session.
 SEVENTH = ["raw/plan_validation_loo_triton_load_session7_h200.json",
            "raw/step_ab_scales_in_kernel_session7_call_u_h200.json"]
-# The records of the engine as it stands (first passes replayed from CUDA graphs, engine.layer_graphs, and the LoRA
-# casts cached, both default since the ninth session): the leave-one-out set of 30 configurations measured in three
-# device calls on three H200 machines (2026-12-01: two in the tenth session, the first of them without the three
-# configurations added after it; one in the eleventh). Host-bound steps of one configuration differ between the
-# machines by up to 53 %, GPU-bound ones by 2.5 %: the shipped constants, memory and time, are fitted to each
-# configuration's median over the calls (`--fit ... --median`; benchmarks/plan_validation_current_engine.md).
+# The records of the ninth to twelfth sessions' engine (first passes replayed from CUDA graphs, engine.layer_graphs,
+# and the LoRA casts cached; the recomputation and backward issued eagerly): the leave-one-out set of 30
+# configurations measured in three device calls on three H200 machines (2026-12-01: two in the tenth session, the
+# first of them without the three configurations added after it; one in the eleventh). Host-bound steps of one
+# configuration differ between the machines by up to 53 %, GPU-bound ones by 2.5 %: the memory constants are still
+# fitted to each configuration's median over the calls (`--fit ... --median`;
+# raw/plan_validation_first_pass_graphs_median_h200.md); the time constants were until the thirteenth session.
 # All of them, like every synthetic-model record from 2026-11-30 07:39 to 2026-12-02, ran with frozen weights that
 # decoded to 0 (moefit/bench/synthetic.py's old fill): 3.7-5.2 % less kernel time than real weights
-# (raw/zero_weights_ab_session12_call_w_h200.json). Records measured since replace them; they do not join them.
-CURRENT = ["raw/plan_validation_loo30_session10_h200.json", "raw/plan_validation_loo_graphs_fresh_session10_h200.json",
-           "raw/plan_validation_loo30_session11_h200.json"]
+# (raw/zero_weights_ab_session12_call_w_h200.json); peak memory is the same.
+FIRST_PASS_GRAPHS = ["raw/plan_validation_loo30_session10_h200.json",
+                     "raw/plan_validation_loo_graphs_fresh_session10_h200.json",
+                     "raw/plan_validation_loo30_session11_h200.json"]
+# The engine as it stands (thirteenth session, 2026-12-02: engine.backward_graphs on by default, every layer pass
+# replayed from CUDA graphs; synthetic weights real since 455ee13): the leave-one-out set of 30 configurations
+# measured in one device call on one H200 (call L). Most of its steps are GPU-bound now (busy 74-99 %), so one
+# machine stands for the others better than before. The shipped time constants are fitted to it
+# (`--fit raw/plan_validation_loo_session13_call_l_h200.json --fit-sections time`; plan_validation_current_engine.md).
+CURRENT = ["raw/plan_validation_loo_session13_call_l_h200.json"]
 FITTED = [*CURRENT]
 
 

@@ -22,6 +22,7 @@ for r in d["runs"]:
     print(f"{sys.argv[2]:16} seq {r['seq_len']:5} ga {r['grad_accum']}  {r['peak_allocated_bytes'] / 2**30:6.2f} GiB  "
           f"{r['peak_reserved_bytes'] / 2**30:6.2f} GiB reserved  {r['step_s']:.3f} s  {r['tokens_per_s']:5.0f} tok/s  "
           f"kernels {r.get('kernel_s', float('nan')):.3f} s  GPU busy {100 * r.get('gpu_busy_fraction', float('nan')):.0f} %"
+          + f"  graph pool {r.get('graph_pool_bytes', 0) / 2**30:.2f} GiB ({r.get('graph_pool_idle_bytes', 0) / 2**30:.2f} idle)"
           + (f"  layer graphs {r['layer_graphs']}" if "layer_graphs" in r else ""))
 PY
 done

@@ -44,9 +44,10 @@ def test_disabled_or_nested_leaves_the_collector_alone():
     gc.freeze()
     try:
         count = gc.get_freeze_count()
+        # (frozen objects that die meanwhile leave the count: in the full suite a few do, so "about count")
         with frozen_heap():
-            assert gc.get_freeze_count() == count
-        assert gc.get_freeze_count() == count  # someone else's freeze is theirs to undo
+            assert count - 100 <= gc.get_freeze_count() <= count
+        assert count - 100 <= gc.get_freeze_count() <= count  # someone else's freeze is theirs to undo (not 0)
     finally:
         gc.unfreeze()
 

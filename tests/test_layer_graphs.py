@@ -320,11 +320,12 @@ def test_a_run_that_fits_only_without_the_graphs_memory_runs_without_them():
     h100 = int(79.65 * 2**30)
     assert not plan(cfg, gpus=["h100-80gb"], search=False).gpus[0].fits  # as written, with the graphs
     fitted, msg, off = fit_check_without_graphs_if_needed(cfg, "NVIDIA H100 80GB HBM3", h100)
-    assert msg is None and off and cfg.engine.layer_graphs is False and fitted.fits
+    assert msg is None and off == ["engine.backward_graphs", "engine.layer_graphs"] and fitted.fits
+    assert cfg.engine.layer_graphs is False and cfg.engine.backward_graphs is False
     assert "layer_graph_pool" not in fitted.memory.by_key()
-    cfg.engine.layer_graphs, cfg.train.max_length = True, 65536
+    cfg.engine.layer_graphs, cfg.engine.backward_graphs, cfg.train.max_length = True, True, 65536
     _, msg, off = fit_check_without_graphs_if_needed(cfg, "NVIDIA H100 80GB HBM3", h100)
-    assert msg is not None and not off and cfg.engine.layer_graphs is True
+    assert msg is not None and not off and cfg.engine.layer_graphs is True and cfg.engine.backward_graphs is True
 
 
 def test_data_parallel_keeps_the_graphs_and_torch_checkpoints_gradients(tmp_path):

@@ -267,17 +267,26 @@ def test_step_time_overlaps_host_and_gpu_time():
 
     assert overlap(3.0, 4.0, 1.0) == 7.0 and overlap(3.0, 4.0, 2.0) == pytest.approx(5.0)
     assert overlap(3.0, 4.0, 64.0) == pytest.approx(4.0, rel=1e-2)
-    f, shape, gpu = load_model_facts("llama3.1-8b"), RunShape(seq_len=512, batch=1, grad_accum=4), get_gpu("h200")
+    f, gpu = load_model_facts("llama3.1-8b"), get_gpu("h200")
+    shape = RunShape(seq_len=512, batch=1, grad_accum=4, backward_graphs=False)
     cal = copy.deepcopy(load_calibration())
     by = estimate_memory(f, shape, cal).by_key()
     st = step_time(f, shape, gpu, cal, by)
-    assert shape.replays_first_pass and 0.15 * st.gpu_s < st.first_pass_s < 0.4 * st.gpu_s  # (the loss is eager)
+    assert shape.replays_first_pass and 0.15 * st.gpu_s < st.replayed_s < 0.4 * st.gpu_s  # (the loss is eager)
     p = cal["time"]["overlap_exponent"]
-    assert st.step_s == pytest.approx(4 * (st.first_pass_s + overlap(st.gpu_s - st.first_pass_s, st.overhead_s, p))
+    assert st.step_s == pytest.approx(4 * (st.replayed_s + overlap(st.gpu_s - st.replayed_s, st.overhead_s, p))
                                       + st.optimizer_s)
     assert max(st.gpu_s, st.overhead_s) < st.micro_step_s < st.gpu_s + st.overhead_s
+    # engine.backward_graphs: every layer pass replayed (only the embedding and the loss stay eager), no layer pass
+    # costs host time: what is left of the host is its per-micro-step work
+    both = step_time(f, dataclasses.replace(shape, backward_graphs=True), gpu, cal, by)
+    assert both.gpu_s == pytest.approx(st.gpu_s) and 0.9 * both.gpu_s < both.replayed_s < both.gpu_s
+    assert both.overhead_s == pytest.approx(cal["time"]["host_micro_step_s"]) and both.overhead_s < st.overhead_s
+    assert both.step_s == pytest.approx(
+        4 * (both.replayed_s + overlap(both.gpu_s - both.replayed_s, both.overhead_s, p)) + both.optimizer_s)
+    assert dataclasses.replace(shape, backward_graphs=True, num_gpus=2).replays_backward is False  # DDP: eager
     eager = step_time(f, dataclasses.replace(shape, layer_graphs=False), gpu, cal, by)
-    assert eager.first_pass_s == 0 and eager.step_s == pytest.approx(
+    assert eager.replayed_s == 0 and eager.step_s == pytest.approx(
         4 * overlap(eager.gpu_s, eager.overhead_s, p) + eager.optimizer_s)
     for key in ("overlap_exponent", "activation_bandwidth_efficiency", "gpu_layer_pass_s", "host_micro_step_s",
                 "optimizer_tensor_s"):
@@ -288,14 +297,20 @@ def test_step_time_overlaps_host_and_gpu_time():
 
 
 def test_a_plan_says_when_its_step_time_depends_on_the_host_cpu():
-    """Micro-batch 1 of a small dense model: the host's share is large, so the plan says the CPU sets part of the
-    pace (measured 1.55x apart between two H200 machines); at micro-batch 8 the GPU's work dominates: no such
-    line."""
+    """Micro-batch 1 of a small dense model with its recomputation and backward issued by the host: the host's
+    share is large, so the plan says the CPU sets part of the pace (measured 1.55x apart between two H200
+    machines); replayed from graphs (engine.backward_graphs, the default) or at micro-batch 8 the GPU's work
+    dominates: no such line."""
+    from moefit.config import RunConfig
     from moefit.plan import plan
 
-    small = plan(model="llama3.1-8b", gpus=["h200"], search=False, seq_len=2048, batch=1, grad_accum=2)
+    eager = RunConfig()
+    eager.engine.backward_graphs = False
+    small = plan(eager, model="llama3.1-8b", gpus=["h200"], search=False, seq_len=2048, batch=1, grad_accum=2)
     assert small.to_dict()["gpus"][0]["host_bound"] is True
     assert "host share large on H200 141GB SXM" in small.render()
+    replayed = plan(model="llama3.1-8b", gpus=["h200"], search=False, seq_len=2048, batch=1, grad_accum=2)
+    assert replayed.to_dict()["gpus"][0]["host_bound"] is False
     big = plan(model="llama3.1-8b", gpus=["h200"], search=False, seq_len=2048, batch=8, grad_accum=1)
     assert big.to_dict()["gpus"][0]["host_bound"] is False and "host share large" not in big.render()
 

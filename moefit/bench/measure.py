@@ -14,7 +14,7 @@ from .. import engine_switches
 from ..errors import MoefitError
 from ..host_gc import frozen_heap
 from ..models.causal_lm import MoefitCausalLM, placed_batch
-from ..models.layer_graphs import LayerGraphs
+from ..models.layer_graphs import LayerGraphs, graph_pool_bytes
 
 
 def _make_optimizer(params: list[nn.Parameter], name: str, lr: float = 1e-5):
@@ -123,6 +123,7 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
         # What this process holds outside the caching allocator (CUDA context, cuBLAS, NCCL's buffers), as the
         # device sees it now (another process on the same GPU would be counted too).
         result["outside_allocator_bytes"] = total - free - torch.cuda.memory_reserved(device)
+        result.update(graph_pool_bytes(device))
     # The host's speed at issuing ops, measured right after the steps on the same device (moefit.bench.host_probe):
     # host-bound step times of different machines differ by it.
     result["host_op_s"] = host_op_seconds(device)
@@ -190,3 +191,4 @@ def cuda_time(fn, reps: int = 10, warmup: int = 2) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / reps / 1e3
+

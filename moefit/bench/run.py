@@ -159,8 +159,8 @@ def choose_layout(model: str, lora: LoraConfig, quant: QuantConfig, train: Train
                                       f"(no faster layout to plan); this bench runs it cut to {layers} layers",
                 "as_written": _as_written(train, quant), "gpu_memory_bytes": memory}
     settings = dict(plan.faster_settings or {}) if plan.faster else {}
-    if graphs_off:  # fits only without the graphs' memory
-        settings.setdefault("engine.layer_graphs", False)
+    for setting in graphs_off:  # fits only without that graphs' memory
+        settings.setdefault(setting, False)
     apply_layout(cfg, settings)  # (checks every key is a setting)
     return {"settings": settings, "why": plan.faster or "the layout as written is the fastest that fits",
             "as_written": _as_written(train, quant), "gpu_memory_bytes": memory}

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..devices import cuda_index
 from ..moe import recompute
 from . import host_positions
 
@@ -577,3 +578,15 @@ def _with_tensors(function: functools.partial, tensors: list[torch.Tensor]) -> f
         else:
             keywords[name] = next(feed) if isinstance(value, torch.Tensor) else value
     return functools.partial(function.func, *function.args, **keywords)
+
+
+def graph_pool_bytes(device: torch.device) -> dict[str, int]:
+    """The CUDA graphs' private pools now: reserved, and of it what no live tensor holds (the
+    replays' temporaries: a replay writes there without the allocator, so peak allocated does not count it; peak
+    allocated + this idle part bounds what a replayed step uses)."""
+    pools = [s for s in torch.cuda.memory_snapshot()
+             if s.get("device") == cuda_index(device) and tuple(s.get("segment_pool_id") or (0, 0)) != (0, 0)]
+    reserved = sum(s["total_size"] for s in pools)
+    return {"graph_pool_bytes": reserved, "graph_pool_idle_bytes": reserved - sum(s["allocated_size"] for s in pools)}
+
+

@@ -64,12 +64,19 @@ class RunShape:
     nf4_decoder: str = EngineConfig.nf4_decoder  # engine.nf4_decoder: who decodes NF4, at which rate (timing.py)
     lora_cast_cache: bool = EngineConfig.lora_cast_cache  # engine.lora_cast_cache: bf16 LoRA copies held
     layer_graphs: bool = EngineConfig.layer_graphs  # engine.layer_graphs: first passes replayed from CUDA graphs
+    backward_graphs: bool = EngineConfig.backward_graphs  # engine.backward_graphs: recomputation + backward too
 
     @property
     def replays_first_pass(self) -> bool:
         """engine.layer_graphs in effect: checkpointed layers whose experts stay on their GPU (expert parallelism
         runs them eagerly)."""
         return self.layer_graphs and self.gradient_checkpointing and self.expert_parallel == 1
+
+    @property
+    def replays_backward(self) -> bool:
+        """engine.backward_graphs in effect: the first pass replayed, and no data parallelism (DistributedDataParallel
+        reduces from autograd's accumulation hooks, which a replay skips: the backward stays eager)."""
+        return self.replays_first_pass and self.backward_graphs and self.num_gpus == 1
 
     @property
     def tokens(self) -> int:
@@ -391,13 +398,15 @@ def _static_parts(f: ModelFacts, shape: RunShape) -> tuple:
     return _STATIC[key]
 
 
-def layer_graph_pool_bytes(f: ModelFacts, shape: RunShape) -> int:
+def layer_graph_pool_bytes(f: ModelFacts, shape: RunShape, backward_working_set: int = 0) -> int:
     """The CUDA graphs' own memory (models.layer_graphs): the largest layer's first-pass temporaries, held in
     their pool apart from the eager allocator's for the run (a first pass saves nothing, so at its peak it holds
     one decoded weight, an MoE layer's whole routed bank, and the few activations around it), and at a
     micro-batch above 1 the graphs of an epoch's last, smaller batch: their captured outputs (one [b, S, H] per
     layer, b < B) and what they keep for the recomputation. (Packed and unpacked rows share one graph: the trainer
-    pads to max_length and builds every mask the packed way, host_positions.as_packed.)"""
+    pads to max_length and builds every mask the packed way, host_positions.as_packed.)
+    With engine.backward_graphs (shape.replays_backward) the recomputations and backwards share that pool: it
+    holds the larger of the two, `backward_working_set` being the largest layer's recompute working set."""
     if not shape.replays_first_pass:
         return 0
     T, h = shape.tokens, f.hidden
@@ -412,6 +421,8 @@ def layer_graph_pool_bytes(f: ModelFacts, shape: RunShape) -> int:
                      + 2 * _r(Tk * h * BF16))
     for inter in {f.shared_intermediate, *(la.dense_intermediate for la in f.layers)} - {0, None}:
         peaks.append(_r(inter * h * BF16) + 3 * _r(T * inter * BF16) + 2 * _r(T * h * BF16))
+    if shape.replays_backward:
+        peaks.append(backward_working_set)
     return max(peaks) + second
 
 
@@ -521,10 +532,12 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
                                "overhead", "calibration.json: extra_allocated_bytes"))
     comps.append(Component("allocator_reserve", "allocator reserve / fragmentation", reserve, "overhead",
                            f"{cm['allocator_dynamic_reserve_fraction']:.0%} of transient + segment rounding"))
-    pool = layer_graph_pool_bytes(f, shape)
+    backward_ws = max(layer_ws(i) for i in range(L)) if shape.replays_backward else 0
+    pool = layer_graph_pool_bytes(f, shape, backward_ws)
     if pool:
+        held = "first-pass temporaries" if not backward_ws else "first-pass or recompute + backward temporaries"
         comps.append(Component("layer_graph_pool", "CUDA graphs' memory (layer_graphs)", pool, "overhead",
-                               "one layer's first-pass temporaries (+ a smaller last batch's graphs)"))
+                               f"one layer's {held} (+ a smaller last batch's graphs)"))
         reserve += pool
     ctx = cm["cuda_context_bytes"]
     comps.append(Component("cuda_context", "CUDA context", ctx, "overhead", "outside the caching allocator"))

@@ -86,7 +86,8 @@ def _shape(cfg: RunConfig) -> RunShape:
                     lora=cfg.lora, optimizer=t.optimizer, gradient_checkpointing=t.gradient_checkpointing,
                     keep_routed_gate_up=t.keep_routed_gate_up, num_gpus=cfg.plan.num_gpus,
                     expert_parallel=cfg.parallel.expert, nf4_decoder=cfg.engine.nf4_decoder,
-                    lora_cast_cache=cfg.engine.lora_cast_cache, layer_graphs=cfg.engine.layer_graphs)
+                    lora_cast_cache=cfg.engine.lora_cast_cache, layer_graphs=cfg.engine.layer_graphs,
+                    backward_graphs=cfg.engine.backward_graphs)
 
 
 def _with(shape: RunShape, **kw: Any) -> RunShape:
@@ -178,7 +179,9 @@ class _Planner:
         keeps = {s.keep_routed_gate_up} | ({True} if f.num_experts and s.gradient_checkpointing else set())
         # engine.layer_graphs pays at small micro-batches (the host sets their pace) and holds a pool that grows
         # with the micro-batch: a larger one may fit, and be faster, without it
-        graphs = {s.layer_graphs} | ({False} if s.layer_graphs else set())
+        # (engine.layer_graphs, engine.backward_graphs); the backward's graphs share that pool and may outgrow it
+        graphs = {(s.layer_graphs, s.backward_graphs)} | ({(s.layer_graphs, False)} if s.backward_graphs else set()) \
+            | ({(False, False)} if s.layer_graphs else set())
         room = fit.gpu.memory_bytes - min(fit.margin_bytes, int(FASTER_MIN_MARGIN * fit.gpu.memory_bytes))
         best, best_s = None, fit.step.step_s * (1 - FASTER_MIN_GAIN)
         for b in (d for d in range(1, per_step + 1)
@@ -186,7 +189,7 @@ class _Planner:
             for host, keep, graph in itertools.product(sorted(hosts), sorted(keeps), sorted(graphs, reverse=True)):
                 cand = dataclasses.replace(s, batch=b, grad_accum=per_step // b, keep_routed_gate_up=keep,
                                            quant=dataclasses.replace(s.quant, embeddings_on_host=host),
-                                           layer_graphs=graph)
+                                           layer_graphs=graph[0], backward_graphs=graph[1])
                 mem = self.memory(cand)
                 if cand == s or mem.total > room:
                     continue
@@ -210,6 +213,8 @@ class _Planner:
             settings["train.keep_routed_gate_up"] = best.keep_routed_gate_up
         if best.layer_graphs != s.layer_graphs:
             settings["engine.layer_graphs"] = best.layer_graphs
+        elif best.backward_graphs != s.backward_graphs:
+            settings["engine.backward_graphs"] = best.backward_graphs
         changes = [f"{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items()]
         gib = 2**30
         per_gpu = " per GPU" if fit.num_gpus > 1 else ""
@@ -244,13 +249,15 @@ class _Planner:
                 saved = (fit.total_bytes - self.memory(lean).total) / 2**30
                 ideas.append(f"the linears' NF4 scales left double-quantized: quantization.fp32_linear_scales false "
                              f"fits ({saved:.2f} GiB less, a little slower)")
-        if s.replays_first_pass:
-            eager = dataclasses.replace(s, layer_graphs=False)
-            if self.fits(eager, fit.gpu):
+        graph_settings = (("backward_graphs", s.replays_backward, "recomputation and backward"),
+                          ("layer_graphs", s.replays_first_pass, "first passes"))
+        for setting, in_effect, passes in graph_settings:
+            eager = dataclasses.replace(s, **{setting: False})
+            if in_effect and self.fits(eager, fit.gpu):
                 saved = (fit.total_bytes - self.memory(eager).total) / 2**30
-                ideas.append(f"the layers' first passes issued by the host instead of replayed from CUDA graphs: "
-                             f"engine.layer_graphs false fits ({saved:.2f} GiB less; slower where the host sets "
-                             f"the pace, at small micro-batches)")
+                ideas.append(f"the layers' {passes} issued by the host instead of replayed from CUDA graphs: "
+                             f"engine.{setting} false fits ({saved:.2f} GiB less; slower where the host sets the "
+                             f"pace, at small micro-batches)")
         if fit.max_seq_len and fit.max_seq_len < s.seq_len:
             ideas.append(f"a shorter sequence: train.max_length {fit.max_seq_len} fits (--seq-len {fit.max_seq_len})")
         if s.batch > 1 and fit.max_batch:

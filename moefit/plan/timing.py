@@ -24,7 +24,8 @@ GPU time, each term a counted quantity over a rate (calibration.json "time"):
 - per decoder layer and pass, `gpu_layer_pass_s`: the floor of its hundreds of small kernels.
 Host time: per decoder layer and pass (forward, recompute, backward) `moe_layer_pass_s` for a MoE layer,
 `dense_layer_pass_s` for a dense one, plus `expert_lora_layer_pass_s` where the routed experts carry LoRA, x the
-family's `host_family_scale` (1 for those measured as the reference); + `host_micro_step_s` per micro-step. These
+family's `host_family_scale` (1 for those measured as the reference); + `host_micro_step_s` per micro-step (the
+embedding, the loss and the step's bookkeeping: not scaled by the family). These
 are seconds of host time on the validation machine, not scaled by the GPU. The fitted GPU terms of a family
 are likewise x its `gpu_family_scale` (its kernels against the counted rates: expert GEMMs of other shapes).
 Per optimizer step: grad_accum micro-steps; the optimizer update (read/write of params, grads, states at
@@ -66,7 +67,7 @@ class StepTime:
     alltoall_s: float = 0.0  # expert parallelism: routed rows to their experts' GPUs and back, per optimizer step
     gpu_s: float = 0.0  # a micro-step's GPU time (compute, dequantization, activations, small-kernel floor)
     activation_s: float = 0.0  # elementwise work on activations
-    first_pass_s: float = 0.0  # of gpu_s, the replayed first pass (engine.layer_graphs): not covered by host work
+    replayed_s: float = 0.0  # of gpu_s, the passes replayed from CUDA graphs (replayed_work): host work covers none
 
 
 def _attention_pairs(seq: int, span: int | None) -> float:
@@ -162,8 +163,9 @@ def time_work(f: ModelFacts, shape: RunShape, weight_bytes: dict[str, int]) -> d
     attn, masked = _attention_flops(f, shape, ATTN_PASSES - 1 + recompute)
     expert_lora = f.moe_layers if (shape.expert_rank and f.num_experts and
                                    {"gate", "up", "down"} & shape.targets) else 0
-    # engine.layer_graphs: the first pass is one replay per layer, its host time gone (models.layer_graphs)
-    host_passes = passes - 1 if shape.replays_first_pass else passes
+    # engine.layer_graphs: the first pass is one replay per layer, its host time gone (models.layer_graphs); with
+    # engine.backward_graphs the recomputation and backward too
+    host_passes = 0 if shape.replays_backward else passes - 1 if shape.replays_first_pass else passes
     return {"matmul": matmul, "attention": attn, "masked_attention": masked,
             "dequant": _dequant_bytes(f, shape, weight_bytes, wp),
             "activation": activation_bytes(f, shape), "gpu_layer_passes": passes * f.num_layers,
@@ -172,13 +174,22 @@ def time_work(f: ModelFacts, shape: RunShape, weight_bytes: dict[str, int]) -> d
             "expert_lora_layer_passes": host_passes * expert_lora, "micro_steps": 1.0}
 
 
-def first_pass_work(f: ModelFacts, shape: RunShape, weight_bytes: dict[str, int]) -> dict[str, float]:
-    """The GPU work (GPU_TERMS) of the decoder layers' first pass where it is replayed from CUDA graphs
-    (engine.layer_graphs), else nothing. The host queues those replays in moments and goes on to the backward,
-    but it can run ahead of the GPU only by the launch queue's depth (about a layer's kernels): the first pass's
-    GPU time is not covered by host work and adds to the rest of the micro-step (micro_step_seconds)."""
+def replayed_work(f: ModelFacts, shape: RunShape, weight_bytes: dict[str, int]) -> dict[str, float]:
+    """The GPU work (GPU_TERMS) of the decoder layers' passes replayed from CUDA graphs: the first pass
+    (engine.layer_graphs), with engine.backward_graphs the recomputation and backward too; else nothing. The host
+    queues those replays in moments and goes on, but it can run ahead of the GPU only by the launch queue's depth
+    (about a layer's kernels): their GPU time is not covered by host work and adds to the rest of the micro-step
+    (micro_step_seconds). What stays eager with both: the embedding and the chunked loss."""
     if not shape.replays_first_pass:
         return dict.fromkeys(GPU_TERMS, 0.0)
+    if shape.replays_backward:
+        work = time_work(f, shape, weight_bytes)
+        wp = weight_passes(f, shape)
+        head = f.groups()["lm_head"] or f.groups()["embed_tokens"]
+        return {"matmul": work["matmul"] - 2.0 * wp["lm_head"] * head * shape.tokens,
+                "attention": work["attention"], "masked_attention": work["masked_attention"],
+                "dequant": work["dequant"], "activation": activation_bytes(f, shape, loss=False),
+                "gpu_layer_passes": work["gpu_layer_passes"]}
     once = dict.fromkeys(weight_passes(f, shape), 1.0)
     attn, masked = _attention_flops(f, shape, 1.0)
     return {"matmul": 2.0 * _frozen_params(f, once, lm_head=False) * shape.tokens
@@ -224,7 +235,7 @@ def seconds_per_unit(gpu: Gpu, ct: dict[str, Any], family: str | None = None,
             "gpu_layer_passes": dev * ct.get("gpu_layer_pass_s", 0.0),
             "moe_layer_passes": host * ct["moe_layer_pass_s"], "dense_layer_passes": host * ct["dense_layer_pass_s"],
             "expert_lora_layer_passes": host * ct["expert_lora_layer_pass_s"],
-            "micro_steps": host * ct.get("host_micro_step_s", 0.0)}
+            "micro_steps": ct.get("host_micro_step_s", 0.0)}  # (the embedding, the loss: not the family's layers)
 
 
 def overlap(gpu_s, host_s, p: float):
@@ -234,9 +245,9 @@ def overlap(gpu_s, host_s, p: float):
 
 
 def micro_step_seconds(sec: dict[str, float], ct: dict[str, Any], expert_parallel: int = 1,
-                       first_pass_s: float = 0.0) -> tuple[float, float, float]:
-    """(wall, GPU, host) seconds of one micro-step from the seconds of each TIME_TERMS term; `first_pass_s` of the
-    GPU's are a replayed first pass (first_pass_work), which host work does not cover. Under expert parallelism
+                       replayed_s: float = 0.0) -> tuple[float, float, float]:
+    """(wall, GPU, host) seconds of one micro-step from the seconds of each TIME_TERMS term; `replayed_s` of the
+    GPU's are passes replayed from CUDA graphs (replayed_work), which host work does not cover. Under expert parallelism
     the host reads every MoE layer's row counts before its all-to-all (a sync per layer and pass), so it cannot
     run ahead of the GPU by more than a layer: the two overlap less (`overlap_exponent_expert_parallel`)."""
     gpu_s = sum(sec[k] for k in GPU_TERMS)
@@ -244,7 +255,7 @@ def micro_step_seconds(sec: dict[str, float], ct: dict[str, Any], expert_paralle
     p = ct.get("overlap_exponent", 1.0)
     if expert_parallel > 1:
         p = ct.get("overlap_exponent_expert_parallel", p)
-    return first_pass_s + overlap(gpu_s - first_pass_s, host_s, p), gpu_s, host_s
+    return replayed_s + overlap(gpu_s - replayed_s, host_s, p), gpu_s, host_s
 
 
 def optimizer_seconds(f: ModelFacts, shape: RunShape, gpu: Gpu, ct: dict[str, Any]) -> tuple[float, float]:
@@ -255,7 +266,7 @@ def optimizer_seconds(f: ModelFacts, shape: RunShape, gpu: Gpu, ct: dict[str, An
     n_train = sum(tensors)
     state = 2 if shape.optimizer != "adamw" else 2 * 2 * param_bytes
     opt_bytes = n_train * (3 * param_bytes + 2 * state)  # read param+grad, write param, read+write states
-    host = len(tensors) * ct.get("optimizer_tensor_s", 0.0) * ct.get("host_family_scale", {}).get(f.family, 1.0)
+    host = len(tensors) * ct.get("optimizer_tensor_s", 0.0)  # one launch per tensor, whatever the family
     return n_train, opt_bytes / (gpu.bandwidth_gbs * 1e9 * ct["bandwidth_efficiency"]) + host
 
 
@@ -302,10 +313,10 @@ def step_time(f: ModelFacts, shape: RunShape, gpu: Gpu, calib: dict[str, Any], w
     work = time_work(f, shape, weight_bytes)
     unit = seconds_per_unit(gpu, ct, f.family, shape.nf4_decoder)
     sec = {k: work[k] * unit[k] for k in TIME_TERMS}
-    first = first_pass_work(f, shape, weight_bytes)
-    first_s = sum(first[k] * unit[k] for k in GPU_TERMS)
+    first = replayed_work(f, shape, weight_bytes)
+    replayed_s = sum(first[k] * unit[k] for k in GPU_TERMS)
     compute = sec["matmul"] + sec["attention"] + sec["masked_attention"]
-    micro, gpu_s, overhead = micro_step_seconds(sec, ct, shape.expert_parallel, first_s)
+    micro, gpu_s, overhead = micro_step_seconds(sec, ct, shape.expert_parallel, replayed_s)
     n_train, optimizer = optimizer_seconds(f, shape, gpu, ct)
     param_bytes = 4 if shape.lora.dtype == "float32" else 2
     # Replicated LoRA is summed over every GPU; routed-expert LoRA (one GPU's share) over the GPUs holding the
@@ -319,4 +330,4 @@ def step_time(f: ModelFacts, shape: RunShape, gpu: Gpu, calib: dict[str, Any], w
     tokens = shape.tokens * shape.grad_accum * num_gpus
     flops = work["matmul"] + work["attention"] + work["masked_attention"]
     return StepTime(micro, step, tokens / step, flops, work["dequant"], compute, sec["dequant"], overhead,
-                    optimizer, allreduce, alltoall, gpu_s, sec["activation"], first_s)
+                    optimizer, allreduce, alltoall, gpu_s, sec["activation"], replayed_s)

@@ -21,9 +21,9 @@ from .memory import RunShape, estimate_memory
 from .model_facts import ModelFacts, load_model_facts
 from .timing import (
     HOST_TERMS,
-    first_pass_work,
     optimizer_seconds,
     overlap,
+    replayed_work,
     seconds_per_unit,
     step_time,
     time_work,
@@ -41,7 +41,8 @@ def record_shape(rec: dict[str, Any]) -> RunShape:
                     keep_routed_gate_up=rec.get("keep_routed_gate_up", False),
                     nf4_decoder=record_decoder(rec),
                     lora_cast_cache=bool((rec.get("engine") or {}).get("lora_cast_cache", False)),
-                    layer_graphs=bool((rec.get("engine") or {}).get("layer_graphs", False)))
+                    layer_graphs=bool((rec.get("engine") or {}).get("layer_graphs", False)),
+                    backward_graphs=bool((rec.get("engine") or {}).get("backward_graphs", False)))
 
 
 def record_facts(rec: dict[str, Any]) -> ModelFacts:
@@ -326,7 +327,7 @@ class _TimeRecords:
                 continue
             f, shape = record_facts(rec), record_shape(rec)
             by = estimate_memory(f, shape, calib).by_key()
-            work, first = time_work(f, shape, by), first_pass_work(f, shape, by)
+            work, first = time_work(f, shape, by), replayed_work(f, shape, by)
             unit = seconds_per_unit(gpu, ones, nf4_decoder=shape.nf4_decoder)
             opt = optimizer_seconds(f, shape, gpu, dict(calib["time"], optimizer_tensor_s=0.0))[1]
             rows.append((f.family, shape.grad_accum, [work[t] * unit[t] for t in _PRICED.values()],
@@ -344,6 +345,7 @@ class _TimeRecords:
         self.work = np.array(work)  # [record, _PRICED term]
         self.first, self.first_dequant = np.array(first), np.array(first_dq)  # the replayed first pass's share
         self.host = np.array([t in HOST_TERMS for t in _PRICED.values()])
+        self.layer_host = np.array([t in HOST_TERMS and t != "micro_steps" for t in _PRICED.values()])
         self.ga, self.dequant, self.optimizer = np.array(ga, float), np.array(dq), np.array(opt)
         self.tensors, self.step, self.kernel = np.array(tensors, float), np.array(step), np.array(kern)
 
@@ -355,10 +357,12 @@ class _TimeRecords:
         host, dev = (np.array([c[k].get(f, 1.0) for f in self.family]) for k in _FAMILY_SCALES)
         sec = self.work * prices
         gpu_s = sec[:, ~self.host].sum(axis=1) * dev + self.dequant
-        host_s = sec[:, self.host].sum(axis=1) * host
+        # the family's host scale is of its layers' launches (timing.seconds_per_unit), not of the per-micro-step
+        # work or the optimizer's
+        host_s = sec[:, self.layer_host].sum(axis=1) * host + sec[:, self.host & ~self.layer_host].sum(axis=1)
         first = (self.first * prices)[:, ~self.host].sum(axis=1) * dev + self.first_dequant
         micro = first + overlap(gpu_s - first, host_s, c["overlap_exponent"])  # (timing.micro_step_seconds)
-        optimizer = self.optimizer + self.tensors * c["optimizer_tensor_s"] * host
+        optimizer = self.optimizer + self.tensors * c["optimizer_tensor_s"]
         return self.ga * micro + optimizer, self.ga * gpu_s + self.optimizer, optimizer
 
 

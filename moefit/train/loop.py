@@ -248,18 +248,24 @@ def fit_check(cfg: RunConfig, gpu_label: str, gpu_memory_bytes: int, num_gpus: i
 
 
 def fit_check_without_graphs_if_needed(cfg: RunConfig, gpu_label: str, gpu_memory_bytes: int, num_gpus: int = 1):
-    """`fit_check`, and when the run does not fit but would without the CUDA graphs' memory (engine.layer_graphs:
-    their pool grows with the tokens per micro-batch), the graphs turned off in `cfg` and that plan: (plan,
-    message or None, whether the graphs were turned off)."""
-    plan, msg = fit_check(cfg, gpu_label, gpu_memory_bytes, num_gpus)
-    if msg is None or not cfg.engine.layer_graphs:
-        return plan, msg, False
-    cfg.engine.layer_graphs = False
-    eager_plan, eager_msg = fit_check(cfg, gpu_label, gpu_memory_bytes, num_gpus)
-    if eager_msg is not None:
-        cfg.engine.layer_graphs = True
-        return plan, msg, False
-    return eager_plan, None, True
+    """`fit_check`, and when the run does not fit but would with less of the CUDA graphs' memory (their pool grows
+    with the tokens per micro-batch, and with engine.backward_graphs holds a layer's recompute + backward working
+    set), the graphs turned off in `cfg`, the backward's first, then the first pass's: (plan, message or None, the
+    settings turned off, e.g. ["engine.backward_graphs"]). Where nothing fits, `cfg` is left as it was."""
+    plan, refusal = fit_check(cfg, gpu_label, gpu_memory_bytes, num_gpus)
+    if refusal is None:
+        return plan, None, []
+    turned_off: list[str] = []
+    for name in ("backward_graphs", "layer_graphs"):
+        if getattr(cfg.engine, name):
+            setattr(cfg.engine, name, False)
+            turned_off.append(f"engine.{name}")
+            lean_plan, msg = fit_check(cfg, gpu_label, gpu_memory_bytes, num_gpus)
+            if msg is None:
+                return lean_plan, None, turned_off
+    for setting in turned_off:
+        setattr(cfg.engine, setting.removeprefix("engine."), True)
+    return plan, refusal, []
 
 
 def run(
@@ -400,8 +406,8 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
         plan, msg, graphs_off = fit_check_without_graphs_if_needed(cfg, props.name, props.total_memory,
                                                                    ctx.world_size)
         if graphs_off:
-            say("engine.layer_graphs off: the run fits this GPU only without the CUDA graphs' memory (each "
-                "layer's first pass is issued by the host instead)")
+            say(f"{' and '.join(graphs_off)} off: the run fits this GPU only without that CUDA graphs' memory "
+                f"(the host issues those layer passes instead)")
         if msg is not None:
             if not force:
                 raise MoefitError(msg)
