@@ -131,7 +131,7 @@ def test_memory_grows_with_sequence_and_expert_rank():
     r0 = estimate_memory(f, RunShape(seq_len=2048, lora=LoraConfig(expert_r=0)), c)
     r32 = estimate_memory(f, RunShape(seq_len=2048, lora=LoraConfig(expert_r=32)), c)
     assert r0.trainable_params < r32.trainable_params / 5  # routed experts hold ~90 % of the LoRA parameters
-    assert r0.total < r32.total - 8 * GIB
+    assert r0.total < r32.total - 7 * GIB
 
 
 def test_kept_routed_gate_up_outputs_are_counted_until_each_layer_is_recomputed():

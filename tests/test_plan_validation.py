@@ -49,19 +49,21 @@ def test_planner_matches_recorded_gpu_measurements():
     """The shipped calibration against the 30 configurations of the current engine (every layer pass replayed from
     CUDA graphs) measured on one H200 (micro-batch 1-8, grad_accum 1-8, seq 512-16k; Scout, Llama 3.1 8B,
     Qwen3-30B, gpt-oss-20b). Target (issue 5): peak allocated within 3 %, step time within 15 % on every one. As
-    fitted: step time within 15 % on 29 (the one over: Scout 1 x 512 ga1, -30 %: its expert GEMMs read the decoded
-    bank at the memory's rate, which the model does not count); peak allocated within 6.1 % (19 within 3 %: the
-    memory constants are fitted to the eager backward's records, and the backward graphs move Llama 3.1 8B's peak
-    up and the MoE models' down); reserved within 26 % (the graphs' pools and the capture stream's cache)."""
+    fitted: step time within 14.2 % on all (the expert GEMMs' bank read counted since the thirteenth session: Scout
+    at 1 x 512 was -30 % without it); peak allocated within 3 % on 21 and 5.2 % on all (Llama 3.1 8B under by up
+    to 5.2 %, 2.7 % before the backward graphs; the memory constants are fitted to the eager backward's records);
+    reserved within 8.9 % (the graphs' pool and the capture stream's cache counted)."""
     results = _recorded()["results"]
     assert len(results) == 30, f"{len(results)} configurations recorded"
     errors = {r["name"]: compare(r) for r in results}
     assert all(e["step_time"] is not None for e in errors.values()), "a record's GPU has no timing model"
-    over = {n for n, e in errors.items() if abs(e["step_time"]) > 0.15}
-    assert over == {"loo-scout-r32-s512-b1-ga1"} and abs(errors["loo-scout-r32-s512-b1-ga1"]["step_time"]) < 0.31
-    assert all(abs(e["allocated"]) <= 0.061 for e in errors.values())
-    assert sum(abs(e["allocated"]) <= 0.03 for e in errors.values()) >= 19
-    assert all(abs(e["reserved"]) <= 0.27 for e in errors.values())
+    bad = {n: e for n, e in errors.items()
+           if abs(e["allocated"]) > 0.053 or abs(e["step_time"]) > 0.15 or abs(e["reserved"]) > 0.09}
+    assert not bad, f"planned vs measured out of bounds (relative errors): {bad}"
+    assert sum(abs(e["allocated"]) <= 0.03 for e in errors.values()) >= 21
+    over = {n for n, e in errors.items() if abs(e["allocated"]) > 0.03}
+    assert all(n.startswith(("loo-llama3.1-8b", "loo-scout-r32-s512-b8", "loo-scout-r32-s1024-b8", "loo-qwen3"))
+               for n in over), over
 
 
 def _earlier_records(which: str = "EARLIER") -> list[dict]:
@@ -83,38 +85,35 @@ def test_step_time_model_generalises_leave_one_out():
 
 
 def test_the_shipped_time_constants_fit_the_records_they_are_fitted_to():
-    """The shipped calibration against the 30 records it is fitted to (CURRENT, one call): step time within 15 % on
-    29, within 30 % on all. The engine before the backward graphs (FIRST_PASS_GRAPHS: 30 configurations on three
-    machines, zero synthetic weights) it plans within 14.5 % at each configuration's median, so data-parallel runs
-    (whose backward stays eager) keep their plan; the seventh session's engine (first passes issued eagerly, cast
-    cache off) from 55 % fast (host-bound) to 20 % slow; the earlier engines' Scout records (EARLIER, decoded by
-    bitsandbytes) 8-19 % fast: the engine runs faster since."""
+    """The shipped calibration against the 30 records it is fitted to (CURRENT, one call): step time within 14.2 %
+    on all. The engine before the backward graphs (FIRST_PASS_GRAPHS: 30 configurations on three machines, zero
+    synthetic weights) it plans within 15 % at each configuration's median, so data-parallel runs (whose backward
+    stays eager) keep their plan; the seventh session's engine (first passes issued eagerly, cast cache off) from
+    54 % fast (host-bound) to 23 % slow; the earlier engines' Scout records (EARLIER, decoded by bitsandbytes) 6-16 %
+    fast: the engine runs faster since."""
     from moefit.plan.validation import median_of_repeats
 
     mod = _bench_module()
     recs = mod.this_engine(_earlier_records("FITTED"))
     errors = {k: compare(r) for k, r in zip(record_keys(recs), recs, strict=True)}
     assert len(errors) == 30 and len({r["name"] for r in recs}) == 30
-    assert all(abs(e["step_time"]) <= 0.30 for e in errors.values())
-    assert sum(abs(e["step_time"]) > 0.15 for e in errors.values()) <= 1
+    assert all(abs(e["step_time"]) <= 0.143 for e in errors.values()), errors
     before = median_of_repeats(mod.this_engine(_earlier_records("FIRST_PASS_GRAPHS")))
-    assert len(before) == 30 and all(abs(compare(r)["step_time"]) <= 0.145 for r in before)
+    assert len(before) == 30 and all(abs(compare(r)["step_time"]) <= 0.15 for r in before)
     seventh = {r["name"]: compare(r)["step_time"] for r in mod.this_engine(_earlier_records("SEVENTH"))}
-    assert len(seventh) == 29 and all(-0.56 <= e <= 0.20 for e in seventh.values()), seventh
+    assert len(seventh) == 29 and all(-0.55 <= e <= 0.24 for e in seventh.values()), seventh
     earlier = {r["name"]: compare(r)["step_time"] for r in _earlier_records() if r["model"] == "llama4-scout"}
-    assert len(earlier) >= 14 and all(-0.20 <= e <= -0.07 for e in earlier.values()), earlier
+    assert len(earlier) >= 14 and all(-0.16 <= e <= -0.06 for e in earlier.values()), earlier
 
 
 def test_backward_graphs_set_leave_one_out_as_recorded():
     """Issue 15's acceptance on the current engine's set (CURRENT, one H200, every layer pass replayed): each
-    configuration predicted by time constants fitted to the other 29. Recorded: 23 of 30 within 15 %, the worst
-    31.3 % (Scout 1 x 512 ga1, the decoded bank's read at few tokens per expert). Holds that state: no more than 7
-    over 15 %, none over 32 %."""
+    configuration predicted by time constants fitted to the other 29 stays within 15 % (worst 14.7 %, Scout 1 x 512
+    ga1; 31 % before the expert GEMMs' bank read was counted)."""
     recs = _bench_module().this_engine(_earlier_records("CURRENT"))
     assert len(recs) == 30
     loo = leave_one_out(recs)
-    over = {n: e for n, e in loo.items() if abs(e) > 0.15}
-    assert len(loo) == 30 and len(over) <= 7 and all(abs(e) <= 0.32 for e in loo.values()), over
+    assert len(loo) == 30 and all(abs(e) <= 0.15 for e in loo.values()), loo
 
 
 def test_records_of_another_nf4_decoder_are_left_out_of_fits(capsys):
@@ -146,7 +145,7 @@ def test_records_of_another_nf4_decoder_are_left_out_of_fits(capsys):
 def test_first_pass_graphs_set_leave_one_out():
     """Leave-one-out over every one of the previous engine's 87 records (FIRST_PASS_GRAPHS: 30 configurations, measured in
     three calls on three machines; a configuration is left out with all its records): 78 of 87 within 15 %, none
-    over 36 % (the family's host scale counts its layers' launches only, since the thirteenth session; 80 and 38 %
+    over 38 % (the family's host scale counts its layers' launches only since the thirteenth session: 80 of 87
     before). The nine over are host-bound or nearly (GPU busy 27-85 %, one unprofiled): the same configuration
     measured on two machines differs by up to 53 % (Qwen3-30B 1 x 2048: 0.548 s and 0.841 s), more than the
     target itself (benchmarks/speed_targets.md, tenth and eleventh sessions)."""
@@ -155,16 +154,16 @@ def test_first_pass_graphs_set_leave_one_out():
     loo = leave_one_out(recs)
     assert len(loo) == 87
     over = {n: e for n, e in loo.items() if abs(e) > 0.15}
-    assert len(over) <= 9 and all(abs(e) <= 0.36 for e in loo.values()), over
+    assert len(over) <= 9 and all(abs(e) <= 0.38 for e in loo.values()), over
     busy = {k: r["measured"].get("gpu_busy_fraction") or 0 for k, r in zip(record_keys(recs), recs, strict=True)}
     assert all(busy[n] < 0.9 for n in over), {n: busy[n] for n in over}
 
 
 def test_first_pass_graphs_medians_leave_one_out():
-    """Issue 15's acceptance: the same records with each configuration counted once at its median over the calls
-    that measured it (the typical machine; `plan_validation.py --loo ... --median`, the set the shipped constants
-    are fitted to): leave-one-out step time within 15 % on all 30 (worst 12.2 %, Llama 3.1 8B 1 x 512 ga4), peak
-    allocated within 3 % on all (2.7 %)."""
+    """The previous engine's records with each configuration counted once at its median over the calls that
+    measured it (the typical machine; `plan_validation.py --loo ... --median`; the memory constants are still fitted
+    to them): leave-one-out step time within 15 % on all 30 (worst 13.4 %), peak allocated within 3 % on all
+    (2.7 %)."""
     from moefit.plan.validation import median_of_repeats
 
     recs = median_of_repeats(_bench_module().this_engine(_earlier_records("FIRST_PASS_GRAPHS")))

@@ -474,14 +474,27 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
     # Under DDP the gradients are views of its buckets, zeroed in place: they exist from the start.
     resident_grads = shape.grad_accum > 1 or not cm["grads_freed_each_step"] or data_parallel
     base = sum(c.bytes for c in comps if c.key != "lora_grads") + cm["extra_allocated_bytes"]
-    phases: list[tuple[str, int, int, int, int, int]] = []  # name, total, grads, ckpts, working set, kept
+    # name, total, grads, ckpts, working set, kept, the backward graphs' buffers
+    phases: list[tuple[str, int, int, int, int, int, int]] = []
     g_all = sum(grad_by_layer)
     g0 = g_all if resident_grads else 0
+    # engine.backward_graphs: the gradient buffers the replays write (models.layer_graphs: the layers' shared input /
+    # output gradient and one set of LoRA gradients per kind of layer), alive from the first capture on; while a
+    # layer's backward is captured (the run's first micro-step, right after its eager backward) the eager input
+    # gradient is alive beside them. Replayed, a layer's recompute working set is the graphs' pool's, not allocated.
+    bufs = _r(T * h * BF16) + sum(dict(zip(f.layers, grad_by_layer, strict=True)).values()) \
+        if shape.replays_backward else 0
+    optim_state = next(c.bytes for c in comps if c.key == "optimizer_state")
+    smaller_ws: dict[int, int] = {}
+    if shape.replays_backward and shape.batch > 1:
+        smaller = dataclasses.replace(shape, batch=shape.batch - 1)
+        by_kind = {la: _layer_ws(layer_working_set(f, la, smaller)) for la in set(f.layers)}
+        smaller_ws = {id(ws_kind[la]): v for la, v in by_kind.items()}
     if data_parallel:  # DDP lays out its buckets before training: old and new buckets alive, no optimizer state yet
-        optim = next(c.bytes for c in comps if c.key == "optimizer_state")
-        phases.append(("DDP bucket layout (before the first step)", base - optim + 2 * g_all, 2 * g_all, 0, 0, 0))
-    phases.append(("loss (lm_head chunks)", base + g0 + sum(ckpt) + graph_inputs + sum(kept) + rotary + loss_b, g0,
-                   sum(ckpt) + graph_inputs, loss_b, sum(kept)))
+        optim = optim_state
+        phases.append(("DDP bucket layout (before the first step)", base - optim + 2 * g_all, 2 * g_all, 0, 0, 0, 0))
+    phases.append(("loss (lm_head chunks)", base + g0 + sum(ckpt) + graph_inputs + sum(kept) + rotary + loss_b
+                   + bufs, g0, sum(ckpt) + graph_inputs, loss_b, sum(kept), bufs))
     grads_so_far = 0
     ckpt_prefix, acc = [], 0
     for c_i in ckpt:
@@ -495,11 +508,28 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
         g = g_all if resident_grads else grads_so_far
         c = held if shape.replays_first_pass else ckpt_prefix[i]
         w = layer_ws(i)
-        phases.append((f"backward of layer {i}", base + g + c + kept_below + rotary + w, g, c, w, kept_below))
-    name, peak, g_at, c_at, w_at, k_at = max(phases, key=lambda p: p[1])
+        if shape.replays_backward:
+            # The run's first micro-step runs each layer's backward eagerly and then captures it: before any
+            # optimizer step (no optimizer state yet), the gradients growing as the backward goes down.
+            first = bufs + _r(T * h * BF16)
+            phases.append((f"backward (first, captured) of layer {i}",
+                           base - optim_state + grads_so_far + c + kept_below + rotary + w + first, grads_so_far, c,
+                           w, kept_below, first))
+            phases.append((f"backward (replayed) of layer {i}", base + g + c + kept_below + rotary + bufs, g, c, 0,
+                           kept_below, bufs))
+            if smaller_ws:  # an epoch's last, smaller micro-batch: its graphs captured later, with everything alive
+                w_s = smaller_ws[id(ws[i])]
+                phases.append((f"backward (smaller last batch, captured) of layer {i}",
+                               base + g + c + kept_below + rotary + w_s + first, g, c, w_s, kept_below, first))
+        else:
+            phases.append((f"backward of layer {i}", base + g + c + kept_below + rotary + w, g, c, w, kept_below, 0))
+    name, peak, g_at, c_at, w_at, k_at, b_at = max(phases, key=lambda p: p[1])
 
     # The breakdown shows each component as it stands at the peak.
+    first_step = name.startswith("backward (first, captured)")  # before any optimizer step: no state yet
     for c in comps:
+        if c.key == "optimizer_state" and first_step:
+            c.bytes, c.detail = 0, c.detail + "; not yet allocated at the peak (the run's first micro-step)"
         if c.key == "lora_grads":
             c.detail += f"; {g_at / max(g_all, 1):.0%} of them exist at the peak" if g_all else ""
             c.bytes = g_at
@@ -507,6 +537,9 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
                            (f"one bf16 [{shape.batch}x{shape.seq_len}x{h}] per layer"
                             + (", the layer graphs' outputs: all alive" if shape.replays_first_pass else ""))
                            if shape.gradient_checkpointing else "no checkpointing: every layer's activations"))
+    if b_at:
+        comps.append(Component("graph_grad_buffers", "backward graphs' gradient buffers", b_at, "activations",
+                               "the layers' shared input/output gradient and LoRA gradients (backward_graphs)"))
     if kept_layer:
         comps.append(Component("kept_gate_up", "kept routed gate/up outputs", k_at, "activations",
                                f"{kept_layer / 2**20:.0f} MiB per MoE layer, for the layers not yet recomputed"))
@@ -539,6 +572,10 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
         comps.append(Component("layer_graph_pool", "CUDA graphs' memory (layer_graphs)", pool, "overhead",
                                f"one layer's {held} (+ a smaller last batch's graphs)"))
         reserve += pool
+    if backward_ws:  # each backward capture's warm-up runs on the capture stream: its blocks stay cached there
+        comps.append(Component("capture_stream_cache", "capture stream's cached blocks (backward_graphs)",
+                               backward_ws, "overhead", "a backward capture's warm-up, cached on its stream"))
+        reserve += backward_ws
     ctx = cm["cuda_context_bytes"]
     comps.append(Component("cuda_context", "CUDA context", ctx, "overhead", "outside the caching allocator"))
     if data_parallel:

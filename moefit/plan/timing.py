@@ -16,6 +16,10 @@ GPU time, each term a counted quantity over a rate (calibration.json "time"):
 - attention with an explicit mask (a Llama 4 chunked layer whose chunk is <= the sequence: transformers then builds
   a mask and SDPA falls back from flash to the memory-efficient kernel, which computes the whole S x S rectangle):
   the same FLOPs over S^2 pairs, at `masked_attention_efficiency` x peak;
+- the routed experts' grouped GEMMs read their whole bf16 bank every pass, however few tokens each expert gets:
+  where that read (2 B per routed weight of this GPU, at the measured copy rate `bandwidth_efficiency`) takes
+  longer than their FLOPs, the difference adds (a roofline per grouped GEMM, `expert_read_excess`; Scout at 2,048
+  tokens, 128 rows per expert, is read-bound);
 - NF4 dequantization: every quantized weight read (0.5 B + constants) and written as bf16 (2 B), once per pass
   of its matmul (`weight_passes`), at `dequant_bandwidth_efficiency` x the GPU's memory bandwidth;
 - elementwise work on activations (norms, rotary, routing permutes, LoRA dropout, casts, the loss's softmax): the
@@ -166,12 +170,34 @@ def time_work(f: ModelFacts, shape: RunShape, weight_bytes: dict[str, int]) -> d
     # engine.layer_graphs: the first pass is one replay per layer, its host time gone (models.layer_graphs); with
     # engine.backward_graphs the recomputation and backward too
     host_passes = 0 if shape.replays_backward else passes - 1 if shape.replays_first_pass else passes
+    routed_flops, routed_read = _routed_bank(f, shape, wp["routed_experts"])
     return {"matmul": matmul, "attention": attn, "masked_attention": masked,
+            "routed_matmul": routed_flops, "expert_read": routed_read,
             "dequant": _dequant_bytes(f, shape, weight_bytes, wp),
             "activation": activation_bytes(f, shape), "gpu_layer_passes": passes * f.num_layers,
             "moe_layer_passes": host_passes * f.moe_layers,
             "dense_layer_passes": host_passes * (f.num_layers - f.moe_layers),
             "expert_lora_layer_passes": host_passes * expert_lora, "micro_steps": 1.0}
+
+
+def _routed_bank(f: ModelFacts, shape: RunShape, passes: float) -> tuple[float, float]:
+    """(FLOPs, bytes read) of the routed experts' frozen grouped GEMMs over `passes` passes: each pass reads the
+    whole bf16 bank of this GPU's experts (2 bytes a weight), however few tokens each expert gets (included in the
+    matmul term's FLOPs; the bytes count only where they take longer: expert_read_excess)."""
+    if not f.num_experts:
+        return 0.0, 0.0
+    routed = f.groups()["routed_experts"]
+    flops = 2.0 * passes * routed * f.top_k / f.num_experts * shape.tokens
+    return flops, passes * 2.0 * routed / shape.expert_parallel
+
+
+def expert_read_excess(work: dict[str, float], matmul_s_per_flop: float, gpu: Gpu, ct: dict[str, Any]) -> float:
+    """Seconds the routed experts' grouped GEMMs spend reading their bf16 banks beyond what their FLOPs take (a
+    roofline per grouped GEMM: with few tokens per expert, as Scout's 128 rows per expert at 2,048 tokens, the
+    GEMM streams the bank at the memory's rate; benchmarks/speed_targets.md, the twelfth session's profile), at the
+    copy rate `bandwidth_efficiency`."""
+    read = work.get("expert_read", 0.0) / (gpu.bandwidth_gbs * 1e9 * ct["bandwidth_efficiency"])
+    return max(0.0, read - work.get("routed_matmul", 0.0) * matmul_s_per_flop)
 
 
 def replayed_work(f: ModelFacts, shape: RunShape, weight_bytes: dict[str, int]) -> dict[str, float]:
@@ -187,13 +213,16 @@ def replayed_work(f: ModelFacts, shape: RunShape, weight_bytes: dict[str, int]) 
         wp = weight_passes(f, shape)
         head = f.groups()["lm_head"] or f.groups()["embed_tokens"]
         return {"matmul": work["matmul"] - 2.0 * wp["lm_head"] * head * shape.tokens,
+                "routed_matmul": work["routed_matmul"], "expert_read": work["expert_read"],
                 "attention": work["attention"], "masked_attention": work["masked_attention"],
                 "dequant": work["dequant"], "activation": activation_bytes(f, shape, loss=False),
                 "gpu_layer_passes": work["gpu_layer_passes"]}
     once = dict.fromkeys(weight_passes(f, shape), 1.0)
     attn, masked = _attention_flops(f, shape, 1.0)
+    routed_flops, routed_read = _routed_bank(f, shape, 1.0)
     return {"matmul": 2.0 * _frozen_params(f, once, lm_head=False) * shape.tokens
             + 2.0 * lora_active_params(f, shape) * shape.tokens,
+            "routed_matmul": routed_flops, "expert_read": routed_read,
             "attention": attn, "masked_attention": masked, "dequant": _dequant_bytes(f, shape, weight_bytes, once),
             "activation": activation_bytes(f, shape, passes=1, loss=False), "gpu_layer_passes": f.num_layers}
 
@@ -245,12 +274,12 @@ def overlap(gpu_s, host_s, p: float):
 
 
 def micro_step_seconds(sec: dict[str, float], ct: dict[str, Any], expert_parallel: int = 1,
-                       replayed_s: float = 0.0) -> tuple[float, float, float]:
+                       replayed_s: float = 0.0, extra_gpu_s: float = 0.0) -> tuple[float, float, float]:
     """(wall, GPU, host) seconds of one micro-step from the seconds of each TIME_TERMS term; `replayed_s` of the
     GPU's are passes replayed from CUDA graphs (replayed_work), which host work does not cover. Under expert parallelism
     the host reads every MoE layer's row counts before its all-to-all (a sync per layer and pass), so it cannot
     run ahead of the GPU by more than a layer: the two overlap less (`overlap_exponent_expert_parallel`)."""
-    gpu_s = sum(sec[k] for k in GPU_TERMS)
+    gpu_s = sum(sec[k] for k in GPU_TERMS) + extra_gpu_s  # (extra: expert_read_excess, of it `replayed_s` too)
     host_s = sum(sec[k] for k in HOST_TERMS)
     p = ct.get("overlap_exponent", 1.0)
     if expert_parallel > 1:
@@ -314,9 +343,10 @@ def step_time(f: ModelFacts, shape: RunShape, gpu: Gpu, calib: dict[str, Any], w
     unit = seconds_per_unit(gpu, ct, f.family, shape.nf4_decoder)
     sec = {k: work[k] * unit[k] for k in TIME_TERMS}
     first = replayed_work(f, shape, weight_bytes)
-    replayed_s = sum(first[k] * unit[k] for k in GPU_TERMS)
+    read_excess = expert_read_excess(work, unit["matmul"], gpu, ct)
+    replayed_s = sum(first[k] * unit[k] for k in GPU_TERMS) + expert_read_excess(first, unit["matmul"], gpu, ct)
     compute = sec["matmul"] + sec["attention"] + sec["masked_attention"]
-    micro, gpu_s, overhead = micro_step_seconds(sec, ct, shape.expert_parallel, replayed_s)
+    micro, gpu_s, overhead = micro_step_seconds(sec, ct, shape.expert_parallel, replayed_s, read_excess)
     n_train, optimizer = optimizer_seconds(f, shape, gpu, ct)
     param_bytes = 4 if shape.lora.dtype == "float32" else 2
     # Replicated LoRA is summed over every GPU; routed-expert LoRA (one GPU's share) over the GPUs holding the

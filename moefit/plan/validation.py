@@ -330,16 +330,21 @@ class _TimeRecords:
             work, first = time_work(f, shape, by), replayed_work(f, shape, by)
             unit = seconds_per_unit(gpu, ones, nf4_decoder=shape.nf4_decoder)
             opt = optimizer_seconds(f, shape, gpu, dict(calib["time"], optimizer_tensor_s=0.0))[1]
+            read_rate = gpu.bandwidth_gbs * 1e9 * calib["time"]["bandwidth_efficiency"]
             rows.append((f.family, shape.grad_accum, [work[t] * unit[t] for t in _PRICED.values()],
                          work["dequant"] * unit["dequant"], opt,
                          sum(len(ts) for _, ts in lora_tensors(f, shape)), step,
                          rec["measured"].get("optimizer_s") or np.nan,
                          rec["measured"].get("kernel_s") or np.nan,
-                         [first.get(t, 0.0) * unit[t] for t in _PRICED.values()], first["dequant"] * unit["dequant"]))
+                         [first.get(t, 0.0) * unit[t] for t in _PRICED.values()], first["dequant"] * unit["dequant"],
+                         # (timing.expert_read_excess: the routed banks' read, their FLOPs at efficiency 1)
+                         [w.get("expert_read", 0.0) / read_rate for w in (work, first)],
+                         [w.get("routed_matmul", 0.0) * unit["matmul"] for w in (work, first)]))
         self.n = len(rows)
         if not rows:
             return
-        fam, ga, work, dq, opt, tensors, step, opt_meas, kern, first, first_dq = zip(*rows, strict=True)
+        fam, ga, work, dq, opt, tensors, step, opt_meas, kern, first, first_dq, read, routed = zip(*rows, strict=True)
+        self.read, self.routed = np.array(read), np.array(routed)  # [record, (micro-step, replayed share)]
         self.optimizer_measured = np.array(opt_meas)
         self.family = list(fam)
         self.work = np.array(work)  # [record, _PRICED term]
@@ -356,11 +361,13 @@ class _TimeRecords:
         prices = np.array([1 / c[k] if k.endswith("efficiency") else c[k] for k in _PRICED])
         host, dev = (np.array([c[k].get(f, 1.0) for f in self.family]) for k in _FAMILY_SCALES)
         sec = self.work * prices
-        gpu_s = sec[:, ~self.host].sum(axis=1) * dev + self.dequant
+        gemm = prices[list(_PRICED).index("gemm_efficiency")]
+        excess = np.maximum(0.0, self.read - self.routed * gemm * dev[:, None])
+        gpu_s = sec[:, ~self.host].sum(axis=1) * dev + self.dequant + excess[:, 0]
         # the family's host scale is of its layers' launches (timing.seconds_per_unit), not of the per-micro-step
         # work or the optimizer's
         host_s = sec[:, self.layer_host].sum(axis=1) * host + sec[:, self.host & ~self.layer_host].sum(axis=1)
-        first = (self.first * prices)[:, ~self.host].sum(axis=1) * dev + self.first_dequant
+        first = (self.first * prices)[:, ~self.host].sum(axis=1) * dev + self.first_dequant + excess[:, 1]
         micro = first + overlap(gpu_s - first, host_s, c["overlap_exponent"])  # (timing.micro_step_seconds)
         optimizer = self.optimizer + self.tensors * c["optimizer_tensor_s"]
         return self.ga * micro + optimizer, self.ga * gpu_s + self.optimizer, optimizer
