@@ -220,7 +220,7 @@ def test_out_of_memory_message_quotes_the_plan(tmp_path):
     cfg = RunConfig(model="llama4-scout")
     plan = check_fits(cfg, gpu="h100-80gb")
     msg = failures.oom_message(cfg, tmp_path, planned=(plan, 80 * 2**30, "NVIDIA H100"))
-    total, peak = (f"{n / 2**30:.2f} GiB" for n in (plan.memory.total, plan.memory.peak_allocated))
+    total, peak = (f"{n / 2**30:.2f} GiB" for n in (plan.memory.needed, plan.memory.peak_allocated))
     assert f"The plan for this run predicts {total} on the GPU (peak allocated {peak})" in msg
     assert "NVIDIA H100" in msg
     assert "No checkpoint was saved yet" in msg and "--overwrite" in msg

@@ -111,6 +111,14 @@ class MemoryEstimate:
     peak_phase: str  # where the peak happens
     trainable_params: int
     transient: int = 0  # the eager allocator's short-lived bytes at the peak, which its dynamic reserve scales with
+    # of `total`, blocks the caching allocator keeps cached but frees and retries with before it runs out of memory
+    # (engine.backward_graphs: the capture stream's warm-up blocks): counted where they sit, not against a fit
+    releasable: int = 0
+
+    @property
+    def needed(self) -> int:
+        """What the GPU must hold: `total` less what the allocator gives back on demand."""
+        return self.total - self.releasable
 
     def by_key(self) -> dict[str, int]:
         return {c.key: c.bytes for c in self.components}
@@ -573,8 +581,9 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
                                f"one layer's {held} (+ a smaller last batch's graphs)"))
         reserve += pool
     if backward_ws:  # each backward capture's warm-up runs on the capture stream: its blocks stay cached there
-        comps.append(Component("capture_stream_cache", "capture stream's cached blocks (backward_graphs)",
-                               backward_ws, "overhead", "a backward capture's warm-up, cached on its stream"))
+        comps.append(Component("capture_stream_cache", "capture stream's cache (backward_graphs)",
+                               backward_ws, "overhead", "a backward capture's warm-up, cached on its stream; "
+                               "freed by the allocator on demand, not counted against a fit"))
         reserve += backward_ws
     ctx = cm["cuda_context_bytes"]
     comps.append(Component("cuda_context", "CUDA context", ctx, "overhead", "outside the caching allocator"))
@@ -584,4 +593,4 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
                                f"{shape.num_gpus} GPUs; outside the caching allocator"))
         ctx += nccl
     return MemoryEstimate(comps, peak_alloc, peak_alloc + reserve, peak_alloc + reserve + ctx, name, trainable,
-                          transient)
+                          transient, backward_ws)

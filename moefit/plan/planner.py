@@ -29,8 +29,8 @@ class GpuFit:
     gpu: Gpu
     num_gpus: int
     fits: bool
-    total_bytes: int
-    margin_bytes: int  # GPU memory minus the run's total (negative: does not fit)
+    total_bytes: int  # what the run needs on the GPU (MemoryEstimate.needed)
+    margin_bytes: int  # GPU memory minus what the run needs (negative: does not fit)
     max_seq_len: int | None  # at the run's batch size; None = not even SEQ_GRANULE tokens fit
     max_batch: int | None  # at the run's sequence length; None = not even batch 1
     step: StepTime | None
@@ -124,7 +124,7 @@ class _Planner:
         return self._cache[key]
 
     def fits(self, shape: RunShape, gpu: Gpu) -> bool:
-        return self.memory(shape).total <= gpu.memory_bytes
+        return self.memory(shape).needed <= gpu.memory_bytes
 
     def max_seq(self, gpu: Gpu, shape: RunShape) -> int | None:
         hi_limit = self.facts.max_positions // SEQ_GRANULE
@@ -155,12 +155,12 @@ class _Planner:
         """The run on `num_gpus` of `gpu` in data parallel (per-GPU memory; the run's time and cost)."""
         shape = _with(self.shape, num_gpus=num_gpus)
         mem = self.memory(shape)
-        margin = gpu.memory_bytes - mem.total
+        margin = gpu.memory_bytes - mem.needed
         st = step_time(self.facts, shape, gpu, self.calib, mem.by_key(), num_gpus)
         hours = steps * st.step_s / 3600 if (st and steps and margin >= 0) else None
         cost = hours * num_gpus * gpu.usd_per_hour if (hours is not None and gpu.usd_per_hour is not None) \
             else None
-        return GpuFit(gpu, num_gpus, margin >= 0, mem.total, margin,
+        return GpuFit(gpu, num_gpus, margin >= 0, mem.needed, margin,
                       self.max_seq(gpu, shape) if search else None,
                       self.max_batch(gpu, shape) if search else None, st, hours, cost)
 
@@ -191,7 +191,7 @@ class _Planner:
                                            quant=dataclasses.replace(s.quant, embeddings_on_host=host),
                                            layer_graphs=graph[0], backward_graphs=graph[1])
                 mem = self.memory(cand)
-                if cand == s or mem.total > room:
+                if cand == s or mem.needed > room:
                     continue
                 st = step_time(f, cand, fit.gpu, self.calib, mem.by_key(), fit.num_gpus)
                 if st and st.step_s < best_s:
@@ -221,8 +221,8 @@ class _Planner:
         return (f"the same {s.batch * s.grad_accum} sequences{per_gpu} per optimizer step run faster on "
                 f"{fit.gpu.label} with "
                 f"{', '.join(changes)}: {st.step_s:.2f} s per step instead of {fit.step.step_s:.2f} s, "
-                f"{mem.total / gib:.1f} GiB of {fit.gpu.memory_bytes / gib:.1f} (margin "
-                f"{(fit.gpu.memory_bytes - mem.total) / gib:.1f} GiB instead of {fit.margin_bytes / gib:.1f})."
+                f"{mem.needed / gib:.1f} GiB of {fit.gpu.memory_bytes / gib:.1f} (margin "
+                f"{(fit.gpu.memory_bytes - mem.needed) / gib:.1f} GiB instead of {fit.margin_bytes / gib:.1f})."
                 ), settings
 
     def expert_parallel_fit(self, gpu: Gpu, most: int = 64) -> tuple[int, MemoryEstimate] | None:
@@ -246,7 +246,7 @@ class _Planner:
         if s.quant.fp32_linear_scales and s.quant.double_quant and s.quant.weights == "nf4":
             lean = dataclasses.replace(s, quant=dataclasses.replace(s.quant, fp32_linear_scales=False))
             if self.fits(lean, fit.gpu):
-                saved = (fit.total_bytes - self.memory(lean).total) / 2**30
+                saved = (fit.total_bytes - self.memory(lean).needed) / 2**30
                 ideas.append(f"the linears' NF4 scales left double-quantized: quantization.fp32_linear_scales false "
                              f"fits ({saved:.2f} GiB less, a little slower)")
         graph_settings = (("backward_graphs", s.replays_backward, "recomputation and backward"),
@@ -254,7 +254,7 @@ class _Planner:
         for setting, in_effect, passes in graph_settings:
             eager = dataclasses.replace(s, **{setting: False})
             if in_effect and self.fits(eager, fit.gpu):
-                saved = (fit.total_bytes - self.memory(eager).total) / 2**30
+                saved = (fit.total_bytes - self.memory(eager).needed) / 2**30
                 ideas.append(f"the layers' {passes} issued by the host instead of replayed from CUDA graphs: "
                              f"engine.{setting} false fits ({saved:.2f} GiB less; slower where the host sets the "
                              f"pace, at small micro-batches)")

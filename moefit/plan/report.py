@@ -83,6 +83,7 @@ def plan_to_dict(plan) -> dict[str, Any]:
             "peak_allocated_bytes": m.peak_allocated, "peak_allocated_gib": gib(m.peak_allocated),
             "peak_reserved_bytes": m.peak_reserved, "peak_reserved_gib": gib(m.peak_reserved),
             "total_bytes": m.total, "total_gib": gib(m.total),
+            "needed_bytes": m.needed, "needed_gib": gib(m.needed),
             "trainable_params": m.trainable_params,
         },
         "gpus": gpus,
@@ -133,6 +134,9 @@ def render_plan(plan) -> str:
                  f"at the {m.peak_phase}")
     lines.append(f"  {'peak reserved (torch max_memory_reserved)':{width - 2}} {gib(m.peak_reserved):8.2f}")
     lines.append(f"  {'TOTAL on the GPU (reserved + CUDA context)':{width - 2}} {gib(m.total):8.2f}")
+    if m.releasable:
+        lines.append(f"  {'needed (TOTAL less blocks freed on demand)':{width - 2}} {gib(m.needed):8.2f}   "
+                     f"what a fit counts")
     lines.append("")
     head = (f"{'GPU':18} {'memory':>8} {'fits':>4} {'margin':>8} {'max seq':>8} {'max batch':>9} "
             f"{'step':>7} {'tok/s':>7} {'run':>8} {'$/GPU-h':>8} {'cost':>10}")
@@ -145,8 +149,8 @@ def render_plan(plan) -> str:
             f"{g.max_batch or '-':>9} {'-' if st is None else f'{st.step_s:.2f}s':>7} "
             f"{'-' if st is None else f'{st.tokens_per_s:.0f}':>7} {_hours(g.run_hours):>8} "
             f"{_money(g.gpu.usd_per_hour):>8} {_money(g.cost_usd):>10}")
-    lines.append("  (memory and margin in GiB; margin = GPU memory - TOTAL; max seq at this batch, max batch at this "
-                 "seq; step = one optimizer step; run and cost only where it fits)")
+    lines.append("  (memory and margin in GiB; margin = GPU memory - needed (TOTAL less blocks freed on demand); max seq at "
+                 "this batch, max batch at this seq; step = one optimizer step; run and cost only where it fits)")
     n = s.num_gpus
     if n > 1:
         timed = [g.step for g in plan.gpus if g.step is not None]

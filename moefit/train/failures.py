@@ -62,7 +62,7 @@ def oom_message(cfg: RunConfig, run_dir: Path, planned: tuple[Any, int, str] | N
     numbers = ""
     if planned is not None:
         plan, total, name = planned
-        numbers = (f" The plan for this run predicts {fmt_bytes(plan.memory.total)} on the GPU (peak allocated "
+        numbers = (f" The plan for this run predicts {fmt_bytes(plan.memory.needed)} on the GPU (peak allocated "
                    f"{fmt_bytes(plan.memory.peak_allocated)}) of {fmt_bytes(total)} on this {name}")
         if torch.cuda.is_available():
             numbers += f"; measured peak before the error {fmt_bytes(torch.cuda.max_memory_allocated())}"

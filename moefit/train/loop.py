@@ -243,7 +243,7 @@ def fit_check(cfg: RunConfig, gpu_label: str, gpu_memory_bytes: int, num_gpus: i
     if plan.fits:
         return plan, None
     return plan, (f"the run does not fit on this {gpu_label} ({fmt_bytes(gpu_memory_bytes)}): predicted "
-                  f"{fmt_bytes(plan.memory.total)} on the GPU (peak allocated {fmt_bytes(plan.memory.peak_allocated)})."
+                  f"{fmt_bytes(plan.memory.needed)} on the GPU (peak allocated {fmt_bytes(plan.memory.peak_allocated)})."
                   f" {plan.suggestion or ''} Run `moefit plan` for the breakdown, or pass --force to try anyway.")
 
 
