@@ -28,12 +28,13 @@
 #                                       # with it / with the backward eager / auto, `moefit train` on/off, stock beside
 #   bash benchmarks/device_plan.sh Y    # nvidia-h200: the seed's layouts around auto's under 80 GB (8 x 1, 4 x 2 with
 #                                       # the first pass replayed, 2 x 4 with both graphs), real weights
-# Next session (30-minute budget; a call holds the machine ~100-120 s longer than its command runs): W first (the
-# mended engine.backward_graphs on the GPU), then L on real weights (the synthetic weights were zero before 455ee13:
-# every record of CURRENT in plan_validation.py is to be measured again, on three machines, and refitted); S on x2
-# when it is lent; issue 16's production_scale.sh on x4 / x8. K and W ran in the twelfth session, L a fourth time in
-# the eleventh, T and L three times in the tenth, H, I, F, J in the ninth, A, B, P, F in the eighth; what they
-# measured is in benchmarks/speed_targets.md.
+# Next session (30-minute budget; a call holds the machine ~100-120 s longer than its command runs): L on two more
+# machines (`CALL_S=585 bash benchmarks/device_plan.sh L`, ~420 s each now that every layer pass is replayed), then
+# refit the time constants to the three (`plan_validation.py --fit <the three JSONs> --median --fit-sections time`)
+# and look at Llama 3.1 8B's extra peak allocated with the backward graphs (0.1-0.5 GiB, growing with the tokens);
+# S on x2 when it is lent; issue 16's production_scale.sh on x4 / x8. W, X, L and Y ran in the thirteenth session,
+# K and W in the twelfth, L a fourth time in the eleventh, T and L three times in the tenth, H, I, F, J in the ninth,
+# A, B, P, F in the eighth; what they measured is in benchmarks/speed_targets.md.
 # One GPU, one job at a time: host-bound steps measured next to another lane ran up to 2x slower
 # (benchmarks/speed_targets.md), so nothing here runs in lanes.
 set -uo pipefail
