@@ -270,6 +270,8 @@ def test_bench_reports_gpu_busy_fraction():
     r = measure_training(m, seq_len=256, batch=1, steps=1, warmup=1, grad_accum=3, profile_kernels=False)
     assert len(r["micro_step_s"]) == 3 and all(s > 0 for s in r["micro_step_s"]) and r["optimizer_s"] > 0
     assert sum(r["micro_step_s"]) + r["optimizer_s"] <= 1.05 * r["step_s"]
+    # the graphs' pools (engine.layer_graphs, backward_graphs: on by default), what a replay's temporaries hold
+    assert r["graph_pool_bytes"] > 0 and 0 <= r["graph_pool_idle_bytes"] <= r["graph_pool_bytes"]
 
 
 def test_host_embedding_on_cuda_matches_trains_and_generates(tmp_path):

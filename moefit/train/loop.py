@@ -28,6 +28,7 @@ from ..errors import ConfigError, DataError, MoefitError
 from ..host_gc import frozen_heap
 from ..labels import IGNORE_INDEX
 from ..models.causal_lm import placed_batch
+from ..models.layer_graphs import graph_pool_bytes
 from ..parallel import dist as pdist
 from ..parallel import expert_parallel
 from ..parallel.data_parallel import grad_sync, take_step, wrap_model
@@ -698,6 +699,9 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
         "expert_parallel": cfg.parallel.expert,
         "sequences_per_step": state.sequences_per_step,
         "peak_mem_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+        # the CUDA graphs' pools now: a replay's temporaries sit there without the allocator, so peak allocated
+        # does not count them (allocated + idle bounds what a replayed step uses)
+        **(graph_pool_bytes(device) if device.type == "cuda" else {}),
         "plan_peak_bytes": plan.memory.peak_allocated if plan is not None else None,
         "smoke": smoke_result.to_dict() if smoke_result else None,
         "versions": versions(),
