@@ -28,10 +28,12 @@
 #                                       # with it / with the backward eager / auto, `moefit train` on/off, stock beside
 #   bash benchmarks/device_plan.sh Y    # nvidia-h200: the seed's layouts around auto's under 80 GB (8 x 1, 4 x 2 with
 #                                       # the first pass replayed, 2 x 4 with both graphs), real weights
+#   bash benchmarks/device_plan.sh M    # nvidia-h200: Llama 3.1 8B's peak allocated by allocation site, backward
+#                                       # graphs on / off (benchmarks/peak_probe.py), what the planner misses
 # Next session (30-minute budget; a call holds the machine ~100-120 s longer than its command runs): L on two more
 # machines (`CALL_S=585 bash benchmarks/device_plan.sh L`, ~420 s each now that every layer pass is replayed), then
 # refit the time constants to the three (`plan_validation.py --fit <the three JSONs> --median --fit-sections time`)
-# and look at Llama 3.1 8B's extra peak allocated with the backward graphs (0.1-0.5 GiB, growing with the tokens);
+# and M (Llama 3.1 8B's extra peak allocated with the backward graphs, 0.1-0.5 GiB, by allocation site);
 # S on x2 when it is lent; issue 16's production_scale.sh on x4 / x8. W, X, L and Y ran in the thirteenth session,
 # K and W in the twelfth, L a fourth time in the eleventh, T and L three times in the tenth, H, I, F, J in the ninth,
 # A, B, P, F in the eighth; what they measured is in benchmarks/speed_targets.md.
@@ -52,7 +54,7 @@ stock_if_time_left() {
   fi
   tail -4 "$out/setup.log"
 }
-case "${1:?A, B, D, G, H, I, J, K, L, T, P, F, S, W, X or Y}" in
+case "${1:?A, B, D, G, H, I, J, K, L, M, T, P, F, S, W, X or Y}" in
   X)  # 6 files: setup.log, gpu_tests.log, step_ab.json, report_{true,false}.json, stock/stock_baseline.json
     # engine.backward_graphs on by default (thirteenth session): the graphs' GPU tests with the gpt-oss mask fix,
     # the seed as written (default), the same with the backward eager, auto; `moefit train` (tiny, packed) with
@@ -83,6 +85,19 @@ case "${1:?A, B, D, G, H, I, J, K, L, T, P, F, S, W, X or Y}" in
       "b4x2_firstpass:backward_graphs=false:--batch 4 --grad-accum 2 $lim" \
       "b2x4_graphs::--batch 2 --grad-accum 4 $lim" > "$out/y.log" 2>&1
     echo "layouts rc $?" >> "$out/setup.log"; cat "$out/y.log"; rm -f "$out/y.log"
+    ;;
+  M)  # 4 files: setup.log, peak/{on,off}.json, peak/diff.txt
+    # What Llama 3.1 8B's peak allocated holds with and without engine.backward_graphs (call L: 0.1-0.5 GiB more
+    # with them, growing with the tokens, beyond what the planner counts), by allocation site.
+    mkdir -p "$out/peak"
+    for g in true false; do
+      name=$([ "$g" = true ] && echo on || echo off)
+      timeout 200 python3 benchmarks/peak_probe.py --model llama3.1-8b --seq-len 16384 --grad-accum 2 \
+        --engine backward_graphs=$g --out "$out/peak/$name.json" >> "$out/setup.log" 2>&1
+      echo "probe backward_graphs=$g rc $?" >> "$out/setup.log"
+    done
+    python3 benchmarks/peak_probe.py --diff "$out/peak/off.json" "$out/peak/on.json" > "$out/peak/diff.txt" 2>&1
+    cat "$out/peak/diff.txt"; tail -3 "$out/setup.log"
     ;;
   W)  # 4 files: setup.log, gpu_tests.log, step_ab.json, stock/stock_baseline.json
     # engine.backward_graphs (each layer's recomputation and backward replayed too). Run at 3ed0323 (twelfth
