@@ -177,7 +177,7 @@ class EngineConfig:
     # With layer_graphs: each layer's recomputation and backward captured as a CUDA graph too (after its first
     # eager backward) and replayed: one launch instead of ~310 per Scout layer and micro-step, the LoRA gradients
     # accumulated after each replay (moefit/models/layer_graphs.py). Its memory sits in the graphs' pool (planned).
-    # Eager under data parallelism (DistributedDataParallel reduces from autograd's accumulation hooks). On an H200
+    # Kept under data parallelism (the ranks' gradients are summed after the last backward). On an H200
     # the seed step (Scout 1 x 8, real weights) ran 2,333 -> 2,561 tok/s, GPU busy 89 -> 99 %
     # (benchmarks/speed_targets.md)
     backward_graphs: bool = True

@@ -329,9 +329,10 @@ def test_a_run_that_fits_only_without_the_graphs_memory_runs_without_them():
 
 
 def test_data_parallel_keeps_the_graphs_and_torch_checkpoints_gradients(tmp_path):
-    """Two processes (torchrun, gloo), DistributedDataParallel as the trainer wraps it, an accumulation step
-    without the sync and one with it: the all-reduced LoRA gradients of the replayed first passes (stood in on
-    CPU) are torch's checkpoint's bit for bit (tests/graphs_dp_worker.py checks them on each rank)."""
+    """Two processes (torchrun, gloo), data parallelism as the trainer wraps it, an accumulation step without the
+    sync and one with it: the summed LoRA gradients of the replayed first passes, recomputations and backwards
+    (stood in on CPU) are torch's checkpoint's bit for bit and equal on the ranks (tests/graphs_dp_worker.py checks
+    them on each rank)."""
     import os
     import subprocess
     import sys

@@ -225,7 +225,7 @@ def test_faster_layout_keeps_the_sequences_per_step_and_fits():
     shape, step, mem = planner.faster_shape(fit)
     assert shape.batch * shape.grad_accum == 8 and shape.batch > 1 and shape.batch * 2048 <= FASTER_MAX_TOKENS
     assert step.step_s < 0.95 * fit.step.step_s
-    assert mem.total <= fit.gpu.memory_bytes - min(fit.margin_bytes, 0.05 * fit.gpu.memory_bytes)
+    assert mem.needed <= fit.gpu.memory_bytes - min(fit.margin_bytes, 0.05 * fit.gpu.memory_bytes)
     assert p.faster and f"train.batch_size {shape.batch}" in p.faster and "faster: " in p.render()
     tight = plan(cfg, gpus=["a100-40gb"])  # does not fit at all: nothing to make faster
     assert tight.faster is None
@@ -284,7 +284,8 @@ def test_step_time_overlaps_host_and_gpu_time():
     assert both.overhead_s == pytest.approx(cal["time"]["host_micro_step_s"]) and both.overhead_s < st.overhead_s
     assert both.step_s == pytest.approx(
         4 * (both.replayed_s + overlap(both.gpu_s - both.replayed_s, both.overhead_s, p)) + both.optimizer_s)
-    assert dataclasses.replace(shape, backward_graphs=True, num_gpus=2).replays_backward is False  # DDP: eager
+    assert dataclasses.replace(shape, backward_graphs=True, num_gpus=2).replays_backward  # data parallel too
+    assert not dataclasses.replace(shape, backward_graphs=True, expert_parallel=2).replays_backward  # EP: eager
     eager = step_time(f, dataclasses.replace(shape, layer_graphs=False), gpu, cal, by)
     assert eager.replayed_s == 0 and eager.step_s == pytest.approx(
         4 * overlap(eager.gpu_s, eager.overhead_s, p) + eager.optimizer_s)

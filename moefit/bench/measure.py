@@ -38,8 +38,8 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
     tokens/s over the timed steps; on CUDA with `profile_kernels`, one more (profiled) step for the GPU-busy
     fraction and the time in NCCL kernels.
 
-    In a data-parallel process group (torchrun) the model is wrapped as the trainer wraps it (DDP over the LoRA
-    parameters, gradients summed after the last micro-batch); the numbers are this rank's."""
+    In a data-parallel process group (torchrun) the model is wrapped as the trainer wraps it (its LoRA
+    gradients summed over the ranks after the last micro-batch); the numbers are this rank's."""
     from ..lora import lora_parameters
     from ..parallel import current_context
     from ..parallel.data_parallel import grad_sync, wrap_model
@@ -95,7 +95,7 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
             losses.append(out.loss.detach())
         mark()
         opt.step()
-        opt.zero_grad(set_to_none=not ctx.enabled)  # DDP's gradients are views of its buckets: keep them
+        opt.zero_grad(set_to_none=not ctx.enabled)  # data parallelism's gradients are views of flat buffers
         mark()
 
     times = []

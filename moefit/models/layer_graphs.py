@@ -21,8 +21,9 @@ on the host), an argument that is not a tensor / number / None, a third input sh
 an earlier replayed forward's backward may still run, or a failed capture (then for the rest of the run, with the
 reason logged). Packed and unpacked batches build other masks; with `masks_as_packed` every mask is built the
 packed way (the same masks), so they share one graph per layer.
-`stats()` counts each. Data parallelism keeps the graphs: DistributedDataParallel's gradient hooks fire in the
-recomputation's backward as they do in torch's checkpoint's (tests/graphs_dp_worker.py).
+`stats()` counts each. Data parallelism keeps the graphs, the backward's too: the ranks' LoRA gradients are
+summed after the step's last backward (parallel.data_parallel), from the `.grad` a replay accumulates into as
+autograd would (tests/graphs_dp_worker.py).
 """
 
 from __future__ import annotations
@@ -441,11 +442,6 @@ class LayerGraphs:
             return "off"
         if self.backward_disabled:
             return "disabled"
-        if graph.backward_needs_x is not None:
-            return None  # captured for the other input gradient (counted by the caller)
-        if _distributed():
-            # DistributedDataParallel reduces a gradient from autograd's accumulation hook, which a replay skips
-            return "data parallel"
         return None
 
     def grad_buffer(self, like: torch.Tensor) -> torch.Tensor:
@@ -460,12 +456,6 @@ class LayerGraphs:
         if key not in self._param_grad_buffers:
             self._param_grad_buffers[key] = [torch.zeros_like(p) for p in params]
         return self._param_grad_buffers[key]
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def describe(stats: dict[str, Any]) -> str:

@@ -4,10 +4,16 @@ and only the LoRA gradients are summed over the ranks.
 The gradient of a step is that of the mean loss over all label tokens of the step on every rank. Every rank reads
 the same global stream of micro-batches (the data order does not depend on the number of ranks) and knows the
 label-token count of the whole step without a collective: it sees every micro-batch of the step and trains only
-its own. The loss of each micro-batch is divided by that global count, and the ranks' gradients are *summed*
-(DDP averages by default; a comm hook sums instead), so N GPUs with grad_accum A give the gradient of one GPU
-with grad_accum N x A, and resuming on another number of GPUs with the same sequences per step continues the
-same data order.
+its own. The loss of each micro-batch is divided by that global count, and the ranks' gradients are *summed*,
+so N GPUs with grad_accum A give the gradient of one GPU with grad_accum N x A, and resuming on another number
+of GPUs with the same sequences per step continues the same data order.
+
+The sum is one all-reduce per optimizer step, after the last micro-step's backward (`grad_sync`), of flat buffers
+the LoRA gradients are views of, not DistributedDataParallel: DDP reduces from autograd's gradient-accumulation
+hooks, which a backward replayed from a CUDA graph (engine.backward_graphs) does not run, so under DDP the backward
+had to stay eager (2,363 against 2,534 tok/s on the seed step, H200). DDP as it was set up here did not overlap the
+reduction with the backward either (its buckets kept the parameters' order, so it started when the backward reached
+the first layer): the same communication, at the same point.
 """
 
 from __future__ import annotations
@@ -49,48 +55,65 @@ def take_step(batches: Iterator[tuple[dict[str, torch.Tensor], Any]], grad_accum
                        tokens=sum(batch_tokens(b) for b, _ in step), position=step[-1][1])
 
 
-def _sum_allreduce_hook(process_group, bucket):  # no annotations: DDP checks them against dist.GradBucket
-    """DDP communication hook: the bucket summed over ranks (DDP's built-in hook divides by the world size)."""
-    fut = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True).get_future()
-    return fut.then(lambda f: f.value()[0])
+class SummedLoraGradients:
+    """A model whose trainable (LoRA) parameters' gradients are summed over the ranks by `reduce`.
+
+    At construction rank 0's LoRA weights are broadcast (the ranks start equal whatever their initialisation), and
+    every gradient becomes a view of one flat buffer per dtype and device, allocated now while the model holds only
+    its weights: accumulation (autograd's, or a replayed backward's) adds into the views in place, and keeping
+    them (the optimizer's `zero_grad(set_to_none=False)`) keeps them views. The frozen NF4 weights and buffers are
+    left out: every rank loads the same weights, they are never broadcast (100 GB on a large model) and may live
+    on another device (the input embedding in host memory)."""
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter]):
+        self.module = model
+        self.params = params
+        for p in params:
+            dist.broadcast(p.data, src=0)
+        lora_copies.invalidate()  # rank 0's weights written in place: any compute copy is stale
+        groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
+        for p in params:
+            groups.setdefault((p.dtype, p.device), []).append(p)
+        self.buffers: list[torch.Tensor] = []
+        for (dtype, device), ps in groups.items():
+            flat = torch.zeros(sum(p.numel() for p in ps), dtype=dtype, device=device)
+            offset = 0
+            for p in ps:
+                view = flat[offset:offset + p.numel()].view_as(p)
+                if p.grad is not None:
+                    view.copy_(p.grad)
+                p.grad = view
+                offset += p.numel()
+            self.buffers.append(flat)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def reduce(self) -> None:
+        """Every rank's gradients summed, on every rank (after the step's last backward)."""
+        for flat in self.buffers:
+            dist.all_reduce(flat)
 
 
-def wrap_model(model: nn.Module, ctx: DistContext, exclude: set[int] | None = None) -> nn.Module:
-    """DistributedDataParallel over the trainable (LoRA) parameters. The frozen NF4 weights and buffers are left
-    out of DDP entirely: every rank loads the same weights, they are never broadcast (100 GB on a large model)
-    and may live on another device (the input embedding in host memory). Gradients are views into DDP's
-    buckets (no second copy of them); each bucket is summed over the ranks as soon as backward fills it."""
+def wrap_model(model: nn.Module, ctx: DistContext, exclude: set[int] | None = None) -> nn.Module | SummedLoraGradients:
+    """The model as data parallelism trains it: its trainable (LoRA) parameters' gradients summed over the ranks
+    (SummedLoraGradients), the model itself on one process or when nothing is left to sum."""
     exclude = exclude or set()  # ids of trainable parameters reduced elsewhere (expert parallelism's experts)
-    if not ctx.enabled or not any(p.requires_grad and id(p) not in exclude for p in model.parameters()):
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in exclude]
+    if not ctx.enabled or not params:
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    frozen = [n for n, p in model.named_parameters() if not p.requires_grad or id(p) in exclude]
-    frozen += [n for n, _ in model.named_buffers()]
-    DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
-    # Gradients that exist when DDP builds its buckets become views of them right away. Without this, the
-    # accumulation micro-steps before the first all-reduce would hold the gradients twice (their own tensors and
-    # the buckets): 4 GiB more on Llama 4 Scout. Keep them by zeroing in place (`zero_grad(set_to_none=False)`).
-    for p in model.parameters():
-        if p.requires_grad and p.grad is None and id(p) not in exclude:
-            p.grad = torch.zeros_like(p)
-    ddp = DDP(model, device_ids=None, gradient_as_bucket_view=True)  # no buffers: nothing to broadcast
-    lora_copies.invalidate()  # DDP broadcast rank 0's LoRA weights in place: any compute copy is stale
-    ddp.register_comm_hook(None, _sum_allreduce_hook)
-    # DDP re-lays its buckets once, in the order the first backward produced the gradients, at the start of the
-    # next forward: new buckets are allocated before the old ones go, a second copy of every LoRA gradient (4 GiB
-    # on Scout) on top of the optimizer state, above the step's own peak. Do it now, while the model holds only
-    # its weights: the buckets keep their parameter order, so the all-reduce starts when backward reaches the
-    # first layer instead of overlapping it; that costs the all-reduce time once per optimizer step (13 ms for
-    # Scout's 4.4 GB of fp32 LoRA gradients over NVLink against a ~10 s step), not per micro-step.
-    ddp.reducer._push_all_rebuilt_params()
-    ddp.reducer._rebuild_buckets()
-    return ddp
+    return SummedLoraGradients(model, params)
 
 
-def grad_sync(wrapped: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-    """Around a micro-step's forward and backward: without `sync` the gradients only accumulate locally (all but
-    the last micro-step of an optimizer step); a plain model needs no context."""
-    if sync or not hasattr(wrapped, "no_sync"):
-        return contextlib.nullcontext()
-    return wrapped.no_sync()
+def grad_sync(wrapped: nn.Module | SummedLoraGradients, sync: bool) -> contextlib.AbstractContextManager:
+    """Around a micro-step's forward and backward: with `sync` (the optimizer step's last micro-step) the ranks'
+    gradients are summed when it ends; the other micro-steps only accumulate locally, as does a plain model."""
+    if sync and isinstance(wrapped, SummedLoraGradients):
+        return _reduced_after(wrapped)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _reduced_after(wrapped: SummedLoraGradients) -> Iterator[None]:
+    yield  # (a micro-step that raised is not reduced)
+    wrapped.reduce()

@@ -9,8 +9,8 @@ The model mirrors how the engine stores and computes (DESIGN.md, "Engine princip
 The peak is the largest of the loss phase and the backward of each layer, walking the layers from the last to
 the first as the backward does (checkpoints are freed and LoRA gradients appear as it goes).
 On several GPUs in data parallel each GPU holds all of this (the whole model, its share of the sequences); the
-LoRA gradients live in DDP's all-reduce buckets from the start (moefit.parallel.data_parallel), which lays them out
-once before training with a second copy alive for a moment, and NCCL holds buffers outside the allocator.
+LoRA gradients are views of flat buffers allocated before training, all-reduced once per optimizer step
+(moefit.parallel.data_parallel), and NCCL holds buffers outside the allocator.
 Empirical constants (allocator reserve, CUDA context, per-layer overheads) come from calibration.json.
 """
 
@@ -74,9 +74,9 @@ class RunShape:
 
     @property
     def replays_backward(self) -> bool:
-        """engine.backward_graphs in effect: the first pass replayed, and no data parallelism (DistributedDataParallel
-        reduces from autograd's accumulation hooks, which a replay skips: the backward stays eager)."""
-        return self.replays_first_pass and self.backward_graphs and self.num_gpus == 1
+        """engine.backward_graphs in effect: the first pass replayed (data parallelism keeps both: the ranks'
+        gradients are summed after the step's last backward, parallel.data_parallel)."""
+        return self.replays_first_pass and self.backward_graphs
 
     @property
     def tokens(self) -> int:
@@ -479,7 +479,8 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
     loss = loss_working_set(f, shape)
     loss_b = sum(loss.values())
     data_parallel = shape.num_gpus > 1
-    # Under DDP the gradients are views of its buckets, zeroed in place: they exist from the start.
+    # Under data parallelism the gradients are views of flat buffers allocated before training, zeroed in place:
+    # they exist from the start (parallel.data_parallel).
     resident_grads = shape.grad_accum > 1 or not cm["grads_freed_each_step"] or data_parallel
     base = sum(c.bytes for c in comps if c.key != "lora_grads") + cm["extra_allocated_bytes"]
     # name, total, grads, ckpts, working set, kept, the backward graphs' buffers
@@ -498,9 +499,6 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
         smaller = dataclasses.replace(shape, batch=shape.batch - 1)
         by_kind = {la: _layer_ws(layer_working_set(f, la, smaller)) for la in set(f.layers)}
         smaller_ws = {id(ws_kind[la]): v for la, v in by_kind.items()}
-    if data_parallel:  # DDP lays out its buckets before training: old and new buckets alive, no optimizer state yet
-        optim = optim_state
-        phases.append(("DDP bucket layout (before the first step)", base - optim + 2 * g_all, 2 * g_all, 0, 0, 0, 0))
     phases.append(("loss (lm_head chunks)", base + g0 + sum(ckpt) + graph_inputs + sum(kept) + rotary + loss_b
                    + bufs, g0, sum(ckpt) + graph_inputs, loss_b, sum(kept), bufs))
     grads_so_far = 0
@@ -520,8 +518,9 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
             # The run's first micro-step runs each layer's backward eagerly and then captures it: before any
             # optimizer step (no optimizer state yet), the gradients growing as the backward goes down.
             first = bufs + _r(T * h * BF16)
+            g_first = g_all if data_parallel else grads_so_far  # (data parallel: the buffers exist from the start)
             phases.append((f"backward (first, captured) of layer {i}",
-                           base - optim_state + grads_so_far + c + kept_below + rotary + w + first, grads_so_far, c,
+                           base - optim_state + g_first + c + kept_below + rotary + w + first, g_first, c,
                            w, kept_below, first))
             phases.append((f"backward (replayed) of layer {i}", base + g + c + kept_below + rotary + bufs, g, c, 0,
                            kept_below, bufs))

@@ -496,7 +496,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
     replicated = [p for n, p in params.items() if n not in expert_names and p.requires_grad]
     max_norm = t.max_grad_norm if t.max_grad_norm > 0 else math.inf
     has_eval = bool(bundle.eval) and not smoke
-    # DistributedDataParallel over the (replicated) LoRA parameters when several ranks; the experts' own LoRA
+    # Data parallelism over the (replicated) LoRA parameters when several ranks; the experts' own LoRA
     # gradients are complete on their rank (expert parallelism) and summed over replicas by `ep`.
     wrapped = wrap_model(model, ctx, exclude={id(p) for p in experts})
 
@@ -580,7 +580,7 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
             else:
                 optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=not ctx.enabled)  # DDP's gradients are views of its buckets: keep them
+            optimizer.zero_grad(set_to_none=not ctx.enabled)  # data parallelism's gradients are views of flat buffers: keep them
 
             step_loss = pdist.all_reduce_sum([float(loss_acc)], ctx)[0] / denom
             state.step += 1
