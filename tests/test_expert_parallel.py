@@ -75,12 +75,11 @@ def test_loading_a_slice_reads_only_its_experts(family, tmp_path, monkeypatch):
     """load_model(expert_shard=...) reads half the expert bytes from the checkpoint, holds experts
     [start, start + local) with the values of a whole load, names them globally, and its LoRA init equals the whole
     model's for those experts."""
-    from tests.families import CASES, write_checkpoint
-
     import moefit
     from moefit import safetensors_io
     from moefit.lora import add_lora, lora_parameters
     from moefit.moe.experts import MoefitExperts
+    from tests.families import CASES, write_checkpoint
 
     case = CASES[family]
     ckpt = tmp_path / "ckpt"
