@@ -40,7 +40,8 @@ def _install() -> None:
 
 def invalidate() -> None:
     """Every copy made so far is stale: for writes to the weights that neither move their version counters nor
-    come from an optimizer step (a collective such as data parallelism's broadcast of rank 0's weights at construction)."""
+    come from an optimizer step (a collective such as data parallelism's broadcast of rank 0's weights at
+    construction)."""
     _count_step()
 
 

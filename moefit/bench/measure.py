@@ -191,4 +191,3 @@ def cuda_time(fn, reps: int = 10, warmup: int = 2) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / reps / 1e3
-

@@ -32,8 +32,8 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
           lora_dtype: str = "float32", layout: str = "as_written",
           memory_limit_bytes: int | None = None, fp32_linear_scales: bool | None = None) -> dict[str, Any]:
     """Build once, measure each sequence length. Under torchrun (`moefit bench --gpus N`) every rank does the same
-    with the LoRA gradients summed over the ranks; the result (on every rank) holds each rank's peak memory and the total
-    tokens/s of the ranks, against the plan for N GPUs.
+    with the LoRA gradients summed over the ranks; the result (on every rank) holds each rank's peak memory and the
+    total tokens/s of the ranks, against the plan for N GPUs.
 
     `layout="auto"`: the micro-batch layout is chosen as the trainer's `train.layout: auto` chooses it (the
     planner's faster layout of the same sequences per optimizer step that fits this GPU), recorded with the layout

@@ -57,9 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --gpus: split every MoE layer's routed experts over N of the GPUs (parallel.expert), "
                         "each building only its slice")
     p.add_argument("--gpus", type=int, default=None, metavar="N",
-                   help="measure data-parallel training on N GPUs of this host (one process each, the LoRA gradients summed "
-                        "over them, as `moefit train --gpus N`); per-GPU memory against `moefit plan "
-                        "--num-gpus N`, tokens/s of all GPUs together")
+                   help="measure data-parallel training on N GPUs of this host (one process each, the LoRA "
+                        "gradients summed over them, as `moefit train --gpus N`); per-GPU memory against "
+                        "`moefit plan --num-gpus N`, tokens/s of all GPUs together")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=run)
 

@@ -578,5 +578,3 @@ def graph_pool_bytes(device: torch.device) -> dict[str, int]:
              if s.get("device") == cuda_index(device) and tuple(s.get("segment_pool_id") or (0, 0)) != (0, 0)]
     reserved = sum(s["total_size"] for s in pools)
     return {"graph_pool_bytes": reserved, "graph_pool_idle_bytes": reserved - sum(s["allocated_size"] for s in pools)}
-
-

@@ -67,7 +67,6 @@ class SummedLoraGradients:
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter]):
         self.module = model
-        self.params = params
         for p in params:
             dist.broadcast(p.data, src=0)
         lora_copies.invalidate()  # rank 0's weights written in place: any compute copy is stale

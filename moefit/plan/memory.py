@@ -494,11 +494,13 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
     bufs = _r(T * h * BF16) + sum(dict(zip(f.layers, grad_by_layer, strict=True)).values()) \
         if shape.replays_backward else 0
     optim_state = next(c.bytes for c in comps if c.key == "optimizer_state")
-    smaller_ws: dict[int, int] = {}
+    # an epoch's last, smaller micro-batch (engine.backward_graphs): its layers' working sets, by kind of layer
+    smaller_ws: dict = {}
     if shape.replays_backward and shape.batch > 1:
         smaller = dataclasses.replace(shape, batch=shape.batch - 1)
-        by_kind = {la: _layer_ws(layer_working_set(f, la, smaller)) for la in set(f.layers)}
-        smaller_ws = {id(ws_kind[la]): v for la, v in by_kind.items()}
+        smaller_ws = {la: _layer_ws(layer_working_set(f, la, smaller)) for la in set(f.layers)}
+    # while a layer's backward is captured: the replays' buffers and the eager input gradient
+    captured = bufs + _r(T * h * BF16) if shape.replays_backward else 0
     phases.append(("loss (lm_head chunks)", base + g0 + sum(ckpt) + graph_inputs + sum(kept) + rotary + loss_b
                    + bufs, g0, sum(ckpt) + graph_inputs, loss_b, sum(kept), bufs))
     grads_so_far = 0
@@ -517,17 +519,16 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
         if shape.replays_backward:
             # The run's first micro-step runs each layer's backward eagerly and then captures it: before any
             # optimizer step (no optimizer state yet), the gradients growing as the backward goes down.
-            first = bufs + _r(T * h * BF16)
             g_first = g_all if data_parallel else grads_so_far  # (data parallel: the buffers exist from the start)
             phases.append((f"backward (first, captured) of layer {i}",
-                           base - optim_state + g_first + c + kept_below + rotary + w + first, g_first, c,
-                           w, kept_below, first))
+                           base - optim_state + g_first + c + kept_below + rotary + w + captured, g_first, c,
+                           w, kept_below, captured))
             phases.append((f"backward (replayed) of layer {i}", base + g + c + kept_below + rotary + bufs, g, c, 0,
                            kept_below, bufs))
             if smaller_ws:  # an epoch's last, smaller micro-batch: its graphs captured later, with everything alive
-                w_s = smaller_ws[id(ws[i])]
+                w_s = smaller_ws[f.layers[i]]
                 phases.append((f"backward (smaller last batch, captured) of layer {i}",
-                               base + g + c + kept_below + rotary + w_s + first, g, c, w_s, kept_below, first))
+                               base + g + c + kept_below + rotary + w_s + captured, g, c, w_s, kept_below, captured))
         else:
             phases.append((f"backward of layer {i}", base + g + c + kept_below + rotary + w, g, c, w, kept_below, 0))
     name, peak, g_at, c_at, w_at, k_at, b_at = max(phases, key=lambda p: p[1])

@@ -149,8 +149,9 @@ def render_plan(plan) -> str:
             f"{g.max_batch or '-':>9} {'-' if st is None else f'{st.step_s:.2f}s':>7} "
             f"{'-' if st is None else f'{st.tokens_per_s:.0f}':>7} {_hours(g.run_hours):>8} "
             f"{_money(g.gpu.usd_per_hour):>8} {_money(g.cost_usd):>10}")
-    lines.append("  (memory and margin in GiB; margin = GPU memory - needed (TOTAL less blocks freed on demand); max seq at "
-                 "this batch, max batch at this seq; step = one optimizer step; run and cost only where it fits)")
+    lines.append("  (memory and margin in GiB; margin = GPU memory - needed (TOTAL less blocks freed on demand); "
+                 "max seq at this batch, max batch at this seq; step = one optimizer step; run and cost only where "
+                 "it fits)")
     n = s.num_gpus
     if n > 1:
         timed = [g.step for g in plan.gpus if g.step is not None]

@@ -200,16 +200,17 @@ def expert_read_excess(work: dict[str, float], matmul_s_per_flop: float, gpu: Gp
     return max(0.0, read - work.get("routed_matmul", 0.0) * matmul_s_per_flop)
 
 
-def replayed_work(f: ModelFacts, shape: RunShape, weight_bytes: dict[str, int]) -> dict[str, float]:
+def replayed_work(f: ModelFacts, shape: RunShape, weight_bytes: dict[str, int],
+                  work: dict[str, float]) -> dict[str, float]:
     """The GPU work (GPU_TERMS) of the decoder layers' passes replayed from CUDA graphs: the first pass
     (engine.layer_graphs), with engine.backward_graphs the recomputation and backward too; else nothing. The host
     queues those replays in moments and goes on, but it can run ahead of the GPU only by the launch queue's depth
     (about a layer's kernels): their GPU time is not covered by host work and adds to the rest of the micro-step
-    (micro_step_seconds). What stays eager with both: the embedding and the chunked loss."""
+    (micro_step_seconds). What stays eager with both: the embedding and the chunked loss. `work`: the micro-step's
+    (time_work), of which the replays are all but the loss with engine.backward_graphs."""
     if not shape.replays_first_pass:
         return dict.fromkeys(GPU_TERMS, 0.0)
     if shape.replays_backward:
-        work = time_work(f, shape, weight_bytes)
         wp = weight_passes(f, shape)
         head = f.groups()["lm_head"] or f.groups()["embed_tokens"]
         return {"matmul": work["matmul"] - 2.0 * wp["lm_head"] * head * shape.tokens,
@@ -342,7 +343,7 @@ def step_time(f: ModelFacts, shape: RunShape, gpu: Gpu, calib: dict[str, Any], w
     work = time_work(f, shape, weight_bytes)
     unit = seconds_per_unit(gpu, ct, f.family, shape.nf4_decoder)
     sec = {k: work[k] * unit[k] for k in TIME_TERMS}
-    first = replayed_work(f, shape, weight_bytes)
+    first = replayed_work(f, shape, weight_bytes, work)
     read_excess = expert_read_excess(work, unit["matmul"], gpu, ct)
     replayed_s = sum(first[k] * unit[k] for k in GPU_TERMS) + expert_read_excess(first, unit["matmul"], gpu, ct)
     compute = sec["matmul"] + sec["attention"] + sec["masked_attention"]

@@ -327,7 +327,8 @@ class _TimeRecords:
                 continue
             f, shape = record_facts(rec), record_shape(rec)
             by = estimate_memory(f, shape, calib).by_key()
-            work, first = time_work(f, shape, by), replayed_work(f, shape, by)
+            work = time_work(f, shape, by)
+            first = replayed_work(f, shape, by, work)
             unit = seconds_per_unit(gpu, ones, nf4_decoder=shape.nf4_decoder)
             opt = optimizer_seconds(f, shape, gpu, dict(calib["time"], optimizer_tensor_s=0.0))[1]
             read_rate = gpu.bandwidth_gbs * 1e9 * calib["time"]["bandwidth_efficiency"]

@@ -244,7 +244,8 @@ def fit_check(cfg: RunConfig, gpu_label: str, gpu_memory_bytes: int, num_gpus: i
     if plan.fits:
         return plan, None
     return plan, (f"the run does not fit on this {gpu_label} ({fmt_bytes(gpu_memory_bytes)}): predicted "
-                  f"{fmt_bytes(plan.memory.needed)} on the GPU (peak allocated {fmt_bytes(plan.memory.peak_allocated)})."
+                  f"{fmt_bytes(plan.memory.needed)} on the GPU "
+                  f"(peak allocated {fmt_bytes(plan.memory.peak_allocated)})."
                   f" {plan.suggestion or ''} Run `moefit plan` for the breakdown, or pass --force to try anyway.")
 
 
@@ -580,7 +581,8 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
             else:
                 optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=not ctx.enabled)  # data parallelism's gradients are views of flat buffers: keep them
+            # data parallelism's gradients are views of flat buffers: keep them
+            optimizer.zero_grad(set_to_none=not ctx.enabled)
 
             step_loss = pdist.all_reduce_sum([float(loss_acc)], ctx)[0] / denom
             state.step += 1
