@@ -212,6 +212,21 @@ def test_tokens_per_second_counts_the_datas_tokens_not_the_padding():
     assert batch_tokens({"input_ids": torch.zeros(2, 5, dtype=torch.long)}) == 10  # an uncollated batch: every id
 
 
+def test_one_shape_for_the_graphs_pads_an_epochs_last_batch_with_rows_of_padding():
+    """With pad_to (the layer graphs replaying) every batch is batch_size rows of pad_to tokens: an epoch's last,
+    shorter batch gets rows of padding only (no labels), so no second shape is captured; without, it stays short."""
+    seqs = [{"input_ids": [i] * (1 + i), "labels": [IGNORE] + [i] * i, "position_ids": list(range(1 + i))}
+            for i in range(6)]
+    for pad_to in (None, 16):
+        it = iterate_batches(seqs, 4, seed=1, pad_id=99, shuffle=False, pad_to=pad_to)
+        (first, _), (last, _) = next(it), next(it)
+        assert last["input_ids"].shape == ((4, 16) if pad_to else (2, 6))
+        assert last.real_tokens == 5 + 6 and first.real_tokens == 1 + 2 + 3 + 4
+        if pad_to:
+            assert (last["input_ids"][2:] == 99).all() and (last["labels"][2:] == IGNORE).all()
+            assert last["position_ids"][2:].tolist() == [list(range(16))] * 2
+
+
 def test_embedded_data_set_and_tiny_tokenizer():
     tok = load_tokenizer("tiny")
     b = build_datasets(DataConfig(), tok, max_length=256, seed=0)

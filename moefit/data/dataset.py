@@ -242,12 +242,14 @@ def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
     return batch.real_tokens if isinstance(batch, Batch) else int(batch["input_ids"].numel())
 
 
-def collate(rows: list[Sequence], pad_id: int, pad_to: int | None = None) -> Batch:
+def collate(rows: list[Sequence], pad_id: int, pad_to: int | None = None, rows_to: int | None = None) -> Batch:
     """Right-pad rows to the longest (at least `pad_to`): pad_id with label -100; padding gets its own restarting
-    positions."""
+    positions. `rows_to`: rows of padding only are added up to that many rows (no labels: they change neither the
+    loss nor a gradient)."""
     length = max(max(len(r["input_ids"]) for r in rows), pad_to or 0)
     ids, labels, pos = [], [], []
-    for r in rows:
+    empty: Sequence = {"input_ids": [], "labels": [], "position_ids": []}
+    for r in [*rows, *[empty] * max(0, (rows_to or 0) - len(rows))]:
         n = length - len(r["input_ids"])
         ids.append(r["input_ids"] + [pad_id] * n)
         labels.append(r["labels"] + [IGNORE_INDEX] * n)
@@ -263,8 +265,10 @@ def iterate_batches(sequences: list[Sequence], batch_size: int, seed: int, start
                     ) -> Iterator[tuple[dict[str, torch.Tensor], DataPosition]]:
     """Endless batches over epochs, each with the position to resume from after it.
 
-    The last batch of an epoch may be smaller than batch_size (no sequence is dropped or repeated). `pad_to`: every
-    batch at least that many tokens long (one shape for CUDA graphs, engine.layer_graphs).
+    The last batch of an epoch may hold fewer sequences than batch_size (no sequence is dropped or repeated).
+    `pad_to`: every batch at least that many tokens long and batch_size rows (an epoch's last batch gets rows of
+    padding only): one shape for CUDA graphs (engine.layer_graphs), whose graphs for a second shape would hold their
+    own outputs and pool.
     """
     n = len(sequences)
     if n == 0:
@@ -282,5 +286,5 @@ def iterate_batches(sequences: list[Sequence], batch_size: int, seed: int, start
         while index < n:
             rows = [sequences[i] for i in order[index:index + batch_size]]
             index += len(rows)
-            yield collate(rows, pad, pad_to), (DataPosition(epoch, index) if index < n else DataPosition(epoch + 1, 0))
+            yield collate(rows, pad, pad_to, batch_size if pad_to else None), (DataPosition(epoch, index) if index < n else DataPosition(epoch + 1, 0))
         epoch, index = epoch + 1, 0

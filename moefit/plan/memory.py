@@ -409,19 +409,14 @@ def _static_parts(f: ModelFacts, shape: RunShape) -> tuple:
 def layer_graph_pool_bytes(f: ModelFacts, shape: RunShape, backward_working_set: int = 0) -> int:
     """The CUDA graphs' own memory (models.layer_graphs): the largest layer's first-pass temporaries, held in
     their pool apart from the eager allocator's for the run (a first pass saves nothing, so at its peak it holds
-    one decoded weight, an MoE layer's whole routed bank, and the few activations around it), and at a
-    micro-batch above 1 the graphs of an epoch's last, smaller batch: their captured outputs (one [b, S, H] per
-    layer, b < B) and what they keep for the recomputation. (Packed and unpacked rows share one graph: the trainer
-    pads to max_length and builds every mask the packed way, host_positions.as_packed.)
+    one decoded weight, an MoE layer's whole routed bank, and the few activations around it). One input shape per
+    run: the trainer pads every micro-batch to max_length and an epoch's last one to batch_size rows
+    (data.dataset.iterate_batches), and builds every mask the packed way (host_positions.as_packed).
     With engine.backward_graphs (shape.replays_backward) the recomputations and backwards share that pool: it
     holds the larger of the two, `backward_working_set` being the largest layer's recompute working set."""
     if not shape.replays_first_pass:
         return 0
     T, h = shape.tokens, f.hidden
-    smaller = (shape.batch - 1) * shape.seq_len  # the tokens of the largest smaller batch
-    second = f.num_layers * _r(smaller * h * BF16)
-    if shape.keep_routed_gate_up and f.num_experts and smaller:
-        second += f.moe_layers * 2 * _r(smaller * f.top_k * f.expert_intermediate * BF16)
     peaks = [_r(max(f.q_dim, f.kv_dim) * h * BF16) + 2 * _r(T * (f.q_dim + 2 * f.kv_dim) * BF16)]
     if f.num_experts:
         Tk, ei = T * f.top_k, f.expert_intermediate
@@ -431,7 +426,7 @@ def layer_graph_pool_bytes(f: ModelFacts, shape: RunShape, backward_working_set:
         peaks.append(_r(inter * h * BF16) + 3 * _r(T * inter * BF16) + 2 * _r(T * h * BF16))
     if shape.replays_backward:
         peaks.append(backward_working_set)
-    return max(peaks) + second
+    return max(peaks)
 
 
 def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> MemoryEstimate:
@@ -494,11 +489,6 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
     bufs = _r(T * h * BF16) + sum(dict(zip(f.layers, grad_by_layer, strict=True)).values()) \
         if shape.replays_backward else 0
     optim_state = next(c.bytes for c in comps if c.key == "optimizer_state")
-    # an epoch's last, smaller micro-batch (engine.backward_graphs): its layers' working sets, by kind of layer
-    smaller_ws: dict = {}
-    if shape.replays_backward and shape.batch > 1:
-        smaller = dataclasses.replace(shape, batch=shape.batch - 1)
-        smaller_ws = {la: _layer_ws(layer_working_set(f, la, smaller)) for la in set(f.layers)}
     # while a layer's backward is captured: the replays' buffers and the eager input gradient
     captured = bufs + _r(T * h * BF16) if shape.replays_backward else 0
     phases.append(("loss (lm_head chunks)", base + g0 + sum(ckpt) + graph_inputs + sum(kept) + rotary + loss_b
@@ -525,10 +515,6 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
                            w, kept_below, captured))
             phases.append((f"backward (replayed) of layer {i}", base + g + c + kept_below + rotary + bufs, g, c, 0,
                            kept_below, bufs))
-            if smaller_ws:  # an epoch's last, smaller micro-batch: its graphs captured later, with everything alive
-                w_s = smaller_ws[f.layers[i]]
-                phases.append((f"backward (smaller last batch, captured) of layer {i}",
-                               base + g + c + kept_below + rotary + w_s + captured, g, c, w_s, kept_below, captured))
         else:
             phases.append((f"backward of layer {i}", base + g + c + kept_below + rotary + w, g, c, w, kept_below, 0))
     name, peak, g_at, c_at, w_at, k_at, b_at = max(phases, key=lambda p: p[1])
@@ -578,7 +564,7 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
     if pool:
         held = "first-pass temporaries" if not backward_ws else "first-pass or recompute + backward temporaries"
         comps.append(Component("layer_graph_pool", "CUDA graphs' memory (layer_graphs)", pool, "overhead",
-                               f"one layer's {held} (+ a smaller last batch's graphs)"))
+                               f"one layer's {held}"))
         reserve += pool
     if backward_ws:  # each backward capture's warm-up runs on the capture stream: its blocks stay cached there
         comps.append(Component("capture_stream_cache", "capture stream's cache (backward_graphs)",
