@@ -101,6 +101,11 @@ class TrainConfig:
     # step on an H200) for tokens x top_k x expert_intermediate x 4 bytes per MoE layer until backward (~2.9 GiB
     # on Scout at seq 2048, ~5.9 GiB at 4096). Off by default: memory first. `moefit plan` counts it.
     keep_routed_gate_up: bool = False
+    # With checkpointing: each decoder layer's saved input kept in pinned host memory from its first pass until its
+    # backward instead of on the GPU (models/offload.py): the GPU holds two or three of them instead of one per layer
+    # (Scout at 8 x 2048 tokens per micro-step: 7.5 GiB less), the host that much more; the copies run on a stream of
+    # their own under the layers' compute. The layers' first passes then run eagerly (no engine.layer_graphs).
+    offload_checkpoints: bool = False
     # On a GPU, `auto` runs the same optimizer step (same sequences, same gradient: the loss is averaged over all
     # of its label tokens) in the fastest layout `moefit plan` finds that fits with margin: micro-batch x
     # grad_accum, the input embedding in host memory, kept gate/up outputs; the run says what it chose and
@@ -293,6 +298,9 @@ def _check_values(cfg: RunConfig) -> None:
     need(lo.expert_r is None or lo.expert_r >= 0, "lora.expert_r", "must be 0 (no LoRA on routed experts) or more.")
     need(lo.alpha > 0, "lora.alpha", f"must be positive, got {lo.alpha}.")
     need(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {lo.dropout}.")
+    need(t.gradient_checkpointing or not t.offload_checkpoints, "train.offload_checkpoints",
+         "offloads gradient checkpointing's saved layer inputs: set train.gradient_checkpointing: true too "
+         "(or train.offload_checkpoints: false).")
     for i, name in enumerate(lo.targets):
         full = LORA_TARGET_ALIASES.get(name, name)
         need(full in LORA_TARGETS, f"lora.targets[{i}]",

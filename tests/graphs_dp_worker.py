@@ -2,7 +2,8 @@
 data parallelism as the trainer wraps it, two micro-steps per optimizer step (the ranks' gradients summed after the
 second), once through torch's checkpoint and once with each layer's first pass, recomputation and backward stood
 in for graph replays (LayerGraphs(stand_in=True, backward=True): the first micro-step's backward eager, then
-captured, the second's replayed): the summed LoRA gradients must be the same bit for bit, and equal on the ranks.
+captured, the second's replayed), and once with the layers' saved inputs offloaded (train.offload_checkpoints):
+the summed LoRA gradients must be the same bit for bit, and equal on the ranks.
 argv[1]: a folder holding the tiny config; rank 0 writes `ok` there."""
 
 import sys
@@ -15,8 +16,10 @@ from moefit.parallel.dist import init_distributed
 from tests.test_layer_graphs import built
 
 
-def gradients(folder: Path, graphs: bool, rank: int) -> dict[str, torch.Tensor]:
+def gradients(folder: Path, graphs: bool, rank: int, offloaded: bool = False) -> dict[str, torch.Tensor]:
     model = built(folder, keep=True, graphs=graphs, backward=True)
+    if offloaded:  # train.offload_checkpoints: the saved inputs in (stood-in) host memory, the inner backward
+        model.enable_gradient_checkpointing(keep_routed_gate_up=True, offload_checkpoints=True)
     wrapped = wrap_model(model, ctx)
     gen = torch.Generator().manual_seed(rank)
     for i in range(2):
@@ -35,8 +38,9 @@ if __name__ == "__main__":
     folder = Path(sys.argv[1])
     ctx = init_distributed("cpu")
     plain, replayed = gradients(folder, False, ctx.rank), gradients(folder, True, ctx.rank)
-    assert plain.keys() == replayed.keys() and len(plain) > 10
-    differ = [k for k in plain if not torch.equal(plain[k], replayed[k])]
+    offloaded = gradients(folder, False, ctx.rank, offloaded=True)
+    assert plain.keys() == replayed.keys() == offloaded.keys() and len(plain) > 10
+    differ = [k for k in plain if not torch.equal(plain[k], replayed[k]) or not torch.equal(plain[k], offloaded[k])]
     assert not differ, differ
     # summed: every rank holds the same gradients (rank 0's copy compared on each rank)
     for name, g in sorted(replayed.items()):

@@ -97,6 +97,20 @@ def test_replayed_backward_gives_torch_checkpoints_gradients(tmp_path, config, k
     assert stats["backward"] == {"replayed": 9, "eager": {}, "disabled": None}
 
 
+def train_three_steps(model, ids: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Three AdamW steps of two micro-steps each (`ids`: six batches), gradients set to None between steps; the
+    trained LoRA weights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for step in range(3):
+        for micro in range(2):
+            torch.manual_seed(10 * step + micro)
+            (model(ids[2 * step + micro], labels=ids[2 * step + micro]).loss / 2).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def test_replayed_backward_across_optimizer_steps_trains_as_torch_checkpoint(tmp_path):
     """Three AdamW steps of two micro-steps each, gradients set to None between steps (the first replayed backward
     of a step takes its gradients, the second adds): the LoRA weights after training equal torch's checkpoint's
@@ -106,16 +120,7 @@ def test_replayed_backward_across_optimizer_steps_trains_as_torch_checkpoint(tmp
     trained = {}
     for graphs in (False, True):
         model = _model(tmp_path / str(graphs), "top1-4e-norope", False, graphs, backward=True)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-2)
-        for step in range(3):
-            for micro in range(2):
-                torch.manual_seed(10 * step + micro)
-                (model(ids[2 * step + micro], labels=ids[2 * step + micro]).loss / 2).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        trained[graphs] = ({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
-                           model.layer_graphs)
+        trained[graphs] = (train_three_steps(model, ids), model.layer_graphs)
     (plain, _), (replayed, layer_graphs) = trained[False], trained[True]
     assert all(torch.equal(plain[k], replayed[k]) for k in plain), [k for k in plain
                                                                     if not torch.equal(plain[k], replayed[k])]
@@ -331,8 +336,8 @@ def test_a_run_that_fits_only_without_the_graphs_memory_runs_without_them():
 def test_data_parallel_keeps_the_graphs_and_torch_checkpoints_gradients(tmp_path):
     """Two processes (torchrun, gloo), data parallelism as the trainer wraps it, an accumulation step without the
     sync and one with it: the summed LoRA gradients of the replayed first passes, recomputations and backwards
-    (stood in on CPU) are torch's checkpoint's bit for bit and equal on the ranks (tests/graphs_dp_worker.py checks
-    them on each rank)."""
+    (stood in on CPU), and those with the layers' saved inputs offloaded (train.offload_checkpoints), are torch's
+    checkpoint's bit for bit and equal on the ranks (tests/graphs_dp_worker.py checks them on each rank)."""
     import os
     import subprocess
     import sys

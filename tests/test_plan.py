@@ -231,6 +231,35 @@ def test_faster_layout_keeps_the_sequences_per_step_and_fits():
     assert tight.faster is None
 
 
+def test_offloaded_checkpoints_are_counted_and_chosen_where_they_make_a_faster_layout_fit():
+    """train.offload_checkpoints: two saved layer inputs on the GPU instead of one per layer, the layer graphs out of
+    the plan (they hold every output on the GPU); at 80 GB the seed's faster layout is 8 x 1 with them (8 x 1 keeping
+    the inputs on the GPU is over auto's margin), and a Scout row too long for an H100 is told it fits with them."""
+    import dataclasses
+
+    from moefit.plan.memory import OFFLOADED_ON_DEVICE
+    from moefit.plan.planner import _Planner
+
+    cfg = config_from_dict({"model": "llama4-scout", "train": {"max_length": 2048, "batch_size": 8, "grad_accum": 1}})
+    planner = _Planner(cfg, load_calibration())
+    kept = dataclasses.replace(planner.shape, layer_graphs=False)
+    offloaded = dataclasses.replace(kept, offload_checkpoints=True)
+    assert offloaded.replays_first_pass is False and dataclasses.replace(offloaded, layer_graphs=True) \
+        .replays_first_pass is False
+    one = 8 * 2048 * planner.facts.hidden * 2
+    by_kept, by_off = planner.memory(kept).by_key(), planner.memory(offloaded).by_key()
+    assert by_off["checkpoints"] < by_kept["checkpoints"] and by_off["checkpoints"] <= OFFLOADED_ON_DEVICE * one * 1.1
+    assert planner.memory(offloaded).needed < planner.memory(kept).needed - 3 * 2**30
+
+    seed = config_from_dict({"model": "llama4-scout", "train": {"max_length": 2048, "batch_size": 1, "grad_accum": 8}})
+    p = plan(seed, gpus=["h100-80gb"])
+    assert "train.offload_checkpoints true" in p.faster and "train.batch_size 8" in p.faster
+    assert p.faster_settings["train.offload_checkpoints"] is True
+    long = config_from_dict({"model": "llama4-scout", "train": {"max_length": 16384, "batch_size": 1, "grad_accum": 1}})
+    q = plan(long, gpus=["h100-80gb"])
+    assert not q.gpus[0].fits and "train.offload_checkpoints true fits" in q.render()
+
+
 def test_weight_passes_follow_what_the_recomputation_skips():
     """Per weight group, the frozen matmul passes of a checkpointed micro-step: forward + backward always, and in
     the recomputation everything but Llama 4's routed / shared down projections and, when kept, the routed gate/up;

@@ -31,7 +31,8 @@ def _make_optimizer(params: list[nn.Parameter], name: str, lr: float = 1e-5):
 
 def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: int = 3, warmup: int = 1,
                      optimizer: str = "adamw_8bit", gradient_checkpointing: bool = True, grad_accum: int = 1,
-                     seed: int = 0, keep_routed_gate_up: bool = False, profile_kernels: bool = True
+                     seed: int = 0, keep_routed_gate_up: bool = False, offload_checkpoints: bool = False,
+                     profile_kernels: bool = True
                      ) -> dict[str, Any]:
     """QLoRA steps on random tokens. Each step: `grad_accum` micro-batches of [batch, seq_len], one optimizer
     step, gradients freed. Returns peak allocated/reserved bytes (over warmup + timed steps), mean step time and
@@ -52,7 +53,8 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
     if not params:
         raise MoefitError("measure_training needs a model with LoRA parameters (add_lora).")
     if gradient_checkpointing:
-        model.enable_gradient_checkpointing(keep_routed_gate_up=keep_routed_gate_up)
+        model.enable_gradient_checkpointing(keep_routed_gate_up=keep_routed_gate_up,
+                                            offload_checkpoints=offload_checkpoints)
     if model.layer_graphs is not None and model.layer_graphs.graphs:
         # Each measurement as a run of its own (a run replays one shape): fresh graphs. Those of an earlier
         # measurement's shapes would hold their memory here and push this one's shapes past the graphs kept per
@@ -136,6 +138,8 @@ def measure_training(model: MoefitCausalLM, *, seq_len: int, batch: int, steps: 
         # own stream, overlapping the backward) are counted apart.
         result["kernel_s"], result["nccl_kernel_s"], result["kernel_launches"] = kernel_profile(one_step)
         result["gpu_busy_fraction"] = result["kernel_s"] / step_s
+    if model.host_checkpoints is not None:  # train.offload_checkpoints: the most host memory held at once
+        result["offloaded_checkpoint_bytes"] = model.host_checkpoints.peak_saved_bytes
     if model.layer_graphs is not None:  # engine.layer_graphs: what replayed, what ran eagerly
         result["layer_graphs"] = model.layer_graphs.stats()
     return result  # the optimizer (and its state) goes with this frame

@@ -28,6 +28,7 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
           rank: int = 32, expert_rank: int | None = None, targets: list[str] | None = None,
           optimizer: str = "adamw_8bit", steps: int = 3, warmup: int = 1, device: str = "cuda",
           embeddings_on_host: bool = False, grad_accum: int = 1, keep_routed_gate_up: bool = False,
+          offload_checkpoints: bool = False,
           engine: EngineConfig | None = None, expert_parallel: int = 1,
           lora_dtype: str = "float32", layout: str = "as_written",
           memory_limit_bytes: int | None = None, fp32_linear_scales: bool | None = None) -> dict[str, Any]:
@@ -71,12 +72,14 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
                 chosen = choose_layout(model, lora, QuantConfig(embeddings_on_host=embeddings_on_host,
                                                                 fp32_linear_scales=fp32_linear_scales),
                                        TrainConfig(max_length=seq_lens[0], batch_size=batch, grad_accum=grad_accum,
-                                                   optimizer=optimizer, keep_routed_gate_up=keep_routed_gate_up),
+                                                   optimizer=optimizer, keep_routed_gate_up=keep_routed_gate_up,
+                                                   offload_checkpoints=offload_checkpoints),
                                        device, memory_limit_bytes, ctx.world_size, expert_parallel, layers=layers)
                 batch = chosen["settings"].get("train.batch_size", batch)
                 grad_accum = chosen["settings"].get("train.grad_accum", grad_accum)
                 embeddings_on_host = chosen["settings"].get("quantization.embeddings_on_host", embeddings_on_host)
                 keep_routed_gate_up = chosen["settings"].get("train.keep_routed_gate_up", keep_routed_gate_up)
+                offload_checkpoints = chosen["settings"].get("train.offload_checkpoints", offload_checkpoints)
                 engine_changes = {k.removeprefix("engine."): v for k, v in chosen["settings"].items()
                                   if k.startswith("engine.")}  # (engine.layer_graphs, where their memory does not fit)
                 if engine_changes:
@@ -104,7 +107,8 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
             for p in m.parameters():
                 p.grad = None
             r = measure_training(m, seq_len=seq, batch=batch, steps=steps, warmup=warmup, optimizer=optimizer,
-                                 grad_accum=grad_accum, keep_routed_gate_up=keep_routed_gate_up)
+                                 grad_accum=grad_accum, keep_routed_gate_up=keep_routed_gate_up,
+                                 offload_checkpoints=offload_checkpoints)
             if ctx.enabled:
                 gathered = pdist.gather_objects(r, ctx)
                 r = _combine_ranks(gathered, ctx.world_size) if gathered else r
@@ -113,7 +117,7 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
             r["ceiling_fraction"] = (r["tokens_per_s"] * 6 * active / (ctx.world_size * ceiling * 1e12)) \
                 if ceiling else 0.0
             train = TrainConfig(max_length=seq, batch_size=batch, grad_accum=grad_accum, optimizer=optimizer,
-                                keep_routed_gate_up=keep_routed_gate_up)
+                                keep_routed_gate_up=keep_routed_gate_up, offload_checkpoints=offload_checkpoints)
             r["planned_peak_bytes"], r["plan_note"] = _planned_peak(model, layers, lora, quant, train, ctx.world_size,
                                                                     expert_parallel)
             runs.append(r)
@@ -123,6 +127,7 @@ def bench(*, model: str = "llama4-scout", layers: int | None = None, seq_lens: l
         return {"model": model, "layers": num_layers, "build_s": build_s, "device_name": name,
                 "world_size": ctx.world_size, "expert_parallel": expert_parallel,
                 "embeddings_on_host": embeddings_on_host, "keep_routed_gate_up": keep_routed_gate_up,
+                "offload_checkpoints": offload_checkpoints,
                 "fp32_linear_scales": fp32_linear_scales,
                 "matmul_tflops": ceiling, "active_params_per_token": active, "lora": lora.__dict__,
                 "layout": chosen, "memory_limit_bytes": memory_limit_bytes,
@@ -168,7 +173,8 @@ def choose_layout(model: str, lora: LoraConfig, quant: QuantConfig, train: Train
 
 def _as_written(train: TrainConfig, quant: QuantConfig) -> dict[str, Any]:
     return {"batch": train.batch_size, "grad_accum": train.grad_accum,
-            "embeddings_on_host": quant.embeddings_on_host, "keep_routed_gate_up": train.keep_routed_gate_up}
+            "embeddings_on_host": quant.embeddings_on_host, "keep_routed_gate_up": train.keep_routed_gate_up,
+            "offload_checkpoints": train.offload_checkpoints}
 
 
 def _combine_ranks(per_rank: list[dict[str, Any]], world_size: int) -> dict[str, Any]:

@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-routed-gate-up", action="store_true",
                    help="keep the routed experts' gate/up outputs for the recomputation (train.keep_routed_gate_up:"
                         " true; faster, tokens x top_k x intermediate x 4 bytes more per MoE layer)")
+    p.add_argument("--offload-checkpoints", action="store_true",
+                   help="keep the layers' saved inputs in host memory (train.offload_checkpoints: true; the layer "
+                        "graphs off)")
     p.add_argument("--fp32-linear-scales", action=argparse.BooleanOptionalAction,
                    default=QuantConfig().fp32_linear_scales,
                    help="keep the linears' NF4 block scales in fp32 (quantization.fp32_linear_scales; default: "
@@ -97,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
                     steps=args.steps, warmup=args.warmup, device=args.device,
                     embeddings_on_host=args.embeddings_on_host, grad_accum=args.grad_accum,
                     fp32_linear_scales=args.fp32_linear_scales,
-                    keep_routed_gate_up=args.keep_routed_gate_up, engine=parse(args.engine),
+                    keep_routed_gate_up=args.keep_routed_gate_up, offload_checkpoints=args.offload_checkpoints,
+                    engine=parse(args.engine),
                     expert_parallel=args.expert_parallel, lora_dtype=args.lora_dtype, layout=args.layout,
                     memory_limit_bytes=int(args.memory_limit_gib * 2**30) if args.memory_limit_gib else None)
     if not context_from_env().is_main:

@@ -14,7 +14,7 @@ from ..devices import copy_without_waiting
 from ..labels import IGNORE_INDEX
 from ..moe import recompute
 from ..moe.experts import MoefitExperts
-from . import host_positions
+from . import host_positions, offload
 from .layer_graphs import LayerGraphs
 from .loss import chunked_cross_entropy_sum
 
@@ -62,6 +62,7 @@ class MoefitCausalLM(nn.Module):
         self.dtype = dtype
         self.loss_chunk = loss_chunk
         self.layer_graphs: LayerGraphs | None = None  # engine.layer_graphs, from enable_gradient_checkpointing
+        self.host_checkpoints: offload.HostCheckpoints | None = None  # train.offload_checkpoints
         host_positions.install()
 
     @property
@@ -79,10 +80,12 @@ class MoefitCausalLM(nn.Module):
         quantization.embeddings_on_host; ids already there cost the lookup no device sync)."""
         return self.hf.get_input_embeddings().weight.device
 
-    def enable_gradient_checkpointing(self, keep_routed_gate_up: bool = False) -> None:
+    def enable_gradient_checkpointing(self, keep_routed_gate_up: bool = False, offload_checkpoints: bool = False
+                                      ) -> None:
         """Checkpoint every decoder layer. `keep_routed_gate_up`: the recomputation reuses the routed experts'
         frozen gate/up outputs of the first pass (faster; tokens x top_k x intermediate x 4 bytes per MoE layer
-        held until backward; TrainConfig.keep_routed_gate_up)."""
+        held until backward; TrainConfig.keep_routed_gate_up). `offload_checkpoints`: the layers' saved inputs in
+        host memory (models.offload; TrainConfig.offload_checkpoints), their first passes eager (no layer graphs)."""
         for module in self.modules():
             if isinstance(module, MoefitExperts):
                 module.keep_gate_up = keep_routed_gate_up
@@ -94,6 +97,17 @@ class MoefitCausalLM(nn.Module):
                 self.hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
                 self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if offload_checkpoints:
+            if self.layer_graphs is not None:  # graphs hold every layer's output on the GPU: not with offloading
+                self.layer_graphs.uninstall(self.hf)
+                self.layer_graphs = None
+            if self.host_checkpoints is None:
+                self.host_checkpoints = offload.HostCheckpoints()
+            offload.install(self.hf, self.host_checkpoints)
+            return
+        if self.host_checkpoints is not None:
+            offload.uninstall(self.hf)
+            self.host_checkpoints = None
         if engine_switches.current().layer_graphs and self.layer_graphs is None:
             self.use_layer_graphs(LayerGraphs(backward=engine_switches.current().backward_graphs))
 

@@ -365,6 +365,13 @@ class LayerGraphs:
             n += 1
         return n
 
+    def uninstall(self, model: nn.Module) -> None:
+        """Give every layer of `model` back the checkpoint these graphs stood in for."""
+        for module in model.modules():
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            if isinstance(func, _LayerCheckpoint):
+                module._gradient_checkpointing_func = func.fallback
+
     def replays_on(self, device: torch.device) -> bool:
         """Whether first passes on `device` may be replayed (a GPU, or the CPU stand-in; graphs not stopped)."""
         return not self.disabled and (self.stand_in or device.type == "cuda")

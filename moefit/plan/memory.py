@@ -31,6 +31,7 @@ FP32 = 4
 ALLOC_ROUND = 512  # the CUDA caching allocator rounds every block to 512 bytes
 LARGE_SEGMENT_ROUND = 2 << 20  # blocks >= 10 MiB get their own segment, rounded up to 2 MiB
 LARGE_BLOCK = 10 << 20
+OFFLOADED_ON_DEVICE = 2  # train.offload_checkpoints: saved layer inputs on the GPU at once (models.offload)
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps smaller tensors' optimizer state in fp32
 BNB_OPTIM_BLOCK = 256  # 8-bit optimizer state: one fp32 absmax per 256 values
 NF4_CODE_BYTES = 16 * FP32  # per NF4 module: the 16-value NF4 code
@@ -59,6 +60,7 @@ class RunShape:
     optimizer: str = "adamw_8bit"
     gradient_checkpointing: bool = True
     keep_routed_gate_up: bool = False  # TrainConfig.keep_routed_gate_up
+    offload_checkpoints: bool = False  # TrainConfig.offload_checkpoints: the layers' saved inputs in host memory
     num_gpus: int = 1  # GPUs of the run (data-parallel replicas x expert_parallel)
     expert_parallel: int = 1  # GPUs sharing each MoE layer's routed experts (parallel.expert)
     nf4_decoder: str = EngineConfig.nf4_decoder  # engine.nf4_decoder: who decodes NF4, at which rate (timing.py)
@@ -69,8 +71,9 @@ class RunShape:
     @property
     def replays_first_pass(self) -> bool:
         """engine.layer_graphs in effect: checkpointed layers whose experts stay on their GPU (expert parallelism
-        runs them eagerly)."""
-        return self.layer_graphs and self.gradient_checkpointing and self.expert_parallel == 1
+        runs them eagerly) and whose saved inputs stay there too (train.offload_checkpoints runs them eagerly)."""
+        return self.layer_graphs and self.gradient_checkpointing and self.expert_parallel == 1 \
+            and not self.offload_checkpoints
 
     @property
     def replays_backward(self) -> bool:
@@ -438,7 +441,12 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
     T, h, L = shape.tokens, f.hidden, f.num_layers
     ws_kind = {la: layer_working_set(f, la, shape) for la in set(f.layers)}
     ws = [ws_kind[la] for la in f.layers]
-    if shape.gradient_checkpointing:
+    if shape.gradient_checkpointing and shape.offload_checkpoints:
+        # in host memory (models.offload): on the GPU, the input being copied out beside the layer running in the
+        # forward, the one loaded and the next one fetched in the backward
+        on_device = min(L, OFFLOADED_ON_DEVICE)
+        ckpt = [int(cm["activation_scale"] * _r(T * h * BF16))] * on_device + [0] * (L - on_device)
+    elif shape.gradient_checkpointing:
         ckpt = [int(cm["activation_scale"] * _r(T * h * BF16))] * L
     else:  # every layer keeps everything it saves
         ckpt = [_r(T * h * BF16) + sum(s.values()) for s, _, _ in ws]
@@ -529,7 +537,10 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
             c.bytes = g_at
     comps.append(Component("checkpoints", "saved activations (checkpoints)", c_at + rotary, "activations",
                            (f"one bf16 [{shape.batch}x{shape.seq_len}x{h}] per layer"
-                            + (", the layer graphs' outputs: all alive" if shape.replays_first_pass else ""))
+                            + (", the layer graphs' outputs: all alive" if shape.replays_first_pass else "")
+                            + (f"; in host memory (train.offload_checkpoints): {OFFLOADED_ON_DEVICE} on the GPU, "
+                               f"{L * _r(T * h * BF16) / 2**30:.1f} GiB on the host" if shape.offload_checkpoints
+                               else ""))
                            if shape.gradient_checkpointing else "no checkpointing: every layer's activations"))
     if b_at:
         comps.append(Component("graph_grad_buffers", "backward graphs' gradient buffers", b_at, "activations",

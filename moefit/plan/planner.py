@@ -21,7 +21,8 @@ SEQ_GRANULE = 256  # the largest sequence length that fits is searched in steps 
 MAX_BATCH_SEARCH = 1024
 FASTER_MIN_GAIN = 0.05  # a faster layout is reported when it saves at least this fraction of the step
 FASTER_MIN_MARGIN = 0.05  # ... and leaves at least this fraction of the GPU's memory free (or the run's own margin)
-FASTER_MAX_TOKENS = 8192  # tokens per micro-step: the largest the step-time model is validated on
+FASTER_MAX_TOKENS = 16384  # tokens per micro-step: the largest the step-time model is validated on (plan_validation
+# loo set: Scout 1 x 16384, Llama 3.1 8B 4 x 4096, Qwen3-30B 1 x 16384, within 10 % leave-one-out)
 
 
 @dataclass
@@ -84,7 +85,8 @@ def _shape(cfg: RunConfig) -> RunShape:
     t = cfg.train
     return RunShape(seq_len=t.max_length, batch=t.batch_size, grad_accum=t.grad_accum, quant=cfg.quantization,
                     lora=cfg.lora, optimizer=t.optimizer, gradient_checkpointing=t.gradient_checkpointing,
-                    keep_routed_gate_up=t.keep_routed_gate_up, num_gpus=cfg.plan.num_gpus,
+                    keep_routed_gate_up=t.keep_routed_gate_up, offload_checkpoints=t.offload_checkpoints,
+                    num_gpus=cfg.plan.num_gpus,
                     expert_parallel=cfg.parallel.expert, nf4_decoder=cfg.engine.nf4_decoder,
                     lora_cast_cache=cfg.engine.lora_cast_cache, layer_graphs=cfg.engine.layer_graphs,
                     backward_graphs=cfg.engine.backward_graphs)
@@ -168,7 +170,7 @@ class _Planner:
         """The same optimizer step (sequences per step, hence the same gradient: the loss is averaged over all its
         label tokens) laid out faster on this GPU, when one fits: a bigger micro-batch with fewer accumulation
         steps (each NF4 weight is decoded once per micro-batch), the input embedding in host memory, the routed
-        experts' gate/up outputs kept for the recomputation. None when nothing saves FASTER_MIN_GAIN of the step
+        experts' gate/up outputs kept for the recomputation, the layers' saved inputs in host memory. None when nothing saves FASTER_MIN_GAIN of the step
         with FASTER_MIN_MARGIN of the GPU's memory free (or the margin the run has, if that is less), within
         FASTER_MAX_TOKENS per micro-step."""
         s, f = self.shape, self.facts
@@ -182,14 +184,19 @@ class _Planner:
         # (engine.layer_graphs, engine.backward_graphs); the backward's graphs share that pool and may outgrow it
         graphs = {(s.layer_graphs, s.backward_graphs)} | ({(s.layer_graphs, False)} if s.backward_graphs else set()) \
             | ({(False, False)} if s.layer_graphs else set())
+        # train.offload_checkpoints: the saved layer inputs in host memory (the first passes then eager: no graphs)
+        offloads = {s.offload_checkpoints} | ({True} if s.gradient_checkpointing else set())
         room = fit.gpu.memory_bytes - min(fit.margin_bytes, int(FASTER_MIN_MARGIN * fit.gpu.memory_bytes))
         best, best_s = None, fit.step.step_s * (1 - FASTER_MIN_GAIN)
         for b in (d for d in range(1, per_step + 1)
                   if per_step % d == 0 and (d * s.seq_len <= FASTER_MAX_TOKENS or d <= s.batch)):
-            for host, keep, graph in itertools.product(sorted(hosts), sorted(keeps), sorted(graphs, reverse=True)):
+            for host, keep, graph, off in itertools.product(sorted(hosts), sorted(keeps), sorted(graphs, reverse=True),
+                                                            sorted(offloads)):
+                if off and graph != (False, False) and (False, False) in graphs:
+                    continue  # offloaded, the graphs do not run: one candidate, with them off
                 cand = dataclasses.replace(s, batch=b, grad_accum=per_step // b, keep_routed_gate_up=keep,
                                            quant=dataclasses.replace(s.quant, embeddings_on_host=host),
-                                           layer_graphs=graph[0], backward_graphs=graph[1])
+                                           layer_graphs=graph[0], backward_graphs=graph[1], offload_checkpoints=off)
                 mem = self.memory(cand)
                 if cand == s or mem.needed > room:
                     continue
@@ -211,6 +218,8 @@ class _Planner:
             settings["quantization.embeddings_on_host"] = best.quant.embeddings_on_host
         if best.keep_routed_gate_up != s.keep_routed_gate_up:
             settings["train.keep_routed_gate_up"] = best.keep_routed_gate_up
+        if best.offload_checkpoints != s.offload_checkpoints:
+            settings["train.offload_checkpoints"] = best.offload_checkpoints
         if best.layer_graphs != s.layer_graphs:
             settings["engine.layer_graphs"] = best.layer_graphs
         elif best.backward_graphs != s.backward_graphs:
@@ -258,6 +267,12 @@ class _Planner:
                 ideas.append(f"the layers' {passes} issued by the host instead of replayed from CUDA graphs: "
                              f"engine.{setting} false fits ({saved:.2f} GiB less; slower where the host sets the "
                              f"pace, at small micro-batches)")
+        offloaded = dataclasses.replace(s, offload_checkpoints=True)
+        if s.gradient_checkpointing and not s.offload_checkpoints and self.fits(offloaded, fit.gpu):
+            saved = (fit.total_bytes - self.memory(offloaded).needed) / 2**30
+            ideas.append(f"the layers' saved inputs in host memory: train.offload_checkpoints true fits ({saved:.2f} "
+                         f"GiB less on the GPU, {self.facts.num_layers * s.tokens * self.facts.hidden * 2 / 2**30:.1f}"
+                         f" GiB of pinned host memory)")
         if fit.max_seq_len and fit.max_seq_len < s.seq_len:
             ideas.append(f"a shorter sequence: train.max_length {fit.max_seq_len} fits (--seq-len {fit.max_seq_len})")
         if s.batch > 1 and fit.max_batch:

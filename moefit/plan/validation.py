@@ -39,6 +39,7 @@ def record_shape(rec: dict[str, Any]) -> RunShape:
                     optimizer=rec.get("optimizer", "adamw_8bit"),
                     gradient_checkpointing=rec.get("gradient_checkpointing", True),
                     keep_routed_gate_up=rec.get("keep_routed_gate_up", False),
+                    offload_checkpoints=rec.get("offload_checkpoints", False),
                     nf4_decoder=record_decoder(rec),
                     lora_cast_cache=bool((rec.get("engine") or {}).get("lora_cast_cache", False)),
                     layer_graphs=bool((rec.get("engine") or {}).get("layer_graphs", False)),

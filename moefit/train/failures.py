@@ -74,6 +74,8 @@ def oom_message(cfg: RunConfig, run_dir: Path, planned: tuple[Any, int, str] | N
         changes.append("set train.gradient_checkpointing: true (now false)")
     if t.keep_routed_gate_up:
         changes.append("set train.keep_routed_gate_up: false")
+    if t.gradient_checkpointing and not t.offload_checkpoints:
+        changes.append("set train.offload_checkpoints: true (the layers' saved inputs in host memory)")
     if not q.embeddings_on_host:
         changes.append("set quantization.embeddings_on_host: true")
     return (f"CUDA ran out of GPU memory.{numbers} To fit: " + "; ".join(changes) + " (`moefit plan` shows the "

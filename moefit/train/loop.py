@@ -27,6 +27,7 @@ from ..devices import pick_device
 from ..errors import ConfigError, DataError, MoefitError
 from ..host_gc import frozen_heap
 from ..labels import IGNORE_INDEX
+from ..models import offload
 from ..models.causal_lm import placed_batch
 from ..models.layer_graphs import graph_pool_bytes
 from ..parallel import dist as pdist
@@ -139,9 +140,9 @@ UNPACKED_PADDING_LIMIT = 0.10
 
 def graphs_replay(cfg: RunConfig, device: torch.device) -> bool:
     """Whether the layers' first passes are replayed from CUDA graphs in this run (engine.layer_graphs on a GPU,
-    checkpointing on, no expert parallelism)."""
+    checkpointing on, no expert parallelism, the checkpoints not offloaded: the graphs hold them on the GPU)."""
     return bool(cfg.engine.layer_graphs and cfg.train.gradient_checkpointing and device.type == "cuda"
-                and cfg.parallel.expert == 1)
+                and cfg.parallel.expert == 1 and not cfg.train.offload_checkpoints)
 
 
 def graph_pad_length(cfg: RunConfig, device: torch.device, sequences: list | None = None) -> int | None:
@@ -453,7 +454,11 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
     if ep:
         expert_parallel.attach_dispatch(model, ep.shard, ep.group)
     if t.gradient_checkpointing:
-        model.enable_gradient_checkpointing(keep_routed_gate_up=t.keep_routed_gate_up)
+        model.enable_gradient_checkpointing(keep_routed_gate_up=t.keep_routed_gate_up,
+                                            offload_checkpoints=t.offload_checkpoints)
+        if t.offload_checkpoints:
+            say(offload.check_host_memory(model.hf, t.batch_size, t.max_length,
+                                          int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     rows = model.hf.get_input_embeddings().weight.shape[0]
     top = max(max(s["input_ids"]) for s in bundle.train + bundle.eval)
     if top >= rows:
@@ -678,11 +683,14 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
                    "routed_experts": cfg.lora.routed_experts, "optimizer": t.optimizer, "lr": t.lr,
                    "scheduler": t.scheduler, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
                    "max_length": t.max_length, "gradient_checkpointing": t.gradient_checkpointing,
-                   "keep_routed_gate_up": t.keep_routed_gate_up, "layout": t.layout},
+                   "keep_routed_gate_up": t.keep_routed_gate_up, "offload_checkpoints": t.offload_checkpoints,
+                   "layout": t.layout},
         "engine": cfg.engine.__dict__,
         "nf4_decoder_used": decoder_in_use(device),  # engine.nf4_decoder, or bitsandbytes where it could not run
         # engine.layer_graphs: layer passes replayed, those run eagerly and why (None: the setting off)
         "layer_graphs": model.layer_graphs.stats() if model.layer_graphs is not None else None,
+        # train.offload_checkpoints: the most host memory the saved layer inputs held at once
+        "offloaded_checkpoint_bytes": model.host_checkpoints.peak_saved_bytes if model.host_checkpoints else None,
         "trainable_params": n_train,
         "data": bundle.report.to_dict(),
         "steps": state.step,
