@@ -43,6 +43,7 @@ STEPS, WARMUP = 3, 1
 # seed recipe's accumulation (grad_accum 8), so the measured peak is the one a real run reaches.
 GRAD_ACCUM = 2
 KEEP = "keep"  # a shape tagged with it runs with keep_routed_gate_up on
+OFFLOAD = "offload"  # ... with offload_checkpoints on (the layers' saved inputs in host memory, no layer graphs)
 
 
 def _lora(r: int, expert_r: int | None = None) -> dict:
@@ -78,7 +79,14 @@ LOO = [
                                                 (2048, 8, 1), (16384, 1, 1)]),
     ("loo-gpt-oss-20b-r16", GPT_OSS, _lora(16), [(512, 1, 1), (512, 1, 4), (512, 2, 2), (2048, 1, 1)]),
 ]
-SETS = {"all": GROUPS, "quick": QUICK, "issue4": ISSUE4, "loo": LOO,
+# train.offload_checkpoints (fourteenth session): the layouts auto picks with it under 80 GB, long sequences, and
+# a dense model whose layers are short (the copies are the least hidden there)
+OFFLOADED = [
+    ("offload-scout-r32", SCOUT, _lora(32), [(2048, 8, 1, OFFLOAD), (2048, 4, 2, OFFLOAD), (16384, 1, 1, OFFLOAD)]),
+    ("offload-llama3.1-8b-r16", DENSE, _lora(16), [(2048, 1, 1, OFFLOAD), (16384, 1, 1, OFFLOAD),
+                                                   (4096, 4, 1, OFFLOAD)]),
+]
+SETS = {"all": GROUPS, "quick": QUICK, "issue4": ISSUE4, "loo": LOO, "offload": OFFLOADED,
         "dense": [g for g in GROUPS if g[1] == DENSE]}
 # Per configuration of the loo set: warm-up 1, 2 timed steps, then one profiled step (GPU kernel time and count)
 # unless a step is planned longer than PROFILE_MAX_S; a step planned longer than ONE_STEP_S is timed once.
@@ -100,15 +108,15 @@ def configs(which: str, timed_steps: int | None = None) -> list[dict]:
     out = []
     for group, model, lora, shapes in SETS[which]:
         for seq, batch, *rest in shapes:
-            keep = KEEP in rest
+            keep, off = KEEP in rest, OFFLOAD in rest
             accum = next((x for x in rest if isinstance(x, int)), GRAD_ACCUM)
             name = f"{group}-s{seq}-b{batch}" + (f"-ga{accum}" if accum != GRAD_ACCUM else "") + \
-                (f"-{KEEP}" if keep else "")
+                (f"-{KEEP}" if keep else "") + (f"-{OFFLOAD}" if off else "")
             rec = {"name": name, "group": group, "model": model, "num_layers": None, "seq_len": seq, "batch": batch,
                    "grad_accum": accum, "lora": lora, "optimizer": "adamw_8bit",
                    # every quantization setting the run used, so the record says it whatever the defaults become
                    "quant": {"weights": "nf4", "fp32_linear_scales": _default_fp32_linear_scales()},
-                   "gradient_checkpointing": True, "keep_routed_gate_up": keep}
+                   "gradient_checkpointing": True, "keep_routed_gate_up": keep, "offload_checkpoints": off}
             out.append(dict(rec, **_protocol(rec, which, timed_steps)))
     return out
 
@@ -187,6 +195,7 @@ def worker(recs: list[dict], device: str = "cuda") -> None:
                                  warmup=rec.get("warmup", WARMUP), optimizer=rec["optimizer"],
                                  gradient_checkpointing=rec["gradient_checkpointing"], grad_accum=rec["grad_accum"],
                                  keep_routed_gate_up=rec["keep_routed_gate_up"],
+                                 offload_checkpoints=rec.get("offload_checkpoints", False),
                                  profile_kernels=rec.get("profile", False))
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it, measure the rest of the group
             print("FAILED " + json.dumps({"name": rec["name"], "error": f"{type(e).__name__}: {e}"[:500]}), flush=True)
@@ -399,10 +408,13 @@ FIRST_PASS_GRAPHS = ["raw/plan_validation_loo30_session10_h200.json",
                      "raw/plan_validation_loo30_session11_h200.json"]
 # The engine as it stands (thirteenth session, 2026-12-02: engine.backward_graphs on by default, every layer pass
 # replayed from CUDA graphs; synthetic weights real since 455ee13): the leave-one-out set of 30 configurations
-# measured in one device call on one H200 (call L). Most of its steps are GPU-bound now (busy 74-99 %), so one
-# machine stands for the others better than before. The shipped time constants are fitted to it
-# (`--fit raw/plan_validation_loo_session13_call_l_h200.json --fit-sections time`; plan_validation_current_engine.md).
-CURRENT = ["raw/plan_validation_loo_session13_call_l_h200.json"]
+# measured in one device call on one H200 (call L), and again in the fourteenth session (call R, another H200, the
+# code with an epoch's last batch padded and offloading beside it: the same peaks to the byte, steps within 3.5 %).
+# Most of its steps are GPU-bound now (busy 74-99 %), so one machine stands for the others better than before. The
+# shipped time constants are fitted to each configuration's median over the two (`--fit
+# raw/plan_validation_loo_session14_call_r_h200.json raw/plan_validation_loo_session13_call_l_h200.json --median
+# --fit-sections time`; plan_validation_current_engine.md, _loo.md).
+CURRENT = ["raw/plan_validation_loo_session14_call_r_h200.json", "raw/plan_validation_loo_session13_call_l_h200.json"]
 FITTED = [*CURRENT]
 
 

@@ -48,11 +48,12 @@ def _recorded() -> dict:
 def test_planner_matches_recorded_gpu_measurements():
     """The shipped calibration against the 30 configurations of the current engine (every layer pass replayed from
     CUDA graphs) measured on one H200 (micro-batch 1-8, grad_accum 1-8, seq 512-16k; Scout, Llama 3.1 8B,
-    Qwen3-30B, gpt-oss-20b). Target (issue 5): peak allocated within 3 %, step time within 15 % on every one. As
-    fitted: step time within 14.2 % on all (the expert GEMMs' bank read counted since the thirteenth session: Scout
-    at 1 x 512 was -30 % without it); peak allocated within 3 % on 21 and 5.2 % on all (Llama 3.1 8B under by up
-    to 5.2 %, 2.7 % before the backward graphs; the memory constants are fitted to the eager backward's records);
-    reserved within 8.9 % (the graphs' pool and the capture stream's cache counted)."""
+    Qwen3-30B, gpt-oss-20b), each configuration's median over two calls on two machines. Target (issue 5): peak
+    allocated within 3 %, step time within 15 % on every one. As fitted: step time within 14.1 % on all (the expert
+    GEMMs' bank read counted since the thirteenth session: Scout at 1 x 512 was -30 % without it); peak allocated
+    within 3 % on 24 and 5.2 % on all (Llama 3.1 8B under by up to 5.2 % after other configurations in the same
+    process, -0.9 % measured alone: benchmarks/speed_targets.md, fourteenth session); reserved within 8.9 % (the
+    graphs' pool and the capture stream's cache counted)."""
     results = _recorded()["results"]
     assert len(results) == 30, f"{len(results)} configurations recorded"
     errors = {r["name"]: compare(r) for r in results}
@@ -60,10 +61,9 @@ def test_planner_matches_recorded_gpu_measurements():
     bad = {n: e for n, e in errors.items()
            if abs(e["allocated"]) > 0.053 or abs(e["step_time"]) > 0.15 or abs(e["reserved"]) > 0.09}
     assert not bad, f"planned vs measured out of bounds (relative errors): {bad}"
-    assert sum(abs(e["allocated"]) <= 0.03 for e in errors.values()) >= 21
+    assert sum(abs(e["allocated"]) <= 0.03 for e in errors.values()) >= 24
     over = {n for n, e in errors.items() if abs(e["allocated"]) > 0.03}
-    assert all(n.startswith(("loo-llama3.1-8b", "loo-scout-r32-s512-b8", "loo-scout-r32-s1024-b8", "loo-qwen3"))
-               for n in over), over
+    assert all(n.startswith("loo-llama3.1-8b") for n in over), over
 
 
 def _earlier_records(which: str = "EARLIER") -> list[dict]:
@@ -85,32 +85,34 @@ def test_step_time_model_generalises_leave_one_out():
 
 
 def test_the_shipped_time_constants_fit_the_records_they_are_fitted_to():
-    """The shipped calibration against the 30 records it is fitted to (CURRENT, one call): step time within 14.2 %
-    on all. The engine before the backward graphs (FIRST_PASS_GRAPHS: 30 configurations on three machines, zero
+    """The shipped calibration against the 30 configurations it is fitted to (CURRENT, two calls, each
+    configuration's median): step time within 14.1 % on all. The engine before the backward graphs (FIRST_PASS_GRAPHS: 30 configurations on three machines, zero
     synthetic weights) it plans within 15 % at each configuration's median, so data-parallel runs (whose backward
     stays eager) keep their plan; the seventh session's engine (first passes issued eagerly, cast cache off) from
-    54 % fast (host-bound) to 23 % slow; the earlier engines' Scout records (EARLIER, decoded by bitsandbytes) 6-16 %
+    54 % fast (host-bound) to 25 % slow; the earlier engines' Scout records (EARLIER, decoded by bitsandbytes) 4-16 %
     fast: the engine runs faster since."""
     from moefit.plan.validation import median_of_repeats
 
     mod = _bench_module()
-    recs = mod.this_engine(_earlier_records("FITTED"))
+    recs = median_of_repeats(mod.this_engine(_earlier_records("FITTED")))
     errors = {k: compare(r) for k, r in zip(record_keys(recs), recs, strict=True)}
     assert len(errors) == 30 and len({r["name"] for r in recs}) == 30
-    assert all(abs(e["step_time"]) <= 0.143 for e in errors.values()), errors
+    assert all(abs(e["step_time"]) <= 0.142 for e in errors.values()), errors
     before = median_of_repeats(mod.this_engine(_earlier_records("FIRST_PASS_GRAPHS")))
     assert len(before) == 30 and all(abs(compare(r)["step_time"]) <= 0.15 for r in before)
     seventh = {r["name"]: compare(r)["step_time"] for r in mod.this_engine(_earlier_records("SEVENTH"))}
-    assert len(seventh) == 29 and all(-0.55 <= e <= 0.24 for e in seventh.values()), seventh
+    assert len(seventh) == 29 and all(-0.55 <= e <= 0.25 for e in seventh.values()), seventh
     earlier = {r["name"]: compare(r)["step_time"] for r in _earlier_records() if r["model"] == "llama4-scout"}
-    assert len(earlier) >= 14 and all(-0.16 <= e <= -0.06 for e in earlier.values()), earlier
+    assert len(earlier) >= 14 and all(-0.16 <= e <= -0.04 for e in earlier.values()), earlier
 
 
 def test_backward_graphs_set_leave_one_out_as_recorded():
-    """Issue 15's acceptance on the current engine's set (CURRENT, one H200, every layer pass replayed): each
-    configuration predicted by time constants fitted to the other 29 stays within 15 % (worst 14.7 %, Scout 1 x 512
-    ga1; 31 % before the expert GEMMs' bank read was counted)."""
-    recs = _bench_module().this_engine(_earlier_records("CURRENT"))
+    """Issue 15's acceptance on the current engine's set (CURRENT, two calls on two H200s, every layer pass
+    replayed; each configuration's median): each configuration predicted by time constants fitted to the other 29
+    stays within 15 % (worst 14.6 %, Scout 1 x 512 ga1; 31 % before the expert GEMMs' bank read was counted)."""
+    from moefit.plan.validation import median_of_repeats
+
+    recs = median_of_repeats(_bench_module().this_engine(_earlier_records("CURRENT")))
     assert len(recs) == 30
     loo = leave_one_out(recs)
     assert len(loo) == 30 and all(abs(e) <= 0.15 for e in loo.values()), loo
