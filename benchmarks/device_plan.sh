@@ -28,15 +28,24 @@
 #                                       # with it / with the backward eager / auto, `moefit train` on/off, stock beside
 #   bash benchmarks/device_plan.sh Y    # nvidia-h200: the seed's layouts around auto's under 80 GB (8 x 1, 4 x 2 with
 #                                       # the first pass replayed, 2 x 4 with both graphs), real weights
+#   bash benchmarks/device_plan.sh O    # nvidia-h200: train.offload_checkpoints: its GPU test, auto under 80 GB (8 x 1
+#                                       # offloaded) beside 8 x 1 on the device, stock beside
+#   bash benchmarks/device_plan.sh Q    # nvidia-h200: offload GPU test, Llama 8B peak alone / after another
+#                                       # measurement, the planner's offload set, the trainer with offloading
+#   bash benchmarks/device_plan.sh R    # nvidia-h200: offloading's cost at short layers (Llama 8B eager, with / without),
+#                                       # then the leave-one-out set on today's code
+#   bash benchmarks/device_plan.sh N    # nvidia-h200: Llama 8B's peak by site after the loo group's other configurations
 #   bash benchmarks/device_plan.sh M    # nvidia-h200: Llama 3.1 8B's peak allocated by allocation site, backward
-#                                       # graphs on / off (benchmarks/peak_probe.py), what the planner misses
-# Next session (30-minute budget; a call holds the machine ~100-120 s longer than its command runs): L on two more
-# machines (`CALL_S=585 bash benchmarks/device_plan.sh L`, ~420 s each now that every layer pass is replayed), then
-# refit the time constants to the three (`plan_validation.py --fit <the three JSONs> --median --fit-sections time`)
-# and M (Llama 3.1 8B's extra peak allocated with the backward graphs, 0.1-0.5 GiB, by allocation site);
-# S on x2 when it is lent; issue 16's production_scale.sh on x4 / x8. W, X, L and Y ran in the thirteenth session,
-# K and W in the twelfth, L a fourth time in the eleventh, T and L three times in the tenth, H, I, F, J in the ninth,
-# A, B, P, F in the eighth; what they measured is in benchmarks/speed_targets.md.
+#                                       # graphs on / off (benchmarks/peak_probe.py), what the planner misses;
+#                                       # Scout at 8 x 1024 the same way
+# Next session (30-minute budget; a call holds the machine ~100-130 s longer than its command runs): N with time
+# (`CALL_S=330 bash benchmarks/device_plan.sh N`: what the loo group's earlier configurations leave alive in Llama
+# 3.1 8B's 1 x 16384 peak; its 120 s ran out in the fourteenth session), then L once more (a third machine) and the
+# refit over the three (`plan_validation.py --fit <the three JSONs> --median --fit-sections time`); an eager Llama
+# row in the loo set (the planner's eager host time is short by ~20 %, call R); S on x2 when it is lent; issue 16's
+# production_scale.sh on x4 / x8. M, O, Q, R and N (cut) ran in the fourteenth session, W, X, L and Y in the
+# thirteenth, K and W in the twelfth, L a fourth time in the eleventh, T and L three times in the tenth, H, I, F, J
+# in the ninth, A, B, P, F in the eighth; what they measured is in benchmarks/speed_targets.md.
 # One GPU, one job at a time: host-bound steps measured next to another lane ran up to 2x slower
 # (benchmarks/speed_targets.md), so nothing here runs in lanes.
 set -uo pipefail
@@ -54,7 +63,7 @@ stock_if_time_left() {
   fi
   tail -4 "$out/setup.log"
 }
-case "${1:?A, B, D, G, H, I, J, K, L, M, T, P, F, S, W, X or Y}" in
+case "${1:?A, B, D, G, H, I, J, K, L, M, N, O, Q, R, T, P, F, S, W, X or Y}" in
   X)  # 6 files: setup.log, gpu_tests.log, step_ab.json, report_{true,false}.json, stock/stock_baseline.json
     # engine.backward_graphs on by default (thirteenth session): the graphs' GPU tests with the gpt-oss mask fix,
     # the seed as written (default), the same with the backward eager, auto; `moefit train` (tiny, packed) with
@@ -86,13 +95,89 @@ case "${1:?A, B, D, G, H, I, J, K, L, M, T, P, F, S, W, X or Y}" in
       "b2x4_graphs::--batch 2 --grad-accum 4 $lim" > "$out/y.log" 2>&1
     echo "layouts rc $?" >> "$out/setup.log"; cat "$out/y.log"; rm -f "$out/y.log"
     ;;
-  M)  # 4 files: setup.log, peak/{on,off}.json, peak/diff.txt
-    # What Llama 3.1 8B's peak allocated holds with and without engine.backward_graphs (call L: 0.1-0.5 GiB more
-    # with them, growing with the tokens, beyond what the planner counts), by allocation site.
+  O)  # 4 files: setup.log, gpu_tests.log, step_ab.json, stock/stock_baseline.json
+    # train.offload_checkpoints (fourteenth session): its GPU test (same gradients, less memory, no host sync), then
+    # issue 15's auto target under 79.65 GiB: auto now picks 8 x 1 with the layers' saved inputs in host memory
+    # (planned 74.2 GiB needed, 3.97 s); beside it the same 8 x 1 with them on the GPU (call Y: 4,070 tok/s at
+    # 77.01 GiB reserved, planned 78.9 needed: over auto's 5 % margin), the stock stack if time is left.
+    timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -k "offloaded" \
+      > "$out/gpu_tests.log" 2>&1; echo "gpu tests rc $?" >> "$out/setup.log"; grep -E "passed|failed" "$out/gpu_tests.log"
+    lim="--memory-limit-gib 79.65"
+    STEPS=3 timeout $((${CALL_S:-600} - 150 - SECONDS)) bash benchmarks/step_ab.sh 2048 \
+      "auto::--grad-accum 8 --layout auto $lim" \
+      "b8x1_ondevice:layer_graphs=false:--batch 8 --grad-accum 1 --embeddings-on-host $lim" > "$out/o.log" 2>&1
+    echo "layouts rc $?" >> "$out/setup.log"; cat "$out/o.log"; rm -f "$out/o.log"
+    python3 -c "import json; d=json.load(open('$out/step_ab.json'))['auto']; print('auto chose', d['layout'])"
+    stock_if_time_left 60
+    ;;
+  Q)  # 8 files: setup.log, gpu_tests.log, peak/{alone,after}.json, offload/plan_validation.{json,md}, report_{off,pad}.json
+    # train.offload_checkpoints' GPU test (mended after call O: the input copied before the no-sync check); Llama 3.1
+    # 8B at 1 x 16384 alone and after 4 x 4096 in the same process (plan_validation's loo group measured it after;
+    # the planner is 0.77 GiB under that, 0.14 under the probe alone at ga 2); the planner's offload set; the
+    # trainer with offloading, and with the graphs and micro-batch 4 (an epoch's last batch padded to 4 rows).
+    timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -k "offloaded" \
+      > "$out/gpu_tests.log" 2>&1; echo "gpu tests rc $?" >> "$out/setup.log"; grep -E "passed|failed" "$out/gpu_tests.log"
     mkdir -p "$out/peak"
+    timeout 80 python3 benchmarks/peak_probe.py --model llama3.1-8b --seq-len 16384 --grad-accum 1 \
+      --out "$out/peak/alone.json" > "$out/p1.log" 2>&1; echo "probe alone rc $?" >> "$out/setup.log"; head -8 "$out/p1.log"
+    timeout 100 python3 benchmarks/peak_probe.py --model llama3.1-8b --seq-len 16384 --grad-accum 1 \
+      --before 4096,4,1 --out "$out/peak/after.json" > "$out/p2.log" 2>&1; echo "probe after rc $?" >> "$out/setup.log"
+    head -8 "$out/p2.log"; python3 benchmarks/peak_probe.py --diff "$out/peak/alone.json" "$out/peak/after.json" | head -12
+    rm -f "$out"/p?.log
+    timeout 200 python3 benchmarks/plan_validation.py --configs offload --out "$out/offload" --deadline 185 \
+      >> "$out/setup.log" 2>&1; echo "offload set rc $?" >> "$out/setup.log"; tail -9 "$out/offload/plan_validation.md"
+    timeout 45 python3 -m moefit train --output-dir /tmp/run_off --max-steps 20 \
+      --set train.gradient_checkpointing=true --set train.offload_checkpoints=true > "$out/t1.log" 2>&1; echo "train offload rc $?" >> "$out/setup.log"
+    grep -i "offload\|done:\|held-out" "$out/t1.log"; cp /tmp/run_off/report.json "$out/report_off.json"
+    timeout 45 python3 -m moefit train --output-dir /tmp/run_pad --max-steps 40 --set train.batch_size=4 --set train.gradient_checkpointing=true \
+      --set train.grad_accum=1 > "$out/t2.log" 2>&1; echo "train pad rc $?" >> "$out/setup.log"
+    grep -i "epoch\|padded\|layer graphs\|done:" "$out/t2.log" | head -6; cp /tmp/run_pad/report.json "$out/report_pad.json"
+    rm -f "$out"/t?.log
+    ;;
+  R)  # 5 files: setup.log, offload_ab.json, loo/plan_validation.{json,md}
+    # What offloading costs where the copies are least hidden (Llama 3.1 8B, 1 x 512 / 2048: short layers, the
+    # first passes eager either way), then the leave-one-out set again on today's code (its records were measured
+    # before the thirteenth session's last changes; Llama 8B's peak probed now is 15.01 GiB where call L read 15.64).
+    for o in plain offload; do
+      flag=$([ "$o" = offload ] && echo --offload-checkpoints)
+      timeout 60 python3 -m moefit bench --model llama3.1-8b --rank 16 --seq-len 512 2048 --steps 3 --json \
+        --engine layer_graphs=false $flag > "$out/ab_$o.json" 2>> "$out/setup.log"; echo "bench $o rc $?" >> "$out/setup.log"
+    done
+    python3 - "$out" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+merged = {p.stem[3:]: json.loads(p.read_text()) for p in sorted(out.glob("ab_*.json")) if p.stat().st_size}
+(out / "offload_ab.json").write_text(json.dumps(merged, indent=1) + "\n")
+for k, d in merged.items():
+    for r in d["runs"]:
+        print(f"{k:8} seq {r['seq_len']:5}  {r['step_s']:.4f} s  {r['tokens_per_s']:7.0f} tok/s  busy "
+              f"{100 * r.get('gpu_busy_fraction', 0):.0f} %  {r['peak_allocated_bytes'] / 2**30:.2f} GiB")
+PY
+    rm -f "$out"/ab_*.json
+    left=$((${CALL_S:-600} - 20 - SECONDS))
+    timeout $left python3 benchmarks/plan_validation.py --configs loo --out "$out/loo" --deadline $((left - 15)) \
+      >> "$out/setup.log" 2>&1; echo "loo rc $?" >> "$out/setup.log"; tail -4 "$out/loo/plan_validation.md"
+    ;;
+  N)  # 2 files: setup.log, peak/after_group.json
+    # Llama 3.1 8B at 1 x 16384 after the ten configurations plan_validation's loo group measures before it, each
+    # with its profiled step (call R read 15.64 GiB there; alone it peaks at 15.01, after one other at 15.08).
+    mkdir -p "$out/peak"
+    b=""; for x in 512,1,1 1024,1,1 512,1,4 2048,1,1 2048,1,8 2048,2,4 512,4,2 1024,8,2 512,8,1 4096,4,1; do b="$b --before $x"; done
+    timeout $((${CALL_S:-600} - 20 - SECONDS)) python3 benchmarks/peak_probe.py --model llama3.1-8b --seq-len 16384 \
+      --grad-accum 1 --steps 2 $b --profile-before --out "$out/peak/after_group.json" > "$out/p.log" 2>&1
+    echo "probe rc $?" >> "$out/setup.log"; head -16 "$out/p.log"; rm -f "$out/p.log"
+    ;;
+  M)  # 5 files: setup.log, peak/{on,off,scout_b8}.json, peak/diff.txt
+    # What Llama 3.1 8B's peak allocated holds with and without engine.backward_graphs (call L: 0.1-0.5 GiB more
+    # with them, growing with the tokens, beyond what the planner counts), by allocation site; and Scout at 8 x 1024
+    # (the planner over by 2.4 GiB, +3.3 %, where auto's 8 x 1 layouts live).
+    mkdir -p "$out/peak"
+    timeout 250 python3 benchmarks/peak_probe.py --model llama4-scout --seq-len 1024 --batch 8 --grad-accum 1 \
+      --rank 32 --out "$out/peak/scout_b8.json" >> "$out/setup.log" 2>&1
+    echo "probe scout b8 rc $?" >> "$out/setup.log"
     for g in true false; do
       name=$([ "$g" = true ] && echo on || echo off)
-      timeout 200 python3 benchmarks/peak_probe.py --model llama3.1-8b --seq-len 16384 --grad-accum 2 \
+      timeout 150 python3 benchmarks/peak_probe.py --model llama3.1-8b --seq-len 16384 --grad-accum 2 \
         --engine backward_graphs=$g --out "$out/peak/$name.json" >> "$out/setup.log" 2>&1
       echo "probe backward_graphs=$g rc $?" >> "$out/setup.log"
     done

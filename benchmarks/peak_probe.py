@@ -35,11 +35,12 @@ def _site(frames: list[dict[str, Any]]) -> str:
     return f"{frames[0].get('filename')}:{frames[0].get('line')}" if frames else "(no stack)"
 
 
-def live_at_peak(events: list[dict[str, Any]]) -> tuple[int, int, dict[int, dict[str, Any]]]:
+def live_at_peak(events: list[dict[str, Any]], start: int = 0) -> tuple[int, int, dict[int, dict[str, Any]]]:
     """Replay one device's allocator trace: (peak allocated bytes, the event index it was reached at, the blocks
-    alive then by address). An allocation counts until its free is requested (the allocator's allocated-bytes
-    statistic drops there); traces that record only completed frees use those. Frees of blocks allocated before the
-    recording started are ignored (their allocation was not seen)."""
+    alive then by address), the peak sought from event `start` on (what is alive from before still counts). An
+    allocation counts until its free is requested (the allocator's allocated-bytes statistic drops there); traces
+    that record only completed frees use those. Frees of blocks allocated before the recording started are ignored
+    (their allocation was not seen)."""
     free_action = "free_requested" if any(e.get("action") == "free_requested" for e in events) else "free_completed"
     live: dict[int, dict[str, Any]] = {}
     now = peak = peak_at = 0
@@ -49,7 +50,7 @@ def live_at_peak(events: list[dict[str, Any]]) -> tuple[int, int, dict[int, dict
         if action == ALLOC:
             live[e["addr"]] = e
             now += e["size"]
-            if now > peak:
+            if now > peak and i >= start:
                 peak, peak_at, best = now, i, dict(live)
         elif action == free_action and e["addr"] in live:
             now -= live.pop(e["addr"])["size"]
@@ -90,15 +91,24 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     torch.cuda.memory._record_memory_history(max_entries=args.max_entries)
     model = build_synthetic_model(args.model, num_layers=args.layers,
                                   lora=LoraConfig(r=args.rank, alpha=2.0 * args.rank), device="cuda")
+    start = 0
+    for spec in args.before:  # earlier measurements in the same process, as plan_validation.py runs a group
+        seq, batch, accum = (int(x) for x in spec.split(","))
+        measure_training(model, seq_len=seq, batch=batch, grad_accum=accum, steps=1, warmup=1,
+                         profile_kernels=args.profile_before)
+    if args.before:
+        start = len(torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()])
     result = measure_training(model, seq_len=args.seq_len, batch=args.batch, grad_accum=args.grad_accum,
-                              steps=args.steps, warmup=1, profile_kernels=False)
+                              steps=args.steps, warmup=1, profile_kernels=False,
+                              offload_checkpoints=args.offload_checkpoints)
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     events = snapshot["device_traces"][torch.cuda.current_device()]
-    peak, at, blocks = live_at_peak(events)
+    peak, at, blocks = live_at_peak(events, start)
     dropped = len(events) >= args.max_entries
     return {"command": " ".join(["python", "benchmarks/peak_probe.py", *sys.argv[1:]]),
             "model": args.model, "seq_len": args.seq_len, "batch": args.batch, "grad_accum": args.grad_accum,
+            "before": args.before, "offload_checkpoints": args.offload_checkpoints,
             "engine": engine_switches.current().__dict__, "events": len(events),
             "history_full": dropped,  # the ring buffer overflowed: the earliest allocations are not in the replay
             "peak_bytes": peak, "peak_site": _site(events[at].get("frames") or []) if events else None,
@@ -117,6 +127,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--before", action="append", default=[], metavar="SEQ,BATCH,ACCUM",
+                    help="measure these first in the same process (the peak is sought after them)")
+    ap.add_argument("--offload-checkpoints", action="store_true")
+    ap.add_argument("--profile-before", action="store_true",
+                    help="each --before measurement with its profiled step (as plan_validation.py's loo set)")
     ap.add_argument("--max-entries", type=int, default=2_000_000)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--diff", nargs=2, type=Path, metavar=("BEFORE", "AFTER"))
