@@ -436,3 +436,17 @@ def test_loading_records_of_zero_and_real_synthetic_weights_together_warns(tmp_p
     assert "1 of 2 files ran before 2026-12-02" in err and old.name in err and "real.json" not in err
     mod.load_records([new])
     assert "warning" not in capsys.readouterr().err
+
+
+def test_offloaded_records_are_planned_offloaded():
+    """A `moefit bench --offload-checkpoints` record (the fourteenth session's call R) is read with the setting, and
+    planned with two saved layer inputs on the GPU instead of one per layer (its peak within 3 %)."""
+    from moefit.plan.validation import records_from_document
+
+    doc = json.loads((ROOT / "benchmarks" / "raw" / "offload_ab_session14_call_r_h200.json").read_text())
+    recs = records_from_document(doc, "offload_ab")
+    assert {r["name"].split(":")[1]: r["offload_checkpoints"] for r in recs} == {"offload": True, "plain": False}
+    for r in recs:
+        assert abs(compare(r)["allocated"]) <= 0.03, (r["name"], compare(r))
+    by = {r["name"]: planned_for(r)["checkpoint_bytes"] for r in recs}
+    assert by["offload_ab:offload:1x2048x1"] < by["offload_ab:plain:1x2048x1"] / 10

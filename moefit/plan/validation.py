@@ -136,7 +136,7 @@ def records_from_document(doc: dict[str, Any], source: str) -> list[dict[str, An
 
 def _bench_doc_from_args(args: list[str], run: dict[str, Any]) -> dict[str, Any]:
     """A `moefit bench --json` document for one run from its command-line arguments."""
-    flags = {x for x in args if x in ("--embeddings-on-host", "--keep-routed-gate-up")}
+    flags = {x for x in args if x in ("--embeddings-on-host", "--keep-routed-gate-up", "--offload-checkpoints")}
     pairs = [x for x in args if x not in flags]  # the rest are "--option value" pairs
     a = dict(zip(pairs[::2], pairs[1::2], strict=False))
     r = int(a.get("--rank", 32))
@@ -145,6 +145,7 @@ def _bench_doc_from_args(args: list[str], run: dict[str, Any]) -> dict[str, Any]
             "device_name": run.get("device_name", ""), "world_size": run.get("world_size", 1),
             "embeddings_on_host": "--embeddings-on-host" in flags,
             "keep_routed_gate_up": "--keep-routed-gate-up" in flags,
+            "offload_checkpoints": "--offload-checkpoints" in flags,
             "lora": {"r": r, "alpha": 2.0 * r, "expert_r": er, "routed_experts": er != 0,
                      "targets": a.get("--targets", "q,k,v,o,gate,up,down").split(","),
                      "dtype": a.get("--lora-dtype", "float32")},
@@ -169,6 +170,7 @@ def _bench_records(doc: dict[str, Any], name: str) -> list[dict[str, Any]]:
                               "fp32_linear_scales": bool(doc.get("fp32_linear_scales"))},
                     "optimizer": doc.get("optimizer", "adamw_8bit"), "gradient_checkpointing": True,
                     "keep_routed_gate_up": bool(doc.get("keep_routed_gate_up")),
+                    "offload_checkpoints": bool(doc.get("offload_checkpoints")),
                     "device_name": run.get("device_name") or doc.get("device_name", ""),
                     "engine": doc.get("engine") or UNRECORDED_ENGINE,
                     "measured": {k: run[k] for k in MEASURED_KEYS if run.get(k) is not None}})
