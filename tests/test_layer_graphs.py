@@ -312,25 +312,38 @@ def test_the_trainer_installs_the_graphs_and_reports_them(tmp_path):
     assert graphs["replayed"] == 0 and graphs["eager"].get("not on a GPU", 0) > 0 and graphs["disabled"] is None
 
 
-def test_a_run_that_fits_only_without_the_graphs_memory_runs_without_them():
+def test_a_run_that_fits_only_with_less_on_the_gpu_runs_so():
     """Scout at seq 11008 on an H100 80GB: the graphs' memory grows with the tokens and tips it over; the trainer's
-    check turns engine.layer_graphs off instead of refusing. Where nothing fits, the refusal stands and the
-    setting is left as it was."""
+    check turns engine.layer_graphs off instead of refusing. At seq 16384 that is not enough: with train.layout auto
+    the layers' saved inputs go to host memory (the same gradient); as written the refusal stands. Where nothing
+    fits, the refusal stands and the settings are left as they were."""
     from moefit.config import load_config
     from moefit.plan import plan
-    from moefit.train.loop import fit_check_without_graphs_if_needed
+    from moefit.train.loop import describe_lean_changes, fit_check_lean_if_needed
 
     cfg = load_config("recipes/llama4-scout-qlora.yaml")
     cfg.train.max_length = 11008
     h100 = int(79.65 * 2**30)
     assert not plan(cfg, gpus=["h100-80gb"], search=False).gpus[0].fits  # as written, with the graphs
-    fitted, msg, off = fit_check_without_graphs_if_needed(cfg, "NVIDIA H100 80GB HBM3", h100)
-    assert msg is None and off == ["engine.backward_graphs", "engine.layer_graphs"] and fitted.fits
+    fitted, msg, lean = fit_check_lean_if_needed(cfg, "NVIDIA H100 80GB HBM3", h100)
+    assert msg is None and lean == {"engine.backward_graphs": False, "engine.layer_graphs": False} and fitted.fits
     assert cfg.engine.layer_graphs is False and cfg.engine.backward_graphs is False
-    assert "layer_graph_pool" not in fitted.memory.by_key()
-    cfg.engine.layer_graphs, cfg.engine.backward_graphs, cfg.train.max_length = True, True, 65536
-    _, msg, off = fit_check_without_graphs_if_needed(cfg, "NVIDIA H100 80GB HBM3", h100)
-    assert msg is not None and not off and cfg.engine.layer_graphs is True and cfg.engine.backward_graphs is True
+    assert "layer_graph_pool" not in fitted.memory.by_key() and not cfg.train.offload_checkpoints
+    assert "engine.backward_graphs and engine.layer_graphs off" in describe_lean_changes(lean)
+
+    cfg = load_config("recipes/llama4-scout-qlora.yaml")
+    cfg.train.max_length = 16384
+    _, msg, lean = fit_check_lean_if_needed(cfg, "NVIDIA H100 80GB HBM3", h100, offload=False)
+    assert msg is not None and not lean and cfg.engine.layer_graphs and not cfg.train.offload_checkpoints
+    fitted, msg, lean = fit_check_lean_if_needed(cfg, "NVIDIA H100 80GB HBM3", h100)
+    assert msg is None and fitted.fits and lean["train.offload_checkpoints"] is True
+    assert cfg.train.offload_checkpoints and "train.offload_checkpoints on" in describe_lean_changes(lean)
+
+    cfg = load_config("recipes/llama4-scout-qlora.yaml")
+    cfg.train.max_length = 65536
+    _, msg, lean = fit_check_lean_if_needed(cfg, "NVIDIA H100 80GB HBM3", h100)
+    assert msg is not None and not lean and cfg.engine.layer_graphs is True and cfg.engine.backward_graphs is True
+    assert cfg.train.offload_checkpoints is False
 
 
 def test_data_parallel_keeps_the_graphs_and_torch_checkpoints_gradients(tmp_path):

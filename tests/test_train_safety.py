@@ -279,6 +279,7 @@ def test_resume_warns_when_the_data_or_config_changed(tmp_path):
     assert verify.identity_changes(d, verify.run_identity(cfg, "aaaa")) == []
     cfg.train.save_every, cfg.train.max_steps = 7, 99  # settings a resume may change: no warning
     cfg.engine.layer_graphs = False  # (the trainer turns the graphs off where their memory does not fit)
+    cfg.engine.backward_graphs, cfg.train.offload_checkpoints = False, True  # (... or the offloading on)
     assert verify.identity_changes(d, verify.run_identity(cfg, "aaaa")) == []
     old = json.loads((d / verify.MANIFEST).read_text())  # a manifest written when engine settings were recorded
     old["config"]["engine.layer_graphs"], old["config_fingerprint"] = True, "older"

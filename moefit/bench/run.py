@@ -144,7 +144,7 @@ def choose_layout(model: str, lora: LoraConfig, quant: QuantConfig, train: Train
     written (and says so) instead of refusing a run that fits."""
     import copy
 
-    from ..train.loop import apply_layout, fit_check_without_graphs_if_needed
+    from ..train.loop import apply_layout, fit_check_lean_if_needed
 
     cfg = copy.deepcopy(RunConfig(model=model, lora=lora, quantization=quant, train=train,
                                   engine=engine_switches.current()))  # the settings this bench runs with
@@ -154,7 +154,7 @@ def choose_layout(model: str, lora: LoraConfig, quant: QuantConfig, train: Train
         label, memory = props.name, min(props.total_memory, memory_limit_bytes or props.total_memory)
     else:
         label, memory = "h200", memory_limit_bytes or 80 * 10**9  # no GPU here: plan the layout for an H200
-    plan, refusal, graphs_off = fit_check_without_graphs_if_needed(cfg, label, memory, num_gpus)
+    plan, refusal, lean = fit_check_lean_if_needed(cfg, label, memory, num_gpus)
     if refusal is not None and layers is None:
         raise MoefitError(refusal)
     if refusal is not None:
@@ -164,8 +164,8 @@ def choose_layout(model: str, lora: LoraConfig, quant: QuantConfig, train: Train
                                       f"(no faster layout to plan); this bench runs it cut to {layers} layers",
                 "as_written": _as_written(train, quant), "gpu_memory_bytes": memory}
     settings = dict(plan.faster_settings or {}) if plan.faster else {}
-    for setting in graphs_off:  # fits only without that graphs' memory
-        settings.setdefault(setting, False)
+    for setting, value in lean.items():  # fits only with less on the GPU (the graphs' memory, the checkpoints)
+        settings.setdefault(setting, value)
     apply_layout(cfg, settings)  # (checks every key is a setting)
     return {"settings": settings, "why": plan.faster or "the layout as written is the fastest that fits",
             "as_written": _as_written(train, quant), "gpu_memory_bytes": memory}

@@ -250,25 +250,40 @@ def fit_check(cfg: RunConfig, gpu_label: str, gpu_memory_bytes: int, num_gpus: i
                   f" {plan.suggestion or ''} Run `moefit plan` for the breakdown, or pass --force to try anyway.")
 
 
-def fit_check_without_graphs_if_needed(cfg: RunConfig, gpu_label: str, gpu_memory_bytes: int, num_gpus: int = 1):
-    """`fit_check`, and when the run does not fit but would with less of the CUDA graphs' memory (their pool grows
-    with the tokens per micro-batch, and with engine.backward_graphs holds a layer's recompute + backward working
-    set), the graphs turned off in `cfg`, the backward's first, then the first pass's: (plan, message or None, the
-    settings turned off, e.g. ["engine.backward_graphs"]). Where nothing fits, `cfg` is left as it was."""
+def fit_check_lean_if_needed(cfg: RunConfig, gpu_label: str, gpu_memory_bytes: int, num_gpus: int = 1,
+                             offload: bool = True):
+    """`fit_check`, and when the run does not fit but would with less memory on the GPU, the settings that make it
+    fit changed in `cfg`: the CUDA graphs' memory given up (their pool grows with the tokens per micro-batch, and
+    with engine.backward_graphs holds a layer's recompute + backward working set), the backward's first, then the
+    first pass's; then, with `offload`, the layers' saved inputs in host memory (train.offload_checkpoints: the
+    same gradient, pinned host memory instead). Returns (plan, message or None, the settings changed, e.g.
+    {"engine.backward_graphs": False}). Where nothing fits, `cfg` is left as it was."""
     plan, refusal = fit_check(cfg, gpu_label, gpu_memory_bytes, num_gpus)
     if refusal is None:
-        return plan, None, []
-    turned_off: list[str] = []
-    for name in ("backward_graphs", "layer_graphs"):
-        if getattr(cfg.engine, name):
-            setattr(cfg.engine, name, False)
-            turned_off.append(f"engine.{name}")
+        return plan, None, {}
+    changes: dict[str, bool] = {}
+    steps = [("engine", "backward_graphs", False), ("engine", "layer_graphs", False)]
+    if offload and cfg.train.gradient_checkpointing:
+        steps.append(("train", "offload_checkpoints", True))
+    for section, name, value in steps:
+        node = getattr(cfg, section)
+        if getattr(node, name) != value:
+            setattr(node, name, value)
+            changes[f"{section}.{name}"] = value
             lean_plan, msg = fit_check(cfg, gpu_label, gpu_memory_bytes, num_gpus)
             if msg is None:
-                return lean_plan, None, turned_off
-    for setting in turned_off:
-        setattr(cfg.engine, setting.removeprefix("engine."), True)
-    return plan, refusal, []
+                return lean_plan, None, changes
+    apply_layout(cfg, {k: not v for k, v in changes.items()})
+    return plan, refusal, {}
+
+
+def describe_lean_changes(changes: dict[str, bool]) -> str:
+    """What `fit_check_lean_if_needed` changed, in words."""
+    off = [k for k, v in changes.items() if v is False]
+    parts = [f"{' and '.join(off)} off (the host issues those layer passes instead of CUDA graphs)"] if off else []
+    if changes.get("train.offload_checkpoints"):
+        parts.append("train.offload_checkpoints on (the layers' saved inputs in host memory)")
+    return f"{'; '.join(parts)}: the run fits this GPU only with less on the GPU"
 
 
 def run(
@@ -406,11 +421,10 @@ def _run(cfg: RunConfig, ctx: pdist.DistContext, run_dir: Path, console: Console
     plan = None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        plan, msg, graphs_off = fit_check_without_graphs_if_needed(cfg, props.name, props.total_memory,
-                                                                   ctx.world_size)
-        if graphs_off:
-            say(f"{' and '.join(graphs_off)} off: the run fits this GPU only without that CUDA graphs' memory "
-                f"(the host issues those layer passes instead)")
+        plan, msg, lean = fit_check_lean_if_needed(cfg, props.name, props.total_memory, ctx.world_size,
+                                                   offload=t.layout == "auto")
+        if lean:
+            say(describe_lean_changes(lean))
         if msg is not None:
             if not force:
                 raise MoefitError(msg)

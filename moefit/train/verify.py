@@ -21,9 +21,11 @@ MANIFEST = "manifest.json"
 _NOT_TRAINING = {"output_dir", "smoke", "plan", "train.max_steps", "train.epochs", "train.eval_every",
                  "train.eval_batches", "train.save_every", "train.keep_checkpoints", "train.log_every",
                  "train.device", "train.num_threads",
-                 # how the host issues the same arithmetic (the same kernels, masks and bits): the trainer may turn
-                 # the graphs off where their memory does not fit, e.g. when a run resumes on a smaller GPU
-                 "engine.layer_graphs", "engine.gc_freeze", "engine.lora_cast_cache"}
+                 # how the host issues the same arithmetic (the same kernels, masks and bits), or where the saved
+                 # layer inputs wait (the same bits back): the trainer may turn the graphs off, or the offloading
+                 # on, where memory does not fit, e.g. when a run resumes on a smaller GPU
+                 "engine.layer_graphs", "engine.backward_graphs", "engine.gc_freeze", "engine.lora_cast_cache",
+                 "train.offload_checkpoints"}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
