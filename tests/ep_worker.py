@@ -43,7 +43,8 @@ def build(case: dict, folder: Path):
             if p.requires_grad and "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     if case.get("checkpointing"):  # the recomputation in backward runs the all-to-all again
-        model.enable_gradient_checkpointing(keep_routed_gate_up=case.get("keep", False))
+        model.enable_gradient_checkpointing(keep_routed_gate_up=case.get("keep", False),
+                                            offload_checkpoints=case.get("offload", False))
     model.train()
     return model
 

@@ -24,6 +24,9 @@ CASES = {
     "top2-interleaved": {"top_k": 2, "layers": 4, "moe_layers": [1, 3]},
     "top1-rank-without-rows-for-some-experts": {"top_k": 1, "uniform_rank": 1},
     "top2-checkpointed-kept-gate-up": {"top_k": 2, "checkpointing": True, "keep": True},
+    # the layers' saved inputs offloaded (train.offload_checkpoints): the recomputation in the backward exchanges rows
+    # with the other rank again, in the same order on both
+    "top2-checkpointed-offloaded": {"top_k": 2, "checkpointing": True, "offload": True},
 }
 
 
