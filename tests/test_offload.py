@@ -110,3 +110,22 @@ def test_offloading_replaces_the_layer_graphs_and_back(tmp_path, monkeypatch):
     model.enable_gradient_checkpointing()
     funcs = [m._gradient_checkpointing_func for m in model.hf.modules() if hasattr(m, "_gradient_checkpointing_func")]
     assert model.host_checkpoints is None and not any(isinstance(f, offload.OffloadedCheckpoint) for f in funcs)
+
+
+def test_the_host_memory_counted_is_what_the_pinned_allocator_holds(tmp_path):
+    """torch's pinned-memory allocator rounds each block up to a power of two: the trainer's check and the plan count
+    the saved inputs so (Scout at 8 x 2048: 48 inputs of 160 MiB in 256 MiB blocks, 12 GiB), and refuse, naming the
+    setting, when the host has not got it."""
+    from moefit.errors import MoefitError
+    from moefit.plan.memory import RunShape, offloaded_host_bytes
+    from moefit.plan.model_facts import load_model_facts
+
+    assert offload.pinned_block_bytes(160 * 2**20) == 256 * 2**20 and offload.pinned_block_bytes(2**20) == 2**20
+    scout = load_model_facts("llama4-scout")
+    assert offloaded_host_bytes(scout, RunShape(seq_len=2048, batch=8, offload_checkpoints=True)) == 12 * 2**30
+    model = _model(tmp_path, "llama4-top1-4e-norope", False, True)
+    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
+    assert offload.saved_input_bytes(model.hf, 3, 100) == layers * offload.pinned_block_bytes(3 * 100 * hidden * 4)
+    assert "pinned host memory" in offload.check_host_memory(model.hf, 3, 100)
+    with pytest.raises(MoefitError, match="train.offload_checkpoints"):
+        offload.check_host_memory(model.hf, 2**16, 2**16)

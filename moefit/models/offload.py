@@ -195,13 +195,23 @@ def uninstall(model: nn.Module) -> None:
 
 
 
+def pinned_block_bytes(nbytes: int) -> int:
+    """What torch's pinned-memory allocator takes for a tensor of `nbytes`: its blocks are rounded up to a power of
+    two (CachingHostAllocator, by default), so a 160 MiB layer input holds 256 MiB."""
+    return 1 << max(0, nbytes - 1).bit_length()
+
+
 def saved_input_bytes(model: nn.Module, batch: int, seq_len: int) -> int:
-    """Host bytes one micro-step's saved layer inputs take: one [batch, seq_len, hidden] per checkpointed layer."""
-    layers = sum(isinstance(getattr(m, "_gradient_checkpointing_func", None), OffloadedCheckpoint)
+    """Pinned host bytes one micro-step's saved layer inputs hold: one [batch, seq_len, hidden] per checkpointed
+    layer, each in a block of its own (pinned_block_bytes)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = sum(isinstance(m, GradientCheckpointingLayer)  # (the model module holds the function too, unused)
+                 and isinstance(getattr(m, "_gradient_checkpointing_func", None), OffloadedCheckpoint)
                  for m in model.modules())
     emb = model.get_input_embeddings().weight
     dtype = emb.dtype if emb.dtype.is_floating_point else torch.bfloat16
-    return layers * batch * seq_len * model.config.get_text_config().hidden_size * dtype.itemsize
+    return layers * pinned_block_bytes(batch * seq_len * model.config.get_text_config().hidden_size * dtype.itemsize)
 
 
 def check_host_memory(model: nn.Module, batch: int, seq_len: int, ranks_on_host: int = 1) -> str:

@@ -409,6 +409,13 @@ def _static_parts(f: ModelFacts, shape: RunShape) -> tuple:
     return _STATIC[key]
 
 
+def offloaded_host_bytes(f: ModelFacts, shape: RunShape) -> int:
+    """Pinned host memory the offloaded checkpoints hold (train.offload_checkpoints): one [B, S, H] per layer, each
+    in a block torch's pinned allocator rounds up to a power of two (models.offload.pinned_block_bytes)."""
+    one = shape.tokens * f.hidden * BF16
+    return f.num_layers * (1 << max(0, one - 1).bit_length())
+
+
 def layer_graph_pool_bytes(f: ModelFacts, shape: RunShape, backward_working_set: int = 0) -> int:
     """The CUDA graphs' own memory (models.layer_graphs): the largest layer's first-pass temporaries, held in
     their pool apart from the eager allocator's for the run (a first pass saves nothing, so at its peak it holds
@@ -539,8 +546,8 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
                            (f"one bf16 [{shape.batch}x{shape.seq_len}x{h}] per layer"
                             + (", the layer graphs' outputs: all alive" if shape.replays_first_pass else "")
                             + (f"; in host memory (train.offload_checkpoints): {OFFLOADED_ON_DEVICE} on the GPU, "
-                               f"{L * _r(T * h * BF16) / 2**30:.1f} GiB on the host" if shape.offload_checkpoints
-                               else ""))
+                               f"{offloaded_host_bytes(f, shape) / 2**30:.1f} GiB pinned on the host"
+                               if shape.offload_checkpoints else ""))
                            if shape.gradient_checkpointing else "no checkpointing: every layer's activations"))
     if b_at:
         comps.append(Component("graph_grad_buffers", "backward graphs' gradient buffers", b_at, "activations",

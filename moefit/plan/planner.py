@@ -13,7 +13,7 @@ from ..errors import ConfigError
 from .calibration import load_calibration
 from .gpus import Gpu, get_gpu, gpu_from_memory, gpu_names
 from .hardware import HardwareChoice, choose_hardware
-from .memory import MemoryEstimate, RunShape, estimate_memory
+from .memory import MemoryEstimate, RunShape, estimate_memory, offloaded_host_bytes
 from .model_facts import ModelFacts, load_model_facts
 from .timing import StepTime, step_time
 
@@ -271,8 +271,8 @@ class _Planner:
         if s.gradient_checkpointing and not s.offload_checkpoints and self.fits(offloaded, fit.gpu):
             saved = (fit.total_bytes - self.memory(offloaded).needed) / 2**30
             ideas.append(f"the layers' saved inputs in host memory: train.offload_checkpoints true fits ({saved:.2f} "
-                         f"GiB less on the GPU, {self.facts.num_layers * s.tokens * self.facts.hidden * 2 / 2**30:.1f}"
-                         f" GiB of pinned host memory)")
+                         f"GiB less on the GPU, {offloaded_host_bytes(self.facts, s) / 2**30:.1f} GiB of pinned host "
+                         f"memory)")
         if fit.max_seq_len and fit.max_seq_len < s.seq_len:
             ideas.append(f"a shorter sequence: train.max_length {fit.max_seq_len} fits (--seq-len {fit.max_seq_len})")
         if s.batch > 1 and fit.max_batch:
