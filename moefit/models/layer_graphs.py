@@ -41,7 +41,7 @@ from torch import nn
 
 from ..devices import cuda_index
 from ..moe import recompute
-from . import host_positions
+from . import checkpoint_funcs, host_positions
 
 log = logging.getLogger(__name__)
 
@@ -355,22 +355,14 @@ class LayerGraphs:
         """Route every checkpointed layer of `model` (transformers' `_gradient_checkpointing_func`, set by
         enabling gradient checkpointing first) through these graphs; returns how many layers."""
         n = 0
-        for module in model.modules():
-            fallback = getattr(module, "_gradient_checkpointing_func", None)
-            if fallback is None:
-                continue
-            if isinstance(fallback, _LayerCheckpoint):  # other graphs installed before: these replace them
-                fallback = fallback.fallback
+        for module, fallback in checkpoint_funcs.checkpointed_modules(model):  # (graphs installed before: replaced)
             module._gradient_checkpointing_func = _LayerCheckpoint(self, n, fallback, module)
             n += 1
         return n
 
     def uninstall(self, model: nn.Module) -> None:
         """Give every layer of `model` back the checkpoint these graphs stood in for."""
-        for module in model.modules():
-            func = getattr(module, "_gradient_checkpointing_func", None)
-            if isinstance(func, _LayerCheckpoint):
-                module._gradient_checkpointing_func = func.fallback
+        checkpoint_funcs.restore(model, _LayerCheckpoint)
 
     def replays_on(self, device: torch.device) -> bool:
         """Whether first passes on `device` may be replayed (a GPU, or the CPU stand-in; graphs not stopped)."""

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from ..moe import recompute
-from . import host_positions
+from ..plan.memory import pinned_block_bytes
+from . import checkpoint_funcs, host_positions
 
 
 class _HostCopy:
@@ -172,38 +173,19 @@ class OffloadedCheckpoint:
         return _Offloaded.apply(self.store, function, args[0], self._anchor)
 
 
-def install(model: nn.Module, store: HostCheckpoints) -> int:
-    """Route every checkpointed layer of `model` (gradient checkpointing enabled first) through `store`; returns
-    how many layers."""
-    n = 0
-    for module in model.modules():
-        fallback = getattr(module, "_gradient_checkpointing_func", None)
-        if fallback is None:
-            continue
-        if isinstance(fallback, OffloadedCheckpoint):
-            fallback = fallback.fallback
+def install(model: nn.Module, store: HostCheckpoints) -> None:
+    """Route every checkpointed layer of `model` (gradient checkpointing enabled first) through `store`."""
+    for module, fallback in checkpoint_funcs.checkpointed_modules(model):
         module._gradient_checkpointing_func = OffloadedCheckpoint(store, fallback)
-        n += 1
-    return n
 
 
 def uninstall(model: nn.Module) -> None:
-    for module in model.modules():
-        func = getattr(module, "_gradient_checkpointing_func", None)
-        if isinstance(func, OffloadedCheckpoint):
-            module._gradient_checkpointing_func = func.fallback
-
-
-
-def pinned_block_bytes(nbytes: int) -> int:
-    """What torch's pinned-memory allocator takes for a tensor of `nbytes`: its blocks are rounded up to a power of
-    two (CachingHostAllocator, by default), so a 160 MiB layer input holds 256 MiB."""
-    return 1 << max(0, nbytes - 1).bit_length()
+    checkpoint_funcs.restore(model, OffloadedCheckpoint)
 
 
 def saved_input_bytes(model: nn.Module, batch: int, seq_len: int) -> int:
     """Pinned host bytes one micro-step's saved layer inputs hold: one [batch, seq_len, hidden] per checkpointed
-    layer, each in a block of its own (pinned_block_bytes)."""
+    layer, each in a block of its own (plan.memory.pinned_block_bytes)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = sum(isinstance(m, GradientCheckpointingLayer)  # (the model module holds the function too, unused)

@@ -409,11 +409,16 @@ def _static_parts(f: ModelFacts, shape: RunShape) -> tuple:
     return _STATIC[key]
 
 
+def pinned_block_bytes(nbytes: int) -> int:
+    """What torch's pinned-memory allocator takes for a tensor of `nbytes`: its blocks are rounded up to a power of
+    two (CachingHostAllocator, by default), so a 160 MiB layer input holds 256 MiB."""
+    return 1 << max(0, nbytes - 1).bit_length()
+
+
 def offloaded_host_bytes(f: ModelFacts, shape: RunShape) -> int:
     """Pinned host memory the offloaded checkpoints hold (train.offload_checkpoints): one [B, S, H] per layer, each
-    in a block torch's pinned allocator rounds up to a power of two (models.offload.pinned_block_bytes)."""
-    one = shape.tokens * f.hidden * BF16
-    return f.num_layers * (1 << max(0, one - 1).bit_length())
+    in a block of its own (pinned_block_bytes; models.offload counts the trainer's check the same way)."""
+    return f.num_layers * pinned_block_bytes(shape.tokens * f.hidden * BF16)
 
 
 def layer_graph_pool_bytes(f: ModelFacts, shape: RunShape, backward_working_set: int = 0) -> int:
