@@ -42,7 +42,8 @@ def _batches():
     return [(ids[0], None), (ids[1], packed), (ids[2], None)]
 
 
-@pytest.mark.parametrize("case,keep,skip", [("llama4-top1-4e-norope", False, True), ("llama4-top2-8e-norope", True, True),
+@pytest.mark.parametrize("case,keep,skip", [("llama4-top1-4e-norope", False, True),
+                                            ("llama4-top2-8e-norope", True, True),
                                             ("llama4-top1-4e-norope", False, False), ("qwen3_moe", False, True),
                                             ("gpt_oss", True, True)])
 def test_offloaded_checkpoints_give_torch_checkpoints_gradients(tmp_path, monkeypatch, case, keep, skip):
@@ -70,7 +71,8 @@ def test_offloaded_checkpoints_give_torch_checkpoints_gradients(tmp_path, monkey
     assert all(torch.equal(a, b) for a, b in zip(plain_losses, losses, strict=True))
     assert grads.keys() == plain.keys() and len(grads) > 10
     assert all(grads[k].abs().sum() > 0 for k in grads if k.endswith("lora_B"))  # (a test of zeros proves nothing)
-    assert all(torch.equal(grads[k], plain[k]) for k in grads), [k for k in grads if not torch.equal(grads[k], plain[k])]
+    assert all(torch.equal(grads[k], plain[k]) for k in grads), \
+        [k for k in grads if not torch.equal(grads[k], plain[k])]
 
 
 def test_offloaded_training_steps_match_and_evaluation_saves_nothing(tmp_path):

@@ -286,5 +286,6 @@ def iterate_batches(sequences: list[Sequence], batch_size: int, seed: int, start
         while index < n:
             rows = [sequences[i] for i in order[index:index + batch_size]]
             index += len(rows)
-            yield collate(rows, pad, pad_to, batch_size if pad_to else None), (DataPosition(epoch, index) if index < n else DataPosition(epoch + 1, 0))
+            after = DataPosition(epoch, index) if index < n else DataPosition(epoch + 1, 0)
+            yield collate(rows, pad, pad_to, batch_size if pad_to else None), after
         epoch, index = epoch + 1, 0

@@ -170,7 +170,8 @@ class _Planner:
         """The same optimizer step (sequences per step, hence the same gradient: the loss is averaged over all its
         label tokens) laid out faster on this GPU, when one fits: a bigger micro-batch with fewer accumulation
         steps (each NF4 weight is decoded once per micro-batch), the input embedding in host memory, the routed
-        experts' gate/up outputs kept for the recomputation, the layers' saved inputs in host memory. None when nothing saves FASTER_MIN_GAIN of the step
+        experts' gate/up outputs kept for the recomputation, the layers' saved inputs in host memory. None when
+        nothing saves FASTER_MIN_GAIN of the step
         with FASTER_MIN_MARGIN of the GPU's memory free (or the margin the run has, if that is less), within
         FASTER_MAX_TOKENS per micro-step."""
         s, f = self.shape, self.facts
