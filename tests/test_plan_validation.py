@@ -88,9 +88,9 @@ def test_the_shipped_time_constants_fit_the_records_they_are_fitted_to():
     """The shipped calibration against the 30 configurations it is fitted to (CURRENT, two calls, each
     configuration's median): step time within 14.1 % on all. The engine before the backward graphs
     (FIRST_PASS_GRAPHS: 30 configurations on three machines, zero synthetic weights) it plans within 15 % at each
-    configuration's median, so data-parallel runs (whose backward stays eager) keep their plan; the seventh session's engine (first passes issued eagerly, cast cache off) from
-    54 % fast (host-bound) to 25 % slow; the earlier engines' Scout records (EARLIER, decoded by bitsandbytes) 4-16 %
-    fast: the engine runs faster since."""
+    configuration's median, so data-parallel runs (whose backward stays eager) keep their plan; the seventh
+    session's engine (first passes issued eagerly, cast cache off) from 54 % fast (host-bound) to 25 % slow; the
+    earlier engines' Scout records (EARLIER, decoded by bitsandbytes) 4-16 % fast: the engine runs faster since."""
     from moefit.plan.validation import median_of_repeats
 
     mod = _bench_module()
