@@ -35,19 +35,21 @@
 #   bash benchmarks/device_plan.sh R    # nvidia-h200: offloading's cost at short layers (Llama 8B eager, with / without),
 #                                       # then the leave-one-out set on today's code
 #   bash benchmarks/device_plan.sh N    # nvidia-h200: Llama 8B's peak by site after the loo group's other configurations
-#   bash benchmarks/device_plan.sh V    # nvidia-h200: the loo set's Llama 3.1 8B rows, one process each (~340 s)
+#   bash benchmarks/device_plan.sh E    # nvidia-h200: Llama 3.1 8B 1 x 2048 x 2 against the stock stack (dense target)
+#   bash benchmarks/device_plan.sh V    # nvidia-h200: the loo set's Llama 3.1 8B rows (or FRESH's groups), one
+#                                       # process each (~340 s)
 #   bash benchmarks/device_plan.sh M    # nvidia-h200: Llama 3.1 8B's peak allocated by allocation site, backward
 #                                       # graphs on / off (benchmarks/peak_probe.py), what the planner misses;
 #                                       # Scout at 8 x 1024 the same way
-# Next session (30-minute budget; a call holds the machine ~100-130 s longer than its command runs): V
-# (`CALL_S=420 bash benchmarks/device_plan.sh V`: the Llama rows one process each, as a run is) and N with time
-# (`CALL_S=330 bash benchmarks/device_plan.sh N`: what the loo group's earlier configurations leave alive in Llama
-# 3.1 8B's 1 x 16384 peak; its 120 s ran out in the fourteenth session), then L once more (a third machine) and the
-# refit over the three (`plan_validation.py --fit <the three JSONs> --median --fit-sections time`); an eager Llama
-# row in the loo set (the planner's eager host time is short by ~20 %, call R); S on x2 when it is lent; issue 16's
-# production_scale.sh on x4 / x8. M, O, Q, R and N (cut) ran in the fourteenth session, W, X, L and Y in the
-# thirteenth, K and W in the twelfth, L a fourth time in the eleventh, T and L three times in the tenth, H, I, F, J
-# in the ninth, A, B, P, F in the eighth; what they measured is in benchmarks/speed_targets.md.
+# Next session (30-minute budget; a call holds the machine ~100-130 s longer than its command runs): an eager Llama
+# row in the loo set (the planner's eager host time is short by ~20 %, call R); the seed recipe with the backward
+# eager (what data parallelism runs; planned +11.7 % slow since the fifteenth session's refit); S on x2 when it is
+# lent; issue 16's production_scale.sh on x4 / x8. N (what a grouped process leaves in a later configuration's peak)
+# is no longer needed for the planner: its memory is checked against each configuration run alone. V ran three
+# times in the fifteenth session (Llama, then FRESH="loo-qwen3 loo-gpt-oss", then FRESH=loo-scout), M, O, Q, R and
+# N (cut) in the fourteenth, W, X, L and Y in the thirteenth, K and W in the twelfth, L a fourth time in the
+# eleventh, T and L three times in the tenth, H, I, F, J in the ninth, A, B, P, F in the eighth; what they measured
+# is in benchmarks/speed_targets.md.
 # One GPU, one job at a time: host-bound steps measured next to another lane ran up to 2x slower
 # (benchmarks/speed_targets.md), so nothing here runs in lanes.
 set -uo pipefail
@@ -65,7 +67,7 @@ stock_if_time_left() {
   fi
   tail -4 "$out/setup.log"
 }
-case "${1:?A, B, D, G, H, I, J, K, L, M, N, O, Q, R, T, P, F, S, V, W, X or Y}" in
+case "${1:?A, B, D, E, G, H, I, J, K, L, M, N, O, Q, R, T, P, F, S, V, W, X or Y}" in
   X)  # 6 files: setup.log, gpu_tests.log, step_ab.json, report_{true,false}.json, stock/stock_baseline.json
     # engine.backward_graphs on by default (thirteenth session): the graphs' GPU tests with the gpt-oss mask fix,
     # the seed as written (default), the same with the backward eager, auto; `moefit train` (tiny, packed) with
@@ -169,16 +171,27 @@ PY
       --grad-accum 1 --steps 2 $b --profile-before --out "$out/peak/after_group.json" > "$out/p.log" 2>&1
     echo "probe rc $?" >> "$out/setup.log"; head -16 "$out/p.log"; rm -f "$out/p.log"
     ;;
-  V)  # 3 files: setup.log, llama_fresh/plan_validation.{json,md}
-    # The loo set's eleven Llama 3.1 8B configurations, each in a process of its own (--fresh-process, ~340 s
-    # planned): what a run of one configuration peaks at, against the grouped calls L and R, where the ones
-    # measured after others read 0.3-0.8 GiB more (the planner is within 1 % of the probe of one run alone).
-    names=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import plan_validation as p; print(' '.join(
-      r['name'] for r in p.configs('loo') if r['group'].startswith('loo-llama')))")
+  E)  # 3 files: setup.log, fam/families.{json,md}
+    # Issue 15's dense target on the current engine (every layer pass replayed, real synthetic weights): Llama 3.1
+    # 8B QLoRA r=16 at 1 x 2048 x 2, moefit against the stock stack in the same call (last measured in the ninth
+    # session, on zero weights and without the backward graphs: 2.2x)
+    timeout $((${CALL_S:-600} - 20 - SECONDS)) python3 benchmarks/families.py --out "$out/fam" --models llama3.1-8b \
+      >> "$out/setup.log" 2>&1; echo "families rc $?" >> "$out/setup.log"
+    grep -A4 "^| model | goal" "$out/fam/families.md"
+    ;;
+  V)  # 3 files: setup.log, fresh/plan_validation.{json,md}
+    # The loo set's configurations of the groups named in FRESH (default its eleven Llama 3.1 8B ones, ~340 s
+    # planned), each in a process of its own (--fresh-process): what a run of one configuration peaks at, against
+    # the grouped calls L and R, where the ones measured after others read 0.3-0.8 GiB more (call V, fifteenth
+    # session: Llama alone within 1.0 % of the plan on all eleven). FRESH="loo-qwen3 loo-gpt-oss" ~410 s,
+    # FRESH=loo-scout ~560 s (plan_validation.py --configs loo --plan-only --fresh-process).
+    names=$(FRESH="${FRESH:-loo-llama}" python3 -c "import os, sys; sys.path.insert(0, 'benchmarks')
+import plan_validation as p
+print(' '.join(r['name'] for r in p.configs('loo') if r['group'].startswith(tuple(os.environ['FRESH'].split()))))")
     left=$((${CALL_S:-600} - 20 - SECONDS))
     timeout $left python3 benchmarks/plan_validation.py --configs loo --only $names --fresh-process \
-      --out "$out/llama_fresh" --deadline $((left - 15)) >> "$out/setup.log" 2>&1; echo "llama fresh rc $?" >> "$out/setup.log"
-    tail -16 "$out/llama_fresh/plan_validation.md"
+      --out "$out/fresh" --deadline $((left - 15)) >> "$out/setup.log" 2>&1; echo "fresh rc $?" >> "$out/setup.log"
+    tail -16 "$out/fresh/plan_validation.md"
     ;;
   M)  # 5 files: setup.log, peak/{on,off,scout_b8}.json, peak/diff.txt
     # What Llama 3.1 8B's peak allocated holds with and without engine.backward_graphs (call L: 0.1-0.5 GiB more

@@ -48,22 +48,19 @@ def _recorded() -> dict:
 def test_planner_matches_recorded_gpu_measurements():
     """The shipped calibration against the 30 configurations of the current engine (every layer pass replayed from
     CUDA graphs) measured on one H200 (micro-batch 1-8, grad_accum 1-8, seq 512-16k; Scout, Llama 3.1 8B,
-    Qwen3-30B, gpt-oss-20b), each configuration's median over two calls on two machines. Target (issue 5): peak
-    allocated within 3 %, step time within 15 % on every one. As fitted: step time within 14.1 % on all (the expert
-    GEMMs' bank read counted since the thirteenth session: Scout at 1 x 512 was -30 % without it); peak allocated
-    within 3 % on 24 and 5.2 % on all (Llama 3.1 8B under by up to 5.2 % after other configurations in the same
-    process, -0.9 % measured alone: benchmarks/speed_targets.md, fourteenth session); reserved within 8.9 % (the
-    graphs' pool and the capture stream's cache counted)."""
+    Qwen3-30B, gpt-oss-20b), each configuration's median over the calls that measured it (peak memory over those
+    that measured it first in its process, as a run is). Target (issue 5): peak allocated within 3 %, step time
+    within 15 % on every one. As fitted: step time within 9.3 % on all, peak allocated within 1.4 % (Llama 3.1 8B
+    read up to 5.2 % more after other configurations in the same process: benchmarks/speed_targets.md, fourteenth
+    and fifteenth sessions), reserved within 6.7 % (the graphs' pool and the capture stream's cache counted)."""
     results = _recorded()["results"]
     assert len(results) == 30, f"{len(results)} configurations recorded"
     errors = {r["name"]: compare(r) for r in results}
     assert all(e["step_time"] is not None for e in errors.values()), "a record's GPU has no timing model"
     bad = {n: e for n, e in errors.items()
-           if abs(e["allocated"]) > 0.053 or abs(e["step_time"]) > 0.15 or abs(e["reserved"]) > 0.09}
+           if abs(e["allocated"]) > 0.03 or abs(e["step_time"]) > 0.094 or abs(e["reserved"]) > 0.07}
     assert not bad, f"planned vs measured out of bounds (relative errors): {bad}"
-    assert sum(abs(e["allocated"]) <= 0.03 for e in errors.values()) >= 24
-    over = {n for n, e in errors.items() if abs(e["allocated"]) > 0.03}
-    assert all(n.startswith("loo-llama3.1-8b") for n in over), over
+    assert sum(r["memory_alone"] for r in results) == 30
 
 
 def _earlier_records(which: str = "EARLIER") -> list[dict]:
@@ -85,37 +82,41 @@ def test_step_time_model_generalises_leave_one_out():
 
 
 def test_the_shipped_time_constants_fit_the_records_they_are_fitted_to():
-    """The shipped calibration against the 30 configurations it is fitted to (CURRENT, two calls, each
-    configuration's median): step time within 14.1 % on all. The engine before the backward graphs
-    (FIRST_PASS_GRAPHS: 30 configurations on three machines, zero synthetic weights) it plans within 15 % at each
-    configuration's median, so data-parallel runs (whose backward stays eager) keep their plan; the seventh
-    session's engine (first passes issued eagerly, cast cache off) from 54 % fast (host-bound) to 25 % slow; the
-    earlier engines' Scout records (EARLIER, decoded by bitsandbytes) 4-16 % fast: the engine runs faster since."""
+    """The shipped calibration against the 30 configurations it is fitted to (CURRENT, five calls, each
+    configuration's median): step time within 9.3 % on all (14.1 % before a MoE layer's pass had a GPU floor of its
+    own, fifteenth session). The engine before the backward graphs (FIRST_PASS_GRAPHS: 30 configurations on three
+    machines, zero synthetic weights) it plans within 17 % at each configuration's median (its Llama 3.1 8B rows
+    with the backward eager planned slow), so data-parallel runs (whose backward stays eager) keep a plan near; the
+    seventh session's engine (first passes issued eagerly, cast cache off) from 51 % fast (host-bound) to 32 % slow;
+    the earlier engines' Scout records (EARLIER, decoded by bitsandbytes) from 8 % fast to 2 % slow."""
     from moefit.plan.validation import median_of_repeats
 
     mod = _bench_module()
     recs = median_of_repeats(mod.this_engine(_earlier_records("FITTED")))
     errors = {k: compare(r) for k, r in zip(record_keys(recs), recs, strict=True)}
     assert len(errors) == 30 and len({r["name"] for r in recs}) == 30
-    assert all(abs(e["step_time"]) <= 0.142 for e in errors.values()), errors
+    assert all(abs(e["step_time"]) <= 0.094 for e in errors.values()), errors
     before = median_of_repeats(mod.this_engine(_earlier_records("FIRST_PASS_GRAPHS")))
-    assert len(before) == 30 and all(abs(compare(r)["step_time"]) <= 0.15 for r in before)
+    assert len(before) == 30 and all(abs(compare(r)["step_time"]) <= 0.175 for r in before)
     seventh = {r["name"]: compare(r)["step_time"] for r in mod.this_engine(_earlier_records("SEVENTH"))}
-    assert len(seventh) == 29 and all(-0.55 <= e <= 0.25 for e in seventh.values()), seventh
+    assert len(seventh) == 29 and all(-0.53 <= e <= 0.33 for e in seventh.values()), seventh
     earlier = {r["name"]: compare(r)["step_time"] for r in _earlier_records() if r["model"] == "llama4-scout"}
-    assert len(earlier) >= 14 and all(-0.16 <= e <= -0.04 for e in earlier.values()), earlier
+    assert len(earlier) >= 14 and all(-0.09 <= e <= 0.025 for e in earlier.values()), earlier
 
 
 def test_backward_graphs_set_leave_one_out_as_recorded():
-    """Issue 15's acceptance on the current engine's set (CURRENT, two calls on two H200s, every layer pass
+    """Issue 15's acceptance on the current engine's set (CURRENT, five calls on four H200s, every layer pass
     replayed; each configuration's median): each configuration predicted by time constants fitted to the other 29
-    stays within 15 % (worst 14.6 %, Scout 1 x 512 ga1; 31 % before the expert GEMMs' bank read was counted)."""
+    stays within 15 % (worst 14.8 %, Qwen3-30B 1 x 512, its only micro-step under 1,024 tokens; Scout 1 x 512 ga1 31 % before the expert GEMMs' bank read
+    was counted, 15.3 % before a MoE layer's pass had a GPU floor of its own), and peak allocated within 3 %
+    (each configuration measured alone, in a process of its own: 1.4 % at worst)."""
     from moefit.plan.validation import median_of_repeats
 
     recs = median_of_repeats(_bench_module().this_engine(_earlier_records("CURRENT")))
-    assert len(recs) == 30
+    assert len(recs) == 30 and sum(r["memory_alone"] for r in recs) == 30
     loo = leave_one_out(recs)
     assert len(loo) == 30 and all(abs(e) <= 0.15 for e in loo.values()), loo
+    assert all(abs(compare(r)["allocated"]) <= 0.03 for r in recs), {r["name"]: compare(r) for r in recs}
 
 
 def test_records_of_another_nf4_decoder_are_left_out_of_fits(capsys):
@@ -146,9 +147,10 @@ def test_records_of_another_nf4_decoder_are_left_out_of_fits(capsys):
 
 def test_first_pass_graphs_set_leave_one_out():
     """Leave-one-out over every one of the previous engine's 87 records (FIRST_PASS_GRAPHS: 30 configurations, measured in
-    three calls on three machines; a configuration is left out with all its records): 78 of 87 within 15 %, none
+    three calls on three machines; a configuration is left out with all its records): 77 of 87 within 15 %, none
     over 38 % (the family's host scale counts its layers' launches only since the thirteenth session: 80 of 87
-    before). The nine over are host-bound or nearly (GPU busy 27-85 %, one unprofiled): the same configuration
+    before; 78 before a MoE layer's pass had a GPU floor of its own, fifteenth session). The ten over are
+    host-bound or nearly (GPU busy 27-85 %, one unprofiled): the same configuration
     measured on two machines differs by up to 53 % (Qwen3-30B 1 x 2048: 0.548 s and 0.841 s), more than the
     target itself (benchmarks/speed_targets.md, tenth and eleventh sessions)."""
     recs = _bench_module().this_engine(_earlier_records("FIRST_PASS_GRAPHS"))
@@ -156,7 +158,7 @@ def test_first_pass_graphs_set_leave_one_out():
     loo = leave_one_out(recs)
     assert len(loo) == 87
     over = {n: e for n, e in loo.items() if abs(e) > 0.15}
-    assert len(over) <= 9 and all(abs(e) <= 0.38 for e in loo.values()), over
+    assert len(over) <= 10 and all(abs(e) <= 0.38 for e in loo.values()), over
     busy = {k: r["measured"].get("gpu_busy_fraction") or 0 for k, r in zip(record_keys(recs), recs, strict=True)}
     assert all(busy[n] < 0.9 for n in over), {n: busy[n] for n in over}
 
@@ -186,6 +188,32 @@ def test_median_of_repeats_takes_each_configurations_median():
     assert [r["name"] for r in got] == ["a", "b"] and [r["repeats"] for r in got] == [3, 1]
     assert got[0]["measured"] == {"step_s": 1.5, "kernel_s": 0.6, "peak_allocated_bytes": 100}
     assert got[0]["source"] == "median of x, y, z" and got[1]["measured"]["step_s"] == 2.0 and got[1]["source"] == "x"
+
+
+def test_peak_memory_is_taken_from_the_runs_measured_alone():
+    """A configuration measured after others in one process reads what they left cached (Llama 3.1 8B up to
+    0.77 GiB): its peak memory comes from the records measured first in their process where there are any, its
+    step time from all. Older documents say it by their order within a group, or by --fresh-process."""
+    from moefit.plan.validation import median_of_repeats, records_from_document
+
+    def row(name, group, step, peak, **extra):
+        return {"name": name, "group": group, "measured": {"step_s": step, "peak_allocated_bytes": peak}, **extra}
+
+    grouped = {"command": "python benchmarks/plan_validation.py --configs loo", "engine": {"nf4_decoder": "x"},
+               "results": [row("a", "g1", 1.0, 100), row("b", "g1", 2.0, 210), row("c", "g2", 3.0, 300)]}
+    fresh = {"command": "python benchmarks/plan_validation.py --only b --fresh-process",
+             "results": [row("b", "g1", 2.4, 200)]}
+    recorded = {"command": "python benchmarks/plan_validation.py --only b",  # as written since the fifteenth session
+                "results": [row("b", "g1", 1.9, 205, measured_after=3)]}
+    recs = [r for doc, src in ((grouped, "x"), (fresh, "y"), (recorded, "z")) for r in records_from_document(doc, src)]
+    assert [r["measured_after"] for r in recs] == [0, 1, 0, 0, 3]
+    got = {r["name"]: r for r in median_of_repeats(recs)}
+    assert got["b"]["measured"]["step_s"] == 2.0 and got["b"]["measured"]["peak_allocated_bytes"] == 200
+    assert got["b"]["memory_alone"] and got["b"]["repeats"] == 3 and got["a"]["memory_alone"]
+    # none alone: the median of all
+    late = [dict(r, measured_after=2) for r in recs if r["name"] == "b"]
+    only = median_of_repeats(late)[0]
+    assert not only["memory_alone"] and only["measured"]["peak_allocated_bytes"] == 205
 
 
 def test_loo_set_spans_the_issue_15_space_in_one_gpu_call():
@@ -377,21 +405,24 @@ def test_a_group_is_measured_once_built_and_a_failing_configuration_does_not_sto
 
 def test_each_result_is_kept_as_it_arrives_and_a_group_is_stopped_at_its_time_limit(monkeypatch, capsys):
     """run_group hands each configuration on as its line arrives (the caller writes the JSON then), reports
-    failures, and a group past its time limit is stopped with what it measured kept."""
+    failures, and a group past its time limit is stopped with what it measured kept. Each result says how many
+    configurations its process measured before it (a failed one counts: it ran)."""
     import sys
 
     mod = _bench_module()
     script = ("import json, time\n"
               "print('RESULT ' + json.dumps({'name': 'a'}), flush=True)\n"
               "print('FAILED ' + json.dumps({'name': 'b', 'error': 'OutOfMemoryError: boom'}), flush=True)\n"
+              "print('RESULT ' + json.dumps({'name': 'c'}), flush=True)\n"
               "time.sleep(30)\n"
-              "print('RESULT ' + json.dumps({'name': 'c'}), flush=True)\n")
+              "print('RESULT ' + json.dumps({'name': 'd'}), flush=True)\n")
     monkeypatch.setattr(mod, "_worker_command", lambda recs, device: [sys.executable, "-c", script])
     arrived = []
-    got = mod.run_group([{"group": "g", "name": n} for n in "abc"], arrived.append, timeout_s=3.0)
-    assert [r["name"] for r in got] == [r["name"] for r in arrived] == ["a"]
+    got = mod.run_group([{"group": "g", "name": n} for n in "abcd"], arrived.append, timeout_s=3.0)
+    assert [r["name"] for r in got] == [r["name"] for r in arrived] == ["a", "c"]
+    assert [r["measured_after"] for r in got] == [0, 2]
     err = capsys.readouterr().err
-    assert "b: not measured: OutOfMemoryError" in err and "1/3 configurations measured (stopped at its time" in err
+    assert "b: not measured: OutOfMemoryError" in err and "2/4 configurations measured (stopped at its time" in err
 
 
 def test_issue_15_set_leave_one_out_as_recorded():

@@ -25,7 +25,8 @@ GPU time, each term a counted quantity over a rate (calibration.json "time"):
 - elementwise work on activations (norms, rotary, routing permutes, LoRA dropout, casts, the loss's softmax): the
   bytes of every tensor a layer saves for its backward (memory.layer_working_set), x 4 for forward, recomputation
   and backward, + the loss's 22 bytes per logit, at `activation_bandwidth_efficiency` x bandwidth;
-- per decoder layer and pass, `gpu_layer_pass_s`: the floor of its hundreds of small kernels.
+- per decoder layer and pass, `gpu_layer_pass_s`: the floor of its hundreds of small kernels; a MoE layer's
+  routing, permutes and per-expert launches add `gpu_moe_layer_pass_s` to it.
 Host time: per decoder layer and pass (forward, recompute, backward) `moe_layer_pass_s` for a MoE layer,
 `dense_layer_pass_s` for a dense one, plus `expert_lora_layer_pass_s` where the routed experts carry LoRA, x the
 family's `host_family_scale` (1 for those measured as the reference); + `host_micro_step_s` per micro-step (the
@@ -50,7 +51,8 @@ from .memory import RunShape, layer_working_set, local_experts, lora_tensors
 from .model_facts import Layer, ModelFacts
 
 ATTN_PASSES = 1 + 1 + 2.5  # forward, recompute, flash-attention backward
-GPU_TERMS = ("matmul", "attention", "masked_attention", "dequant", "activation", "gpu_layer_passes")
+GPU_TERMS = ("matmul", "attention", "masked_attention", "dequant", "activation", "gpu_layer_passes",
+             "gpu_moe_layer_passes")
 HOST_TERMS = ("moe_layer_passes", "dense_layer_passes", "expert_lora_layer_passes", "micro_steps")
 TIME_TERMS = GPU_TERMS + HOST_TERMS
 LOSS_BYTES_PER_LOGIT = 8 + 8 + 6  # chunked loss: forward, its recomputation (fp32 logits + temporary), backward
@@ -175,7 +177,7 @@ def time_work(f: ModelFacts, shape: RunShape, weight_bytes: dict[str, int]) -> d
             "routed_matmul": routed_flops, "expert_read": routed_read,
             "dequant": _dequant_bytes(f, shape, weight_bytes, wp),
             "activation": activation_bytes(f, shape), "gpu_layer_passes": passes * f.num_layers,
-            "moe_layer_passes": host_passes * f.moe_layers,
+            "gpu_moe_layer_passes": passes * f.moe_layers, "moe_layer_passes": host_passes * f.moe_layers,
             "dense_layer_passes": host_passes * (f.num_layers - f.moe_layers),
             "expert_lora_layer_passes": host_passes * expert_lora, "micro_steps": 1.0}
 
@@ -217,7 +219,7 @@ def replayed_work(f: ModelFacts, shape: RunShape, weight_bytes: dict[str, int],
                 "routed_matmul": work["routed_matmul"], "expert_read": work["expert_read"],
                 "attention": work["attention"], "masked_attention": work["masked_attention"],
                 "dequant": work["dequant"], "activation": activation_bytes(f, shape, loss=False),
-                "gpu_layer_passes": work["gpu_layer_passes"]}
+                "gpu_layer_passes": work["gpu_layer_passes"], "gpu_moe_layer_passes": work["gpu_moe_layer_passes"]}
     once = dict.fromkeys(weight_passes(f, shape), 1.0)
     attn, masked = _attention_flops(f, shape, 1.0)
     routed_flops, routed_read = _routed_bank(f, shape, 1.0)
@@ -225,7 +227,8 @@ def replayed_work(f: ModelFacts, shape: RunShape, weight_bytes: dict[str, int],
             + 2.0 * lora_active_params(f, shape) * shape.tokens,
             "routed_matmul": routed_flops, "expert_read": routed_read,
             "attention": attn, "masked_attention": masked, "dequant": _dequant_bytes(f, shape, weight_bytes, once),
-            "activation": activation_bytes(f, shape, passes=1, loss=False), "gpu_layer_passes": f.num_layers}
+            "activation": activation_bytes(f, shape, passes=1, loss=False), "gpu_layer_passes": f.num_layers,
+            "gpu_moe_layer_passes": f.moe_layers}
 
 
 def activation_bytes(f: ModelFacts, shape: RunShape, passes: int | None = None, loss: bool = True) -> float:
@@ -263,6 +266,7 @@ def seconds_per_unit(gpu: Gpu, ct: dict[str, Any], family: str | None = None,
             "dequant": 1 / (bw * dequant_efficiency(ct, nf4_decoder)),
             "activation": dev / (bw * act) if act else 0.0,
             "gpu_layer_passes": dev * ct.get("gpu_layer_pass_s", 0.0),
+            "gpu_moe_layer_passes": dev * ct.get("gpu_moe_layer_pass_s", 0.0),
             "moe_layer_passes": host * ct["moe_layer_pass_s"], "dense_layer_passes": host * ct["dense_layer_pass_s"],
             "expert_lora_layer_passes": host * ct["expert_lora_layer_pass_s"],
             "micro_steps": ct.get("host_micro_step_s", 0.0)}  # (the embedding, the loss: not the family's layers)
