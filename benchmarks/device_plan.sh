@@ -36,12 +36,15 @@
 #                                       # then the leave-one-out set on today's code
 #   bash benchmarks/device_plan.sh N    # nvidia-h200: Llama 8B's peak by site after the loo group's other configurations
 #   bash benchmarks/device_plan.sh E    # nvidia-h200: Llama 3.1 8B 1 x 2048 x 2 against the stock stack (dense target)
+#   bash benchmarks/device_plan.sh Z    # nvidia-h200: the merged export, its NF4 round trip by Triton and by bitsandbytes
 #   bash benchmarks/device_plan.sh V    # nvidia-h200: the loo set's Llama 3.1 8B rows (or FRESH's groups), one
 #                                       # process each (~340 s)
 #   bash benchmarks/device_plan.sh M    # nvidia-h200: Llama 3.1 8B's peak allocated by allocation site, backward
 #                                       # graphs on / off (benchmarks/peak_probe.py), what the planner misses;
 #                                       # Scout at 8 x 1024 the same way
-# Next session (30-minute budget; a call holds the machine ~100-130 s longer than its command runs): an eager Llama
+# Next session (30-minute budget; a call holds the machine ~100-130 s longer than its command runs): first Z
+# (`CALL_S=300 bash benchmarks/device_plan.sh Z`: the export's 8 workers ran no faster than 1 in the fifteenth
+# session; whether the Triton decoder's concurrent first compiles were why), then an eager Llama
 # row in the loo set (the planner's eager host time is short by ~20 %, call R); the seed recipe with the backward
 # eager (what data parallelism runs; planned +11.7 % slow since the fifteenth session's refit); S on x2 when it is
 # lent; issue 16's production_scale.sh on x4 / x8. N (what a grouped process leaves in a later configuration's peak)
@@ -67,7 +70,7 @@ stock_if_time_left() {
   fi
   tail -4 "$out/setup.log"
 }
-case "${1:?A, B, D, E, G, H, I, J, K, L, M, N, O, Q, R, T, P, F, S, V, W, X or Y}" in
+case "${1:?A, B, D, E, G, H, I, J, K, L, M, N, O, Q, R, T, P, F, S, V, W, X, Y or Z}" in
   X)  # 6 files: setup.log, gpu_tests.log, step_ab.json, report_{true,false}.json, stock/stock_baseline.json
     # engine.backward_graphs on by default (thirteenth session): the graphs' GPU tests with the gpt-oss mask fix,
     # the seed as written (default), the same with the backward eager, auto; `moefit train` (tiny, packed) with
@@ -178,6 +181,14 @@ PY
     timeout $((${CALL_S:-600} - 20 - SECONDS)) python3 benchmarks/families.py --out "$out/fam" --models llama3.1-8b \
       >> "$out/setup.log" 2>&1; echo "families rc $?" >> "$out/setup.log"
     grep -A4 "^| model | goal" "$out/fam/families.md"
+    ;;
+  Z)  # 3 files: setup.log, export.log, export_speed.json
+    # Issue 15's export target again: 8 workers ran 0.56 GB/s in the fifteenth session (1 worker 0.55) against 1.08
+    # in the fifth, before the Triton NF4 decoder became the default. The round trip's decoder both ways, with its
+    # launches one at a time now (moefit/quant/nf4.py _TRITON_LAUNCH): gpu-N (triton-load), gpu-N-bnb, gpu-1
+    timeout $((${CALL_S:-600} - 20 - SECONDS)) python3 benchmarks/export_speed.py --nf4-decoders bnb \
+      --budget-s $((${CALL_S:-600} - 60 - SECONDS)) --record "$out/export_speed.json" > "$out/export.log" 2>&1
+    echo "export rc $?" >> "$out/setup.log"; grep -E '^\{"run"' "$out/export.log" | cut -c1-240; tail -1 "$out/export.log"
     ;;
   V)  # 3 files: setup.log, fresh/plan_validation.{json,md}
     # The loo set's configurations of the groups named in FRESH (default its eleven Llama 3.1 8B ones, ~340 s

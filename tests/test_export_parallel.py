@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from safetensors import safe_open
 import moefit
 import moefit.export.merge as merge
 from moefit.export.safetensors_stream import Piece, PlannedTensor, write_shards
+from tests.concurrency import Overlap
 from tests.families import CASES, rel, write_checkpoint, write_mxfp4_copy
 from tests.test_export import make_run
 
@@ -68,16 +68,11 @@ def test_parallel_family_export_equals_serial(case, tmp_path, monkeypatch):
 def test_shard_writer_bounds_pieces_in_flight_and_checks_sizes(tmp_path):
     """At most `workers` pieces exist at once (host memory), each lands at its place, and pieces that do not add
     up to a planned tensor are refused before anything is written."""
-    live, most, lock = [0], [0], threading.Lock()
+    gauge = Overlap(hold=0.002)
 
     def make(value: int, n: int) -> torch.Tensor:
-        with lock:
-            live[0] += 1
-            most[0] = max(most[0], live[0])
-        time.sleep(0.002)
-        with lock:
-            live[0] -= 1
-        return torch.full((n,), value, dtype=torch.int32)
+        with gauge:
+            return torch.full((n,), value, dtype=torch.int32)
 
     planned = [PlannedTensor(f"t{i}", "I32", (4 * (i + 1),)) for i in range(6)]
     pieces = {t.name: [Piece(16, lambda i=i, j=j: make(10 * i + j, 4)) for j in range(i + 1)]
@@ -85,7 +80,7 @@ def test_shard_writer_bounds_pieces_in_flight_and_checks_sizes(tmp_path):
     files = [(tmp_path / "a.safetensors", planned[:4]), (tmp_path / "b.safetensors", planned[4:])]
     done = []
     stats = write_shards(files, pieces, workers=3, progress=lambda d, t: done.append((d, t)))
-    assert most[0] <= 3 and stats.bytes == sum(t.nbytes for t in planned) == done[-1][0] == done[-1][1]
+    assert gauge.most <= 3 and stats.bytes == sum(t.nbytes for t in planned) == done[-1][0] == done[-1][1]
     for path, tensors in files:
         with safe_open(str(path), "pt") as f:
             for t in tensors:

@@ -73,3 +73,27 @@ def test_a_decoder_that_has_run_keeps_its_later_errors(stand_in):
     with pytest.raises(RuntimeError, match="device-side assert"):
         w.dequantize()
     assert decoder.calls == 2 and not nf4._TRITON_FAILED
+
+
+def test_threads_launch_the_triton_decoder_one_at_a_time(stand_in):
+    """Triton compiles a kernel on its first launch without a lock: the merged export's worker threads would each
+    compile it. Launches through moefit are one at a time (the decode itself is queued on the GPU, not waited for)."""
+    import threading
+
+    from tests.concurrency import Overlap
+
+    decoder = stand_in([None])
+    gauge, plain = Overlap(hold=0.02), decoder.decode
+
+    def slow_launch(*args, **kwargs):  # a first launch that compiles
+        with gauge:
+            return plain(*args, **kwargs)
+
+    decoder.decode = slow_launch
+    w = _weight()
+    threads = [threading.Thread(target=lambda: [w.dequantize() for _ in range(3)]) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert decoder.calls == 18 and gauge.most == 1

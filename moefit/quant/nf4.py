@@ -15,6 +15,7 @@ import contextlib
 import functools
 import logging
 import math
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -56,9 +57,22 @@ _TRITON_FAILED: set[str] = set()
 _TRITON_RAN: set[str] = set()
 
 
+# Triton compiles a kernel's specialization on its first launch in a process, without a lock of its own: threads
+# that launch it together (the merged export's workers) would each compile the same kernel, seconds apiece under
+# one GIL. The lock is held for the launch only (queued, not run: the decode runs on the GPU after it is released;
+# the GIL serializes launches already). Suspected of the export's 8 workers running no faster than 1 since the
+# Triton decoder became the default (benchmarks/export_speed.md, fifteenth session): not yet measured with it.
+_TRITON_LAUNCH = threading.Lock()
+
+
 def _triton_decode_or_fall_back(name: str, decode):
     """`decode()` through the Triton decoder; on its first use, a failure other than running out of memory
     switches this process to bitsandbytes' decoder (returns None: the caller decodes with bitsandbytes)."""
+    with _TRITON_LAUNCH:
+        return _first_use_falls_back(name, decode)
+
+
+def _first_use_falls_back(name: str, decode):
     if name in _TRITON_RAN:
         return decode()
     try:
