@@ -184,8 +184,9 @@ PY
     ;;
   Z)  # 3 files: setup.log, export.log, export_speed.json
     # Issue 15's export target again: 8 workers ran 0.56 GB/s in the fifteenth session (1 worker 0.55) against 1.08
-    # in the fifth, before the Triton NF4 decoder became the default. The round trip's decoder both ways, with its
-    # launches one at a time now (moefit/quant/nf4.py _TRITON_LAUNCH): gpu-N (triton-load), gpu-N-bnb, gpu-1
+    # in the fifth, before the Triton NF4 decoder became the default; that row ran first on a fresh machine and
+    # compiled the decoder's kernels. Now: gpu-N-first (the compiles), then gpu-N (Triton's cache warm, as after a
+    # training run), gpu-N-bnb (bitsandbytes decoding the round trip), gpu-1; Triton launches one at a time
     timeout $((${CALL_S:-600} - 20 - SECONDS)) python3 benchmarks/export_speed.py --nf4-decoders bnb \
       --budget-s $((${CALL_S:-600} - 60 - SECONDS)) --record "$out/export_speed.json" > "$out/export.log" 2>&1
     echo "export rc $?" >> "$out/setup.log"; grep -E '^\{"run"' "$out/export.log" | cut -c1-240; tail -1 "$out/export.log"

@@ -10,6 +10,9 @@ model) and a moefit run with random LoRA (r 16) on attention, shared and routed 
 export in a fresh child process (peak RSS = the child's ru_maxrss), in the default mode (the NF4 round trip
 of the base the run trained against, as `moefit export RUN --merge` does):
 
+    gpu-N-first  --device cuda, N workers, first: it compiles (and autotunes) the Triton NF4 decoder's kernels
+             that Triton's on-disk cache lacks, as on a machine that has not run them (after a training run on
+             the same machine the export finds them compiled; the in-process autotuning is paid by every export)
     gpu-N    --device cuda, N workers (default: moefit's, one per CPU, at most 8)
     gpu-M    --device cuda, M workers, for each further value of --workers (e.g. --workers 8 16)
     gpu-N-D  --device cuda, N workers, the NF4 round trip decoded by engine.nf4_decoder D, for each D of
@@ -168,6 +171,8 @@ def main() -> int:
     ap.add_argument("--nf4-decoders", nargs="+", default=[], metavar="NAME",
                     help="a further GPU row of N workers per engine.nf4_decoder named (gpu-N-NAME; e.g. bnb "
                          "triton-load): which decoder the NF4 round trip runs")
+    ap.add_argument("--no-first", action="store_true",
+                    help="no gpu-N-first row (the GPU rows then pay whatever Triton's cache lacks)")
     ap.add_argument("--reuse", action="store_true", help="reuse the checkpoint and run already in --workdir")
     ap.add_argument("--keep", action="store_true", help="leave the exports in --workdir")
     ap.add_argument("--record", type=Path, default=ROOT / "benchmarks" / "export_speed.json",
@@ -190,6 +195,8 @@ def main() -> int:
     plan = [("gpu-N", "cuda", n, False), ("gpu-1", "cuda", 1, False), ("gpu-N-base", "cuda", n, True)] if cuda else []
     plan[1:1] = [(f"gpu-{m}", "cuda", m, False) for m in more if cuda]
     plan[1:1] = [(f"gpu-N-{d}", "cuda", n, False, d) for d in args.nf4_decoders if cuda]
+    if cuda and not args.no_first:  # Triton's kernels compiled and tuned here as on a machine that never ran them
+        plan.insert(0, ("gpu-N-first", "cuda", n, False))
     plan += [("cpu-N", "cpu", n, False), ("cpu-1", "cpu", 1, False)]
     baselines = {d: baseline(d) for d in sorted({x[1] for x in plan})}
     pairs = (("gpu-N", "gpu-1"), ("cpu-N", "cpu-1"), ("gpu-N", "cpu-N"))

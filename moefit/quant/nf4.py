@@ -58,10 +58,10 @@ _TRITON_RAN: set[str] = set()
 
 
 # Triton compiles a kernel's specialization on its first launch in a process, without a lock of its own: threads
-# that launch it together (the merged export's workers) would each compile the same kernel, seconds apiece under
-# one GIL. The lock is held for the launch only (queued, not run: the decode runs on the GPU after it is released;
-# the GIL serializes launches already). Suspected of the export's 8 workers running no faster than 1 since the
-# Triton decoder became the default (benchmarks/export_speed.md, fifteenth session): not yet measured with it.
+# that launch it together (the merged export's workers) would each compile the same kernel, under one GIL. The
+# lock is held for the launch only (queued, not run: the decode runs on the GPU after it is released; the GIL
+# serializes launches already). The export's 8 workers ran no faster than 1 on a fresh machine since the Triton
+# decoder became the default (benchmarks/export_speed.md, fifteenth session): not yet measured with the lock.
 _TRITON_LAUNCH = threading.Lock()
 
 
