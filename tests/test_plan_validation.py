@@ -105,11 +105,12 @@ def test_the_shipped_time_constants_fit_the_records_they_are_fitted_to():
 
 
 def test_backward_graphs_set_leave_one_out_as_recorded():
-    """Issue 15's acceptance on the current engine's set (CURRENT, five calls on four H200s, every layer pass
+    """Issue 15's acceptance on the current engine's set (CURRENT, five calls on H200s, every layer pass
     replayed; each configuration's median): each configuration predicted by time constants fitted to the other 29
-    stays within 15 % (worst 14.8 %, Qwen3-30B 1 x 512, its only micro-step under 1,024 tokens; Scout 1 x 512 ga1 31 % before the expert GEMMs' bank read
-    was counted, 15.3 % before a MoE layer's pass had a GPU floor of its own), and peak allocated within 3 %
-    (each configuration measured alone, in a process of its own: 1.4 % at worst)."""
+    stays within 15 % (worst 14.8 %, Qwen3-30B 1 x 512, its only micro-step under 1,024 tokens; Scout 1 x 512 ga1
+    31 % before the expert GEMMs' bank read was counted, 15.3 % before a MoE layer's pass had a GPU floor of its
+    own), and peak allocated within 3 % (each configuration measured alone, in a process of its own: 1.4 % at
+    worst)."""
     from moefit.plan.validation import median_of_repeats
 
     recs = median_of_repeats(_bench_module().this_engine(_earlier_records("CURRENT")))
@@ -146,13 +147,13 @@ def test_records_of_another_nf4_decoder_are_left_out_of_fits(capsys):
 
 
 def test_first_pass_graphs_set_leave_one_out():
-    """Leave-one-out over every one of the previous engine's 87 records (FIRST_PASS_GRAPHS: 30 configurations, measured in
-    three calls on three machines; a configuration is left out with all its records): 77 of 87 within 15 %, none
-    over 38 % (the family's host scale counts its layers' launches only since the thirteenth session: 80 of 87
-    before; 78 before a MoE layer's pass had a GPU floor of its own, fifteenth session). The ten over are
-    host-bound or nearly (GPU busy 27-85 %, one unprofiled): the same configuration
-    measured on two machines differs by up to 53 % (Qwen3-30B 1 x 2048: 0.548 s and 0.841 s), more than the
-    target itself (benchmarks/speed_targets.md, tenth and eleventh sessions)."""
+    """Leave-one-out over every one of the previous engine's 87 records (FIRST_PASS_GRAPHS: 30 configurations,
+    measured in three calls on three machines; a configuration is left out with all its records): 77 of 87 within
+    15 %, none over 38 % (the family's host scale counts its layers' launches only since the thirteenth session: 80
+    of 87 before; 78 before a MoE layer's pass had a GPU floor of its own, fifteenth session). The ten over are
+    host-bound or nearly (GPU busy 27-85 %, one unprofiled): the same configuration measured on two machines differs
+    by up to 53 % (Qwen3-30B 1 x 2048: 0.548 s and 0.841 s), more than the target itself
+    (benchmarks/speed_targets.md, tenth and eleventh sessions)."""
     recs = _bench_module().this_engine(_earlier_records("FIRST_PASS_GRAPHS"))
     assert len(recs) == 87
     loo = leave_one_out(recs)
