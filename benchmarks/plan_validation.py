@@ -414,11 +414,10 @@ FIRST_PASS_GRAPHS = ["raw/plan_validation_loo30_session10_h200.json",
 # replayed from CUDA graphs; synthetic weights real since 455ee13): the leave-one-out set of 30 configurations
 # measured in one device call on one H200 (call L), and again in the fourteenth session (call R, another H200, the
 # code with an epoch's last batch padded and offloading beside it: the same peaks to the byte, steps within 3.5 %);
-# its eleven Llama 3.1 8B configurations a third time in the fifteenth, each in a process of its own (call V): alone
-# they peak 0.1-0.77 GiB lower than after the group's others, within 1.0 % of the plan. Most of its steps are
-# GPU-bound now (busy 74-99 %), so one machine stands for the others better than before. The shipped time constants
-# are fitted to each configuration's median over the three (`--fit raw/plan_validation_loo_session14_call_r_h200.json
-# raw/plan_validation_loo_session13_call_l_h200.json raw/plan_validation_loo_llama_fresh_session15_call_v_h200.json
+# all 30 a third time in the fifteenth, each in a process of its own (three calls V: Llama 3.1 8B, Qwen3-30B and
+# gpt-oss-20b, Scout): alone they peak up to 0.77 GiB lower than after the group's others, within 1.4 % of the plan.
+# Most of its steps are GPU-bound now (busy 74-99 %), so one machine stands for the others better than before. The
+# shipped time constants are fitted to each configuration's median over the five files (`--fit <CURRENT's files>
 # --median --fit-sections time`; peak memory from the calls that measured a configuration first in its process;
 # plan_validation_current_engine.md, _loo.md).
 CURRENT = ["raw/plan_validation_loo_session14_call_r_h200.json", "raw/plan_validation_loo_session13_call_l_h200.json",

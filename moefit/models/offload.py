@@ -91,14 +91,13 @@ class HostCheckpoints:
         self._pending = [weakref.ref(s) for s in live]
         return live
 
-    def saved_bytes(self) -> int:
-        return sum(s.host.numel() * s.host.element_size() for s in self.pending())
-
     def save(self, t: torch.Tensor) -> _HostCopy:
         self._count += 1
         saved = _HostCopy(self, t, self._count)
-        self._pending = [weakref.ref(s) for s in self.pending()] + [weakref.ref(saved)]
-        self.peak_saved_bytes = max(self.peak_saved_bytes, self.saved_bytes())
+        live = [*self.pending(), saved]  # (pending() keeps the live ones' references)
+        self._pending.append(weakref.ref(saved))
+        held = sum(s.host.numel() * s.host.element_size() for s in live)
+        self.peak_saved_bytes = max(self.peak_saved_bytes, held)
         return saved
 
     def load(self, saved: _HostCopy) -> torch.Tensor:

@@ -453,13 +453,11 @@ def estimate_memory(f: ModelFacts, shape: RunShape, calib: dict[str, Any]) -> Me
     T, h, L = shape.tokens, f.hidden, f.num_layers
     ws_kind = {la: layer_working_set(f, la, shape) for la in set(f.layers)}
     ws = [ws_kind[la] for la in f.layers]
-    if shape.gradient_checkpointing and shape.offload_checkpoints:
-        # in host memory (models.offload): on the GPU, the input being copied out beside the layer running in the
-        # forward, the one loaded and the next one fetched in the backward
-        on_device = min(L, OFFLOADED_ON_DEVICE)
+    if shape.gradient_checkpointing:
+        # offloaded (models.offload), the rest in host memory: on the GPU, the input being copied out beside the
+        # layer running in the forward, the one loaded and the next one fetched in the backward
+        on_device = min(L, OFFLOADED_ON_DEVICE) if shape.offload_checkpoints else L
         ckpt = [int(cm["activation_scale"] * _r(T * h * BF16))] * on_device + [0] * (L - on_device)
-    elif shape.gradient_checkpointing:
-        ckpt = [int(cm["activation_scale"] * _r(T * h * BF16))] * L
     else:  # every layer keeps everything it saves
         ckpt = [_r(T * h * BF16) + sum(s.values()) for s, _, _ in ws]
     rotary = 2 * _r(T * f.head_dim * BF16)
