@@ -36,7 +36,7 @@
 #                                       # then the leave-one-out set on today's code
 #   bash benchmarks/device_plan.sh N    # nvidia-h200: Llama 8B's peak by site after the loo group's other configurations
 #   bash benchmarks/device_plan.sh E    # nvidia-h200: Llama 3.1 8B 1 x 2048 x 2 against the stock stack (dense target)
-#   bash benchmarks/device_plan.sh Z    # nvidia-h200: the merged export, its NF4 round trip by Triton and by bitsandbytes
+#   bash benchmarks/device_plan.sh Z    # nvidia-h200: the merged export (page-locked vs pageable host buffers), its GPU tests
 #   bash benchmarks/device_plan.sh V    # nvidia-h200: the loo set's Llama 3.1 8B rows (or FRESH's groups), one
 #                                       # process each (~340 s)
 #   bash benchmarks/device_plan.sh M    # nvidia-h200: Llama 3.1 8B's peak allocated by allocation site, backward
@@ -182,12 +182,15 @@ PY
       >> "$out/setup.log" 2>&1; echo "families rc $?" >> "$out/setup.log"
     grep -A4 "^| model | goal" "$out/fam/families.md"
     ;;
-  Z)  # 3 files: setup.log, export.log, export_speed.json
-    # Issue 15's export target again: 8 workers ran 0.56 GB/s in the fifteenth session (1 worker 0.55) against 1.08
-    # in the fifth, before the Triton NF4 decoder became the default; that row ran first on a fresh machine and
-    # compiled the decoder's kernels. Now: gpu-N-first (the compiles), then gpu-N (Triton's cache warm, as after a
-    # training run), gpu-N-bnb (bitsandbytes decoding the round trip), gpu-1; Triton launches one at a time
-    timeout $((${CALL_S:-600} - 20 - SECONDS)) python3 benchmarks/export_speed.py --nf4-decoders bnb \
+  Z)  # 4 files: setup.log, tests.log, export.log, export_speed.json
+    # Issue 15's export target again. Sixteenth session, call 1 (0344ddb): gpu-N-first 0.54 GB/s, gpu-N (Triton
+    # warm) 0.86, gpu-N-bnb 0.95, gpu-1 0.42, gpu-N-base 1.19: the merge phase of 8 threads summed to 6x one
+    # thread's. Call 3: each worker copying through a reused page-locked buffer (moefit/export/host_staging.py),
+    # gpu-N 1.45 against gpu-N-pageable 0.95 in the same call, bnb-decoded 1.76. Now the round trip decodes with
+    # bitsandbytes (the same bits): gpu-N should read ~1.7. The export GPU tests first.
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_export_parallel.py tests/test_gpu.py -m gpu -k "export or nf4" > "$out/tests.log" 2>&1
+    echo "export gpu tests rc $?" >> "$out/setup.log"; tail -2 "$out/tests.log"
+    timeout $((${CALL_S:-600} - 20 - SECONDS)) python3 benchmarks/export_speed.py \
       --budget-s $((${CALL_S:-600} - 60 - SECONDS)) --record "$out/export_speed.json" > "$out/export.log" 2>&1
     echo "export rc $?" >> "$out/setup.log"; grep -E '^\{"run"' "$out/export.log" | cut -c1-240; tail -1 "$out/export.log"
     ;;

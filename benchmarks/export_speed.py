@@ -10,13 +10,13 @@ model) and a moefit run with random LoRA (r 16) on attention, shared and routed 
 export in a fresh child process (peak RSS = the child's ru_maxrss), in the default mode (the NF4 round trip
 of the base the run trained against, as `moefit export RUN --merge` does):
 
-    gpu-N-first  --device cuda, N workers, first: it compiles (and autotunes) the Triton NF4 decoder's kernels
-             that Triton's on-disk cache lacks, as on a machine that has not run them (after a training run on
-             the same machine the export finds them compiled; the in-process autotuning is paid by every export)
-    gpu-N    --device cuda, N workers (default: moefit's, one per CPU, at most 8)
+    gpu-N-first  --device cuda, N workers, first on the machine: what the first export pays (the checkpoint
+             just written, CUDA and its kernels loaded for the first time; until the sixteenth session the NF4 round
+             trip also compiled Triton's decoder here, now it decodes with bitsandbytes)
+    gpu-N    --device cuda, N workers (default: moefit's, one per CPU, at most 8), each copying through a
+             page-locked host buffer of its own (the default)
+    gpu-N-pageable  the same through fresh pageable tensors (`pinned=False`: the code before the sixteenth session)
     gpu-M    --device cuda, M workers, for each further value of --workers (e.g. --workers 8 16)
-    gpu-N-D  --device cuda, N workers, the NF4 round trip decoded by engine.nf4_decoder D, for each D of
-             --nf4-decoders (e.g. --nf4-decoders bnb triton-load)
     gpu-1    --device cuda, 1 worker
     gpu-N-base  --device cuda, N workers, into the original bf16 weights (--base)
     cpu-N    --device cpu, N workers
@@ -70,24 +70,23 @@ def build(workdir: Path, args: argparse.Namespace, cuda: bool) -> dict:
 
 
 EXPORT = ("import json, moefit.export; r = moefit.export.export({run!r}, {out!r}, merge=True, device={device!r}, "
-          "workers={workers}{base}); print('RESULT', json.dumps(dict(bytes=r.total_bytes, seconds=r.seconds, "
+          "workers={workers}{base}, pinned={pinned}); print('RESULT', json.dumps(dict(bytes=r.total_bytes, seconds=r.seconds, "
           "gb_per_s=r.gb_per_s, workers=r.workers, device=r.device, shards=r.shards, phases=r.phase_seconds)))")
 
 
-# The NF4 round trip's decoder for one export row (engine.nf4_decoder; the default engine's when not named).
-DECODER = "import moefit.engine_switches as switches; switches.use(switches.parse(['nf4_decoder={decoder}'])); "
 
 
 def export_row(workdir: Path, name: str, device: str, workers: int, base: bool, timeout: float,
-               decoder: str | None = None) -> dict:
+               pinned: bool = True) -> dict:
     out = workdir / name
     shutil.rmtree(out, ignore_errors=True)
-    code = f"{IMPORTS}; " + (DECODER.format(decoder=decoder) if decoder else "") + EXPORT.format(
+    code = f"{IMPORTS}; " + EXPORT.format(
         run=str(workdir / "run"), out=str(out), device=device, workers=workers,
-        base=f", base={str(workdir / 'base')!r}" if base else "")
+        base=f", base={str(workdir / 'base')!r}" if base else "", pinned=pinned)
     row: dict = {"run": name, "device": device, "workers": workers,
-                 "mode": "--base (original weights)" if base else "default (NF4 round trip)",
-                 "nf4_decoder": decoder or "engine default"}
+                 "mode": "--base (original weights)" if base else "default (NF4 round trip)"}
+    if device == "cuda":
+        row["host_buffers"] = "page-locked, one per worker" if pinned else "pageable, fresh per piece"
     try:
         peak, wall, text = child_run(code, timeout=max(timeout, 1.0))
     except subprocess.TimeoutExpired:
@@ -168,43 +167,32 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=150.0,
                     help="time for building and the runs (the comparisons take a few seconds more); a run that "
                          "would pass it is cut (the last, cpu-1, is the slowest) and recorded as timed out")
-    ap.add_argument("--nf4-decoders", nargs="+", default=[], metavar="NAME",
-                    help="a further GPU row of N workers per engine.nf4_decoder named (gpu-N-NAME; e.g. bnb "
-                         "triton-load): which decoder the NF4 round trip runs")
     ap.add_argument("--no-first", action="store_true",
-                    help="no gpu-N-first row (the GPU rows then pay whatever Triton's cache lacks)")
+                    help="no gpu-N-first row (gpu-N then pays what a first export on the machine pays)")
     ap.add_argument("--reuse", action="store_true", help="reuse the checkpoint and run already in --workdir")
     ap.add_argument("--keep", action="store_true", help="leave the exports in --workdir")
     ap.add_argument("--record", type=Path, default=ROOT / "benchmarks" / "export_speed.json",
                     help="append the JSON record to this file")
     args = ap.parse_args()
-    from moefit import engine_switches
-    from moefit.errors import ConfigError
-
-    for name in args.nf4_decoders:  # named wrong: said before the checkpoint is built, not by a child's traceback
-        try:
-            engine_switches.parse([f"nf4_decoder={name}"])
-        except ConfigError as e:
-            ap.error(f"--nf4-decoders {name}: {e}")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the moefit command sets it (see README)
     start = time.time()
     cuda = torch.cuda.is_available()
     built = build(args.workdir, args, cuda)
     os.sync()  # the checkpoint's own bytes are not counted in the first export's sync
     n, *more = args.workers
-    plan = [("gpu-N", "cuda", n, False), ("gpu-1", "cuda", 1, False), ("gpu-N-base", "cuda", n, True)] if cuda else []
-    plan[1:1] = [(f"gpu-{m}", "cuda", m, False) for m in more if cuda]
-    plan[1:1] = [(f"gpu-N-{d}", "cuda", n, False, d) for d in args.nf4_decoders if cuda]
-    if cuda and not args.no_first:  # Triton's kernels compiled and tuned here as on a machine that never ran them
-        plan.insert(0, ("gpu-N-first", "cuda", n, False))
-    plan += [("cpu-N", "cpu", n, False), ("cpu-1", "cpu", 1, False)]
+    plan = [("gpu-N", "cuda", n, False, {}), ("gpu-N-pageable", "cuda", n, False, {"pinned": False}),
+            ("gpu-1", "cuda", 1, False, {}), ("gpu-N-base", "cuda", n, True, {})] if cuda else []
+    plan[2:2] = [(f"gpu-{m}", "cuda", m, False, {}) for m in more if cuda]
+    if cuda and not args.no_first:  # what the first export on a machine pays, apart from the others
+        plan.insert(0, ("gpu-N-first", "cuda", n, False, {}))
+    plan += [("cpu-N", "cpu", n, False, {}), ("cpu-1", "cpu", 1, False, {})]
     baselines = {d: baseline(d) for d in sorted({x[1] for x in plan})}
-    pairs = (("gpu-N", "gpu-1"), ("cpu-N", "cpu-1"), ("gpu-N", "cpu-N"))
+    pairs = (("gpu-N", "gpu-1"), ("gpu-N", "gpu-N-pageable"), ("cpu-N", "cpu-1"), ("gpu-N", "cpu-N"))
     compared = {x for pair in pairs for x in pair}
     rows = []
-    for name, device, workers, base, *decoder in plan:
+    for name, device, workers, base, extra in plan:
         row = export_row(args.workdir, name, device, workers, base, timeout=args.budget_s - (time.time() - start),
-                         decoder=decoder[0] if decoder else None)
+                         **extra)
         if "peak_rss_bytes" in row:
             row["rss_above_baseline_bytes"] = row["peak_rss_bytes"] - baselines[device]
         rows.append(row)

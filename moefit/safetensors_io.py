@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 import torch
 
@@ -88,9 +89,33 @@ class SafetensorsFile:
         start, end = self.header[key]["data_offsets"]
         return end - start
 
-    def read(self, key: str, index: int | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def read(self, key: str, index: int | None = None, rows: tuple[int, int] | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor, or `tensor[index]` along its leading dimension, or `tensor[rows[0]:rows[1]]` (each read
-        alone, not the whole tensor)."""
+        alone, not the whole tensor); into `out` (uint8, exactly `span_bytes` long) when given, else a fresh
+        buffer."""
+        shape, dtype, start, end = self._span(key, index, rows)
+        buf = torch.empty(end - start, dtype=torch.uint8) if out is None else out
+        if buf.numel() != end - start:
+            raise ValueError(f"{key}: a buffer of {buf.numel()} bytes for {end - start}")
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + start)
+            view = memoryview(buf.numpy())
+            got = f.readinto(view)
+        if got != end - start:
+            raise MoefitError(f"{self.path}: tensor {key!r} is truncated (read {got} of {end - start} bytes); "
+                              "the file is incomplete, download it again.")
+        if math.prod(shape) == 0:
+            return torch.empty(shape, dtype=dtype)
+        return buf.view(dtype).reshape(shape)
+
+    def span_bytes(self, key: str, index: int | None = None, rows: tuple[int, int] | None = None) -> int:
+        """How many bytes `read` with these arguments reads."""
+        _, _, start, end = self._span(key, index, rows)
+        return end - start
+
+    def _span(self, key: str, index: int | None, rows: tuple[int, int] | None
+              ) -> tuple[list[int], torch.dtype, int, int]:
         info = self.header[key]
         shape = list(info["shape"])
         dtype = self.dtype(key)
@@ -106,17 +131,7 @@ class SafetensorsFile:
                 shape.pop(0)
             else:
                 shape[0] = hi - lo
-        buf = torch.empty(end - start, dtype=torch.uint8)
-        with open(self.path, "rb") as f:
-            f.seek(self.data_start + start)
-            view = memoryview(buf.numpy())
-            got = f.readinto(view)
-        if got != end - start:
-            raise MoefitError(f"{self.path}: tensor {key!r} is truncated (read {got} of {end - start} bytes); "
-                              "the file is incomplete, download it again.")
-        if math.prod(shape) == 0:
-            return torch.empty(shape, dtype=dtype)
-        return buf.view(dtype).reshape(shape)
+        return shape, dtype, start, end
 
 
 class CheckpointTensors:
@@ -137,16 +152,31 @@ class CheckpointTensors:
     def is_fp8(self, key: str) -> bool:
         return key + self.suffix in self.files
 
-    def read(self, key: str, index: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    def read(self, key: str, index: int | None = None, device: torch.device | str | None = None,
+             staging: HostStagingLike | None = None) -> torch.Tensor:
         """The tensor (or its `index`-th leading slice), moved to `device` before an FP8 weight is decoded, so
-        that the decoding runs there (the same values on any device: it is elementwise)."""
-        t = self.files[key].read(key, index)
-        if device is not None:
-            t = t.to(device)
+        that the decoding runs there (the same values on any device: it is elementwise). `staging` (with a
+        `device`): the bytes are read into its host buffer and copied from there (moefit.export.host_staging)."""
+        t = self._read_to(key, index, device, staging)
         if self.is_fp8(key):
             from .quant.fp8 import dequantize_fp8_blocks
 
-            scale = key + self.suffix
-            s = self.files[scale].read(scale, index)
-            t = dequantize_fp8_blocks(t, s if device is None else s.to(device), self.fp8_block)
+            t = dequantize_fp8_blocks(t, self._read_to(key + self.suffix, index, device, staging), self.fp8_block)
         return t
+
+    def _read_to(self, key: str, index: int | None, device: torch.device | str | None,
+                 staging: HostStagingLike | None) -> torch.Tensor:
+        f = self.files[key]
+        if device is None:
+            return f.read(key, index)
+        if staging is None:
+            return f.read(key, index).to(device)
+        return staging.to_device(lambda buf: f.read(key, index, out=buf), f.span_bytes(key, index),
+                                 lambda: f.read(key, index), device)
+
+
+class HostStagingLike(Protocol):
+    """What CheckpointTensors.read needs of a staging area (moefit.export.host_staging.HostStaging)."""
+
+    def to_device(self, read_into: Callable[[torch.Tensor], torch.Tensor], nbytes: int,
+                  fallback: Callable[[], torch.Tensor], device: torch.device | str) -> torch.Tensor: ...

@@ -165,3 +165,75 @@ def test_each_export_worker_thread_runs_its_pieces_on_its_own_stream():
     assert all(len(s) == 1 for s in by_thread.values())  # one stream per thread, kept
     assert len({next(iter(s)) for s in by_thread.values()}) == len(by_thread)  # and a stream of its own
     assert torch.cuda.default_stream().cuda_stream not in {st for _, st in seen}
+
+
+def test_host_staging_hands_out_aligned_regions_of_one_buffer_per_thread_and_falls_back_when_full():
+    """Within a piece, reads get consecutive 64-byte-aligned regions of the thread's one buffer; a read that does
+    not fit is read into pageable memory instead (the bytes are the same); the next piece starts again at the
+    front; each thread has a buffer of its own."""
+    from moefit.export.host_staging import ALIGN, HostStaging
+
+    staging = HostStaging(1000, torch.device("cpu"))
+    regions: list[torch.Tensor | None] = []
+    fallbacks: list[int] = []
+
+    def read_into(value: int):
+        def fill(buf: torch.Tensor) -> torch.Tensor:
+            regions.append(buf)
+            return buf.fill_(value)
+        return fill
+
+    def piece() -> list[torch.Tensor]:
+        return [staging.to_device(read_into(v), n, lambda v=v, n=n: fallbacks.append(v) or torch.full((n,), v,
+                                                                                                      dtype=torch.uint8),
+                                  "cpu")
+                for v, n in ((1, 100), (2, 300), (3, 700), (4, 500))]
+
+    got = staging.wrap(piece)()
+    assert [int(t[0]) for t in got] == [1, 2, 3, 4] and [t.numel() for t in got] == [100, 300, 700, 500]
+    assert fallbacks == [3]  # 128 + 300 = 428, then 448 + 700 > 1000; 448 + 500 fits
+    buf = regions[0]._base if regions[0]._base is not None else regions[0]
+    starts = [r.data_ptr() - buf.data_ptr() for r in regions]
+    assert starts == [0, 128, 448] and all(s % ALIGN == 0 for s in starts)
+    again = staging.wrap(lambda: staging.inbound(10))()
+    assert again.data_ptr() == buf.data_ptr()  # a new piece starts at the front
+    other: list[torch.Tensor] = []
+    t = threading.Thread(target=lambda: other.append(staging.wrap(lambda: staging.inbound(10))()))
+    t.start()
+    t.join()
+    assert other[0].data_ptr() != buf.data_ptr() and staging.allocated_bytes == 2000
+    elsewhere = staging.wrap(lambda: staging.to_device(read_into(9), 10, lambda: torch.zeros(10, dtype=torch.uint8),
+                                                       "meta"))()
+    assert elsewhere.is_meta and len(regions) == 3  # a read for another device is not read into the buffer
+    assert staging.inbound(2000) is None
+    staging.close()
+    assert staging.allocated_bytes == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_export_through_page_locked_buffers_writes_the_pageable_exports_bytes(tiny_run, tmp_path, monkeypatch):
+    """Each worker's reads and results go through its reused page-locked buffer (the result a view of it until the
+    piece is written): 3 workers write the same bytes as the pageable path, also when the buffer is smaller than
+    some pieces (those go through pageable memory)."""
+    from moefit.export import host_staging
+
+    made: list[int] = []
+    real = host_staging.page_locked
+    monkeypatch.setattr(host_staging, "page_locked", lambda n: made.append(n) or real(n))
+    monkeypatch.setattr(merge, "COPY_CHUNK_BYTES", 1000)
+    want = _tensors_of(moefit.export(tiny_run, tmp_path / "pageable", device="cuda", workers=3, pinned=False))
+    assert not made
+    for cap in (merge.MAX_STAGING_BYTES, None):
+        if cap is None:  # a buffer one byte short of the largest pieces: those go through pageable memory
+            cap = made[-1] - 1
+            monkeypatch.setattr(merge, "MAX_STAGING_BYTES", cap)
+        before = len(made)
+        got = _tensors_of(moefit.export(tiny_run, tmp_path / f"pinned{cap}", device="cuda", workers=3))
+        assert len(made) > before and made[-1] <= cap  # buffers made, of the largest piece's size at most
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not host_staging._REGISTERED  # every registration undone
+
+
+def _tensors_of(report) -> dict[str, torch.Tensor]:
+    return _tensors(report.out_dir)

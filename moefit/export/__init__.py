@@ -42,7 +42,7 @@ def parse_size(size: str | int) -> int:
 def export(run_dir: str | Path, out: str | Path, merge: bool = True, adapter: bool | None = None,
            base: str | Path | None = None, dtype: torch.dtype | str = "bfloat16", max_shard_size: str | int = "5GB",
            device: str = "auto", overwrite: bool = False, workers: int | None = None,
-           progress: bool | Callable[[int, int], None] = False) -> ExportReport:
+           progress: bool | Callable[[int, int], None] = False, pinned: bool = True) -> ExportReport:
     """Export the run in `run_dir` (or an adapter directory) to `out`.
 
     merge=True: an HF checkpoint with the base's architecture class, config and tensor names. The base weights
@@ -53,6 +53,7 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = True, adapter: bo
     there is one, else cpu. `workers`: threads making and writing the shards' pieces concurrently (default: the
     CPUs, at most 8); host memory holds about one piece (a weight, or one expert's slice) per worker.
     `progress`: True prints bytes written and MB/s to stderr (or pass a callable(done_bytes, total_bytes)).
+    `pinned`: on a GPU, each worker copies through a reused page-locked host buffer (False: pageable tensors).
     """
     from ..dtypes import resolve_dtype
 
@@ -62,7 +63,7 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = True, adapter: bo
     if merge:
         return merged_export(info, Path(out), base=Path(base) if base else None, dtype=resolve_dtype(dtype),
                              max_shard_bytes=parse_size(max_shard_size), device=device, overwrite=overwrite,
-                             workers=workers, progress=progress)
+                             workers=workers, progress=progress, pinned=pinned)
     return peft_export(info, Path(out), base=Path(base) if base else None, overwrite=overwrite)
 
 

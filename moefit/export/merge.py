@@ -35,6 +35,7 @@ from ..loading import normalize_name
 from ..models.expert_layout import ExpertTensor, fused_names, match_expert_tensor, split_fused
 from ..models.families import FamilySpec, FusedExperts, PerExpert
 from ..rundir import RunInfo
+from .host_staging import HostStaging
 from .safetensors_stream import (
     NAMES,
     CheckpointReader,
@@ -157,7 +158,10 @@ class _Merger:
         nf4 = NF4Weight(tuple(w.shape), blocksize=q.blocksize, double_quant=q.double_quant,
                         dtype=self.info.compute_dtype, device=self.device)
         nf4.quantize_(w)
-        return nf4.dequantize(dtype=torch.float32)
+        # Decoded by bitsandbytes, whatever engine.nf4_decoder the run trained with: the same bits as the Triton
+        # decoders (tests/test_gpu.py), without their per-process autotuning and the launch lock the 8 worker
+        # threads share (1.76 against 1.45 GB/s, benchmarks/export_speed.md, sixteenth session).
+        return nf4.dequantize(dtype=torch.float32, decoder=EXPORT_NF4_DECODER)
 
     def linear(self, w: torch.Tensor, mod: str) -> torch.Tensor:
         out = self.base_value(w)
@@ -192,11 +196,14 @@ def _text_structure(base_dir: Path, info: RunInfo
 
 def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: torch.dtype = torch.bfloat16,
                   max_shard_bytes: int = 5 * 10**9, device: str | torch.device = "auto", overwrite: bool = False,
-                  workers: int | None = None, progress: bool | Callable[[int, int], None] = False) -> ExportReport:
+                  workers: int | None = None, progress: bool | Callable[[int, int], None] = False,
+                  pinned: bool = True) -> ExportReport:
     """Write the merged checkpoint of `info`'s run into `out` (see the module docstring). `device`: where the merge
     arithmetic and any decoding (NF4 round trip, FP8, MXFP4) run; auto = the GPU when there is one. `workers`:
     threads making and writing pieces concurrently (default: default_workers()); host memory holds about one
-    piece per worker. `progress`: True prints bytes written and MB/s to stderr, or a callable(done, total)."""
+    piece per worker. `progress`: True prints bytes written and MB/s to stderr, or a callable(done, total).
+    `pinned` (on a GPU): each worker reads and copies through a page-locked host buffer of its own, reused
+    (host_staging.py); False: a fresh pageable tensor each way, as before (the same bytes)."""
     start = time.perf_counter()
     out = Path(out)
     check_out_dir(out, overwrite)  # before the work; staged_dir checks again before writing
@@ -270,6 +277,9 @@ def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: 
     files = [(f"model-{i:05d}-of-{len(shards):05d}.safetensors", shard) for i, shard in enumerate(shards, 1)]
     weight_map: dict[str, str] = {}
     show = ProgressPrinter() if progress is True else (progress or None)
+    if pinned and dev.type == "cuda" and make.largest_on_device:
+        make.staging = HostStaging(min(make.largest_on_device, MAX_STAGING_BYTES), dev)
+        pieces = {name: [Piece(p.nbytes, make.staging.wrap(p.make)) for p in ps] for name, ps in pieces.items()}
     try:
         with staged_dir(out, overwrite) as tmp:
             stats = write_shards([(tmp / fname, shard) for fname, shard in files], on_thread_streams(pieces, dev),
@@ -297,6 +307,8 @@ def merged_export(info: RunInfo, out: Path, *, base: Path | None = None, dtype: 
     finally:
         if isinstance(show, ProgressPrinter):
             show.close()
+        if make.staging is not None:
+            make.staging.close()
         if dev.type == "cuda":
             torch.cuda.empty_cache()  # the pieces' blocks, cached by the allocator, go back to the GPU
     report.seconds = time.perf_counter() - start
@@ -347,7 +359,11 @@ class ProgressPrinter:
         self.console.close()
 
 
+EXPORT_NF4_DECODER = "bnb"  # engine.nf4_decoder of the export's NF4 round trip (see _Merger.base_value)
 COPY_CHUNK_BYTES = 256 * 2**20  # a tensor written as stored is made in runs of rows of about this size
+# Each GPU worker's page-locked buffer holds the largest piece made on the device, up to this (a Scout or Maverick
+# expert slice, 168 MB, fits; a larger piece, e.g. a 2 GB lm_head, is copied through pageable memory instead).
+MAX_STAGING_BYTES = 256 * 2**20
 
 
 class _Pieces:
@@ -359,6 +375,8 @@ class _Pieces:
     def __init__(self, reader: CheckpointReader, merger: _Merger, dtype: torch.dtype):
         self.reader, self.merger, self.dtype, self.device = reader, merger, dtype, merger.device
         self.read_s = 0.0
+        self.largest_on_device = 0  # bytes of the largest piece made on the merge's device
+        self.staging: HostStaging | None = None  # set before the pieces are made, on a GPU
         self._lock = threading.Lock()
 
     def read(self, key: str, index: int | None = None, rows: tuple[int, int] | None = None,
@@ -368,7 +386,7 @@ class _Pieces:
         if rows is not None:
             t = self.reader.read_rows(key, *rows)
         else:
-            t = self.reader.read(key, index, device or self.device)
+            t = self.reader.read(key, index, device or self.device, self.staging)
         with self._lock:
             self.read_s += time.perf_counter() - t0
         return t
@@ -376,7 +394,7 @@ class _Pieces:
     def copy(self, key: str, planned: PlannedTensor, cast: bool) -> list[Piece]:
         """A tensor written as stored (`cast`: in the output dtype; an FP8 weight decoded on the device)."""
         if self.reader.is_fp8(key):
-            return [Piece(planned.nbytes, functools.partial(self._decoded, key))]
+            return [self._on_device(planned.nbytes, functools.partial(self._decoded, key))]
         shape = planned.shape
         rows = shape[0] if shape else 0
         step = max(1, COPY_CHUNK_BYTES // max(1, planned.nbytes // rows)) if rows else 0
@@ -391,13 +409,13 @@ class _Pieces:
         return t.to(self.dtype) if cast else t
 
     def _decoded(self, key: str) -> torch.Tensor:
-        return _host(self.read(key).to(self.dtype))
+        return self._host(self.read(key).to(self.dtype))
 
     def linear(self, key: str, mod: str, planned: PlannedTensor) -> list[Piece]:
-        return [Piece(planned.nbytes, functools.partial(self._linear, key, mod))]
+        return [self._on_device(planned.nbytes, functools.partial(self._linear, key, mod))]
 
     def _linear(self, key: str, mod: str) -> torch.Tensor:
-        return _host(self.merger.linear(self.read(key), mod).to(self.dtype))
+        return self._host(self.merger.linear(self.read(key), mod).to(self.dtype))
 
     def experts(self, planned: PlannedTensor, read_slice: Callable[[int | None], torch.Tensor], num: int,
                 et: ExpertTensor, out_layout: FusedExperts | PerExpert, inter: int) -> list[Piece]:
@@ -405,13 +423,18 @@ class _Pieces:
         tensor one expert slice at a time (`read_slice(e)`: the slice, [out, in] or as stored, on the device),
         written in `out_layout`."""
         if et.expert is not None:
-            return [Piece(planned.nbytes, functools.partial(self._expert, read_slice, et))]
-        return [Piece(planned.nbytes // num, functools.partial(self._fused_slice, read_slice, e, et, out_layout,
-                                                               inter))
+            return [self._on_device(planned.nbytes, functools.partial(self._expert, read_slice, et))]
+        return [self._on_device(planned.nbytes // num, functools.partial(self._fused_slice, read_slice, e, et,
+                                                                         out_layout, inter))
                 for e in range(num)]
 
+    def _on_device(self, nbytes: int, make: Callable[[], torch.Tensor]) -> Piece:
+        """A piece made on the merge's device (read there, merged, brought back)."""
+        self.largest_on_device = max(self.largest_on_device, nbytes)
+        return Piece(nbytes, make)
+
     def _expert(self, read_slice: Callable[[int | None], torch.Tensor], et: ExpertTensor) -> torch.Tensor:
-        return _host(self.merger.expert(read_slice(None), et.module, et.part, et.expert).to(self.dtype))
+        return self._host(self.merger.expert(read_slice(None), et.module, et.part, et.expert).to(self.dtype))
 
     def _fused_slice(self, read_slice: Callable[[int | None], torch.Tensor], e: int, et: ExpertTensor,
                      out_layout: FusedExperts, inter: int) -> torch.Tensor:
@@ -424,13 +447,14 @@ class _Pieces:
         places = split_fused(out_layout, et.part, out, inter)
         for proj, w in parts.items():
             places[proj].copy_(self.merger.expert(w, et.module, proj, e))
-        return _host(out)
+        return self._host(out)
 
-
-def _host(t: torch.Tensor) -> torch.Tensor:
-    """`t` contiguous in host memory (made contiguous where it is, so a transposed GPU result is not reordered by
-    the CPU)."""
-    return t.contiguous().cpu()
+    def _host(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` contiguous in host memory (made contiguous where it is, so a transposed GPU result is not reordered
+        by the CPU): through the thread's staging buffer when there is one."""
+        if self.staging is not None:
+            return self.staging.outbound(t)
+        return t.contiguous().cpu()
 
 
 def _dt(name: str) -> torch.dtype:

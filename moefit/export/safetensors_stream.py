@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MoefitError
-from ..safetensors_io import DTYPES, CheckpointTensors, SafetensorsFile
+from ..safetensors_io import DTYPES, CheckpointTensors, HostStagingLike, SafetensorsFile
 
 NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -63,10 +63,11 @@ class CheckpointReader:
     def keys(self) -> list[str]:
         return list(self.tensors)
 
-    def read(self, name: str, index: int | None = None, device: torch.device | None = None) -> torch.Tensor:
+    def read(self, name: str, index: int | None = None, device: torch.device | None = None,
+             staging: HostStagingLike | None = None) -> torch.Tensor:
         """The tensor, or its `index`-th slice along the first dimension (one expert of a fused tensor), on
-        `device` (an FP8 weight is decoded there)."""
-        return self._reads.read(name, index, device)
+        `device` (an FP8 weight is decoded there), through `staging`'s host buffer when given."""
+        return self._reads.read(name, index, device, staging)
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) along the first dimension, as stored (an FP8 weight is not decoded)."""
@@ -116,7 +117,9 @@ def shard_header(tensors: list[PlannedTensor], metadata: dict[str, str] | None =
 @dataclass(frozen=True)
 class Piece:
     """The next `nbytes` bytes of a planned tensor: `make()` returns them as a CPU tensor of the planned dtype (the
-    whole tensor, or a run of slices along its first dimension, e.g. one expert of a fused expert tensor)."""
+    whole tensor, or a run of slices along its first dimension, e.g. one expert of a fused expert tensor). The
+    tensor needs to stay valid only until the same thread makes its next piece (write_shards writes it first): it
+    may be a view of the thread's reused host buffer (host_staging.py)."""
 
     nbytes: int
     make: Callable[[], torch.Tensor]

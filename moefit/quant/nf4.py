@@ -60,8 +60,8 @@ _TRITON_RAN: set[str] = set()
 # Triton compiles a kernel's specialization on its first launch in a process, without a lock of its own: threads
 # that launch it together (the merged export's workers) would each compile the same kernel, under one GIL. The
 # lock is held for the launch only (queued, not run: the decode runs on the GPU after it is released; the GIL
-# serializes launches already). The export's 8 workers ran no faster than 1 on a fresh machine since the Triton
-# decoder became the default (benchmarks/export_speed.md, fifteenth session): not yet measured with the lock.
+# serializes launches already). The merged export no longer decodes through it (it asks for bitsandbytes: the same
+# bits without the per-process autotuning, benchmarks/export_speed.md, sixteenth session).
 _TRITON_LAUNCH = threading.Lock()
 
 
@@ -251,9 +251,11 @@ class NF4Weight(nn.Module):
         return bnbF.QuantState(absmax=self.absmax[e], shape=shape, code=self.code,
                                blocksize=self.blocksize, quant_type="nf4", dtype=self.dtype)
 
-    def dequantize(self, expert: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def dequantize(self, expert: int | None = None, dtype: torch.dtype | None = None,
+                   decoder: str | None = None) -> torch.Tensor:
         """The weight in `dtype` (default: the storage's compute dtype): [out, in], or [E, out, in] when 3-D
-        and `expert` is None. The result is a fresh tensor; nothing is cached."""
+        and `expert` is None. The result is a fresh tensor; nothing is cached. `decoder`: an engine.nf4_decoder
+        value for this call (default: the engine's); every decoder gives the same bits (tests/test_gpu.py)."""
         dtype = dtype or self.dtype
         if expert is None and self.experts > 1 and self.experts * self.slice_numel > MAX_DECODE_NUMEL \
                 and self.slice_numel % self.blocksize == 0:
@@ -265,20 +267,22 @@ class NF4Weight(nn.Module):
             step = max(1, MAX_DECODE_NUMEL // self.slice_numel)
             for start in range(0, self.experts, step):
                 stop = min(start + step, self.experts)
-                self._decode(slice(start, stop), [stop - start, *self.slice_shape], dtype, out=out[start:stop])
+                self._decode(slice(start, stop), [stop - start, *self.slice_shape], dtype, out=out[start:stop],
+                             decoder=decoder)
             return out
         rows = slice(None) if expert is None else slice(expert, expert + 1)
         if self.slice_numel % self.blocksize == 0:
-            return self._decode(rows, list(self.shape if expert is None else self.slice_shape), dtype)
+            return self._decode(rows, list(self.shape if expert is None else self.slice_shape), dtype,
+                                decoder=decoder)
         return self._dequantize_by_state(expert, dtype)
 
     def _decode(self, rows: slice, shape: list[int], dtype: torch.dtype,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, decoder: str | None = None) -> torch.Tensor:
         """Experts `rows` in one kernel call (blocks never straddle two experts when a slice is whole blocks);
         into `out` (contiguous, `shape`) when given."""
         whole = rows == _ALL
         packed = self.packed if whole else self.packed[rows]
-        name = engine_switches.current().nf4_decoder
+        name = decoder or engine_switches.current().nf4_decoder
         triton_nf4 = _triton_decoder(self.packed.device, name)
         direct = out is not None and dtype == self.dtype and self.packed.is_cuda  # (.out: CUDA backend only)
         if triton_nf4 is not None:  # double-quantized scales are decoded inside its kernel: one launch
