@@ -74,8 +74,6 @@ EXPORT = ("import json, moefit.export; r = moefit.export.export({run!r}, {out!r}
           "gb_per_s=r.gb_per_s, workers=r.workers, device=r.device, shards=r.shards, phases=r.phase_seconds)))")
 
 
-
-
 def export_row(workdir: Path, name: str, device: str, workers: int, base: bool, timeout: float,
                pinned: bool = True) -> dict:
     out = workdir / name

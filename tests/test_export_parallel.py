@@ -222,18 +222,14 @@ def test_gpu_export_through_page_locked_buffers_writes_the_pageable_exports_byte
     real = host_staging.page_locked
     monkeypatch.setattr(host_staging, "page_locked", lambda n: made.append(n) or real(n))
     monkeypatch.setattr(merge, "COPY_CHUNK_BYTES", 1000)
-    want = _tensors_of(moefit.export(tiny_run, tmp_path / "pageable", device="cuda", workers=3, pinned=False))
+    want = _tensors(moefit.export(tiny_run, tmp_path / "pageable", device="cuda", workers=3, pinned=False).out_dir)
     assert not made
     for cap in (merge.MAX_STAGING_BYTES, None):
         if cap is None:  # a buffer one byte short of the largest pieces: those go through pageable memory
             cap = made[-1] - 1
             monkeypatch.setattr(merge, "MAX_STAGING_BYTES", cap)
         before = len(made)
-        got = _tensors_of(moefit.export(tiny_run, tmp_path / f"pinned{cap}", device="cuda", workers=3))
+        got = _tensors(moefit.export(tiny_run, tmp_path / f"pinned{cap}", device="cuda", workers=3).out_dir)
         assert len(made) > before and made[-1] <= cap  # buffers made, of the largest piece's size at most
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert not host_staging._REGISTERED  # every registration undone
-
-
-def _tensors_of(report) -> dict[str, torch.Tensor]:
-    return _tensors(report.out_dir)
